@@ -1,0 +1,168 @@
+"""Drop-in fused LayerNorm: ``layer_norm`` (torch's signature), ``LayerNorm`` (torch's module, same state_dict)
+and ``add_layer_norm``, the residual add and the normalisation in one pass, as the pre-LN GPT block needs.
+
+The kernels are the custom ops ``gptfast::layer_norm`` and ``gptfast::layer_norm_backward`` with an autograd
+formula, so ``torch.compile(fullgraph=True)`` captures them. ``gptfast.backend`` picks kernel or PyTorch.
+The kernels cover float16, bfloat16 and float32 inputs and weights of any row length; other dtypes run PyTorch
+under ``auto`` and raise under ``GPTFAST_BACKEND=triton``.
+"""
+import math
+import numbers
+
+import torch
+import torch.nn.functional as F
+
+from gptfast import backend
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@torch.library.custom_op("gptfast::layer_norm", mutates_args=())
+def _layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None,
+                bias: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from gptfast.kernels.layernorm import layer_norm_forward
+    return layer_norm_forward(x, residual, weight, bias, eps)
+
+
+@_layer_norm.register_fake
+def _(x, residual, weight, bias, eps):
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    sum_out = torch.empty_like(y) if residual is not None else x.new_empty(0)
+    mean = x.new_empty(x.shape[0], dtype=torch.float32)
+    return y, sum_out, mean, torch.empty_like(mean)
+
+
+@torch.library.custom_op("gptfast::layer_norm_backward", mutates_args=())
+def _layer_norm_backward(grad_y: torch.Tensor, grad_sum: torch.Tensor | None, x: torch.Tensor,
+                         weight: torch.Tensor | None, mean: torch.Tensor,
+                         rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from gptfast.kernels.layernorm import layer_norm_backward
+    return layer_norm_backward(grad_y, grad_sum, x, weight, mean, rstd)
+
+
+@_layer_norm_backward.register_fake
+def _(grad_y, grad_sum, x, weight, mean, rstd):
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+    dresidual = torch.empty_like(dx) if grad_sum is not None else x.new_empty(0)
+    dweight = x.new_empty(x.shape[1], dtype=torch.float32)
+    return dx, dresidual, dweight, torch.empty_like(dweight)
+
+
+def _setup_context(ctx, inputs, output):
+    x, residual, weight, bias, eps = inputs
+    y, sum_out, mean, rstd = output
+    # The backward differentiates the normalised tensor: x itself, or the residual sum.
+    ctx.save_for_backward(x if residual is None else sum_out, weight, mean, rstd)
+    ctx.has_residual = residual is not None
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _backward(ctx, grad_y, grad_sum, grad_mean, grad_rstd):
+    normalized, weight, mean, rstd = ctx.saved_tensors
+    if grad_y is None:
+        grad_y = torch.zeros_like(normalized)
+    dx, dresidual, dweight, dbias = _layer_norm_backward(grad_y, grad_sum if ctx.has_residual else None, normalized, weight,
+                                              mean, rstd)
+    return (dx, dresidual if ctx.has_residual else None, None if weight is None else dweight.to(weight.dtype),
+            None if ctx.bias_dtype is None else dbias.to(ctx.bias_dtype), None)
+
+
+_layer_norm.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _normalized_size(normalized_shape):
+    if isinstance(normalized_shape, numbers.Integral):
+        return (int(normalized_shape),)
+    return tuple(int(n) for n in normalized_shape)
+
+
+def _check(op, input, normalized_shape, weight, bias, extra=()):
+    """Raises a clear error for arguments no backend can run. Returns the row length N."""
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"{op}: input must be a torch.Tensor, got {type(input).__name__}")
+    if len(normalized_shape) == 0 or tuple(input.shape[input.dim() - len(normalized_shape):]) != normalized_shape \
+            or input.dim() < len(normalized_shape):
+        raise ValueError(f"{op}: normalized_shape {list(normalized_shape)} must equal the last dims of input, "
+                         f"whose shape is {list(input.shape)}")
+    for name, t in (("weight", weight), ("bias", bias), *extra):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor or None, got {type(t).__name__}")
+        if t.device != input.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but input is on {input.device}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and tuple(t.shape) != normalized_shape:
+            raise ValueError(f"{op}: {name} must have shape {list(normalized_shape)} (normalized_shape), "
+                             f"got {list(t.shape)}")
+    return math.prod(normalized_shape)
+
+
+def _kernel_gap(input, weight, bias, *others):
+    for name, t in (("input", input), ("weight", weight), ("bias", bias), *others):
+        if t is not None and t.dtype not in KERNEL_DTYPES:
+            return f"{name} of dtype {t.dtype} (only float16, bfloat16, float32)"
+    if input.numel() == 0:
+        return "empty tensors"
+    return None
+
+
+def _rows(t, n_cols):
+    """(..., N) -> (M, N) with unit column stride: a view whenever one exists."""
+    rows = t.reshape(-1, n_cols)
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def _flat(t):
+    return None if t is None else t.reshape(-1)
+
+
+def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+    """Drop-in for ``torch.nn.functional.layer_norm``: normalises over the last ``len(normalized_shape)`` dims.
+
+    Args:
+        input: (..., *normalized_shape), any strides.
+        weight, bias: normalized_shape, or None.
+    Returns:
+        input's shape and dtype; statistics and arithmetic in float32.
+    """
+    normalized_shape = _normalized_size(normalized_shape)
+    n_cols = _check("layer_norm", input, normalized_shape, weight, bias)
+    if not backend.use_triton("layer_norm", input.device, _kernel_gap(input, weight, bias)):
+        return F.layer_norm(input, normalized_shape, weight, bias, eps)
+    y = _layer_norm(_rows(input, n_cols), None, _flat(weight), _flat(bias), float(eps))[0]
+    return y.reshape(input.shape)
+
+
+def add_layer_norm(x, residual, weight, bias, eps=1e-5):
+    """``(layer_norm(x + residual), x + residual)`` in one pass over memory, normalising over the last dim.
+
+    Args:
+        x, residual: (..., N), same shape, dtype and device; any strides.
+        weight, bias: (N,) or None.
+    Returns:
+        (normed, summed), both x's shape and dtype. summed is rounded to x's dtype before it is normalised,
+        as ``x + residual`` followed by ``layer_norm`` would be.
+    """
+    if not isinstance(x, torch.Tensor) or not isinstance(residual, torch.Tensor):
+        raise TypeError("add_layer_norm: x and residual must be torch.Tensors")
+    if x.shape != residual.shape or x.dtype != residual.dtype:
+        raise ValueError(f"add_layer_norm: x and residual must have one shape and dtype, got {list(x.shape)} "
+                         f"{x.dtype} and {list(residual.shape)} {residual.dtype}")
+    if x.dim() == 0:
+        raise ValueError("add_layer_norm: x must have at least one dim")
+    normalized_shape = (x.shape[-1],)
+    n_cols = _check("add_layer_norm", x, normalized_shape, weight, bias, extra=(("residual", residual),))
+    if not backend.use_triton("add_layer_norm", x.device, _kernel_gap(x, weight, bias)):
+        summed = x + residual
+        return F.layer_norm(summed, normalized_shape, weight, bias, eps), summed
+    y, summed, _, _ = _layer_norm(_rows(x, n_cols), _rows(residual, n_cols), weight, bias, float(eps))
+    return y.reshape(x.shape), summed.reshape(x.shape)
+
+
+class LayerNorm(torch.nn.LayerNorm):
+    """``torch.nn.LayerNorm`` on gptfast's kernel: same constructor, parameters and state_dict keys, so a torch
+    checkpoint loads unchanged."""
+
+    def forward(self, input):
+        return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
