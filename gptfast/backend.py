@@ -23,6 +23,10 @@ def _checked(name, source):
 _backend = _checked(os.environ.get("GPTFAST_BACKEND", "auto"), "GPTFAST_BACKEND")
 # Triton decides at import whether its kernels are interpreted; this must agree with it.
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+if INTERPRETER:
+    from gptfast import interpreter_fix
+
+    interpreter_fix.apply()
 
 
 def get_backend():
