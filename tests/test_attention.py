@@ -137,6 +137,20 @@ def test_flash_attn_layout_and_lse():
     assert (kg.grad.double() - k64.grad).abs().max() < 1e-5
 
 
+def test_expanded_output_gradient():
+    """out.sum().backward() hands the kernel a gradient with zero strides."""
+    q, k, v = random_qkv(1, 2, 2, 20, 20, 16, torch.float32, seed=8)
+    grads = []
+    for run in (lambda *a: scaled_dot_product_attention(*a, is_causal=True),
+                lambda *a: reference_attention(*a, TOP_LEFT)):
+        inputs = [t.double().requires_grad_() if len(grads) else t.clone().requires_grad_() for t in (q, k, v)]
+        with backend.use_backend("triton"):
+            run(*inputs).sum().backward()
+        grads.append([t.grad.double() for t in inputs])
+    for got, ref in zip(*grads):
+        assert (got - ref).abs().max() < 1e-5
+
+
 def test_rows_that_see_no_key_are_zero_with_zero_gradients():
     q, k, v = random_qkv(1, 2, 2, 9, 4, 16, torch.float32, seed=5)
     with backend.use_backend("triton"):

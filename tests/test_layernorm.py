@@ -1,0 +1,185 @@
+"""gptfast.layernorm against float64 PyTorch: output and every gradient (input, residual, weight, bias) over odd
+shapes and every dtype, the chunked path for long rows, determinism, the module's state_dict, bad input."""
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+from gptfast import backend
+from gptfast.layernorm import LayerNorm, add_layer_norm, layer_norm
+from tolerance import DEVICE, DTYPES, assert_accurate
+
+
+def random_inputs(shape, n_cols, dtype, affine, seed, residual=False):
+    """x with a non-zero mean and scale (as a residual stream has), weight, bias and maybe a residual."""
+    gen = torch.Generator().manual_seed(seed)
+    rand = lambda *s: torch.randn(*s, generator=gen).to(DEVICE, dtype)
+    x = rand(*shape) * 2 + 0.5
+    weight = rand(n_cols) if affine in ("weight", "both") else None
+    bias = rand(n_cols) if affine in ("bias", "both") else None
+    return x, weight, bias, (rand(*shape) if residual else None)
+
+
+def check_layer_norm(shape, dtype, affine, seed=0, residual=False):
+    n_cols = shape[-1]
+    x, weight, bias, res = random_inputs(shape, n_cols, dtype, affine, seed, residual)
+    leaves = {"x": x, "weight": weight, "bias": bias, "residual": res}
+    leaves = {k: v for k, v in leaves.items() if v is not None}
+
+    def run(impl, tensors):
+        tensors = {k: v.detach().clone().requires_grad_() for k, v in tensors.items()}
+        if residual:
+            out, summed = impl(tensors["x"], tensors["residual"], tensors.get("weight"), tensors.get("bias"))
+        else:
+            out, summed = impl(tensors["x"], None, tensors.get("weight"), tensors.get("bias")), None
+        gen = torch.Generator().manual_seed(seed + 7)
+        grad = torch.randn(out.shape, generator=gen).to(out)
+        loss = (out * grad).sum()
+        if summed is not None:
+            loss = loss + (summed * grad.flip(-1)).sum()
+        loss.backward()
+        results = {"out": out, **{f"d{k}": v.grad for k, v in tensors.items()}}
+        if summed is not None:
+            results["sum"] = summed
+        return results
+
+    def reference(x, r, w, b):
+        if r is None:
+            return F.layer_norm(x, (n_cols,), w, b)
+        s = x + r
+        return F.layer_norm(s, (n_cols,), w, b), s
+
+    def kernel(x, r, w, b):
+        return layer_norm(x, (n_cols,), w, b) if r is None else add_layer_norm(x, r, w, b)
+
+    with backend.use_backend("triton"):
+        got = run(kernel, leaves)
+    ref64 = run(reference, {k: v.double() for k, v in leaves.items()})
+    lowp = run(reference, leaves)
+    for name, value in got.items():
+        assert value.dtype == dtype
+        assert_accurate(name, value, ref64[name], lowp[name])
+
+
+SHAPES = [(1, 1), (3, 5, 96), (7, 1000), (4, 768), (3, 1600), (2, 8200)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("affine", ["both", "weight", "bias", "none"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_layer_norm_matches_float64_reference(shape, affine, dtype):
+    check_layer_norm(shape, dtype, affine, seed=len(shape) + shape[-1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5, 96), (7, 1000), (2, 8200)], ids=str)
+def test_add_layer_norm_matches_float64_reference(shape, dtype):
+    check_layer_norm(shape, dtype, "both", seed=shape[-1], residual=True)
+
+
+@settings(max_examples=8, deadline=None)
+@given(rows=st.integers(1, 9), n_cols=st.integers(1, 2100), dtype=st.sampled_from(DTYPES),
+       affine=st.sampled_from(["both", "weight", "none"]), residual=st.booleans(), seed=st.integers(0, 10_000))
+def test_hypothesis_shapes(rows, n_cols, dtype, affine, residual, seed):
+    check_layer_norm((rows, n_cols), dtype, affine, seed, residual)
+
+
+def test_long_rows_are_chunked_and_accurate(monkeypatch):
+    """Rows longer than one block take the chunked path; shrink the block to cross many chunks cheaply."""
+    from gptfast.kernels import layernorm as kernels
+    monkeypatch.setattr(kernels, "MAX_FUSED_N", 64)
+    monkeypatch.setattr(kernels, "CHUNK_N", 32)
+    assert kernels._row_block(1000) == (32, False)
+    check_layer_norm((5, 1000), torch.float32, "both", seed=1)
+    check_layer_norm((5, 1000), torch.bfloat16, "both", seed=2, residual=True)
+
+
+def test_multi_dim_normalized_shape():
+    x = torch.randn(4, 5, 6).to(DEVICE)
+    weight, bias = torch.randn(5, 6).to(DEVICE), torch.randn(5, 6).to(DEVICE)
+    with backend.use_backend("triton"):
+        out = layer_norm(x, (5, 6), weight, bias, eps=1e-3)
+    ref = F.layer_norm(x.double(), (5, 6), weight.double(), bias.double(), eps=1e-3)
+    assert (out.double() - ref).abs().max() < 1e-5
+
+
+def test_eps_is_honoured():
+    """With a variance of 1e-4, eps = 1e-2 changes the output by a factor of ten: it must match float64."""
+    x = (torch.randn(2, 16) * 1e-2).to(DEVICE)
+    with backend.use_backend("triton"):
+        for eps in (1e-5, 1e-2):
+            ref = F.layer_norm(x.double(), (16,), eps=eps)
+            assert (layer_norm(x, (16,), eps=eps).double() - ref).abs().max() < 1e-5
+
+
+def test_weight_gradients_are_deterministic():
+    x, weight, bias, _ = random_inputs((50, 300), 300, torch.float32, "both", seed=3)
+    grads = []
+    for _ in range(2):
+        w, b = weight.clone().requires_grad_(), bias.clone().requires_grad_()
+        with backend.use_backend("triton"):
+            layer_norm(x, (300,), w, b).sum().backward()
+        grads.append((w.grad, b.grad))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+def test_module_loads_a_torch_state_dict():
+    reference = torch.nn.LayerNorm(96, eps=1e-6)
+    with torch.no_grad():
+        reference.weight.normal_()
+        reference.bias.normal_()
+    module = LayerNorm(96, eps=1e-6)
+    assert module.state_dict().keys() == reference.state_dict().keys()
+    module.load_state_dict(reference.state_dict())
+    assert LayerNorm(8, bias=False).bias is None and LayerNorm(8, elementwise_affine=False).weight is None
+    x = torch.randn(3, 96)
+    with backend.use_backend("triton"):
+        torch.testing.assert_close(module.to(DEVICE)(x.to(DEVICE)), reference.to(DEVICE)(x.to(DEVICE)))
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: layer_norm(torch.randn(3, 8), (7,)), ValueError, "normalized_shape"),
+    (lambda: layer_norm(torch.randn(3, 8), (3, 8, 1)), ValueError, "normalized_shape"),
+    (lambda: layer_norm(torch.randn(3, 8), (8,), torch.randn(7)), ValueError, "weight must have shape"),
+    (lambda: layer_norm(torch.randn(3, 8), (8,), None, torch.randn(2, 4)), ValueError, "bias must have shape"),
+    (lambda: layer_norm(torch.randn(3, 8), (8,), torch.randn(8, device="meta")), ValueError, "weight is on meta"),
+    (lambda: layer_norm("x", (8,)), TypeError, "input must be"),
+    (lambda: add_layer_norm(torch.randn(3, 8), torch.randn(3, 9), None, None), ValueError, "one shape"),
+    (lambda: add_layer_norm(torch.randn(3, 8), torch.randn(3, 8).half(), None, None), ValueError, "dtype"),
+    (lambda: add_layer_norm(torch.randn(3, 8), torch.randn(3, 8), torch.randn(9), None), ValueError, "weight"),
+])
+def test_bad_input_raises_clearly(call, error, match):
+    for name in ("auto", "triton", "torch"):
+        with backend.use_backend(name), pytest.raises(error, match=match):
+            call()
+
+
+def test_float64_falls_back_or_raises():
+    x = torch.randn(3, 8, dtype=torch.float64)
+    with backend.use_backend("auto"):
+        torch.testing.assert_close(layer_norm(x, (8,)), F.layer_norm(x, (8,)))
+    with backend.use_backend("triton"), pytest.raises(NotImplementedError, match="float64"):
+        layer_norm(x, (8,))
+
+
+def test_custom_ops_pass_opcheck():
+    x, weight, bias, res = random_inputs((4, 40), 40, torch.float32, "both", seed=4, residual=True)
+    for args in [(x, res, weight, bias, 1e-5), (x, None, None, bias, 1e-5)]:
+        args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) else a for a in args)
+        torch.library.opcheck(torch.ops.gptfast.layer_norm.default, args)
+
+
+def test_torch_compile_fullgraph():
+    x, weight, bias, res = random_inputs((6, 48), 48, torch.float32, "both", seed=5, residual=True)
+    x, weight = x.requires_grad_(), weight.requires_grad_()
+
+    def loss(x, weight):
+        normed, summed = add_layer_norm(x, res, weight, bias)
+        return layer_norm(normed, (48,), weight).square().sum() + summed.sum()
+
+    with backend.use_backend("triton"):
+        compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+        expected = torch.autograd.grad(loss(x, weight), (x, weight))
+        got = torch.autograd.grad(compiled(x, weight), (x, weight))
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)
