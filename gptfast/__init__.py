@@ -1,2 +1,6 @@
 """gptfast: fused Triton kernels for GPT models, and the modules, model and tools built on them."""
+from gptfast import backend  # reads GPTFAST_BACKEND, and mends Triton's interpreter when it is on
+from gptfast.backend import use_backend
+
 __version__ = "0.1.0"
+__all__ = ["use_backend"]

@@ -23,42 +23,58 @@ import triton
 import triton.language as tl
 
 CAUSAL_NONE, CAUSAL_TOP_LEFT, CAUSAL_BOTTOM_RIGHT = 0, 1, 2
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG2E = 1.4426950408889634
 
-
-def head_dim_supported(head_dim):
-    return head_dim % 8 == 0 and 8 <= head_dim <= 256
-
-
-# Tuning spaces, per architecture: (BLOCK_M, BLOCK_N, num_warps, num_stages, largest padded head dim it fits).
-# BLOCK_M counts query rows and BLOCK_N key rows in every kernel. `gptfast inspect` compiles each of them for
-# sm_80 and sm_90 and fails on spills or shared-memory overflow; the interpreter uses small blocks so that the
-# CPU tests cross many block edges.
+# Tuning spaces: (BLOCK_M, BLOCK_N, num_warps, num_stages, padded head dims it serves), per architecture, for
+# 16-bit inputs and for float32 ones (whose full-precision dot runs on FMA units and needs far smaller tiles).
+# BLOCK_M counts query rows and BLOCK_N key rows in every kernel. Each entry was kept because `gptfast inspect`
+# compiles it for its dims without spills or shared-memory overflow (on sm_90 with wgmma, HGMMA); the interpreter
+# uses small blocks so that the CPU tests cross many block edges.
+UP_TO_64, UP_TO_128, UP_TO_256 = (16, 32, 64), (16, 32, 64, 128), (16, 32, 64, 128, 256)
 CONFIGS = {
     "forward": {
-        "sm_90": [(128, 64, 8, 3, 128), (128, 128, 8, 3, 64), (64, 64, 4, 3, 128), (64, 64, 4, 2, 256),
-                  (128, 32, 8, 2, 256)],
-        "sm_80": [(128, 64, 4, 3, 64), (128, 64, 8, 3, 128), (64, 64, 4, 3, 128), (64, 32, 4, 2, 256)],
-        "interpreter": [(16, 16, 1, 1, 256)],
+        "sm_90": [(128, 64, 8, 3, UP_TO_128), (128, 128, 8, 3, UP_TO_64), (64, 64, 4, 3, UP_TO_128),
+                  (64, 64, 8, 2, UP_TO_256), (128, 32, 8, 2, UP_TO_256)],
+        "sm_80": [(128, 64, 8, 3, UP_TO_64), (64, 64, 4, 3, UP_TO_128), (128, 32, 8, 2, UP_TO_128),
+                  (64, 32, 4, 2, UP_TO_128), (64, 64, 8, 2, UP_TO_256)],
+        "fp32": [(64, 16, 4, 1, UP_TO_64), (32, 16, 8, 1, UP_TO_128), (16, 32, 8, 1, UP_TO_256)],
+        "interpreter": [(16, 16, 1, 1, UP_TO_256)],
     },
     "backward_dkdv": {
-        "sm_90": [(64, 128, 8, 2, 128), (32, 128, 4, 3, 64), (32, 64, 4, 2, 128), (32, 64, 4, 1, 256)],
-        "sm_80": [(32, 128, 4, 2, 64), (32, 64, 4, 2, 128), (32, 32, 4, 1, 256)],
-        "interpreter": [(16, 16, 1, 1, 256)],
+        "sm_90": [(32, 128, 8, 2, UP_TO_64), (64, 128, 8, 1, UP_TO_64), (32, 64, 8, 1, UP_TO_128),
+                  (16, 128, 8, 2, UP_TO_128),
+                  # A 256-wide dk, dv pair fits in registers only with these; they run HMMA, not wgmma.
+                  (32, 32, 8, 2, (256,)), (16, 32, 4, 1, (256,))],
+        "sm_80": [(32, 64, 8, 1, UP_TO_128), (32, 32, 8, 2, (64, 128)), (32, 32, 4, 1, UP_TO_128),
+                  (16, 32, 4, 1, UP_TO_256)],
+        "fp32": [(16, 32, 4, 1, UP_TO_64), (16, 16, 8, 1, (16, 32, 128)), (16, 32, 8, 1, (256,))],
+        "interpreter": [(16, 16, 1, 1, UP_TO_256)],
     },
     "backward_dq": {
-        "sm_90": [(128, 64, 8, 2, 128), (128, 32, 4, 3, 64), (64, 32, 4, 2, 128), (64, 32, 4, 1, 256)],
-        "sm_80": [(128, 32, 4, 2, 64), (64, 32, 4, 2, 128), (32, 32, 4, 1, 256)],
-        "interpreter": [(16, 16, 1, 1, 256)],
+        "sm_90": [(128, 64, 8, 2, UP_TO_128), (128, 32, 8, 1, UP_TO_128), (64, 64, 4, 2, UP_TO_128),
+                  (64, 32, 8, 2, UP_TO_256)],
+        "sm_80": [(128, 64, 8, 2, (16, 64)), (128, 32, 8, 1, UP_TO_128), (64, 32, 8, 2, UP_TO_256),
+                  (32, 32, 4, 1, UP_TO_256)],
+        "fp32": [(32, 32, 4, 1, UP_TO_64), (32, 16, 8, 1, UP_TO_128), (16, 16, 8, 1, UP_TO_256)],
+        "interpreter": [(16, 16, 1, 1, UP_TO_256)],
     },
 }
 
 
-def configs_for(kernel_name, arch, block_d):
-    """The triton.Config list of one kernel on one architecture that fits a padded head dim of block_d."""
+def delta_block(block_d):
+    """Query rows per program of the delta kernel: 4096 elements of O and dO each, so float32 never spills."""
+    return 4096 // block_d
+
+
+def config_table(arch, dtype):
+    """The CONFIGS key for a device arch ('sm_90', 'sm_80' or 'interpreter') and an input dtype."""
+    return "fp32" if dtype == torch.float32 and arch != "interpreter" else arch
+
+
+def configs_for(kernel_name, table, block_d):
+    """The triton.Config list of one kernel in one table that serves a padded head dim of block_d."""
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-            for m, n, w, s, max_d in CONFIGS[kernel_name][arch] if block_d <= max_d]
+            for m, n, w, s, dims in CONFIGS[kernel_name][table] if block_d in dims]
 
 
 @triton.jit
@@ -373,9 +389,13 @@ def device_arch(device):
 
 
 @functools.cache
-def autotuned(kernel, kernel_name, arch, block_d):
-    """The kernel wrapped in an autotuner over the configs that fit; one autotuner per (arch, padded head dim)."""
-    return triton.autotune(configs=configs_for(kernel_name, arch, block_d), key=["HEAD_DIM", "CAUSAL"])(kernel)
+def _autotuned(kernel, kernel_name, table, block_d):
+    return triton.autotune(configs=configs_for(kernel_name, table, block_d), key=["HEAD_DIM", "CAUSAL"])(kernel)
+
+
+def autotuned(kernel, kernel_name, q, block_d):
+    """The kernel wrapped in an autotuner over the configs that serve q's device, dtype and padded head dim."""
+    return _autotuned(kernel, kernel_name, config_table(device_arch(q.device), q.dtype), block_d)
 
 
 def _strides(t):
@@ -406,7 +426,7 @@ def attention_forward(q, k, v, causal, softmax_scale):
     out = empty_bthd(batch, num_heads, seqlen_q, head_dim, q)
     lse = torch.empty((batch, num_heads, seqlen_q), dtype=torch.float32, device=q.device)
     constants = _kernel_constants(q, causal)
-    kernel = autotuned(attention_forward_kernel, "forward", device_arch(q.device), constants["BLOCK_D"])
+    kernel = autotuned(attention_forward_kernel, "forward", q, constants["BLOCK_D"])
     grid = lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * num_heads)
     kernel[grid](q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
                  num_heads, num_heads // num_kv_heads, seqlen_q, seqlen_k, _causal_offset(causal, seqlen_q, seqlen_k),
@@ -420,23 +440,22 @@ def attention_backward(grad_out, grad_lse, q, k, v, out, lse, causal, softmax_sc
     batch, num_heads, seqlen_q, head_dim = q.shape
     num_kv_heads, seqlen_k = k.shape[1], k.shape[2]
     constants = _kernel_constants(q, causal)
-    arch = device_arch(q.device)
     delta = torch.empty_like(lse)
-    delta_block = 64
-    attention_backward_delta_kernel[(triton.cdiv(seqlen_q, delta_block), batch * num_heads)](
+    rows = delta_block(constants["BLOCK_D"])
+    attention_backward_delta_kernel[(triton.cdiv(seqlen_q, rows), batch * num_heads)](
         out, grad_out, grad_lse, delta, *_strides(out), *_strides(grad_out), num_heads, seqlen_q,
-        HEAD_DIM=head_dim, BLOCK_D=constants["BLOCK_D"], BLOCK_M=delta_block)
+        HEAD_DIM=head_dim, BLOCK_D=constants["BLOCK_D"], BLOCK_M=rows)
 
     dq = empty_bthd(batch, num_heads, seqlen_q, head_dim, q)
     dk = empty_bthd(batch, num_kv_heads, seqlen_k, head_dim, k)
     dv = empty_bthd(batch, num_kv_heads, seqlen_k, head_dim, v)
     shared = (*_strides(q), *_strides(k), *_strides(v), *_strides(grad_out))
     scales = (seqlen_q, seqlen_k, _causal_offset(causal, seqlen_q, seqlen_k), softmax_scale * LOG2E, softmax_scale)
-    kernel = autotuned(attention_backward_dkdv_kernel, "backward_dkdv", arch, constants["BLOCK_D"])
+    kernel = autotuned(attention_backward_dkdv_kernel, "backward_dkdv", q, constants["BLOCK_D"])
     grid = lambda meta: (triton.cdiv(seqlen_k, meta["BLOCK_N"]), batch * num_kv_heads)
     kernel[grid](q, k, v, grad_out, lse, delta, dk, dv, *shared, *_strides(dk), *_strides(dv),
                  num_kv_heads, num_heads // num_kv_heads, *scales, **constants)
-    kernel = autotuned(attention_backward_dq_kernel, "backward_dq", arch, constants["BLOCK_D"])
+    kernel = autotuned(attention_backward_dq_kernel, "backward_dq", q, constants["BLOCK_D"])
     grid = lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * num_heads)
     kernel[grid](q, k, v, grad_out, lse, delta, dq, *shared, *_strides(dq),
                  num_heads, num_heads // num_kv_heads, *scales, **constants)

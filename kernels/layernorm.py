@@ -19,19 +19,23 @@ import torch
 import triton
 import triton.language as tl
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_FUSED_N = 8192  # the largest padded row held in registers; longer rows are chunked
 CHUNK_N = 4096  # the chunk of a longer row
 
-# Tuning spaces, per architecture: num_warps for (forward, backward). `gptfast inspect` compiles each.
+# Tuning spaces, per architecture: the num_warps to try. A row block is held in registers, so a config is used
+# only when each thread holds at most ELEMENTS_PER_THREAD of it: the backward keeps seven row-sized arrays live,
+# the forward three. `gptfast inspect` compiles each config at each block size it serves.
 CONFIGS = {
     "forward": {"sm_90": [4, 8, 16], "sm_80": [4, 8, 16], "interpreter": [1]},
     "backward": {"sm_90": [4, 8, 16], "sm_80": [4, 8, 16], "interpreter": [1]},
 }
+ELEMENTS_PER_THREAD = {"forward": 32, "backward": 16}
 
 
-def configs_for(kernel_name, arch):
-    return [triton.Config({}, num_warps=w) for w in CONFIGS[kernel_name][arch]]
+def configs_for(kernel_name, arch, block_n):
+    limit = 1 if arch == "interpreter" else ELEMENTS_PER_THREAD[kernel_name]
+    return [triton.Config({}, num_warps=w) for w in CONFIGS[kernel_name][arch]
+            if arch == "interpreter" or block_n <= limit * 32 * w]
 
 
 @triton.jit
@@ -225,8 +229,8 @@ def device_arch(device):
 
 
 @functools.cache
-def autotuned(kernel, kernel_name, arch):
-    return triton.autotune(configs=configs_for(kernel_name, arch), key=["n_cols", "ROW_FITS"])(kernel)
+def autotuned(kernel, kernel_name, arch, block_n):
+    return triton.autotune(configs=configs_for(kernel_name, arch, block_n), key=["n_cols"])(kernel)
 
 
 def _row_block(n_cols):
@@ -244,7 +248,7 @@ def layer_norm_forward(x, residual, weight, bias, eps):
     mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
     block_n, row_fits = _row_block(n_cols)
-    kernel = autotuned(layer_norm_forward_kernel, "forward", device_arch(x.device))
+    kernel = autotuned(layer_norm_forward_kernel, "forward", device_arch(x.device), block_n)
     # Absent tensors are passed as x: the constexpr flags keep the kernel from touching them.
     kernel[(n_rows,)](
         x, x if residual is None else residual, x if weight is None else weight, x if bias is None else bias,
@@ -273,7 +277,7 @@ def layer_norm_backward(grad_y, grad_sum, x, weight, mean, rstd):
     n_programs = backward_programs(x.device, n_rows)
     partial = torch.empty((n_programs, 2 * n_cols), dtype=torch.float32, device=x.device)
     block_n, row_fits = _row_block(n_cols)
-    kernel = autotuned(layer_norm_backward_kernel, "backward", device_arch(x.device))
+    kernel = autotuned(layer_norm_backward_kernel, "backward", device_arch(x.device), block_n)
     kernel[(n_programs,)](
         grad_y, grad_y if grad_sum is None else grad_sum, x, x if weight is None else weight, mean, rstd, dx,
         dx if grad_sum is None else dresidual, partial,

@@ -1,0 +1,205 @@
+"""``gptfast inspect``: compile every kernel and tuning config ahead of time for a GPU that need not be here, and
+report what the hardware would see: registers, spills, shared memory and tensor-core instructions.
+
+Triton compiles for a named target without a device (``triton.compile(ASTSource(...), target=GPUTarget(...))``);
+the ``cuobjdump`` shipped in Triton's wheel reads the resulting cubin. The argument types mirror what Triton's JIT
+derives at a real launch: tensor pointers of the inspected dtype (the statistics buffers are float32), 16-byte
+aligned; strides divisible by 16; the unit last-dim strides of attention specialised to 1; other ints i32.
+A config fails when it does not compile, spills registers to local memory, or needs more shared memory than the
+chip has; the command then exits 1.
+"""
+import concurrent.futures
+import multiprocessing
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+
+ARCHS = {"sm_80": 80, "sm_90": 90}
+# Largest dynamic shared memory one block may use (opt-in limit): A100 163 KiB, H100/H200 227 KiB.
+SHARED_LIMIT = {"sm_80": 166912, "sm_90": 232448}
+TENSOR_CORE_OPS = ("HGMMA", "HMMA")
+FLOAT32_POINTERS = {"LSE", "DELTA", "GRAD_LSE", "MEAN", "RSTD", "PARTIAL", "DW", "DB"}
+FLOAT_SCALARS = {"qk_scale", "softmax_scale", "eps"}
+INSPECTED_DTYPES = ("bf16", "fp32")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One compilation: a kernel of gptfast.kernels.<module> with its constexprs and launch options."""
+    module: str
+    kernel: str
+    arch: str
+    dtype: str
+    constexprs: tuple  # ((name, value), ...)
+    num_warps: int
+    num_stages: int
+
+    def label(self):
+        shown = {k: v for k, v in self.constexprs if k in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "ROW_FITS")}
+        config = " ".join(f"{k}={v}" for k, v in shown.items())
+        return f"{self.kernel} [{self.dtype} {config} warps={self.num_warps} stages={self.num_stages}]"
+
+
+def attention_jobs(arch, dtypes=INSPECTED_DTYPES):
+    from gptfast.kernels import attention as attn
+    kernels = {"forward": "attention_forward_kernel", "backward_dkdv": "attention_backward_dkdv_kernel",
+               "backward_dq": "attention_backward_dq_kernel"}
+    jobs = []
+    for tuning_name, kernel in kernels.items():
+        for dtype in dtypes:
+            table = "fp32" if dtype == "fp32" else arch
+            precision = "ieee" if dtype == "fp32" else "tf32"  # fp32 runs ieee unless tf32 is allowed
+            for block_m, block_n, warps, stages, dims in attn.CONFIGS[tuning_name][table]:
+                for block_d in dims:
+                    constexprs = (("HEAD_DIM", block_d), ("BLOCK_D", block_d), ("CAUSAL", True),
+                                  ("INPUT_PRECISION", precision), ("BLOCK_M", block_m), ("BLOCK_N", block_n))
+                    jobs.append(Job("attention", kernel, arch, dtype, constexprs, warps, stages))
+    for dtype in dtypes:
+        for block_d in attn.UP_TO_256:
+            jobs.append(Job("attention", "attention_backward_delta_kernel", arch, dtype,
+                            (("HEAD_DIM", block_d), ("BLOCK_D", block_d), ("BLOCK_M", attn.delta_block(block_d))), 4, 1))
+    return jobs
+
+
+def layernorm_jobs(arch, dtypes=INSPECTED_DTYPES):
+    from gptfast.kernels import layernorm as ln
+    jobs = []
+    # A short row, the longest row held whole, and the chunk of longer rows.
+    for n_cols in (1024, ln.MAX_FUSED_N, 4 * ln.MAX_FUSED_N):
+        block_n, row_fits = ln._row_block(n_cols)
+        for dtype in dtypes:
+            for config in ln.configs_for("forward", arch, block_n):
+                constexprs = (("HAS_RESIDUAL", True), ("HAS_WEIGHT", True), ("HAS_BIAS", True),
+                              ("BLOCK_N", block_n), ("ROW_FITS", row_fits))
+                jobs.append(Job("layernorm", "layer_norm_forward_kernel", arch, dtype, constexprs,
+                                config.num_warps, 1))
+            for config in ln.configs_for("backward", arch, block_n):
+                constexprs = (("HAS_WEIGHT", True), ("HAS_DSUM", True), ("BLOCK_N", block_n), ("ROW_FITS", row_fits))
+                jobs.append(Job("layernorm", "layer_norm_backward_kernel", arch, dtype, constexprs,
+                                config.num_warps, 1))
+    jobs.append(Job("layernorm", "weight_grad_kernel", arch, "fp32", (("BLOCK_P", 32), ("BLOCK_N", 128)), 4, 1))
+    return jobs
+
+
+def signature(fn, dtype, constexprs):
+    """Triton's signature and attributes for fn's parameters, as the JIT would derive them (module docstring)."""
+    sig, attrs, consts = {}, {}, dict(constexprs)
+    for index, param in enumerate(fn.params):
+        name = param.name
+        if param.is_constexpr:
+            sig[name] = "constexpr"
+        elif name.startswith("stride_") and name[-1] == "d" and fn.__name__.startswith("attention"):
+            sig[name], consts[name] = "constexpr", 1
+        elif name.isupper():
+            sig[name] = "*fp32" if name in FLOAT32_POINTERS else f"*{dtype}"
+            attrs[(index,)] = [["tt.divisibility", 16]]
+        elif name in FLOAT_SCALARS:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+            if name.startswith("stride_"):
+                attrs[(index,)] = [["tt.divisibility", 16]]
+    return sig, consts, attrs
+
+
+def cuobjdump(*args):
+    import triton
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    return subprocess.run([tool, *args], capture_output=True, text=True, check=True).stdout
+
+
+def compile_job(job):
+    """Compiles one job; returns a dict of its resources, or of its error."""
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = getattr(importlib.import_module(f"gptfast.kernels.{job.module}"), job.kernel)
+    row = {"job": job}
+    try:
+        sig, consts, attrs = signature(fn, job.dtype, job.constexprs)
+        compiled = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", ARCHS[job.arch], 32),
+                                  options={"num_warps": job.num_warps, "num_stages": job.num_stages})
+    except Exception as error:  # a compile failure is a finding to report, not a crash
+        row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        return row
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        usage = cuobjdump("--dump-resource-usage", path)
+        sass = cuobjdump("-sass", path)
+    fields = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", usage))
+    row.update(registers=int(fields.get("REG", 0)), spill_bytes=int(fields.get("STACK", 0)) + int(fields.get("LOCAL", 0)),
+               shared=compiled.metadata.shared,
+               tensor_cores=next((op for op in TENSOR_CORE_OPS if op in sass), "none"))
+    return row
+
+
+def problems(row):
+    if "error" in row:
+        return "does not compile"
+    if row["spill_bytes"]:
+        return "spills"
+    if row["shared"] > SHARED_LIMIT[row["job"].arch]:
+        return "shared memory overflow"
+    return None
+
+
+def _spawn_context():
+    # Workers must compile, not interpret: Triton reads TRITON_INTERPRET when a kernel module is imported.
+    os.environ["TRITON_INTERPRET"] = "0"
+    return multiprocessing.get_context("spawn")
+
+
+def compile_jobs(jobs, workers):
+    """Compiles the jobs in spawned worker processes; yields their rows in order."""
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=_spawn_context()) as pool:
+        yield from pool.map(compile_job, jobs)
+
+
+def run(archs, kernels, dtypes, workers, out=sys.stdout):
+    jobs = []
+    for arch in archs:
+        if "attention" in kernels:
+            jobs += attention_jobs(arch, dtypes)
+        if "layernorm" in kernels:
+            jobs += layernorm_jobs(arch, dtypes)
+    print(f"compiling {len(jobs)} kernel configs for {', '.join(archs)} with {workers} workers", file=out, flush=True)
+    header = f"{'arch':6} {'kernel and config':92} {'regs':>4} {'spill':>5} {'smem KiB':>8} {'tensor':>6}  verdict"
+    print(header, file=out)
+    failures = 0
+    for row in compile_jobs(jobs, workers):
+        job, problem = row["job"], problems(row)
+        failures += problem is not None
+        if "error" in row:
+            print(f"{job.arch:6} {job.label():92} {row['error']}  FAIL: {problem}", file=out, flush=True)
+            continue
+        print(f"{job.arch:6} {job.label():92} {row['registers']:4} {row['spill_bytes']:5} "
+              f"{row['shared'] / 1024:8.1f} {row['tensor_cores']:>6}  {'FAIL: ' + problem if problem else 'ok'}",
+              file=out, flush=True)
+    print(f"{len(jobs) - failures} of {len(jobs)} configs ok", file=out)
+    return 1 if failures else 0
+
+
+def add_arguments(parser):
+    parser.add_argument("--arch", choices=sorted(ARCHS), action="append",
+                        help="GPU architecture to compile for (repeatable; default: sm_80 and sm_90)")
+    parser.add_argument("--kernel", choices=("attention", "layernorm"), action="append",
+                        help="which kernels (repeatable; default: all)")
+    parser.add_argument("--dtype", choices=INSPECTED_DTYPES, action="append",
+                        help="input dtype to compile for (repeatable; default: bf16 and fp32; fp16 compiles as bf16)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel compiler processes")
+
+
+def main(args):
+    if args.workers < 1:
+        raise SystemExit("gptfast inspect: --workers must be at least 1")
+    return run(args.arch or sorted(ARCHS), args.kernel or ["attention", "layernorm"], args.dtype or INSPECTED_DTYPES,
+               args.workers)
+
