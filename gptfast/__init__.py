@@ -1,6 +1,7 @@
 """gptfast: fused Triton kernels for GPT models, and the modules, model and tools built on them."""
 from gptfast import backend  # reads GPTFAST_BACKEND, and mends Triton's interpreter when it is on
 from gptfast.backend import use_backend
+from gptfast.model import GPT, GPTConfig
 
 __version__ = "0.1.0"
-__all__ = ["use_backend"]
+__all__ = ["GPT", "GPTConfig", "use_backend"]

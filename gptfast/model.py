@@ -1,0 +1,392 @@
+"""A GPT-2 model on gptfast's kernels: configuration, modules in the order data flows through them, Hugging Face
+weight loading, and generation with a KV cache. Structured after nanoGPT's model.py.
+
+Shapes: token ids (B, T) int64; hidden states (B, T, C) with C = n_embd; per-head tensors (B, T, H, D), the layout
+of the fused QKV projection, which reaches the attention kernel as strided views with no copy.
+"""
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gptfast.attention import flash_attn_func
+from gptfast.layernorm import LayerNorm, add_layer_norm
+
+HF_GPT2_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50257
+    block_size: int = 1024  # longest sequence: the number of learned positions
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    bias: bool = True  # biases in the Linear layers and LayerNorms, as GPT-2
+    dropout: float = 0.0  # on embeddings and residual branches (not on attention weights: the kernel has none)
+    layer_norm_epsilon: float = 1e-5
+
+    def __post_init__(self):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"GPTConfig.{name} must be a positive int, got {getattr(self, name)!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"GPTConfig: n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
+
+
+class KVCache:
+    """Keys and values of every layer for one generate call, preallocated once: (n_layer, B, max_len, H, D) each.
+    ``length`` tokens are filled; ``append`` writes the next ones and returns views of everything so far."""
+
+    def __init__(self, config, batch, max_len, device, dtype):
+        shape = (config.n_layer, batch, max_len, config.n_head, config.n_embd // config.n_head)
+        self.keys = torch.empty(shape, device=device, dtype=dtype)
+        self.values = torch.empty(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    def append(self, layer, k, v):
+        """k, v: (B, T, H, D) of the new tokens. Returns (B, length + T, H, D) views of this layer's cache."""
+        end = self.length + k.shape[1]
+        self.keys[layer, :, self.length:end] = k
+        self.values[layer, :, self.length:end] = v
+        return self.keys[layer, :, :end], self.values[layer, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config, layer):
+        super().__init__()
+        self.layer = layer  # index into the KV cache
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cache=None):
+        batch, seqlen, width = x.shape
+        q, k, v = self.c_attn(x).view(batch, seqlen, 3, self.n_head, width // self.n_head).unbind(dim=2)
+        if cache is not None:
+            k, v = cache.append(self.layer, k, v)
+        # Bottom-right causal: with a cache the new queries are the last ones, and see every cached key.
+        y = flash_attn_func(q, k, v, causal=True)
+        return self.resid_dropout(self.c_proj(y.reshape(batch, seqlen, width)))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's "gelu_new"
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """A pre-LN block that takes and returns the residual stream apart from the branch output, so that each
+    residual add runs fused with the LayerNorm after it (flash-attn's prenorm Block passes residuals this way).
+    forward(hidden, residual) -> (branch output, residual stream so far); the caller adds the last pair."""
+
+    def __init__(self, config, layer):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.attn = CausalSelfAttention(config, layer)
+        self.ln_2 = LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, hidden, residual, cache=None):
+        normed, residual = _add_norm(hidden, residual, self.ln_1)
+        hidden = self.attn(normed, cache)
+        normed, residual = _add_norm(hidden, residual, self.ln_2)
+        return self.mlp(normed), residual
+
+
+def _add_norm(hidden, residual, norm):
+    """(norm(hidden + residual), hidden + residual); the first block has no residual yet."""
+    if residual is None:
+        return norm(hidden), hidden
+    return add_layer_norm(hidden, residual, norm.weight, norm.bias, norm.eps)
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList(Block(config, layer) for layer in range(config.n_layer)),
+            ln_f=LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # tied, as GPT-2
+        self.apply(self._init_weights)
+        # GPT-2's scaled init of the projections into the residual stream: 1/sqrt(2 * n_layer) keeps its variance.
+        for name, param in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx):
+        """idx: (B, T) int64 token ids -> logits (B, T, vocab_size), in the model's dtype."""
+        self._check_ids(idx)
+        return self.lm_head(self._hidden_states(idx))
+
+    def loss(self, idx, targets):
+        """Mean next-token cross-entropy: idx and targets (B, T) int64, targets[b, t] the token after idx[b, t]."""
+        logits = self(idx)
+        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
+
+    def _hidden_states(self, idx, cache=None):
+        """The final LayerNorm's output (B, T, C) for checked ids. With a cache, idx holds the tokens after the
+        cached ones."""
+        start = 0 if cache is None else cache.length
+        positions = torch.arange(start, start + idx.shape[1], device=idx.device)
+        hidden = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
+        residual = None
+        for block in self.transformer.h:
+            hidden, residual = block(hidden, residual, cache)
+        if cache is not None:
+            cache.length += idx.shape[1]
+        ln_f = self.transformer.ln_f
+        return _add_norm(hidden, residual, ln_f)[0]
+
+    def _check_ids(self, idx):
+        if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.dtype != torch.int64:
+            raise ValueError(f"idx must be a (batch, seq_len) int64 tensor, got "
+                             f"{tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__}"
+                             f"{' ' + str(idx.dtype) if isinstance(idx, torch.Tensor) else ''}")
+        if idx.shape[1] == 0:
+            raise ValueError("idx is empty: give at least one token")
+        if idx.shape[1] > self.config.block_size:
+            raise ValueError(f"sequence of {idx.shape[1]} tokens is longer than the model's block size "
+                             f"({self.config.block_size})")
+        if idx.numel() and (idx.min() < 0 or idx.max() >= self.config.vocab_size):
+            raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got values in "
+                             f"[{idx.min().item()}, {idx.max().item()}]")
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Generation
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, do_sample=True, temperature=1.0, top_k=None, top_p=None,
+                 eos_token_id=None, use_cache=True, generator=None, on_token=None):
+        """Continue each prompt by up to max_new_tokens tokens.
+
+        Args:
+            idx: (B, T) int64 prompts of equal length, 1 <= T <= block_size.
+            do_sample: sample from the (temperature, top_k, top_p filtered) distribution; False is greedy, token
+                for token what transformers' generate(do_sample=False) returns.
+            eos_token_id: a sequence that emits it is finished and padded with it; all finished stops generation.
+            use_cache: keep keys and values in a preallocated KVCache and feed only the new token each step.
+            generator: a torch.Generator for reproducible sampling.
+            on_token: called with each new (B,) token tensor, for streaming.
+        Returns:
+            (B, T + n) int64, n <= max_new_tokens. Stops early, with a warning, at the block size.
+        """
+        self._check_ids(idx)
+        _check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p)
+        room = self.config.block_size - idx.shape[1]
+        if max_new_tokens > room:
+            warnings.warn(f"generate: the model's block size is {self.config.block_size} tokens, so it stops after "
+                          f"{room} new tokens instead of {max_new_tokens}", stacklevel=2)
+            max_new_tokens = room
+        cache = None
+        if use_cache:
+            param = self.lm_head.weight
+            cache = KVCache(self.config, idx.shape[0], idx.shape[1] + max_new_tokens, param.device, param.dtype)
+        finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+        tokens = [idx]
+        step_input = idx
+        for _ in range(max_new_tokens):
+            # Only the last position's logits are needed: the LM head runs on one row per sequence.
+            hidden = self._hidden_states(step_input if use_cache else torch.cat(tokens, 1), cache)
+            logits = self.lm_head(hidden[:, -1])
+            token = _next_token(logits.float(), do_sample, temperature, top_k, top_p, generator)
+            if eos_token_id is not None:
+                token = token.masked_fill(finished, eos_token_id)
+                finished |= token == eos_token_id
+            tokens.append(token[:, None])
+            step_input = token[:, None]
+            if on_token is not None:
+                on_token(token)
+            if eos_token_id is not None and finished.all():
+                break
+        return torch.cat(tokens, dim=1)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Weights
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, device=None, dtype=None):
+        """A GPT-2 checkpoint in Hugging Face's format: a local directory (config.json and model.safetensors or
+        pytorch_model.bin) or a hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl) from the Hugging Face cache."""
+        folder = resolve_checkpoint(name_or_path)
+        with open(os.path.join(folder, "config.json")) as f:
+            hf_config = json.load(f)
+        config = config_from_hf(hf_config, source=folder)
+        model = cls(config)
+        model.load_hf_state_dict(load_weights(folder))
+        return model.to(device=device, dtype=dtype)
+
+    def load_hf_state_dict(self, hf_state):
+        """Copy a transformers GPT2LMHeadModel state_dict in. The mapping is explicit: every name is ours with an
+        optional 'transformer.' prefix; GPT-2's Conv1D layers store (in, out) and need a transpose."""
+        transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        ours = self.state_dict()
+        theirs = {}
+        for name, tensor in hf_state.items():
+            if name.endswith((".attn.bias", ".attn.masked_bias")):  # causal-mask buffers of old checkpoints
+                continue
+            key = name if name.startswith(("transformer.", "lm_head.")) else f"transformer.{name}"
+            theirs[key] = tensor.t() if key.endswith(transposed) else tensor
+        theirs.setdefault("lm_head.weight", theirs.get("transformer.wte.weight"))
+        missing = sorted(k for k in ours if theirs.get(k) is None)
+        unexpected = sorted(k for k in theirs if k not in ours)
+        if missing or unexpected:
+            raise ValueError(f"checkpoint does not match the GPT-2 layout: missing {missing[:5]}"
+                             f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+                             f"{'...' if len(unexpected) > 5 else ''}")
+        for key, tensor in ours.items():
+            if theirs[key].shape != tensor.shape:
+                raise ValueError(f"checkpoint weight {key} has shape {tuple(theirs[key].shape)}, the config "
+                                 f"needs {tuple(tensor.shape)}")
+        with torch.no_grad():
+            for key, tensor in ours.items():
+                tensor.copy_(theirs[key])
+
+    def hf_state_dict(self):
+        """This model's weights under transformers GPT2LMHeadModel's names and layouts (Conv1D transposed)."""
+        transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        return {name: (t.t() if name.endswith(transposed) else t).contiguous()
+                for name, t in self.state_dict().items() if name != "lm_head.weight"}
+
+    def save_pretrained(self, folder):
+        """Writes config.json and model.safetensors in Hugging Face's GPT-2 format, atomically per file."""
+        from safetensors.torch import save_file
+        os.makedirs(folder, exist_ok=True)
+        _atomic_write_text(os.path.join(folder, "config.json"), json.dumps(config_to_hf(self.config), indent=2))
+        tmp = os.path.join(folder, "model.safetensors.tmp")
+        save_file({k: v.detach().cpu() for k, v in self.hf_state_dict().items()}, tmp, metadata={"format": "pt"})
+        os.replace(tmp, os.path.join(folder, "model.safetensors"))
+
+
+def _check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p):
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
+    if do_sample:
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def _next_token(logits, do_sample, temperature, top_k, top_p, generator):
+    """logits (B, vocab) float32 -> (B,) int64."""
+    if not do_sample:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        # Nucleus sampling: keep the most likely tokens whose probabilities sum to top_p (at least one).
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= top_p
+        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hugging Face checkpoints
+
+def resolve_checkpoint(name_or_path):
+    """A local folder holding a checkpoint: name_or_path itself, or the hub snapshot of a model name."""
+    if os.path.isdir(name_or_path):
+        if not os.path.isfile(os.path.join(name_or_path, "config.json")):
+            raise FileNotFoundError(f"{name_or_path} has no config.json: it is not a GPT-2 checkpoint folder")
+        return name_or_path
+    if os.path.exists(name_or_path) or name_or_path.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"{name_or_path} is not a checkpoint folder (config.json and model.safetensors)")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as error:
+        raise RuntimeError(f"loading {name_or_path!r} from the Hugging Face hub needs huggingface_hub "
+                           "(pip install 'gptfast[hf]'), or pass a local checkpoint folder") from error
+    patterns = ["config.json", "*.safetensors", "tokenizer.json", "vocab.json", "merges.txt"]
+    try:
+        return snapshot_download(name_or_path, allow_patterns=patterns, local_files_only=True)
+    except Exception:
+        pass
+    try:
+        return snapshot_download(name_or_path, allow_patterns=patterns)
+    except Exception as error:
+        raise RuntimeError(
+            f"could not load {name_or_path!r}: it is not in the Hugging Face cache and the hub could not be reached "
+            f"({type(error).__name__}). Pass a local folder holding config.json and model.safetensors instead, "
+            f"e.g. one written by `gptfast train` or saved by transformers' save_pretrained.") from error
+
+
+def load_weights(folder):
+    """The state_dict in folder's model.safetensors, or pytorch_model.bin loaded with weights_only=True (never
+    unpickling arbitrary objects)."""
+    safetensors_path = os.path.join(folder, "model.safetensors")
+    if os.path.isfile(safetensors_path):
+        from safetensors.torch import load_file
+        return load_file(safetensors_path)
+    bin_path = os.path.join(folder, "pytorch_model.bin")
+    if os.path.isfile(bin_path):
+        return torch.load(bin_path, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{folder} has neither model.safetensors nor pytorch_model.bin")
+
+
+def config_from_hf(hf_config, source="config.json"):
+    if hf_config.get("model_type", "gpt2") != "gpt2":
+        raise ValueError(f"{source}: model_type is {hf_config.get('model_type')!r}, only 'gpt2' is supported")
+    try:
+        return GPTConfig(vocab_size=hf_config["vocab_size"], block_size=hf_config["n_positions"],
+                         n_layer=hf_config["n_layer"], n_head=hf_config["n_head"], n_embd=hf_config["n_embd"],
+                         layer_norm_epsilon=hf_config.get("layer_norm_epsilon", 1e-5), bias=True)
+    except KeyError as error:
+        raise ValueError(f"{source}: config.json lacks {error.args[0]!r}") from error
+
+
+def config_to_hf(config):
+    if not config.bias:
+        raise ValueError("a model without biases has no Hugging Face GPT-2 equivalent")
+    return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": config.vocab_size,
+            "n_positions": config.block_size, "n_ctx": config.block_size, "n_layer": config.n_layer,
+            "n_head": config.n_head, "n_embd": config.n_embd, "layer_norm_epsilon": config.layer_norm_epsilon,
+            "activation_function": "gelu_new", "resid_pdrop": config.dropout, "embd_pdrop": config.dropout,
+            "attn_pdrop": 0.0, "tie_word_embeddings": True}
+
+
+def _atomic_write_text(path, text):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)

@@ -1,0 +1,179 @@
+"""The GPT-2 model on gptfast's kernels against transformers' GPT2LMHeadModel on the same small random checkpoints
+(odd sizes: head dim 24), generation with and without the KV cache, the Hugging Face integration, bad input."""
+import os
+
+import pytest
+import torch
+import transformers
+
+from gptfast import GPT, GPTConfig, backend
+from gptfast.hf import patch_hf, register
+from gptfast.layernorm import LayerNorm
+from gptfast.model import KVCache
+from tolerance import DEVICE
+
+
+def make_hf_checkpoint(folder, seed=0, n_embd=72, n_head=3, n_layer=2, vocab_size=101, n_positions=48,
+                       pickled=False):
+    """A random transformers GPT-2 saved to folder; returns the model (eval mode, float32)."""
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
+                                     n_head=n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                     bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():  # transformers initialises biases and LayerNorms to constants: make them random too
+        for name, param in model.named_parameters():
+            if name.endswith("bias") or ".ln_" in name:
+                param.add_(torch.randn_like(param) * 0.1)
+    model.save_pretrained(folder)
+    if pickled:  # the older pytorch_model.bin format (transformers 5 no longer writes it)
+        torch.save(model.state_dict(), os.path.join(folder, "pytorch_model.bin"))
+        os.remove(os.path.join(folder, "model.safetensors"))
+    return model
+
+
+def relative_error(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("gpt2-tiny"))
+    return folder, make_hf_checkpoint(folder)
+
+
+def prompt(batch=2, length=9, vocab_size=101, seed=1):
+    return torch.randint(0, vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_logits_match_transformers(checkpoint):
+    folder, hf_model = checkpoint
+    model = GPT.from_pretrained(folder).eval()
+    idx = prompt()
+    with torch.no_grad(), backend.use_backend("triton"):
+        logits = model.to(DEVICE)(idx.to(DEVICE))
+    expected = hf_model(idx).logits
+    assert logits.shape == (2, 9, 101)
+    assert relative_error(logits.cpu(), expected) < 1e-4
+
+
+def test_pytorch_bin_checkpoint_loads(tmp_path):
+    hf_model = make_hf_checkpoint(str(tmp_path), seed=3, n_embd=48, n_head=2, pickled=True)
+    assert os.path.isfile(tmp_path / "pytorch_model.bin")
+    model = GPT.from_pretrained(str(tmp_path)).eval()
+    idx = prompt(1, 5)
+    with torch.no_grad(), backend.use_backend("torch"):
+        assert relative_error(model(idx), hf_model(idx).logits) < 1e-4
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_greedy_generation_matches_transformers(checkpoint, use_cache):
+    folder, hf_model = checkpoint
+    model = GPT.from_pretrained(folder).eval().to(DEVICE)
+    idx = prompt(2, 6)
+    with backend.use_backend("triton"):
+        ours = model.generate(idx.to(DEVICE), max_new_tokens=12, do_sample=False, use_cache=use_cache)
+    theirs = hf_model.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=12, do_sample=False,
+                               eos_token_id=None, pad_token_id=0)
+    assert torch.equal(ours.cpu(), theirs)
+
+
+def test_sampling_is_reproducible_and_top_k_one_is_greedy(checkpoint):
+    model = GPT.from_pretrained(checkpoint[0]).eval().to(DEVICE)
+    idx = prompt(2, 4).to(DEVICE)
+    draws = [model.generate(idx, 8, top_k=20, top_p=0.9, temperature=0.8,
+                            generator=torch.Generator(DEVICE).manual_seed(5)) for _ in range(2)]
+    assert torch.equal(draws[0], draws[1]) and draws[0].shape == (2, 12)
+    assert torch.equal(model.generate(idx, 8, top_k=1), model.generate(idx, 8, do_sample=False))
+
+
+def test_generation_stops_at_eos_and_at_block_size(checkpoint):
+    model = GPT.from_pretrained(checkpoint[0]).eval()
+    idx = prompt(1, 4)
+    greedy = model.generate(idx, 10, do_sample=False)
+    eos = greedy[0, 6].item()  # the third new token
+    stopped = model.generate(idx, 10, do_sample=False, eos_token_id=eos)
+    first = (greedy[0, 4:] == eos).nonzero()[0].item()
+    assert stopped.shape[1] == 4 + first + 1 and stopped[0, -1].item() == eos
+    with pytest.warns(UserWarning, match="block size"):
+        out = model.generate(prompt(1, 40), 20, do_sample=False)
+    assert out.shape[1] == model.config.block_size
+
+
+def test_kv_cache_returns_views_of_one_buffer():
+    config = GPTConfig(vocab_size=10, block_size=8, n_layer=2, n_head=2, n_embd=16)
+    cache = KVCache(config, batch=1, max_len=8, device="cpu", dtype=torch.float32)
+    k, v = cache.append(1, torch.randn(1, 3, 2, 8), torch.randn(1, 3, 2, 8))
+    assert k.shape == (1, 3, 2, 8) and k.data_ptr() == cache.keys[1].data_ptr()
+
+
+def test_hf_attention_implementation_and_patch(checkpoint):
+    folder, hf_model = checkpoint
+    idx = prompt()
+    expected = hf_model(idx).logits
+    register()
+    with torch.no_grad(), backend.use_backend("triton"):
+        model = transformers.GPT2LMHeadModel.from_pretrained(folder, attn_implementation="gptfast").eval()
+        assert relative_error(model(idx).logits, expected) < 1e-4
+        patched = patch_hf(transformers.GPT2LMHeadModel.from_pretrained(folder).eval())
+        assert all(type(m) is not torch.nn.LayerNorm for m in patched.modules())
+        assert any(isinstance(m, LayerNorm) for m in patched.modules())
+        assert relative_error(patched(idx).logits, expected) < 1e-4
+        greedy = patched.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=5, do_sample=False,
+                                  pad_token_id=0)
+    assert torch.equal(greedy, hf_model.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=5,
+                                                 do_sample=False, pad_token_id=0))
+
+
+def test_model_config_and_gradients_flow():
+    config = GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32, bias=False)
+    model = GPT(config)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    idx = prompt(2, 10, vocab_size=50)
+    with backend.use_backend("triton"):
+        loss = model.loss(idx, torch.roll(idx, -1, dims=1))
+        loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda m: m(torch.tensor([[0, 101]])), ValueError, r"token ids must be in \[0, 101\)"),
+    (lambda m: m(torch.tensor([[-1, 3]])), ValueError, "token ids"),
+    (lambda m: m(torch.zeros(1, 49, dtype=torch.long)), ValueError, "block size"),
+    (lambda m: m(torch.zeros(1, 0, dtype=torch.long)), ValueError, "empty"),
+    (lambda m: m(torch.zeros(3, dtype=torch.long)), ValueError, "int64 tensor"),
+    (lambda m: m(torch.zeros(1, 3, dtype=torch.int32)), ValueError, "int64"),
+    (lambda m: m.generate(torch.zeros(1, 3, dtype=torch.long), 4, top_p=0.0), ValueError, "top_p"),
+    (lambda m: m.generate(torch.zeros(1, 3, dtype=torch.long), 4, top_p=1.5), ValueError, "top_p"),
+    (lambda m: m.generate(torch.zeros(1, 3, dtype=torch.long), 4, temperature=0), ValueError, "temperature"),
+    (lambda m: m.generate(torch.zeros(1, 3, dtype=torch.long), 4, top_k=0), ValueError, "top_k"),
+    (lambda m: m.generate(torch.zeros(1, 3, dtype=torch.long), -1), ValueError, "max_new_tokens"),
+])
+def test_bad_input_raises_clearly(checkpoint, call, error, match):
+    model = GPT.from_pretrained(checkpoint[0])
+    with pytest.raises(error, match=match):
+        call(model)
+
+
+def test_bad_checkpoints_raise_clearly(tmp_path, checkpoint):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        GPT.from_pretrained(str(tmp_path))
+    (tmp_path / "config.json").write_text(open(os.path.join(checkpoint[0], "config.json")).read())
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        GPT.from_pretrained(str(tmp_path))
+    other = tmp_path / "other"
+    make_hf_checkpoint(str(other), n_embd=48, n_head=2)
+    os.replace(other / "model.safetensors", tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="has shape"):
+        GPT.from_pretrained(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
+        GPT.from_pretrained(str(tmp_path / "missing"))
+
+
+def test_hub_name_offline_says_what_to_do(monkeypatch, tmp_path):
+    import huggingface_hub
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(RuntimeError, match="local folder"):
+        GPT.from_pretrained("gpt2")
