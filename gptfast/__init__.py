@@ -1,5 +1,5 @@
 """gptfast: fused Triton kernels for GPT models, and the modules, model and tools built on them."""
-from gptfast import backend  # reads GPTFAST_BACKEND, and mends Triton's interpreter when it is on
+# Importing the backend reads GPTFAST_BACKEND, and mends Triton's interpreter when TRITON_INTERPRET=1.
 from gptfast.backend import use_backend
 from gptfast.model import GPT, GPTConfig
 

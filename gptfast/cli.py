@@ -5,6 +5,9 @@ import sys
 
 # subcommand -> (module with add_arguments(parser) and main(args), one-line help)
 COMMANDS = {
+    "train": ("gptfast.train", "train a GPT on gptfast's kernels (single device, or data-parallel under torchrun)"),
+    "generate": ("gptfast.generate", "continue a prompt with a GPT-2 checkpoint, streaming the text"),
+    "plot": ("gptfast.plot", "draw a training run's loss curves (RUN/log.jsonl) to a PNG"),
     "inspect": ("gptfast.inspect", "compile every kernel config for sm_80/sm_90 without a GPU and report "
                                    "registers, spills, shared memory and tensor-core use"),
 }
@@ -22,7 +25,11 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    return importlib.import_module(args.module).main(args) or 0
+    try:
+        return importlib.import_module(args.module).main(args) or 0
+    except (FileNotFoundError, ValueError) as error:  # bad input: say what is wrong, without a traceback
+        print(f"gptfast {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -59,8 +59,8 @@ def attention_jobs(arch, dtypes=INSPECTED_DTYPES):
                     jobs.append(Job("attention", kernel, arch, dtype, constexprs, warps, stages))
     for dtype in dtypes:
         for block_d in attn.UP_TO_256:
-            jobs.append(Job("attention", "attention_backward_delta_kernel", arch, dtype,
-                            (("HEAD_DIM", block_d), ("BLOCK_D", block_d), ("BLOCK_M", attn.delta_block(block_d))), 4, 1))
+            constexprs = (("HEAD_DIM", block_d), ("BLOCK_D", block_d), ("BLOCK_M", attn.delta_block(block_d)))
+            jobs.append(Job("attention", "attention_backward_delta_kernel", arch, dtype, constexprs, 4, 1))
     return jobs
 
 
@@ -135,8 +135,8 @@ def compile_job(job):
         usage = cuobjdump("--dump-resource-usage", path)
         sass = cuobjdump("-sass", path)
     fields = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", usage))
-    row.update(registers=int(fields.get("REG", 0)), spill_bytes=int(fields.get("STACK", 0)) + int(fields.get("LOCAL", 0)),
-               shared=compiled.metadata.shared,
+    row.update(registers=int(fields.get("REG", 0)),
+               spill_bytes=int(fields.get("STACK", 0)) + int(fields.get("LOCAL", 0)), shared=compiled.metadata.shared,
                tensor_cores=next((op for op in TENSOR_CORE_OPS if op in sass), "none"))
     return row
 

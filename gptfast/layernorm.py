@@ -63,8 +63,8 @@ def _backward(ctx, grad_y, grad_sum, grad_mean, grad_rstd):
     n_cols = normalized.shape[1]
     grad_y = torch.zeros_like(normalized) if grad_y is None else _rows(grad_y, n_cols)
     grad_sum = _rows(grad_sum, n_cols) if grad_sum is not None else None
-    dx, dresidual, dweight, dbias = _layer_norm_backward(grad_y, grad_sum if ctx.has_residual else None, normalized, weight,
-                                              mean, rstd)
+    dx, dresidual, dweight, dbias = _layer_norm_backward(
+        grad_y, grad_sum if ctx.has_residual else None, normalized, weight, mean, rstd)
     return (dx, dresidual if ctx.has_residual else None, None if weight is None else dweight.to(weight.dtype),
             None if ctx.bias_dtype is None else dbias.to(ctx.bias_dtype), None)
 

@@ -154,8 +154,7 @@ class GPT(nn.Module):
 
     def loss(self, idx, targets):
         """Mean next-token cross-entropy: idx and targets (B, T) int64, targets[b, t] the token after idx[b, t]."""
-        logits = self(idx)
-        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
+        return next_token_loss(self(idx), targets)
 
     def _hidden_states(self, idx, cache=None):
         """The final LayerNorm's output (B, T, C) for checked ids. With a cache, idx holds the tokens after the
@@ -289,6 +288,11 @@ class GPT(nn.Module):
         tmp = os.path.join(folder, "model.safetensors.tmp")
         save_file({k: v.detach().cpu() for k, v in self.hf_state_dict().items()}, tmp, metadata={"format": "pt"})
         os.replace(tmp, os.path.join(folder, "model.safetensors"))
+
+
+def next_token_loss(logits, targets):
+    """Mean cross-entropy of logits (B, T, vocab) against targets (B, T) int64, computed in float32."""
+    return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
 
 
 def _check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p):

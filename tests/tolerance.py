@@ -1,6 +1,7 @@
 """The accuracy rule every kernel test applies, after FlashAttention's: against a float64 reference, the kernel's
-error may be at most twice the error of plain PyTorch computing the same function in the kernel's dtype, plus twice the dtype's rounding unit
-(torch.finfo(dtype).eps) at the reference's magnitude, or at 1 when the reference is smaller. The second term is
+error may be at most twice the error of plain PyTorch computing the same function in the kernel's dtype, plus
+twice the dtype's rounding unit (torch.finfo(dtype).eps) at the reference's magnitude, or at 1 when the reference
+is smaller. The second term is
 FlashAttention's atol of 2 * (ref + 0.3 - 0.3 - ref) in spirit: it keeps a lucky, exact PyTorch result (the dq of
 a single key is exactly 0 in PyTorch, by the softmax's structure) from demanding more than the dtype can hold.
 The inputs are standard normal, so 1 is their natural magnitude.

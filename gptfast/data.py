@@ -1,0 +1,129 @@
+"""Training data: text files tokenized once into memory-mapped token arrays, and random windows drawn from them.
+
+The default corpus needs no download and exists wherever Python runs: the standard library's own source files,
+read as bytes. Files are split into train and val by file (every tenth file, in sorted order, is val), so val
+measures text the model has not seen. Tokens are cached under ``GPTFAST_HOME/data`` (default
+``~/.cache/gptfast/data``) as uint16, or uint32 for vocabularies over 65,536, keyed by the sources' paths, sizes
+and modification times and by the tokenizer, so a second run starts at once.
+"""
+import hashlib
+import json
+import os
+import sys
+import sysconfig
+
+import numpy as np
+import torch
+
+TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst", ".json", ".html", ".c", ".h", ".js", ".csv", ".tex", ".xml")
+
+
+def gptfast_home():
+    return os.environ.get("GPTFAST_HOME", os.path.join(os.path.expanduser("~"), ".cache", "gptfast"))
+
+
+def stdlib_sources():
+    """The .py files of this Python's standard library (not site-packages), sorted."""
+    root = sysconfig.get_paths()["stdlib"]
+    files = []
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = sorted(d for d in subfolders if d not in ("site-packages", "dist-packages", "__pycache__"))
+        files += [os.path.join(folder, n) for n in names if n.endswith(".py")]
+    return sorted(files)
+
+
+def text_sources(path):
+    """The files to read for --data: the file itself, or the text files under a folder, sorted."""
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"--data {path}: no such file or folder")
+    files = sorted(os.path.join(folder, n) for folder, _, names in os.walk(path) for n in names
+                   if n.endswith(TEXT_SUFFIXES))
+    if not files:
+        raise ValueError(f"--data {path}: the folder holds no text files (looked for {', '.join(TEXT_SUFFIXES)})")
+    return files
+
+
+def split_files(files):
+    """(train files, val files): every tenth file is val. One file is split by position later instead."""
+    if len(files) < 2:
+        return files, []
+    val = files[5::10] or files[-1:]
+    return [f for f in files if f not in set(val)], val
+
+
+def _cache_key(files, tokenizer_name):
+    digest = hashlib.sha256(tokenizer_name.encode())
+    for path in files:
+        stat = os.stat(path)
+        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
+    return digest.hexdigest()[:16]
+
+
+def _tokenize(files, tokenizer, out_path, label, progress):
+    """Writes the tokens of files, each followed by a newline, to out_path; returns the token count."""
+    dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
+    chunks = []
+    for i, path in enumerate(files):
+        try:
+            with open(path, "rb") as f:
+                text = f.read().decode("utf-8", errors="replace")
+        except OSError as error:
+            raise OSError(f"cannot read {path}: {error}") from error
+        chunks.append(np.asarray(tokenizer.encode(text + "\n"), dtype=dtype))
+        if progress and (i + 1 == len(files) or (i + 1) % max(1, len(files) // 20) == 0):
+            print(f"\rpreparing {label} data: {100 * (i + 1) // len(files):3d}% ({i + 1}/{len(files)} files)",
+                  end="" if i + 1 < len(files) else "\n", file=sys.stderr, flush=True)
+    tokens = np.concatenate(chunks) if chunks else np.zeros(0, dtype=dtype)
+    tmp = out_path + ".tmp"
+    tokens.tofile(tmp)
+    os.replace(tmp, out_path)
+    return len(tokens)
+
+
+def prepare(data, tokenizer, tokenizer_name, progress=True):
+    """Tokenizes the corpus once (default: the standard library) and returns {split: np.memmap of tokens}."""
+    files = stdlib_sources() if data is None else text_sources(data)
+    folder = os.path.join(gptfast_home(), "data", _cache_key(files, tokenizer_name))
+    meta_path = os.path.join(folder, "meta.json")
+    if not os.path.isfile(meta_path):
+        os.makedirs(folder, exist_ok=True)
+        train_files, val_files = split_files(files)
+        sizes = {"train": _tokenize(train_files, tokenizer, os.path.join(folder, "train.bin"), "train", progress),
+                 "val": _tokenize(val_files, tokenizer, os.path.join(folder, "val.bin"), "val", progress)}
+        meta = {"sources": len(files), "tokens": sizes, "vocab_size": tokenizer.vocab_size,
+                "dtype": "uint16" if tokenizer.vocab_size <= 65536 else "uint32"}
+        with open(meta_path + ".tmp", "w") as f:
+            json.dump(meta, f)
+        os.replace(meta_path + ".tmp", meta_path)
+    with open(meta_path) as f:
+        meta = json.load(f)
+    splits = {name: np.memmap(os.path.join(folder, f"{name}.bin"), dtype=meta["dtype"], mode="r")
+              if meta["tokens"][name] else np.zeros(0, dtype=meta["dtype"]) for name in ("train", "val")}
+    if len(splits["val"]) == 0:  # one source file: hold out its last tenth
+        cut = len(splits["train"]) * 9 // 10
+        splits = {"train": splits["train"][:cut], "val": splits["train"][cut:]}
+    return splits
+
+
+class Batches:
+    """Random (B, T) windows of a token array and their next-token targets, drawn with a generator of its own so
+    that a resumed run draws exactly the batches the uninterrupted one would have. shard=(rank, world) restricts
+    the windows to that rank's contiguous part of the data."""
+
+    def __init__(self, tokens, batch_size, block_size, seed, shard=(0, 1)):
+        rank, world = shard
+        size = len(tokens) // world
+        self.tokens = tokens[rank * size:(rank + 1) * size]
+        if len(self.tokens) < block_size + 2:
+            raise ValueError(f"the data has {len(self.tokens)} tokens per rank, too few for one window of "
+                             f"--block-size {block_size}: give more data or a smaller --block-size")
+        self.batch_size, self.block_size = batch_size, block_size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def next(self, device):
+        starts = torch.randint(len(self.tokens) - self.block_size - 1, (self.batch_size,), generator=self.generator)
+        windows = torch.stack([torch.from_numpy(self.tokens[s:s + self.block_size + 1].astype(np.int64))
+                               for s in starts.tolist()])
+        return windows[:, :-1].to(device, non_blocking=True), windows[:, 1:].to(device, non_blocking=True)

@@ -1,0 +1,83 @@
+"""``gptfast generate``: continue a prompt with a GPT-2 checkpoint, streaming the text as it is made.
+
+With no --model it uses the newest checkpoint that `gptfast train` wrote under GPTFAST_HOME/runs, so "train,
+then generate" works offline."""
+import glob
+import os
+import sys
+import time
+
+import torch
+
+from gptfast.data import gptfast_home
+from gptfast.model import GPT, resolve_checkpoint
+from gptfast.tokenizer import load_tokenizer
+
+
+def add_arguments(parser):
+    add = parser.add_argument
+    add("--model", help="checkpoint folder, run folder of `gptfast train`, or Hugging Face GPT-2 name (gpt2, "
+                        "gpt2-medium, ...); default: the newest checkpoint `gptfast train` wrote")
+    add("--prompt", default="\n", help="text to continue (default: a newline)")
+    add("--max-new-tokens", type=int, default=200, help="tokens to generate (default 200)")
+    add("--greedy", action="store_true", help="always take the most likely token")
+    add("--temperature", type=float, default=0.8, help="sampling temperature (default 0.8)")
+    add("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    add("--top-p", type=float, default=None, help="sample among the most likely tokens whose probability sums to p")
+    add("--seed", type=int, default=None, help="random seed, for a reproducible sample")
+    add("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when available)")
+    add("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+        help="model dtype (default: bfloat16 on CUDA, float32 on CPU)")
+
+
+def newest_checkpoint():
+    pointers = glob.glob(os.path.join(gptfast_home(), "runs", "*", "latest"))
+    if not pointers:
+        raise SystemExit(f"gptfast generate: no --model given and no run of `gptfast train` under "
+                         f"{os.path.join(gptfast_home(), 'runs')}; train one first, or pass --model")
+    return checkpoint_of_run(os.path.dirname(max(pointers, key=os.path.getmtime)))
+
+
+def checkpoint_of_run(folder):
+    with open(os.path.join(folder, "latest")) as f:
+        return os.path.join(folder, f.read().strip())
+
+
+def main(args):
+    if args.max_new_tokens < 0:
+        raise SystemExit("gptfast generate: --max-new-tokens must be at least 0")
+    if args.model is None:
+        folder = newest_checkpoint()
+    elif os.path.isfile(os.path.join(args.model, "latest")):
+        folder = checkpoint_of_run(args.model)
+    else:
+        folder = resolve_checkpoint(args.model)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
+             "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    print(f"[model {folder} on {device}, {dtype}]", file=sys.stderr, flush=True)
+    model = GPT.from_pretrained(folder, device=device, dtype=dtype).eval()
+    tokenizer = load_tokenizer(folder)
+    ids = tokenizer.encode(args.prompt)
+    if not ids:
+        raise SystemExit("gptfast generate: the prompt encodes to no tokens; give a non-empty --prompt")
+    generator = torch.Generator(device).manual_seed(args.seed) if args.seed is not None else None
+    sys.stdout.write(args.prompt)
+    new, shown = [], [""]
+
+    def stream(token):
+        new.append(token[0].item())
+        text = tokenizer.decode(new)
+        if not text.endswith("\ufffd"):  # hold back a character whose bytes have not all arrived
+            sys.stdout.write(text[len(shown[0]):])
+            sys.stdout.flush()
+            shown[0] = text
+
+    start = time.perf_counter()
+    model.generate(torch.tensor([ids], device=device), args.max_new_tokens, do_sample=not args.greedy,
+                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                   eos_token_id=tokenizer.eos_token_id, generator=generator, on_token=stream)
+    seconds = time.perf_counter() - start
+    sys.stdout.write(tokenizer.decode(new)[len(shown[0]):] + "\n")
+    print(f"[{len(new)} tokens in {seconds:.2f} s: {len(new) / max(seconds, 1e-9):.1f} tokens/s]", file=sys.stderr)
+    return 0
