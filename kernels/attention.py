@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from gptfast.kernels import device_arch, tuned
+
 CAUSAL_NONE, CAUSAL_TOP_LEFT, CAUSAL_BOTTOM_RIGHT = 0, 1, 2
 LOG2E = 1.4426950408889634
 
@@ -380,17 +382,10 @@ def attention_backward_dq_kernel(
 # ----------------------------------------------------------------------------------------------------------------
 # Launchers. They trust their caller (gptfast.attention checks every argument once, at the edge).
 
-def device_arch(device):
-    """The tuning-table key for a device: 'interpreter' on the CPU, else 'sm_90' for Hopper and 'sm_80' below."""
-    if device.type != "cuda":
-        return "interpreter"
-    major, _ = torch.cuda.get_device_capability(device)
-    return "sm_90" if major >= 9 else "sm_80"
-
-
 @functools.cache
 def _autotuned(kernel, kernel_name, table, block_d):
-    return triton.autotune(configs=configs_for(kernel_name, table, block_d), key=["HEAD_DIM", "CAUSAL"])(kernel)
+    configs = tuned(configs_for(kernel_name, table, block_d))
+    return triton.autotune(configs=configs, key=["HEAD_DIM", "CAUSAL"])(kernel)
 
 
 def autotuned(kernel, kernel_name, q, block_d):

@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from gptfast.kernels import device_arch, tuned
+
 MAX_FUSED_N = 8192  # the largest padded row held in registers; longer rows are chunked
 CHUNK_N = 4096  # the chunk of a longer row
 
@@ -222,15 +224,9 @@ def weight_grad_kernel(PARTIAL, DW, DB, n_partials, n_cols, BLOCK_P: tl.constexp
 # ----------------------------------------------------------------------------------------------------------------
 # Launchers. They trust their caller (gptfast.layernorm checks every argument once, at the edge).
 
-def device_arch(device):
-    if device.type != "cuda":
-        return "interpreter"
-    return "sm_90" if torch.cuda.get_device_capability(device)[0] >= 9 else "sm_80"
-
-
 @functools.cache
 def autotuned(kernel, kernel_name, arch, block_n):
-    return triton.autotune(configs=configs_for(kernel_name, arch, block_n), key=["n_cols"])(kernel)
+    return triton.autotune(configs=tuned(configs_for(kernel_name, arch, block_n)), key=["n_cols"])(kernel)
 
 
 def _row_block(n_cols):

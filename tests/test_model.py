@@ -114,13 +114,14 @@ def test_hf_attention_implementation_and_patch(checkpoint):
     register()
     with torch.no_grad(), backend.use_backend("triton"):
         model = transformers.GPT2LMHeadModel.from_pretrained(folder, attn_implementation="gptfast").eval()
-        assert relative_error(model(idx).logits, expected) < 1e-4
-        patched = patch_hf(transformers.GPT2LMHeadModel.from_pretrained(folder).eval())
+        assert relative_error(model.to(DEVICE)(idx.to(DEVICE)).logits.cpu(), expected) < 1e-4
+        patched = patch_hf(transformers.GPT2LMHeadModel.from_pretrained(folder).eval()).to(DEVICE)
         assert all(type(m) is not torch.nn.LayerNorm for m in patched.modules())
         assert any(isinstance(m, LayerNorm) for m in patched.modules())
-        assert relative_error(patched(idx).logits, expected) < 1e-4
-        greedy = patched.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=5, do_sample=False,
-                                  pad_token_id=0)
+        assert relative_error(patched(idx.to(DEVICE)).logits.cpu(), expected) < 1e-4
+        on_device = idx.to(DEVICE)
+        greedy = patched.generate(on_device, attention_mask=torch.ones_like(on_device), max_new_tokens=5,
+                                  do_sample=False, pad_token_id=0).cpu()
     assert torch.equal(greedy, hf_model.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=5,
                                                  do_sample=False, pad_token_id=0))
 
