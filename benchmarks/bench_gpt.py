@@ -1,0 +1,74 @@
+"""End to end: a GPT-2 124M training step and text generation with the KV cache, on gptfast's kernels against
+the same model on plain PyTorch (--kernels torch), each training step also under torch.compile.
+
+tokens_per_s counts the tokens a step trains on (batch x block), or the new tokens generated (batch x new).
+tflops counts a training step as 6 * parameters * tokens + 12 * layers * width * block * tokens (the attention
+scores and weighted sum, forward and backward; PaLM's appendix B count, as nanoGPT's MFU), at bf16 autocast.
+"""
+import pytest
+import torch
+
+from gptfast import GPT, GPTConfig, use_backend
+from gptfast.model import next_token_loss
+from harness import DEVICE, FULL, measure
+
+if FULL:
+    CONFIG = GPTConfig()  # GPT-2 124M
+    TRAIN_BATCH, PROMPT, NEW_TOKENS = 8, 32, 64
+else:
+    CONFIG = GPTConfig(vocab_size=256, block_size=64, n_layer=2, n_head=2, n_embd=64)
+    TRAIN_BATCH, PROMPT, NEW_TOKENS = 4, 8, 16
+KERNELS = {"gptfast": "triton" if DEVICE == "cuda" else "auto", "torch": "torch"}
+
+
+def _model():
+    torch.manual_seed(0)
+    return GPT(CONFIG).to(DEVICE)
+
+
+def _training_step(kernels, compiled, benchmark):
+    if compiled and DEVICE != "cuda":
+        pytest.skip("torch.compile builds C++ for minutes on a CPU; compiled steps run on CUDA only")
+    model = _model()
+    run = torch.compile(model) if compiled else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=DEVICE == "cuda")
+    tokens = torch.randint(0, CONFIG.vocab_size, (TRAIN_BATCH, CONFIG.block_size + 1), device=DEVICE)
+    autocast = torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=DEVICE == "cuda")
+
+    def step():
+        with use_backend(KERNELS[kernels]), autocast:
+            loss = next_token_loss(run(tokens[:, :-1]), tokens[:, 1:])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    trained = TRAIN_BATCH * CONFIG.block_size
+    flops = (6 * model.num_params() + 12 * CONFIG.n_layer * CONFIG.n_embd * CONFIG.block_size) * trained
+    name = kernels + ("+compile" if compiled else "")
+    measure(benchmark, step, group="gpt2 training step", impl=name, flops=flops, op="train_step")
+    benchmark.extra_info["tokens_per_s"] = trained / benchmark.stats.stats.median
+
+
+@pytest.mark.parametrize("kernels", list(KERNELS))
+def test_training_step(benchmark, kernels):
+    _training_step(kernels, False, benchmark)
+
+
+@pytest.mark.compiled
+@pytest.mark.parametrize("kernels", list(KERNELS))
+def test_training_step_compiled(benchmark, kernels):
+    _training_step(kernels, True, benchmark)
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("kernels", list(KERNELS))
+def test_generation(benchmark, kernels, batch):
+    model = _model().to(torch.bfloat16 if DEVICE == "cuda" else torch.float32).eval()
+    prompt = torch.randint(0, CONFIG.vocab_size, (batch, PROMPT), device=DEVICE)
+
+    def generate():
+        with use_backend(KERNELS[kernels]):
+            return model.generate(prompt, NEW_TOKENS, do_sample=False)
+
+    measure(benchmark, generate, group=f"gpt2 generation batch={batch}", impl=kernels, op="generate", batch=batch)
+    benchmark.extra_info["tokens_per_s"] = batch * NEW_TOKENS / benchmark.stats.stats.median

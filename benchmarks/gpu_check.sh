@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# The one-call GPU check, for a CUDA machine with no network (an H200 lent for a few minutes):
+#   1. versions and the GPU; 2. the ceilings (copy bandwidth, bf16 matmul rate); 3. the kernel tests on CUDA,
+#   compiled, not interpreted; 4. the benchmark suites at full size (torch.compile baselines last);
+#   5. a markdown report and PNG charts. Everything lands in OUTDIR; a short table ends the output.
+# It runs on the machine's own python3 and packages (torch 2.11 and triton 3.6 expected, not our pins) and
+# imports gptfast from a copy of this checkout, so nothing is installed. Each phase has its own time limit, so
+# one slow phase cannot take the others' results with it; the whole stays under 9.5 minutes, 6 to 8 typically.
+#
+# usage: benchmarks/gpu_check.sh OUTDIR
+# env:   PYTHON (default python3); GPU_CHECK_SMALL=1 for a CPU dry run of every phase at tiny sizes;
+#        GPU_CHECK_TESTS (pytest arguments for phase 2, paths relative to the repository; default the kernel
+#        and model test files).
+set -uo pipefail
+if [ $# -ne 1 ] || [ "$1" = "-h" ] || [ "$1" = "--help" ]; then
+    sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
+    exit 2
+fi
+OUT=$(mkdir -p "$1" && cd "$1" && pwd)
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+PY=${PYTHON:-python3}
+SMALL=${GPU_CHECK_SMALL:-0}
+LOG="$OUT/check.log"
+: > "$LOG"
+say() { echo "$@" | tee -a "$LOG"; }
+
+# gptfast/ with kernels/ inside it, importable without pip; run from there so it shadows nothing else.
+PKG=$(mktemp -d)
+cp -r "$REPO/gptfast" "$PKG/gptfast" && cp -r "$REPO/kernels" "$PKG/gptfast/kernels"
+export PYTHONPATH="$PKG" PYTHONUNBUFFERED=1
+[ "$SMALL" = 1 ] || export TRITON_INTERPRET=0  # compiled kernels; a CPU dry run interprets them
+cd "$PKG" || exit 1
+PYTEST=("$PY" -m pytest -p no:cacheprovider --rootdir "$REPO" -c "$REPO/setup.cfg")
+
+say "== gpu_check $(date -u +%Y-%m-%dT%H:%M:%SZ) commit $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+"$PY" - <<'EOF' 2>&1 | tee -a "$LOG"
+import platform, torch, triton
+gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+print(f"python {platform.python_version()}  torch {torch.__version__}  triton {triton.__version__}  gpu {gpu}")
+EOF
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.total \
+    --format=csv,noheader 2>&1 | tee -a "$LOG"
+
+say "== 1/4 ceilings"
+timeout 60 "$PY" "$REPO/benchmarks/ceilings.py" --output "$OUT/ceilings.json" $([ "$SMALL" = 1 ] && echo --small) \
+    2>&1 | tee -a "$LOG"
+
+say "== 2/4 tests on the device (first tuning config per kernel: GPTFAST_AUTOTUNE=0)"
+TESTS=()
+for arg in ${GPU_CHECK_TESTS:-tests/test_attention.py tests/test_layernorm.py tests/test_model.py -n 8}; do
+    if [ -e "$REPO/${arg%%::*}" ]; then TESTS+=("$REPO/$arg"); else TESTS+=("$arg"); fi  # paths are the repo's
+done
+GPTFAST_AUTOTUNE=0 timeout 150 "${PYTEST[@]}" -q -x "${TESTS[@]}" 2>&1 | tail -n 25 | tee -a "$LOG"
+say "tests exit status: ${PIPESTATUS[0]}"
+
+say "== 3/4 benchmarks"
+# One pytest run per suite, each with its own limit (pytest-benchmark writes its JSON only at the end of a run).
+BENCH=("${PYTEST[@]}" -q --benchmark-columns=median,rounds --benchmark-sort=name)
+run_suite() {  # name, seconds, pytest arguments...
+    local name=$1 seconds=$2
+    shift 2
+    timeout "$seconds" "${BENCH[@]}" "$@" --benchmark-json "$OUT/part_$name.json" > "$OUT/part_$name.txt" 2>&1
+    say "$name: exit status $? after $SECONDS s in all; $(tail -n 1 "$OUT/part_$name.txt")"
+    cat "$OUT/part_$name.txt" >> "$LOG"
+    rm -f "$OUT/part_$name.txt"
+}
+run_suite attention 200 "$REPO/benchmarks/bench_attention.py"
+run_suite layernorm 40 "$REPO/benchmarks/bench_layernorm.py" -m "not compiled"
+run_suite gpt 50 "$REPO/benchmarks/bench_gpt.py" -m "not compiled"
+run_suite compiled 60 "$REPO/benchmarks" -m compiled
+
+say "== 4/4 report"
+PARTS=()
+for f in "$OUT"/part_*.json; do [ -s "$f" ] && PARTS+=("$f"); done
+if [ ${#PARTS[@]} -gt 0 ]; then
+    "$PY" "$REPO/benchmarks/report.py" --ceilings "$OUT/ceilings.json" --output "$OUT/report.md" \
+        --merged-json "$OUT/results.json" "${PARTS[@]}" >> "$LOG" 2>&1
+    rm -f "${PARTS[@]}"
+    "$PY" "$REPO/benchmarks/plot.py" --output-dir "$OUT" "$OUT/results.json" 2>&1 | tee -a "$LOG"
+    say "== summary (full table in report.md)"
+    grep -E '^Machine|T=4096|T=16384|N=4096|gpt2' "$OUT/report.md" | head -n 40 | tee -a "$LOG"
+else
+    say "no benchmark results to report"
+fi
+rm -rf "$PKG"

@@ -1,0 +1,56 @@
+"""What the pytest-benchmark suites share: gptfast and its PyTorch baselines side by side, in one process.
+
+Timing: every benchmark's clock synchronises the GPU before it reads the time, so a round of N calls is measured
+from idle to idle (pytest-benchmark warms up first and reports the median of many rounds). Inputs rotate among
+enough copies to exceed the GPU's L2 cache, so repeated calls do not measure the cache.
+Sizes: full on a CUDA machine; small on a CPU-only one, where the suite runs PyTorch and gptfast's CPU path in
+under two minutes and GPU-only cases skip with a reason.
+Throughput goes into each benchmark's extra_info (tflops or gb_per_s), with the implementation and the case.
+"""
+import time
+
+import pytest
+import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FULL = DEVICE == "cuda"
+L2_BYTES = 64 << 20  # H200: 60 MB; inputs rotate through at least 4x this
+
+
+def synchronized_clock():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def benchmark_marker():
+    """pytest-benchmark's settings for every benchmark here: the synchronising clock, warm-up, enough rounds."""
+    return pytest.mark.benchmark(timer=synchronized_clock, warmup=True, warmup_iterations=2, min_rounds=5,
+                                 max_time=0.15 if FULL else 0.05)
+
+
+def rotating(make_inputs, bytes_per_set):
+    """A callable returning input sets in turn: enough sets that their total exceeds 4x the L2 cache (one set on
+    the CPU, where caches are not the question)."""
+    count = max(1, min(16, -(-4 * L2_BYTES // max(bytes_per_set, 1)))) if FULL else 1
+    sets = [make_inputs() for _ in range(count)]
+    state = {"next": 0}
+
+    def take():
+        inputs = sets[state["next"] % count]
+        state["next"] += 1
+        return inputs
+
+    return take
+
+
+def measure(benchmark, fn, *, group, impl, flops=None, bytes_moved=None, **case):
+    """Runs the benchmark and records throughput from its median: flops -> TFLOP/s, bytes -> GB/s."""
+    benchmark.group = group
+    benchmark.extra_info.update(impl=impl, **case)
+    benchmark(fn)
+    median = benchmark.stats.stats.median
+    if flops is not None:
+        benchmark.extra_info["tflops"] = flops / median / 1e12
+    if bytes_moved is not None:
+        benchmark.extra_info["gb_per_s"] = bytes_moved / median / 1e9

@@ -1,0 +1,91 @@
+"""A markdown report from pytest-benchmark JSON files: per benchmark group, gptfast's median time and throughput,
+the best baseline's, gptfast as a ratio of the best baseline (above 1 is faster), and as a fraction of the
+machine's measured ceiling (TFLOP/s over the bf16 matmul rate; GB/s over the copy bandwidth).
+
+usage: python benchmarks/report.py --ceilings ceilings.json --output report.md bench.json [more.json ...]
+"""
+import argparse
+import json
+
+
+def load_benchmarks(paths):
+    benchmarks, machine = [], {}
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        machine = machine or data.get("machine_info", {})
+        benchmarks += data["benchmarks"]
+    return benchmarks, machine
+
+
+def throughput(bench):
+    """(value, unit) of a benchmark's extra_info."""
+    info = bench["extra_info"]
+    for key, unit in (("tflops", "TFLOP/s"), ("gb_per_s", "GB/s"), ("tokens_per_s", "tok/s")):
+        if key in info:
+            return info[key], unit
+    return None, ""
+
+
+def rows(benchmarks, ceilings):
+    groups = {}
+    for bench in benchmarks:
+        groups.setdefault(bench["group"], []).append(bench)
+    for group, members in groups.items():
+        ours = [b for b in members if b["extra_info"].get("impl", "").startswith("gptfast")]
+        baselines = [b for b in members if not b["extra_info"].get("impl", "").startswith("gptfast")]
+        for mine in ours:
+            best = min(baselines, key=lambda b: b["stats"]["median"]) if baselines else None
+            value, unit = throughput(mine)
+            ceiling = {"TFLOP/s": ceilings.get("bf16_matmul_tflops"), "GB/s": ceilings.get("copy_gb_per_s")}.get(unit)
+            yield {
+                "group": group, "impl": mine["extra_info"]["impl"], "median_ms": 1000 * mine["stats"]["median"],
+                "throughput": value, "unit": unit,
+                "best_baseline": best["extra_info"]["impl"] if best else "-",
+                "baseline_throughput": throughput(best)[0] if best else None,
+                "vs_best": best["stats"]["median"] / mine["stats"]["median"] if best else None,
+                "of_ceiling": value / ceiling if value is not None and ceiling else None,
+            }
+
+
+def _fmt(value, digits=2):
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def markdown(benchmarks, machine, ceilings):
+    lines = [f"Machine: {ceilings.get('device', machine.get('cpu', {}).get('brand_raw', '?'))}; ceilings measured "
+             f"in the same run: copy {_fmt(ceilings.get('copy_gb_per_s'), 0)} GB/s, bf16 matmul "
+             f"{_fmt(ceilings.get('bf16_matmul_tflops'), 1)} TFLOP/s.", "",
+             "| case | gptfast ms | gptfast | best baseline | baseline | gptfast / best | of ceiling |",
+             "| --- | ---: | ---: | --- | ---: | ---: | ---: |"]
+    for row in rows(benchmarks, ceilings):
+        of_ceiling = "-" if row["of_ceiling"] is None else f"{100 * row['of_ceiling']:.0f}%"
+        lines.append(f"| {row['group']} ({row['impl']}) | {_fmt(row['median_ms'], 3)} | "
+                     f"{_fmt(row['throughput'], 1)} {row['unit']} | {row['best_baseline']} | "
+                     f"{_fmt(row['baseline_throughput'], 1)} | {_fmt(row['vs_best'])}x | {of_ceiling} |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", nargs="+", help="pytest-benchmark JSON files (--benchmark-json)")
+    parser.add_argument("--ceilings", help="JSON from benchmarks/ceilings.py")
+    parser.add_argument("--output", required=True, help="markdown file to write")
+    parser.add_argument("--merged-json", help="also write all the results as one pytest-benchmark-style JSON")
+    args = parser.parse_args()
+    benchmarks, machine = load_benchmarks(args.results)
+    if args.merged_json:
+        with open(args.merged_json, "w") as f:
+            json.dump({"machine_info": machine, "benchmarks": benchmarks}, f)
+    ceilings = {}
+    if args.ceilings:
+        with open(args.ceilings) as f:
+            ceilings = json.load(f)
+    text = markdown(benchmarks, machine, ceilings)
+    with open(args.output, "w") as f:
+        f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
