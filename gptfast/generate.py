@@ -61,6 +61,14 @@ def main(args):
     ids = tokenizer.encode(args.prompt)
     if not ids:
         raise SystemExit("gptfast generate: the prompt encodes to no tokens; give a non-empty --prompt")
+    room = model.config.block_size - len(ids)
+    if room < 0:
+        raise SystemExit(f"gptfast generate: the prompt is {len(ids)} tokens, longer than the model's block size "
+                         f"({model.config.block_size}); shorten it")
+    max_new_tokens = min(args.max_new_tokens, room)
+    if max_new_tokens < args.max_new_tokens:
+        print(f"[the model's block size is {model.config.block_size} tokens: generating {max_new_tokens} new "
+              f"tokens, not {args.max_new_tokens}]", file=sys.stderr, flush=True)
     generator = torch.Generator(device).manual_seed(args.seed) if args.seed is not None else None
     sys.stdout.write(args.prompt)
     new, shown = [], [""]
@@ -74,7 +82,7 @@ def main(args):
             shown[0] = text
 
     start = time.perf_counter()
-    model.generate(torch.tensor([ids], device=device), args.max_new_tokens, do_sample=not args.greedy,
+    model.generate(torch.tensor([ids], device=device), max_new_tokens, do_sample=not args.greedy,
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    eos_token_id=tokenizer.eos_token_id, generator=generator, on_token=stream)
     seconds = time.perf_counter() - start

@@ -25,7 +25,7 @@ from gptfast.data import Batches, gptfast_home, prepare
 from gptfast.model import GPT, GPTConfig, next_token_loss, resolve_checkpoint
 from gptfast.tokenizer import ByteTokenizer, load_tokenizer
 
-MODEL_DEFAULTS = dict(n_layer=4, n_head=4, n_embd=128, block_size=128, dropout=0.0)
+MODEL_DEFAULTS = dict(n_layer=4, n_head=4, n_embd=128, block_size=256, dropout=0.0)
 # Dense bf16 tensor-core peaks (vendor datasheets), for model FLOPs utilisation.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
@@ -40,7 +40,7 @@ def add_arguments(parser):
     add("--resume", action="store_true", help="continue the run in --out from its latest checkpoint, exactly")
     add("--init-from", help="start from a gptfast or Hugging Face GPT-2 checkpoint folder or hub name (fine-tune)")
     add("--max-iters", type=int, default=1500, help="optimizer steps in all (default 1500)")
-    add("--batch-size", type=int, default=16, help="sequences per micro-batch per rank (default 16)")
+    add("--batch-size", type=int, default=8, help="sequences per micro-batch per rank (default 8)")
     add("--block-size", type=int, help=f"sequence length (default {MODEL_DEFAULTS['block_size']})")
     add("--n-layer", type=int, help=f"transformer blocks (default {MODEL_DEFAULTS['n_layer']})")
     add("--n-head", type=int, help=f"attention heads (default {MODEL_DEFAULTS['n_head']})")
