@@ -1,6 +1,7 @@
 """Tokenizers for gptfast models, saved beside every checkpoint gptfast writes so that a checkpoint folder is
 self-contained: a byte-level one (vocab 256, needs no files) for models trained by `gptfast train`, and GPT-2's
-byte-level BPE from a checkpoint's own tokenizer.json or vocab.json + merges.txt.
+byte-level BPE from a checkpoint's own tokenizer.json or vocab.json + merges.txt, or from tiktoken's "gpt2"
+encoding when the folder has no tokenizer files but tiktoken has its own (cached) files.
 
 Every tokenizer has encode(text) -> list[int], decode(ids) -> str, vocab_size, eos_token_id (or None), and
 save(folder)."""
@@ -8,7 +9,7 @@ import json
 import os
 import shutil
 
-BYTES_FILE = "gptfast_tokenizer.json"
+MARKER_FILE = "gptfast_tokenizer.json"  # names a tokenizer that has no files of its own
 BPE_FILES = ("tokenizer.json", "vocab.json", "merges.txt")
 
 
@@ -24,7 +25,7 @@ class ByteTokenizer:
         return bytes(ids).decode("utf-8", errors="replace")
 
     def save(self, folder):
-        with open(os.path.join(folder, BYTES_FILE), "w") as f:
+        with open(os.path.join(folder, MARKER_FILE), "w") as f:
             json.dump({"kind": "bytes"}, f)
 
 
@@ -55,12 +56,41 @@ class BPETokenizer:
                 shutil.copyfile(source, os.path.join(folder, name))
 
 
+class TiktokenTokenizer:
+    """GPT-2's BPE through tiktoken (its files come from tiktoken's own cache). Saving it records the choice, so a
+    checkpoint names its tokenizer even without BPE files."""
+
+    def __init__(self):
+        import tiktoken
+        self.encoding = tiktoken.get_encoding("gpt2")
+        self.vocab_size = self.encoding.n_vocab
+        self.eos_token_id = self.encoding.eot_token
+
+    def encode(self, text):
+        return self.encoding.encode(text, allowed_special={"<|endoftext|>"})
+
+    def decode(self, ids):
+        return self.encoding.decode(list(ids))
+
+    def save(self, folder):
+        with open(os.path.join(folder, MARKER_FILE), "w") as f:
+            json.dump({"kind": "tiktoken", "encoding": "gpt2"}, f)
+
+
 def load_tokenizer(folder):
-    """The tokenizer saved in a checkpoint folder."""
-    if os.path.isfile(os.path.join(folder, BYTES_FILE)):
-        return ByteTokenizer()
+    """The tokenizer saved in a checkpoint folder, else tiktoken's GPT-2 encoding where tiktoken can load it."""
+    marker = os.path.join(folder, MARKER_FILE)
+    if os.path.isfile(marker):
+        with open(marker) as f:
+            kind = json.load(f).get("kind")
+        return TiktokenTokenizer() if kind == "tiktoken" else ByteTokenizer()
     if os.path.isfile(os.path.join(folder, "tokenizer.json")) or all(
             os.path.isfile(os.path.join(folder, name)) for name in ("vocab.json", "merges.txt")):
         return BPETokenizer(folder)
-    raise FileNotFoundError(f"{folder} holds no tokenizer: expected {BYTES_FILE}, tokenizer.json, or vocab.json "
-                            "with merges.txt")
+    try:
+        return TiktokenTokenizer()
+    except Exception as error:  # not installed, or its files are not cached and cannot be downloaded
+        raise FileNotFoundError(
+            f"{folder} holds no tokenizer (expected {MARKER_FILE}, tokenizer.json, or vocab.json with merges.txt) "
+            f"and tiktoken's gpt2 encoding is not available ({type(error).__name__}); copy the model's tokenizer "
+            "files into the folder") from error

@@ -94,6 +94,12 @@ def test_long_rows_are_chunked_and_accurate(monkeypatch):
     check_layer_norm((5, 1000), torch.bfloat16, "both", seed=2, residual=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_hidden_65536(dtype):
+    """The largest hidden size the issue names, at its real chunk size: sixteen chunks per row."""
+    check_layer_norm((2, 65536), dtype, "both", seed=11, residual=dtype == torch.bfloat16)
+
+
 def test_multi_dim_normalized_shape():
     x = torch.randn(4, 5, 6).to(DEVICE)
     weight, bias = torch.randn(5, 6).to(DEVICE), torch.randn(5, 6).to(DEVICE)
