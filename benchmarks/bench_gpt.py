@@ -45,8 +45,7 @@ def _training_step(kernels, compiled, benchmark):
     trained = TRAIN_BATCH * CONFIG.block_size
     flops = (6 * model.num_params() + 12 * CONFIG.n_layer * CONFIG.n_embd * CONFIG.block_size) * trained
     name = kernels + ("+compile" if compiled else "")
-    measure(benchmark, step, group="gpt2 training step", impl=name, flops=flops, op="train_step")
-    benchmark.extra_info["tokens_per_s"] = trained / benchmark.stats.stats.median
+    measure(benchmark, step, group="gpt2 training step", impl=name, flops=flops, op="train_step", tokens=trained)
 
 
 @pytest.mark.parametrize("kernels", list(KERNELS))
@@ -70,5 +69,5 @@ def test_generation(benchmark, kernels, batch):
         with use_backend(KERNELS[kernels]):
             return model.generate(prompt, NEW_TOKENS, do_sample=False)
 
-    measure(benchmark, generate, group=f"gpt2 generation batch={batch}", impl=kernels, op="generate", batch=batch)
-    benchmark.extra_info["tokens_per_s"] = batch * NEW_TOKENS / benchmark.stats.stats.median
+    measure(benchmark, generate, group=f"gpt2 generation batch={batch}", impl=kernels, op="generate", batch=batch,
+            tokens=batch * NEW_TOKENS)

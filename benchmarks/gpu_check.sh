@@ -31,6 +31,8 @@ export PYTHONPATH="$PKG" PYTHONUNBUFFERED=1
 # Kernels compile on the GPU. On a CPU dry run the tests interpret them (tests/conftest.py turns that on) and
 # the benchmarks measure gptfast's CPU path, as `pytest benchmarks` does on any CPU machine.
 unset TRITON_INTERPRET
+# Started from inside a pytest-xdist worker (the dry-run test), pytest-benchmark would switch itself off.
+unset PYTEST_XDIST_WORKER PYTEST_XDIST_WORKER_COUNT PYTEST_XDIST_TESTRUNUID PYTEST_CURRENT_TEST
 cd "$PKG" || exit 1
 PYTEST=("$PY" -m pytest -p no:cacheprovider --rootdir "$REPO" -c "$REPO/setup.cfg")
 

@@ -45,11 +45,16 @@ def rotating(make_inputs, bytes_per_set):
 
 
 def measure(benchmark, fn, *, group, impl, flops=None, bytes_moved=None, **case):
-    """Runs the benchmark and records throughput from its median: flops -> TFLOP/s, bytes -> GB/s."""
+    """Runs the benchmark and records throughput from its median: flops -> TFLOP/s, bytes -> GB/s,
+    tokens -> tokens/s."""
     benchmark.group = group
     benchmark.extra_info.update(impl=impl, **case)
     benchmark(fn)
+    if benchmark.stats is None:  # --benchmark-disable (or under xdist): the case ran once, as a smoke test
+        return
     median = benchmark.stats.stats.median
+    if "tokens" in case:
+        benchmark.extra_info["tokens_per_s"] = case["tokens"] / median
     if flops is not None:
         benchmark.extra_info["tflops"] = flops / median / 1e12
     if bytes_moved is not None:

@@ -119,6 +119,23 @@ def _query_range(start_n, seqlen_q, causal_offset, BLOCK_M: tl.constexpr, BLOCK_
 
 
 @triton.jit
+def _tile(base, rows, offs_d, stride_t, stride_d):
+    """Pointers to the (rows, head dim) tile of one head's (T, D) matrix."""
+    return base + rows[:, None] * stride_t + offs_d[None, :] * stride_d
+
+
+@triton.jit
+def _query_program(num_heads, group_size, BLOCK_M: tl.constexpr):
+    """(first query row, batch, head, kv head) of a program gridded (cdiv(Tq, BLOCK_M), B * Hq), indices in int64
+    since B * H * T * D can pass 2**31 elements. Causal rows near the end see the most keys: those programs
+    start first (FlashAttention-2, section 3.3)."""
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    batch = tl.program_id(1) // num_heads
+    head = tl.program_id(1) % num_heads
+    return start_m, batch.to(tl.int64), head.to(tl.int64), (head // group_size).to(tl.int64)
+
+
+@triton.jit
 def _forward_block_loop(acc, row_sum, row_max, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, d_mask,
                         seqlen_k, causal_offset, qk_scale, start, stop,
                         BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
@@ -141,6 +158,8 @@ def _forward_block_loop(acc, row_sum, row_max, q, k_ptrs, v_ptrs, stride_kt, str
         p = tl.exp2(scores - shift[:, None])
         correction = tl.exp2(row_max - shift)
         row_sum = row_sum * correction + tl.sum(p, 1)
+        # v is loaded only now, so it is not live in registers during the softmax (the dq loop below loads it
+        # with k instead: each order is the one that compiles without spills, per `gptfast inspect`).
         v = tl.load(v_ptrs + start_n * stride_vt, mask=kv_mask, other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc * correction[:, None], input_precision=INPUT_PRECISION)
         row_max = new_max
@@ -159,26 +178,21 @@ def attention_forward_kernel(
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program: BLOCK_M query rows of one (batch, head). qk_scale is softmax_scale * log2(e), so the
     softmax runs on exp2. Grid: (cdiv(Tq, BLOCK_M), B * Hq)."""
-    # Causal rows near the end see the most keys: start those programs first (FlashAttention-2, section 3.3).
-    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    batch = tl.program_id(1) // num_heads
-    head = tl.program_id(1) % num_heads
-    kv_head = head // group_size
-    # int64 base offsets: B * H * T * D can pass 2**31 elements.
-    Q += batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
-    K += batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
-    V += batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
-    O += batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
-    LSE += tl.program_id(1).to(tl.int64) * seqlen_q
+    start_m, batch, head, kv_head = _query_program(num_heads, group_size, BLOCK_M)
+    Q += batch * stride_qb + head * stride_qh
+    K += batch * stride_kb + kv_head * stride_kh
+    V += batch * stride_vb + kv_head * stride_vh
+    O += batch * stride_ob + head * stride_oh
+    LSE += (batch * num_heads + head) * seqlen_q
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
     q_mask = (offs_m[:, None] < seqlen_q) & d_mask[None, :]
-    q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd, mask=q_mask, other=0.0)
-    k_ptrs = K + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd
-    v_ptrs = V + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd
+    q = tl.load(_tile(Q, offs_m, offs_d, stride_qt, stride_qd), mask=q_mask, other=0.0)
+    k_ptrs = _tile(K, offs_n, offs_d, stride_kt, stride_kd)
+    v_ptrs = _tile(V, offs_n, offs_d, stride_vt, stride_vd)
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -196,7 +210,7 @@ def attention_forward_kernel(
     out = acc / row_sum[:, None]
     lse = tl.where(empty, float("inf"), (row_max + tl.log2(row_sum)) / 1.4426950408889634)
     tl.store(LSE + offs_m, lse, mask=offs_m < seqlen_q)
-    tl.store(O + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od, out.to(O.dtype.element_ty), mask=q_mask)
+    tl.store(_tile(O, offs_m, offs_d, stride_ot, stride_od), out.to(O.dtype.element_ty), mask=q_mask)
 
 
 @triton.jit
@@ -218,8 +232,8 @@ def attention_backward_delta_kernel(
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
-    o = tl.load(O + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od, mask=mask, other=0.0)
-    do = tl.load(DO + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod, mask=mask, other=0.0)
+    o = tl.load(_tile(O, offs_m, offs_d, stride_ot, stride_od), mask=mask, other=0.0)
+    do = tl.load(_tile(DO, offs_m, offs_d, stride_dot, stride_dod), mask=mask, other=0.0)
     grad_lse = tl.load(GRAD_LSE + offs_m, mask=offs_m < seqlen_q, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1) - grad_lse
     tl.store(DELTA + offs_m, delta, mask=offs_m < seqlen_q)
@@ -237,13 +251,13 @@ def _dkdv_block_loop(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_qd, stri
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_mask = offs_m < seqlen_q
         q_mask = row_mask[:, None] & d_mask[None, :]
-        q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd, mask=q_mask, other=0.0)
+        q = tl.load(_tile(Q, offs_m, offs_d, stride_qt, stride_qd), mask=q_mask, other=0.0)
         lse = tl.load(LSE + offs_m, mask=row_mask, other=float("inf")) * 1.4426950408889634
         scores_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale
         p_t = tl.exp2(scores_t - lse[None, :])
         if MASKED:
             p_t = tl.where(_visible(offs_m[None, :], key_rows[:, None], seqlen_k, causal_offset, CAUSAL), p_t, 0.0)
-        do = tl.load(DO + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod, mask=q_mask, other=0.0)
+        do = tl.load(_tile(DO, offs_m, offs_d, stride_dot, stride_dod), mask=q_mask, other=0.0)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
         delta = tl.load(DELTA + offs_m, mask=row_mask, other=0.0)
         dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
@@ -278,8 +292,8 @@ def attention_backward_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
     kv_mask = (key_rows[:, None] < seqlen_k) & d_mask[None, :]
-    k = tl.load(K + key_rows[:, None] * stride_kt + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-    v = tl.load(V + key_rows[:, None] * stride_vt + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+    k = tl.load(_tile(K, key_rows, offs_d, stride_kt, stride_kd), mask=kv_mask, other=0.0)
+    v = tl.load(_tile(V, key_rows, offs_d, stride_vt, stride_vd), mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     start, full_start = _query_range(start_n, seqlen_q, causal_offset, BLOCK_M, BLOCK_N, CAUSAL)
@@ -302,9 +316,9 @@ def attention_backward_dkdv_kernel(
         DO += stride_doh
         LSE += seqlen_q
         DELTA += seqlen_q
-    tl.store(DK + key_rows[:, None] * stride_dkt + offs_d[None, :] * stride_dkd,
+    tl.store(_tile(DK, key_rows, offs_d, stride_dkt, stride_dkd),
              (dk * softmax_scale).to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + key_rows[:, None] * stride_dvt + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty),
+    tl.store(_tile(DV, key_rows, offs_d, stride_dvt, stride_dvd), dv.to(DV.dtype.element_ty),
              mask=kv_mask)
 
 
@@ -344,17 +358,14 @@ def attention_backward_dq_kernel(
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program: BLOCK_M query rows of one (batch, head). Grid: (cdiv(Tq, BLOCK_M), B * Hq)."""
-    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    batch = tl.program_id(1) // num_heads
-    head = tl.program_id(1) % num_heads
-    kv_head = head // group_size
-    Q += batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
-    K += batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
-    V += batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
-    DO += batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh
-    DQ += batch.to(tl.int64) * stride_dqb + head.to(tl.int64) * stride_dqh
-    LSE += tl.program_id(1).to(tl.int64) * seqlen_q
-    DELTA += tl.program_id(1).to(tl.int64) * seqlen_q
+    start_m, batch, head, kv_head = _query_program(num_heads, group_size, BLOCK_M)
+    Q += batch * stride_qb + head * stride_qh
+    K += batch * stride_kb + kv_head * stride_kh
+    V += batch * stride_vb + kv_head * stride_vh
+    DO += batch * stride_dob + head * stride_doh
+    DQ += batch * stride_dqb + head * stride_dqh
+    LSE += (batch * num_heads + head) * seqlen_q
+    DELTA += (batch * num_heads + head) * seqlen_q
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -362,12 +373,12 @@ def attention_backward_dq_kernel(
     d_mask = offs_d < HEAD_DIM
     row_mask = offs_m < seqlen_q
     q_mask = row_mask[:, None] & d_mask[None, :]
-    q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd, mask=q_mask, other=0.0)
-    do = tl.load(DO + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod, mask=q_mask, other=0.0)
+    q = tl.load(_tile(Q, offs_m, offs_d, stride_qt, stride_qd), mask=q_mask, other=0.0)
+    do = tl.load(_tile(DO, offs_m, offs_d, stride_dot, stride_dod), mask=q_mask, other=0.0)
     lse = tl.load(LSE + offs_m, mask=row_mask, other=float("inf")) * 1.4426950408889634
     delta = tl.load(DELTA + offs_m, mask=row_mask, other=0.0)
-    k_ptrs = K + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd
-    v_ptrs = V + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd
+    k_ptrs = _tile(K, offs_n, offs_d, stride_kt, stride_kd)
+    v_ptrs = _tile(V, offs_n, offs_d, stride_vt, stride_vd)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     full_end, stop = _key_range(start_m, seqlen_k, causal_offset, BLOCK_M, BLOCK_N, CAUSAL)
@@ -375,7 +386,7 @@ def attention_backward_dq_kernel(
                         causal_offset, qk_scale, 0, full_end, BLOCK_N, False, CAUSAL, INPUT_PRECISION)
     dq = _dq_block_loop(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, d_mask, seqlen_k,
                         causal_offset, qk_scale, full_end, stop, BLOCK_N, True, CAUSAL, INPUT_PRECISION)
-    tl.store(DQ + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd,
+    tl.store(_tile(DQ, offs_m, offs_d, stride_dqt, stride_dqd),
              (dq * softmax_scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 

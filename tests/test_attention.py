@@ -1,6 +1,7 @@
 """gptfast.attention against a plain PyTorch reference in float64: forward and every gradient, odd shapes, every
 dtype, causal variants, grouped heads, strided views; bad input; backend choice; torch.compile."""
 import math
+import zlib
 
 import pytest
 import torch
@@ -63,7 +64,7 @@ def check_against_reference(q, k, v, causal, run, seed=0):
     ref64, lowp = reference(torch.float64), reference(q.dtype)
     for name, value in results.items():
         assert value.dtype == q.dtype
-        assert_accurate(name, value, ref64[name], lowp[name])
+        assert_accurate(name, value, ref64[name], lowp[name], terms=q.shape[-1])
 
 
 # Every sequence length, head dim, dtype and mask appears, crossed so that each T meets several D and masks.
@@ -79,7 +80,7 @@ SHAPES = [  # (batch, heads, kv_heads, Tq, Tk, head_dim)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}H{}K{}Tq{}Tk{}D{}".format(*s))
 def test_sdpa_matches_float64_reference(shape, causal, dtype):
     batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim = shape
-    q, k, v = random_qkv(*shape, dtype, seed=hash((shape, causal)) % 1000)
+    q, k, v = random_qkv(*shape, dtype, seed=zlib.crc32(repr((shape, causal)).encode()))
     kwargs = mask_args(causal, seqlen_q, seqlen_k)
     with backend.use_backend("triton"):
         check_against_reference(
