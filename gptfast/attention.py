@@ -15,7 +15,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import CausalBias, CausalVariant
+from torch.nn.attention.bias import CausalBias, CausalVariant, causal_lower_right
 
 from gptfast import backend
 
@@ -172,7 +172,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
 
 def _torch_attention_with_lse(q, k, v, causal, softmax_scale):
-    """PyTorch fallback of flash_attn_func(return_lse=True) on (B, H, T, D) inputs."""
+    """PyTorch fallback of flash_attn_func(return_lse=True) on (B, H, T, D) inputs: SDPA returns no lse, so this
+    forms the scores itself."""
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     scores = (q @ k.transpose(-1, -2)).float() * softmax_scale
@@ -209,7 +210,10 @@ def flash_attn_func(q, k, v, causal=False, softmax_scale=None, return_lse=False)
     softmax_scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     if backend.use_triton("flash_attn_func", q.device, _kernel_gap(q, v, None, 0.0)):
         out, lse = _run_kernel(q, k, v, causal, softmax_scale)
-    else:
+    elif return_lse:
         out, lse = _torch_attention_with_lse(q, k, v, causal, softmax_scale)
+    else:
+        mask = causal_lower_right(q.shape[-2], k.shape[-2]) if causal != CAUSAL_NONE else None
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=softmax_scale, enable_gqa=True)
     out = out.transpose(1, 2)
     return (out, lse) if return_lse else out

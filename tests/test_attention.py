@@ -152,6 +152,21 @@ def test_expanded_output_gradient():
         assert (got - ref).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("seqlen_q, seqlen_k", [(19, 45), (9, 4)])
+def test_flash_attn_func_torch_path_matches_the_kernel(seqlen_q, seqlen_k):
+    """The PyTorch fallback of flash_attn_func (SDPA, or scores formed directly when lse is wanted)."""
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(2, seqlen_q, 4, 16, generator=gen).to(DEVICE)
+    k, v = (torch.randn(2, seqlen_k, 2, 16, generator=gen).to(DEVICE) for _ in range(2))
+    results = {}
+    for name in ("triton", "torch"):
+        with backend.use_backend(name):
+            results[name] = (flash_attn_func(q, k, v, causal=True),
+                             *flash_attn_func(q, k, v, causal=True, return_lse=True))
+    for kernel, reference in zip(results["triton"], results["torch"]):
+        torch.testing.assert_close(kernel, reference, atol=1e-5, rtol=1e-5)
+
+
 def test_rows_that_see_no_key_are_zero_with_zero_gradients():
     q, k, v = random_qkv(1, 2, 2, 9, 4, 16, torch.float32, seed=5)
     with backend.use_backend("triton"):
