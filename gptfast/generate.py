@@ -20,8 +20,8 @@ def add_arguments(parser):
                         "gpt2-medium, ...); default: the newest checkpoint `gptfast train` wrote")
     add("--prompt", default="\n", help="text to continue (default: a newline)")
     add("--max-new-tokens", type=int, default=200, help="tokens to generate (default 200)")
-    add("--greedy", action="store_true", help="always take the most likely token")
-    add("--temperature", type=float, default=0.8, help="sampling temperature (default 0.8)")
+    add("--greedy", action="store_true", help="always take the most likely token (no sampling flags with it)")
+    add("--temperature", type=float, default=None, help="sampling temperature (default 0.8)")
     add("--top-k", type=int, default=None, help="sample among the k most likely tokens")
     add("--top-p", type=float, default=None, help="sample among the most likely tokens whose probability sums to p")
     add("--seed", type=int, default=None, help="random seed, for a reproducible sample")
@@ -46,6 +46,9 @@ def checkpoint_of_run(folder):
 def main(args):
     if args.max_new_tokens < 0:
         raise SystemExit("gptfast generate: --max-new-tokens must be at least 0")
+    if args.greedy and (args.temperature, args.top_k, args.top_p) != (None, None, None):
+        raise SystemExit("gptfast generate: --greedy takes no --temperature, --top-k or --top-p; choose one")
+    temperature = 0.8 if args.temperature is None else args.temperature
     if args.model is None:
         folder = newest_checkpoint()
     elif os.path.isfile(os.path.join(args.model, "latest")):
@@ -83,7 +86,7 @@ def main(args):
 
     start = time.perf_counter()
     model.generate(torch.tensor([ids], device=device), max_new_tokens, do_sample=not args.greedy,
-                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                   temperature=temperature, top_k=args.top_k, top_p=args.top_p,
                    eos_token_id=tokenizer.eos_token_id, generator=generator, on_token=stream)
     seconds = time.perf_counter() - start
     sys.stdout.write(tokenizer.decode(new)[len(shown[0]):] + "\n")

@@ -141,3 +141,5 @@ def test_generate_uses_the_newest_run_and_plot_draws_it(home, corpus):
     assert cli(["plot", run]) == 0 and os.path.getsize(os.path.join(run, "loss.png")) > 1000
     assert "top-p" in run_cli("generate", "--help").stdout
     assert cli(["generate", "--model", str(home / "nothing-here"), "--device", "cpu"]) == 2
+    with pytest.raises(SystemExit, match="--greedy takes no"):
+        cli(["generate", "--greedy", "--top-k", "5"])
