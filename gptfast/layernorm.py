@@ -26,7 +26,8 @@ def _layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Te
 
 @_layer_norm.register_fake
 def _(x, residual, weight, bias, eps):
-    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    y = x.new_empty(x.shape, dtype=dtype)
     sum_out = torch.empty_like(y) if residual is not None else x.new_empty(0)
     mean = x.new_empty(x.shape[0], dtype=torch.float32)
     return y, sum_out, mean, torch.empty_like(mean)
@@ -34,16 +35,16 @@ def _(x, residual, weight, bias, eps):
 
 @torch.library.custom_op("gptfast::layer_norm_backward", mutates_args=())
 def _layer_norm_backward(grad_y: torch.Tensor, grad_sum: torch.Tensor | None, x: torch.Tensor,
-                         weight: torch.Tensor | None, mean: torch.Tensor,
-                         rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                         weight: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor, dx_dtype: torch.dtype,
+                         dresidual_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from gptfast.kernels.layernorm import layer_norm_backward
-    return layer_norm_backward(grad_y, grad_sum, x, weight, mean, rstd)
+    return layer_norm_backward(grad_y, grad_sum, x, weight, mean, rstd, dx_dtype, dresidual_dtype)
 
 
 @_layer_norm_backward.register_fake
-def _(grad_y, grad_sum, x, weight, mean, rstd):
-    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
-    dresidual = torch.empty_like(dx) if grad_sum is not None else x.new_empty(0)
+def _(grad_y, grad_sum, x, weight, mean, rstd, dx_dtype, dresidual_dtype):
+    dx = x.new_empty(x.shape, dtype=dx_dtype)
+    dresidual = x.new_empty(x.shape, dtype=dresidual_dtype) if grad_sum is not None else x.new_empty(0)
     dweight = x.new_empty(x.shape[1], dtype=torch.float32)
     return dx, dresidual, dweight, torch.empty_like(dweight)
 
@@ -54,6 +55,7 @@ def _setup_context(ctx, inputs, output):
     # The backward differentiates the normalised tensor: x itself, or the residual sum.
     ctx.save_for_backward(x if residual is None else sum_out, weight, mean, rstd)
     ctx.has_residual = residual is not None
+    ctx.x_dtype, ctx.residual_dtype = x.dtype, x.dtype if residual is None else residual.dtype
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
@@ -64,7 +66,8 @@ def _backward(ctx, grad_y, grad_sum, grad_mean, grad_rstd):
     grad_y = torch.zeros_like(normalized) if grad_y is None else _rows(grad_y, n_cols)
     grad_sum = _rows(grad_sum, n_cols) if grad_sum is not None else None
     dx, dresidual, dweight, dbias = _layer_norm_backward(
-        grad_y, grad_sum if ctx.has_residual else None, normalized, weight, mean, rstd)
+        grad_y, grad_sum if ctx.has_residual else None, normalized, weight, mean, rstd, ctx.x_dtype,
+        ctx.residual_dtype)
     return (dx, dresidual if ctx.has_residual else None, None if weight is None else dweight.to(weight.dtype),
             None if ctx.bias_dtype is None else dbias.to(ctx.bias_dtype), None)
 
@@ -140,22 +143,23 @@ def add_layer_norm(x, residual, weight, bias, eps=1e-5):
     """``(layer_norm(x + residual), x + residual)`` in one pass over memory, normalising over the last dim.
 
     Args:
-        x, residual: (..., N), same shape, dtype and device; any strides.
+        x, residual: (..., N), same shape and device, any strides. Their dtypes may differ: under autocast a bf16
+            branch output meets a float32 residual stream.
         weight, bias: (N,) or None.
     Returns:
-        (normed, summed), both x's shape and dtype. summed is rounded to x's dtype before it is normalised,
-        as ``x + residual`` followed by ``layer_norm`` would be.
+        (normed, summed), x's shape, in the promoted dtype of x and residual. summed is rounded to that dtype
+        before it is normalised, as ``x + residual`` followed by ``layer_norm`` would be.
     """
     if not isinstance(x, torch.Tensor) or not isinstance(residual, torch.Tensor):
         raise TypeError("add_layer_norm: x and residual must be torch.Tensors")
-    if x.shape != residual.shape or x.dtype != residual.dtype:
-        raise ValueError(f"add_layer_norm: x and residual must have one shape and dtype, got {list(x.shape)} "
-                         f"{x.dtype} and {list(residual.shape)} {residual.dtype}")
+    if x.shape != residual.shape:
+        raise ValueError(f"add_layer_norm: x and residual must have one shape, got {list(x.shape)} and "
+                         f"{list(residual.shape)}")
     if x.dim() == 0:
         raise ValueError("add_layer_norm: x must have at least one dim")
     normalized_shape = (x.shape[-1],)
     n_cols = _check("add_layer_norm", x, normalized_shape, weight, bias, extra=(("residual", residual),))
-    if not backend.use_triton("add_layer_norm", x.device, _kernel_gap(x, weight, bias)):
+    if not backend.use_triton("add_layer_norm", x.device, _kernel_gap(x, weight, bias, ("residual", residual))):
         summed = x + residual
         return F.layer_norm(summed, normalized_shape, weight, bias, eps), summed
     y, summed, _, _ = _layer_norm(_rows(x, n_cols), _rows(residual, n_cols), weight, bias, float(eps))

@@ -42,17 +42,20 @@ class GPTConfig:
 
 
 class KVCache:
-    """Keys and values of every layer for one generate call, preallocated once: (n_layer, B, max_len, H, D) each.
-    ``length`` tokens are filled; ``append`` writes the next ones and returns views of everything so far."""
+    """Keys and values of every layer for one generate call, allocated once, at the first append, in the dtype
+    the keys come in (so it also serves under autocast): (n_layer, B, max_len, H, D) each. ``length`` tokens are
+    filled; ``append`` writes the next ones and returns views of everything so far."""
 
-    def __init__(self, config, batch, max_len, device, dtype):
-        shape = (config.n_layer, batch, max_len, config.n_head, config.n_embd // config.n_head)
-        self.keys = torch.empty(shape, device=device, dtype=dtype)
-        self.values = torch.empty(shape, device=device, dtype=dtype)
+    def __init__(self, config, batch, max_len):
+        self.shape = (config.n_layer, batch, max_len, config.n_head, config.n_embd // config.n_head)
+        self.keys = self.values = None
         self.length = 0
 
     def append(self, layer, k, v):
         """k, v: (B, T, H, D) of the new tokens. Returns (B, length + T, H, D) views of this layer's cache."""
+        if self.keys is None:
+            self.keys = k.new_empty(self.shape)
+            self.values = v.new_empty(self.shape)
         end = self.length + k.shape[1]
         self.keys[layer, :, self.length:end] = k
         self.values[layer, :, self.length:end] = v
@@ -210,10 +213,7 @@ class GPT(nn.Module):
             warnings.warn(f"generate: the model's block size is {self.config.block_size} tokens, so it stops after "
                           f"{room} new tokens instead of {max_new_tokens}", stacklevel=2)
             max_new_tokens = room
-        cache = None
-        if use_cache:
-            param = self.lm_head.weight
-            cache = KVCache(self.config, idx.shape[0], idx.shape[1] + max_new_tokens, param.device, param.dtype)
+        cache = KVCache(self.config, idx.shape[0], idx.shape[1] + max_new_tokens) if use_cache else None
         finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
         tokens = [idx]
         step_input = idx

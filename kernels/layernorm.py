@@ -1,10 +1,12 @@
 """Fused LayerNorm in Triton, with an optional residual add: forward and backward kernels and their launchers.
 
 Layouts, for every tensor the launchers take:
-    x, residual, grad_y, grad_sum: (M, N) rows, unit column stride, any row stride; float16, bfloat16 or float32.
+    x, residual, grad_y, grad_sum: (M, N) rows, unit column stride, any row stride; float16, bfloat16 or float32,
+    x and residual not necessarily alike (under autocast a bf16 branch output meets a float32 residual stream).
     weight, bias: (N,) contiguous, or None. mean, rstd: (M,) float32.
-All arithmetic is float32. With a residual the kernels normalise s = x + residual, rounded to x's dtype first,
-and also return s: that rounded sum is what the next block adds to, and what the backward differentiates.
+All arithmetic is float32. With a residual the kernels normalise s = x + residual, rounded to the promoted dtype
+of the two first (as PyTorch's x + residual would be), and also return s: that rounded sum is what the next block
+adds to, and what the backward differentiates. The normalised output has s's dtype (x's without a residual).
 
 A row that fits one block (N <= MAX_FUSED_N) is read once and kept in registers. A longer row is walked in
 chunks twice (statistics, then normalisation), merging the chunks' statistics with Chan, Golub and LeVeque's
@@ -50,10 +52,11 @@ def _chunk_stats(x, mask, count):
 
 @triton.jit
 def _load_row_chunk(X, RES, SUM_OUT, cols, mask, HAS_RESIDUAL: tl.constexpr, STORE_SUM: tl.constexpr):
-    """x (+ residual, rounded to x's dtype, and stored when STORE_SUM) as float32."""
+    """x (+ residual, rounded to SUM_OUT's dtype, and stored when STORE_SUM) as float32."""
     x = tl.load(X + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
-        x = (x.to(tl.float32) + tl.load(RES + cols, mask=mask, other=0.0).to(tl.float32)).to(X.dtype.element_ty)
+        residual = tl.load(RES + cols, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + residual.to(tl.float32)).to(SUM_OUT.dtype.element_ty)
         if STORE_SUM:
             tl.store(SUM_OUT + cols, x, mask=mask)
     return x.to(tl.float32)
@@ -236,10 +239,11 @@ def _row_block(n_cols):
 
 
 def layer_norm_forward(x, residual, weight, bias, eps):
-    """Returns (y, sum_out, mean, rstd): y (M, N) in x's dtype; sum_out = x + residual in x's dtype (an empty
-    tensor without a residual); mean and rstd (M,) float32."""
+    """Returns (y, sum_out, mean, rstd): sum_out = x + residual in their promoted dtype (an empty tensor without a
+    residual); y (M, N) in sum_out's dtype, or x's without a residual; mean and rstd (M,) float32."""
     n_rows, n_cols = x.shape
-    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    y = torch.empty((n_rows, n_cols), dtype=dtype, device=x.device)
     sum_out = torch.empty_like(y) if residual is not None else x.new_empty(0)
     mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
@@ -263,13 +267,14 @@ def backward_programs(device, n_rows):
     return max(1, min(n_rows, 2 * torch.cuda.get_device_properties(device).multi_processor_count))
 
 
-def layer_norm_backward(grad_y, grad_sum, x, weight, mean, rstd):
-    """Returns (dx, dresidual, dweight, dbias): dx (M, N) in x's dtype; dresidual, equal to dx but its own memory,
-    when grad_sum (the gradient reaching x + residual) is given, else an empty tensor; dweight and dbias (N,)
-    float32 (dweight is the gradient of a weight of ones when weight is None)."""
+def layer_norm_backward(grad_y, grad_sum, x, weight, mean, rstd, dx_dtype, dresidual_dtype):
+    """x is what the forward normalised (the residual sum, with one). Returns (dx, dresidual, dweight, dbias):
+    dx (M, N) in dx_dtype; dresidual, equal to dx but in its own memory and dresidual_dtype, when grad_sum (the
+    gradient reaching x + residual) is given, else an empty tensor; dweight and dbias (N,) float32 (dweight is the
+    gradient of a weight of ones when weight is None)."""
     n_rows, n_cols = x.shape
-    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
-    dresidual = torch.empty_like(dx) if grad_sum is not None else x.new_empty(0)
+    dx = torch.empty((n_rows, n_cols), dtype=dx_dtype, device=x.device)
+    dresidual = torch.empty_like(dx, dtype=dresidual_dtype) if grad_sum is not None else x.new_empty(0)
     n_programs = backward_programs(x.device, n_rows)
     partial = torch.empty((n_programs, 2 * n_cols), dtype=torch.float32, device=x.device)
     block_n, row_fits = _row_block(n_cols)

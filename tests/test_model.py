@@ -100,11 +100,23 @@ def test_generation_stops_at_eos_and_at_block_size(checkpoint):
     assert out.shape[1] == model.config.block_size
 
 
+def test_generation_under_autocast(checkpoint):
+    """Under bf16 autocast the keys come out of the projection in bf16; the cache follows them."""
+    model = GPT.from_pretrained(checkpoint[0]).eval().to(DEVICE)
+    idx = prompt(2, 5).to(DEVICE)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        cached = model.generate(idx, 4, do_sample=False)
+        uncached = model.generate(idx, 4, do_sample=False, use_cache=False)
+    assert cached.shape == (2, 9) and torch.equal(cached[:, :5], idx)
+    assert (cached == uncached).float().mean() > 0.5  # bf16 rounding may flip a near-tie, not most tokens
+
+
 def test_kv_cache_returns_views_of_one_buffer():
     config = GPTConfig(vocab_size=10, block_size=8, n_layer=2, n_head=2, n_embd=16)
-    cache = KVCache(config, batch=1, max_len=8, device="cpu", dtype=torch.float32)
-    k, v = cache.append(1, torch.randn(1, 3, 2, 8), torch.randn(1, 3, 2, 8))
+    cache = KVCache(config, batch=1, max_len=8)
+    k, v = cache.append(1, torch.randn(1, 3, 2, 8, dtype=torch.bfloat16), torch.randn(1, 3, 2, 8))
     assert k.shape == (1, 3, 2, 8) and k.data_ptr() == cache.keys[1].data_ptr()
+    assert cache.keys.dtype == torch.bfloat16 and cache.keys.shape == (2, 1, 8, 2, 8)
 
 
 def test_hf_attention_implementation_and_patch(checkpoint):
@@ -126,15 +138,19 @@ def test_hf_attention_implementation_and_patch(checkpoint):
                                                  do_sample=False, pad_token_id=0))
 
 
-def test_model_config_and_gradients_flow():
+@pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16-autocast"])
+def test_model_config_and_gradients_flow(autocast):
+    """A training step's gradients reach every parameter, also under bf16 autocast (as `gptfast train` runs on
+    CUDA), where float32 residuals meet bf16 branch outputs in add_layer_norm."""
     config = GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32, bias=False)
-    model = GPT(config)
+    model = GPT(config).to(DEVICE)
     assert model.lm_head.weight is model.transformer.wte.weight
-    idx = prompt(2, 10, vocab_size=50)
-    with backend.use_backend("triton"):
+    idx = prompt(2, 10, vocab_size=50).to(DEVICE)
+    with backend.use_backend("triton"), torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
         loss = model.loss(idx, torch.roll(idx, -1, dims=1))
-        loss.backward()
-    assert torch.isfinite(loss) and all(p.grad is not None for p in model.parameters())
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None and torch.isfinite(p.grad).all()
+                                        for p in model.parameters())
 
 
 @pytest.mark.parametrize("call, error, match", [
