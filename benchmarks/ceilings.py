@@ -31,15 +31,22 @@ def _median_seconds(fn, repeats):
     return statistics.median(times)
 
 
-def measure(copy_bytes, matmul_size, repeats):
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+def _copy_seconds(copy_bytes, repeats, device):
     source = torch.randn(copy_bytes // 4, device=device)
     target = torch.empty_like(source)
-    copy_seconds = _median_seconds(lambda: target.copy_(source), repeats)
-    del source, target
-    a = torch.randn(matmul_size, matmul_size, device=device, dtype=torch.bfloat16)
-    b = torch.randn(matmul_size, matmul_size, device=device, dtype=torch.bfloat16)
-    matmul_seconds = _median_seconds(lambda: a @ b, repeats)
+    return _median_seconds(lambda: target.copy_(source), repeats)
+
+
+def _matmul_seconds(size, repeats, device):
+    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    return _median_seconds(lambda: a @ b, repeats)
+
+
+def measure(copy_bytes, matmul_size, repeats):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    copy_seconds = _copy_seconds(copy_bytes, repeats, device)  # its buffers are freed before the matmul's
+    matmul_seconds = _matmul_seconds(matmul_size, repeats, device)
     return {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
             "copy_gb_per_s": 2 * copy_bytes / copy_seconds / 1e9,
             "bf16_matmul_tflops": 2 * matmul_size ** 3 / matmul_seconds / 1e12,
