@@ -27,7 +27,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         return importlib.import_module(args.module).main(args) or 0
-    except (FileNotFoundError, ValueError) as error:  # bad input: say what is wrong, without a traceback
+    except (OSError, ValueError) as error:  # bad input or unreadable files: say what is wrong, without a traceback
         print(f"gptfast {args.command}: error: {error}", file=sys.stderr)
         return 2
 

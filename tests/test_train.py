@@ -128,6 +128,10 @@ def test_bad_checkpoints_flags_and_data_are_refused(home, corpus):
     empty.write_text("")
     assert cli(["train", "--out", str(home / "x"), "--data", str(empty), *TINY]) == 2
     assert cli(["train", "--out", str(home / "x"), "--data", str(home / "missing"), *TINY]) == 2
+    unreadable = home / "unreadable"
+    unreadable.mkdir()
+    (unreadable / "a.txt").symlink_to(home / "nowhere.txt")  # listed, but cannot be opened
+    assert cli(["train", "--out", str(home / "x"), "--data", str(unreadable), *TINY]) == 2
 
 
 def test_generate_uses_the_newest_run_and_plot_draws_it(home, corpus):
