@@ -90,7 +90,11 @@ def test_layer_norm(benchmark, case, impl):
     _run(case[0], impl, case[2], case[1], benchmark)
 
 
+# torch.compile builds one kernel per shape: two hidden sizes keep the build time within the GPU check's budget.
+COMPILED_CASES = [case for case in CASES if case[2] in (HIDDEN[0], HIDDEN[-2])]
+
+
 @pytest.mark.compiled
-@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("case", COMPILED_CASES, ids=lambda c: f"{c[0]}-{c[1]}-N{c[2]}")
 def test_layer_norm_compiled_baseline(benchmark, case):
     _run(case[0], "torch-compile", case[2], case[1], benchmark)
