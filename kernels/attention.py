@@ -47,9 +47,10 @@ CONFIGS = {
                   (16, 128, 8, 2, UP_TO_128),
                   # A 256-wide dk, dv pair fits in registers only with these; they run HMMA, not wgmma.
                   (32, 32, 8, 2, (256,)), (16, 32, 4, 1, (256,))],
-        "sm_80": [(32, 64, 8, 1, UP_TO_128), (32, 32, 8, 2, (64, 128)), (32, 32, 4, 1, UP_TO_128),
+        "sm_80": [(32, 64, 8, 1, UP_TO_128), (32, 32, 8, 2, (64, 128)), (32, 32, 4, 1, UP_TO_64),
                   (16, 32, 4, 1, UP_TO_256)],
-        "fp32": [(16, 32, 4, 1, UP_TO_64), (16, 16, 8, 1, (16, 32, 128)), (16, 32, 8, 1, (256,))],
+        "fp32": [(16, 32, 4, 1, (16, 32)), (32, 16, 4, 1, (64,)), (16, 16, 8, 1, (16, 32, 128)),
+                 (16, 32, 8, 1, (256,))],
         "interpreter": [(16, 16, 1, 1, UP_TO_256)],
     },
     "backward_dq": {
@@ -90,12 +91,13 @@ def _visible(offs_m, offs_n, seqlen_k, causal_offset, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _key_range(start_m, seqlen_k, causal_offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _key_range(start_m, seqlen_q, seqlen_k, causal_offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                CAUSAL: tl.constexpr):
     """Keys that the query rows [start_m, start_m + BLOCK_M) visit: [0, full_end) need no mask, [full_end, stop)
     do (they cross the diagonal or the end of the sequence). Keys from stop on are never loaded."""
     if CAUSAL:
-        stop = tl.maximum(tl.minimum(seqlen_k, start_m + BLOCK_M + causal_offset), 0)
+        # The last visible key of the block's last real row (rows past Tq see nothing they need).
+        stop = tl.maximum(tl.minimum(seqlen_k, tl.minimum(start_m + BLOCK_M, seqlen_q) + causal_offset), 0)
         full_end = tl.maximum(tl.minimum(stop, start_m + causal_offset + 1), 0) // BLOCK_N * BLOCK_N
     else:
         stop = seqlen_k
@@ -109,7 +111,10 @@ def _query_range(start_n, seqlen_q, causal_offset, BLOCK_M: tl.constexpr, BLOCK_
     """Query rows that see the keys [start_n, start_n + BLOCK_N): rows [start, full_start) need the causal mask,
     rows [full_start, seqlen_q) see every key of the block. Rows before start are never loaded."""
     if CAUSAL:
-        start = tl.maximum(start_n - causal_offset, 0) // BLOCK_M * BLOCK_M
+        # The first query that sees a key of the block, rounded down to its block; Tq when no query sees the
+        # block (top-left mask, Tk > Tq), so both loops are empty and dk, dv are 0.
+        start = tl.minimum(tl.maximum(start_n - causal_offset, 0), seqlen_q)
+        start = tl.where(start < seqlen_q, start // BLOCK_M * BLOCK_M, start)
         full_start = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - causal_offset, 0), BLOCK_M) * BLOCK_M
         full_start = tl.minimum(full_start, seqlen_q)
     else:
@@ -197,7 +202,7 @@ def attention_forward_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    full_end, stop = _key_range(start_m, seqlen_k, causal_offset, BLOCK_M, BLOCK_N, CAUSAL)
+    full_end, stop = _key_range(start_m, seqlen_q, seqlen_k, causal_offset, BLOCK_M, BLOCK_N, CAUSAL)
     acc, row_sum, row_max = _forward_block_loop(
         acc, row_sum, row_max, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, d_mask, seqlen_k, causal_offset,
         qk_scale, 0, full_end, BLOCK_N, False, CAUSAL, INPUT_PRECISION)
@@ -381,7 +386,7 @@ def attention_backward_dq_kernel(
     v_ptrs = _tile(V, offs_n, offs_d, stride_vt, stride_vd)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    full_end, stop = _key_range(start_m, seqlen_k, causal_offset, BLOCK_M, BLOCK_N, CAUSAL)
+    full_end, stop = _key_range(start_m, seqlen_q, seqlen_k, causal_offset, BLOCK_M, BLOCK_N, CAUSAL)
     dq = _dq_block_loop(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, d_mask, seqlen_k,
                         causal_offset, qk_scale, 0, full_end, BLOCK_N, False, CAUSAL, INPUT_PRECISION)
     dq = _dq_block_loop(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, d_mask, seqlen_k,

@@ -6,11 +6,14 @@ import zlib
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 from hypothesis import given, settings, strategies as st
 from torch.nn.attention.bias import causal_lower_right, causal_upper_left
 
 from gptfast import backend
 from gptfast.attention import _as_bhtd, flash_attn_func, scaled_dot_product_attention
+from gptfast.kernels.attention import _key_range, _query_range
 from tolerance import DEVICE, DTYPES, assert_accurate
 
 NONE, TOP_LEFT, BOTTOM_RIGHT = "none", "top_left", "bottom_right"
@@ -302,3 +305,47 @@ def test_torch_compile_fullgraph():
         got = torch.autograd.grad(compiled(q, k, v), (q, k, v))
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b)
+
+
+@triton.jit
+def _ranges_probe(FORWARD, BACKWARD, seqlen_q, seqlen_k, causal_offset, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    """Stores the kernels' causal loop bounds for query block i (FORWARD[i] = full_end, stop) and key block i
+    (BACKWARD[i] = start, full_start)."""
+    i = tl.program_id(0)
+    full_end, stop = _key_range(i * BLOCK_M, seqlen_q, seqlen_k, causal_offset, BLOCK_M, BLOCK_N, True)
+    tl.store(FORWARD + 2 * i, full_end)
+    tl.store(FORWARD + 2 * i + 1, stop)
+    start, full_start = _query_range(i * BLOCK_N, seqlen_q, causal_offset, BLOCK_M, BLOCK_N, True)
+    tl.store(BACKWARD + 2 * i, start)
+    tl.store(BACKWARD + 2 * i + 1, full_start)
+
+
+@pytest.mark.parametrize("seqlen_q, seqlen_k", [(37, 37), (20, 70), (70, 20), (1, 50), (64, 64)])
+@pytest.mark.parametrize("bottom_right", [False, True])
+def test_causal_loops_skip_hidden_blocks_and_mask_only_the_diagonal(seqlen_q, seqlen_k, bottom_right):
+    """The loop bounds against brute force: every loaded block holds a visible (query, key) pair, no visible pair
+    is left out, and the blocks run without a mask hold only visible pairs."""
+    block_m, block_n = 16, 8
+    offset = seqlen_k - seqlen_q if bottom_right else 0
+    blocks = max(triton.cdiv(seqlen_q, block_m), triton.cdiv(seqlen_k, block_n))
+    forward, backward = torch.zeros(blocks, 2, dtype=torch.int32), torch.zeros(blocks, 2, dtype=torch.int32)
+    _ranges_probe[(blocks,)](forward, backward, seqlen_q, seqlen_k, offset, BLOCK_M=block_m, BLOCK_N=block_n)
+    visible = (torch.arange(seqlen_k)[None, :] <= torch.arange(seqlen_q)[:, None] + offset)
+    for m in range(triton.cdiv(seqlen_q, block_m)):
+        rows = visible[m * block_m:(m + 1) * block_m]
+        full_end, stop = forward[m].tolist()
+        seen = rows.any(0).nonzero()
+        assert stop == (seen.max().item() + 1 if len(seen) else 0)  # no visible key past stop, none dropped
+        for n in range(0, stop, block_n):
+            assert rows[:, n:n + block_n].any(), "a block with no visible pair was loaded"
+        assert full_end % block_n == 0 and rows[:, :full_end].all() and full_end <= stop
+    for n in range(triton.cdiv(seqlen_k, block_n)):
+        columns = visible[:, n * block_n:(n + 1) * block_n]
+        start, full_start = backward[n].tolist()
+        seen = columns.any(1).nonzero()
+        if len(seen):  # the first loaded query block is the first to see this key block
+            assert start <= seen.min().item() < start + block_m and full_start >= start
+        else:  # nobody sees it: both loops, [start, full_start) and [full_start, Tq), are empty
+            assert start >= full_start >= seqlen_q
+        assert columns[full_start:].all()
