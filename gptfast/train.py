@@ -227,7 +227,8 @@ def main(args):
             train_model, device_ids=[device.index] if device.type == "cuda" else None)
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
              "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext)
+    def autocast():  # a fresh context each use; float32 runs without autocast
+        return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     def save(step):

@@ -64,6 +64,16 @@ def test_resume_continues_exactly(home, corpus):
     assert len(losses(split)) == 12 and losses(split) == losses(straight)
 
 
+def test_bf16_autocast_training(home, corpus):
+    """--dtype bfloat16 (the CUDA default) on the CPU: the autocast path runs and the loss falls."""
+    out = str(home / "bf16")
+    assert cli(["train", "--out", out, "--data", corpus, "--max-iters", "12", "--eval-interval", "12",
+                "--eval-iters", "1", "--log-interval", "4", "--kernels", "torch", "--dtype", "bfloat16",
+                "--lr", "3e-3", *TINY]) == 0
+    log = read_log(out)
+    assert log[-1]["train_loss"] < log[0]["train_loss"] and "val_loss" in log[-1]
+
+
 def test_kernels_train_like_the_pytorch_reference(home, corpus):
     """Under the interpreter, float32: the fused kernels' losses stay within 1e-4 relative of PyTorch's over a
     few steps (both round differently at 1e-7; training amplifies that only slowly)."""
