@@ -50,7 +50,8 @@ def split_files(files):
     if len(files) < 2:
         return files, []
     val = files[5::10] or files[-1:]
-    return [f for f in files if f not in set(val)], val
+    held_out = set(val)
+    return [f for f in files if f not in held_out], val
 
 
 def _cache_key(files, tokenizer_name):
