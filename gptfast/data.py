@@ -77,7 +77,7 @@ def _tokenize(files, tokenizer, out_path, label, progress):
             print(f"\rpreparing {label} data: {100 * (i + 1) // len(files):3d}% ({i + 1}/{len(files)} files)",
                   end="" if i + 1 < len(files) else "\n", file=sys.stderr, flush=True)
     tokens = np.concatenate(chunks) if chunks else np.zeros(0, dtype=dtype)
-    tmp = out_path + ".tmp"
+    tmp = f"{out_path}.{os.getpid()}.tmp"  # per process: two runs preparing one corpus never share a file
     tokens.tofile(tmp)
     os.replace(tmp, out_path)
     return len(tokens)
@@ -95,9 +95,10 @@ def prepare(data, tokenizer, tokenizer_name, progress=True):
                  "val": _tokenize(val_files, tokenizer, os.path.join(folder, "val.bin"), "val", progress)}
         meta = {"sources": len(files), "tokens": sizes, "vocab_size": tokenizer.vocab_size,
                 "dtype": "uint16" if tokenizer.vocab_size <= 65536 else "uint32"}
-        with open(meta_path + ".tmp", "w") as f:
+        tmp = f"{meta_path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
             json.dump(meta, f)
-        os.replace(meta_path + ".tmp", meta_path)
+        os.replace(tmp, meta_path)  # written last: its presence means the token files are complete
     with open(meta_path) as f:
         meta = json.load(f)
     splits = {name: np.memmap(os.path.join(folder, f"{name}.bin"), dtype=meta["dtype"], mode="r")

@@ -207,7 +207,12 @@ def main(args):
     model.to(device)
     tokenizer_name = "bytes" if isinstance(tokenizer, ByteTokenizer) else os.path.abspath(tokenizer.folder)
 
+    # Rank 0 tokenizes into the shared cache first; the others then read it (no two writers on one file).
+    if world > 1 and rank != 0:
+        torch.distributed.barrier()
     splits = prepare(args.data, tokenizer, tokenizer_name, progress=rank == 0)
+    if world > 1 and rank == 0:
+        torch.distributed.barrier()
     batches = Batches(splits["train"], args.batch_size, block_size, seed=args.seed + rank, shard=(rank, world))
     optimizer = make_optimizer(model, args, device)
     start = 0
@@ -321,6 +326,7 @@ def main(args):
                 if evaluate:
                     save(step)
         if world > 1:
+            torch.distributed.barrier()  # let rank 0 finish writing before any rank tears the group down
             torch.distributed.destroy_process_group()
         say(f"done: checkpoint in {run.latest() if rank == 0 else out}")
         return 0
