@@ -8,16 +8,6 @@ import argparse
 import json
 
 
-def load_benchmarks(paths):
-    benchmarks, machine = [], {}
-    for path in paths:
-        with open(path) as f:
-            data = json.load(f)
-        machine = machine or data.get("machine_info", {})
-        benchmarks += data["benchmarks"]
-    return benchmarks, machine
-
-
 def throughput(bench):
     """(value, unit) of a benchmark's extra_info."""
     info = bench["extra_info"]
@@ -25,6 +15,21 @@ def throughput(bench):
         if key in info:
             return info[key], unit
     return None, ""
+
+
+def load_benchmarks(paths):
+    """Every finished benchmark record of the files, and the first file's machine_info. A record without its
+    throughput was cut off mid-measurement (the GPU check stops a suite at its time limit with SIGINT, and
+    pytest-benchmark still saves what it has): it is left out, and counted."""
+    benchmarks, machine, cut_off = [], {}, 0
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        machine = machine or data.get("machine_info", {})
+        finished = [b for b in data["benchmarks"] if throughput(b)[0] is not None]
+        cut_off += len(data["benchmarks"]) - len(finished)
+        benchmarks += finished
+    return benchmarks, machine, cut_off
 
 
 def rows(benchmarks, ceilings):
@@ -73,7 +78,9 @@ def main():
     parser.add_argument("--output", required=True, help="markdown file to write")
     parser.add_argument("--merged-json", help="also write all the results as one pytest-benchmark-style JSON")
     args = parser.parse_args()
-    benchmarks, machine = load_benchmarks(args.results)
+    benchmarks, machine, cut_off = load_benchmarks(args.results)
+    if cut_off:
+        print(f"left out {cut_off} benchmark(s) cut off by a time limit before their measurement finished")
     if args.merged_json:
         with open(args.merged_json, "w") as f:
             json.dump({"machine_info": machine, "benchmarks": benchmarks}, f)

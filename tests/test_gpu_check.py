@@ -1,9 +1,14 @@
 """The GPU check must be right the first time it runs on the scarce GPU: dry-run every phase of it here on the
 CPU (same code paths, tiny sizes) and check what it leaves in OUTDIR fits what the device tool brings back."""
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import textwrap
+
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -16,6 +21,7 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
                             capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "tests exit status: 0" in result.stdout
+    assert "compiling exit status: 0 " in result.stdout
     for suite in ("attention", "layernorm", "gpt", "layernorm_compiled", "gpt_compiled"):
         assert re.search(rf"{suite}: exit status 0 ", result.stdout), result.stdout[-3000:]
     files = sorted(os.listdir(out))
@@ -29,3 +35,42 @@ def test_gpu_check_explains_itself():
     result = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "gpu_check.sh"), "--help"],
                             capture_output=True, text=True)
     assert result.returncode == 2 and "usage: benchmarks/gpu_check.sh OUTDIR" in result.stdout
+
+
+
+@pytest.mark.parametrize("stopped_in_round", [0, 1])
+def test_a_suite_stopped_at_its_limit_keeps_what_it_finished(tmp_path, stopped_in_round):
+    """The GPU check stops a suite at its time limit with SIGINT and trusts pytest-benchmark to still write the
+    benchmarks that finished. A benchmark stopped in its first round has no data (benchmarks/conftest.py drops it,
+    or the whole JSON is lost); one stopped later has no throughput, and the report leaves it out."""
+    for name in ("conftest.py", "harness.py"):
+        shutil.copy(os.path.join(REPO, "benchmarks", name), tmp_path)
+    (tmp_path / "bench_stopped.py").write_text(textwrap.dedent(f"""
+        import os, signal
+
+        import pytest
+
+        @pytest.mark.parametrize("case", range(4))
+        def test_case(benchmark, case):
+            benchmark.group = "stopped"
+            benchmark.extra_info["impl"] = "gptfast" if case % 2 else "torch"
+            rounds = []
+            def work():
+                if case == 2 and len(rounds) == {stopped_in_round}:
+                    os.kill(os.getpid(), signal.SIGINT)  # the time limit, while case 2 is being measured
+                rounds.append(1)
+            benchmark.pedantic(work, rounds=3)
+            benchmark.extra_info["gb_per_s"] = 1.0 + case
+    """))
+    results = tmp_path / "part.json"
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+                          "bench_stopped.py", f"--benchmark-json={results}"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "KeyboardInterrupt" in run.stdout, run.stdout[-2000:] + run.stderr[-2000:]
+    saved = [b["name"] for b in json.loads(results.read_text())["benchmarks"]]
+    assert saved == ["test_case[0]", "test_case[1]"] + (["test_case[2]"] if stopped_in_round else [])
+    report = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "report.py"), str(results),
+                             "--output", str(tmp_path / "report.md")], capture_output=True, text=True, timeout=60)
+    assert report.returncode == 0, report.stderr
+    assert ("left out 1 benchmark(s) cut off" in report.stdout) == bool(stopped_in_round)
+    assert "| stopped (gptfast) |" in report.stdout and "| torch | 1.0 |" in report.stdout
