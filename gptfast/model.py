@@ -183,9 +183,13 @@ class GPT(nn.Module):
         if idx.shape[1] > self.config.block_size:
             raise ValueError(f"sequence of {idx.shape[1]} tokens is longer than the model's block size "
                              f"({self.config.block_size})")
-        if idx.numel() and (idx.min() < 0 or idx.max() >= self.config.vocab_size):
-            raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got values in "
-                             f"[{idx.min().item()}, {idx.max().item()}]")
+        # An id out of range would be a device-side assert on CUDA, which ends the process's CUDA context: check it
+        # here, with one synchronisation. Under torch.compile that data-dependent branch would split the graph
+        # in two, so compiled models skip it (as torch's own embedding does everywhere).
+        if idx.numel() and not torch.compiler.is_compiling():
+            low, high = torch.stack(torch.aminmax(idx)).tolist()
+            if low < 0 or high >= self.config.vocab_size:
+                raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got values in [{low}, {high}]")
 
     # ------------------------------------------------------------------------------------------------------------
     # Generation

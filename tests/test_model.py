@@ -153,6 +153,23 @@ def test_model_config_and_gradients_flow(autocast):
                                         for p in model.parameters())
 
 
+def test_model_compiles_as_one_graph():
+    """torch.compile(fullgraph=True) traces the whole forward and backward: no data-dependent check splits the
+    graph (the token-id range check did, costing a synchronisation and a graph break per step)."""
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=32)
+    model = GPT(config).to(DEVICE)
+    idx = prompt(2, 10, vocab_size=50).to(DEVICE)
+    targets = torch.roll(idx, -1, dims=1)
+    with backend.use_backend("triton"):
+        model.loss(idx, targets).backward()
+        expected = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        torch.compile(model.loss, fullgraph=True, backend="aot_eager")(idx, targets).backward()
+    for p, grad in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.grad, grad)
+
+
 @pytest.mark.parametrize("call, error, match", [
     (lambda m: m(torch.tensor([[0, 101]])), ValueError, r"token ids must be in \[0, 101\)"),
     (lambda m: m(torch.tensor([[-1, 3]])), ValueError, "token ids"),
