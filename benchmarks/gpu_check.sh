@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The one-call GPU check, for a CUDA machine with no network (an H200 lent for a few minutes):
 #   versions and the GPU; 1. the ceilings (copy bandwidth, bf16 matmul rate); 2. the kernel tests on CUDA,
-#   compiled, not interpreted; 3. the kernels the benchmarks use, compiled in parallel processes; 4. the
-#   benchmark suites at full size (torch.compile baselines last); 5. a markdown report and PNG charts.
+#   compiled, not interpreted, while other processes build what the benchmarks will run; 3. the benchmark suites
+#   at full size (torch.compile baselines last); 4. a markdown report and PNG charts.
 # Everything lands in OUTDIR; a short table ends the output. It runs on the machine's own python3 and packages
 # (torch 2.11 and triton 3.6 expected, not our pins) and imports gptfast from a copy of this checkout, so nothing
 # is installed. Each phase has its own time limit, so one slow phase cannot take the others' results with it:
-# 40+100+40+150+30+40+30+45 s, under 8 minutes (the last one also gets the time the others left unused). A limit
-# sends SIGINT: pytest stops and still writes its summary and the benchmarks it finished.
+# 30+120+150+30+40+30+45 s, under 8 minutes (the compiled baselines also get the time the others left unused).
+# A limit sends SIGINT: pytest stops and still writes its summary and the benchmarks it finished.
 #
 # usage: benchmarks/gpu_check.sh OUTDIR
 # env:   PYTHON (default python3); GPU_CHECK_SMALL=1 for a CPU dry run of every phase at tiny sizes;
@@ -50,34 +50,35 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,c
 # limit SECONDS COMMAND...: SIGINT at the limit, SIGKILL 5 s later if that was not enough.
 limit() { local seconds=$1; shift; timeout -s INT -k 5 "$seconds" "$@"; }
 
-say "== 1/5 ceilings"
-limit 40 "$PY" "$REPO/benchmarks/ceilings.py" --output "$OUT/ceilings.json" $([ "$SMALL" = 1 ] && echo --small) \
+say "== 1/4 ceilings"
+limit 30 "$PY" "$REPO/benchmarks/ceilings.py" --output "$OUT/ceilings.json" $([ "$SMALL" = 1 ] && echo --small) \
     2>&1 | tee -a "$LOG"
 
-say "== 2/5 tests on the device (first tuning config per kernel: GPTFAST_AUTOTUNE=0)"
+say "== 2/4 tests on the device (first tuning config per kernel: GPTFAST_AUTOTUNE=0); meanwhile other processes"
+say "   build the benchmarks' kernels and compiled baselines, running each once, untimed"
+# Triton compiles an autotuned kernel's configs one after another, about a second each (some 90 for the suites),
+# and torch.compile builds GPT-2's training step for about a minute. Built here, in parallel with the tests (which
+# time nothing), they land in Triton's and Inductor's on-disk caches, where the timed runs find them; the
+# autotuner still times every config itself, alone on the GPU.
+limit 120 "${PYTEST[@]}" -q -n "$([ "$SMALL" = 1 ] && echo 2 || echo 6)" --benchmark-disable -k "gptfast or compiled" \
+    "$REPO/benchmarks/bench_attention.py" "$REPO/benchmarks/bench_layernorm.py" "$REPO/benchmarks/bench_gpt.py" \
+    > "$OUT/build.txt" 2>&1 &
+BUILD=$!
 TESTS=()
-for arg in ${GPU_CHECK_TESTS:-tests/test_attention.py tests/test_layernorm.py tests/test_model.py -n 12}; do
+for arg in ${GPU_CHECK_TESTS:-tests/test_attention.py tests/test_layernorm.py tests/test_model.py -n 10}; do
     if [ -e "$REPO/${arg%%::*}" ]; then TESTS+=("$REPO/$arg"); else TESTS+=("$arg"); fi  # paths are the repo's
 done
 # The whole output goes to the log, its end to the screen; up to 10 failures, so one does not hide the rest.
-GPTFAST_AUTOTUNE=0 limit 100 "${PYTEST[@]}" -q -rf --tb=short --maxfail=10 "${TESTS[@]}" > "$OUT/tests.txt" 2>&1
+GPTFAST_AUTOTUNE=0 limit 120 "${PYTEST[@]}" -q -rf --tb=short --maxfail=10 "${TESTS[@]}" > "$OUT/tests.txt" 2>&1
 say "tests exit status: $?"
 tail -n 25 "$OUT/tests.txt"
 cat "$OUT/tests.txt" >> "$LOG"
-rm -f "$OUT/tests.txt"
+wait "$BUILD"
+say "building exit status: $? after $SECONDS s in all; $(tail -n 1 "$OUT/build.txt")"
+cat "$OUT/build.txt" >> "$LOG"
+rm -f "$OUT/tests.txt" "$OUT/build.txt"
 
-say "== 3/5 kernels the benchmarks use, compiled in parallel (each gptfast benchmark once, untimed)"
-# Triton compiles an autotuned kernel's configs one after another, about a second each: some 90 for the suites
-# below. Compiled here by several processes at once, they land in Triton's on-disk cache, where the timed runs
-# find them (the autotuner still times every config itself, alone on the GPU).
-limit 40 "${PYTEST[@]}" -q -n "$([ "$SMALL" = 1 ] && echo 2 || echo 12)" --benchmark-disable -m "not compiled" \
-    -k gptfast "$REPO/benchmarks/bench_attention.py" "$REPO/benchmarks/bench_layernorm.py" \
-    "$REPO/benchmarks/bench_gpt.py" > "$OUT/warm.txt" 2>&1
-say "compiling exit status: $? after $SECONDS s in all; $(tail -n 1 "$OUT/warm.txt")"
-cat "$OUT/warm.txt" >> "$LOG"
-rm -f "$OUT/warm.txt"
-
-say "== 4/5 benchmarks"
+say "== 3/4 benchmarks"
 # One pytest run per suite, each with its own limit (pytest-benchmark writes its JSON only at the end of a run).
 BENCH=("${PYTEST[@]}" -q --benchmark-columns=median,rounds --benchmark-sort=name)
 run_suite() {  # name, seconds, pytest arguments...
@@ -92,13 +93,13 @@ run_suite attention 150 "$REPO/benchmarks/bench_attention.py"
 run_suite layernorm 30 "$REPO/benchmarks/bench_layernorm.py" -m "not compiled"
 run_suite gpt 40 "$REPO/benchmarks/bench_gpt.py" -m "not compiled"
 # torch.compile baselines last: building them takes most of their time, and a run cut short loses only itself.
-run_suite layernorm_compiled 30 "$REPO/benchmarks/bench_layernorm.py" -m compiled
-# The last suite also gets whatever the phases before it left unused of their limits (GPT-2's compiled training
-# steps build for about a minute each), as long as the whole check ends within 8 minutes.
+# They also share what the phases before them left unused of their limits, the whole check ending by 465 s.
+SPARE=$((465 - SECONDS - 75)); [ "$SPARE" -lt 0 ] && SPARE=0
+run_suite layernorm_compiled $((30 + SPARE / 3)) "$REPO/benchmarks/bench_layernorm.py" -m compiled
 LAST=$((465 - SECONDS)); [ "$LAST" -lt 45 ] && LAST=45
 run_suite gpt_compiled "$LAST" "$REPO/benchmarks/bench_gpt.py" -m compiled
 
-say "== 5/5 report"
+say "== 4/4 report"
 PARTS=()
 for f in "$OUT"/part_*.json; do [ -s "$f" ] && PARTS+=("$f"); done
 if [ ${#PARTS[@]} -gt 0 ]; then
