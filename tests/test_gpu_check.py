@@ -38,6 +38,12 @@ def test_gpu_check_explains_itself():
 
 
 
+def _outside_xdist():
+    """This environment without pytest-xdist's worker variables: a pytest started with them (from a test run
+    with -n) switches pytest-benchmark off."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_XDIST_", "PYTEST_CURRENT_TEST"))}
+
+
 @pytest.mark.parametrize("stopped_in_round", [0, 1])
 def test_a_suite_stopped_at_its_limit_keeps_what_it_finished(tmp_path, stopped_in_round):
     """The GPU check stops a suite at its time limit with SIGINT and trusts pytest-benchmark to still write the
@@ -65,7 +71,7 @@ def test_a_suite_stopped_at_its_limit_keeps_what_it_finished(tmp_path, stopped_i
     results = tmp_path / "part.json"
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
                           "bench_stopped.py", f"--benchmark-json={results}"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120, env=_outside_xdist())
     assert run.returncode == 2 and "KeyboardInterrupt" in run.stdout, run.stdout[-2000:] + run.stderr[-2000:]
     saved = [b["name"] for b in json.loads(results.read_text())["benchmarks"]]
     assert saved == ["test_case[0]", "test_case[1]"] + (["test_case[2]"] if stopped_in_round else [])
