@@ -15,6 +15,8 @@ import sysconfig
 import numpy as np
 import torch
 
+from gptfast.files import atomic_write_text
+
 TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst", ".json", ".html", ".c", ".h", ".js", ".csv", ".tex", ".xml")
 
 
@@ -95,10 +97,7 @@ def prepare(data, tokenizer, tokenizer_name, progress=True):
                  "val": _tokenize(val_files, tokenizer, os.path.join(folder, "val.bin"), "val", progress)}
         meta = {"sources": len(files), "tokens": sizes, "vocab_size": tokenizer.vocab_size,
                 "dtype": "uint16" if tokenizer.vocab_size <= 65536 else "uint32"}
-        tmp = f"{meta_path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(meta, f)
-        os.replace(tmp, meta_path)  # written last: its presence means the token files are complete
+        atomic_write_text(meta_path, json.dumps(meta))  # written last: its presence means the token files are complete
     with open(meta_path) as f:
         meta = json.load(f)
     splits = {name: np.memmap(os.path.join(folder, f"{name}.bin"), dtype=meta["dtype"], mode="r")

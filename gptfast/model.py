@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gptfast.attention import flash_attn_func
+from gptfast.files import atomic_write_text
 from gptfast.layernorm import LayerNorm, add_layer_norm
 
 HF_GPT2_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -288,7 +289,7 @@ class GPT(nn.Module):
         """Writes config.json and model.safetensors in Hugging Face's GPT-2 format, atomically per file."""
         from safetensors.torch import save_file
         os.makedirs(folder, exist_ok=True)
-        _atomic_write_text(os.path.join(folder, "config.json"), json.dumps(config_to_hf(self.config), indent=2))
+        atomic_write_text(os.path.join(folder, "config.json"), json.dumps(config_to_hf(self.config), indent=2))
         tmp = os.path.join(folder, "model.safetensors.tmp")
         save_file({k: v.detach().cpu() for k, v in self.hf_state_dict().items()}, tmp, metadata={"format": "pt"})
         os.replace(tmp, os.path.join(folder, "model.safetensors"))
@@ -391,10 +392,3 @@ def config_to_hf(config):
             "n_head": config.n_head, "n_embd": config.n_embd, "layer_norm_epsilon": config.layer_norm_epsilon,
             "activation_function": "gelu_new", "resid_pdrop": config.dropout, "embd_pdrop": config.dropout,
             "attn_pdrop": 0.0, "tie_word_embeddings": True}
-
-
-def _atomic_write_text(path, text):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)

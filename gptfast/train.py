@@ -23,6 +23,7 @@ import torch
 
 from gptfast import backend
 from gptfast.data import Batches, gptfast_home, prepare
+from gptfast.files import atomic_write_text
 from gptfast.model import GPT, GPTConfig, next_token_loss, resolve_checkpoint
 from gptfast.tokenizer import ByteTokenizer, load_tokenizer
 
@@ -121,9 +122,7 @@ class Run:
         final = os.path.join(self.folder, name)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        with open(os.path.join(self.folder, "latest.tmp"), "w") as f:
-            f.write(name)
-        os.replace(os.path.join(self.folder, "latest.tmp"), os.path.join(self.folder, "latest"))
+        atomic_write_text(os.path.join(self.folder, "latest"), name)
         for old in os.listdir(self.folder):
             if old.startswith("checkpoint-") and old != name:
                 shutil.rmtree(os.path.join(self.folder, old), ignore_errors=True)
