@@ -12,6 +12,7 @@ import torch
 from gptfast.data import gptfast_home
 from gptfast.model import GPT, resolve_checkpoint
 from gptfast.tokenizer import load_tokenizer
+from gptfast.train import DTYPE_NAMES, dtype_named, latest_checkpoint
 
 
 def add_arguments(parser):
@@ -26,7 +27,7 @@ def add_arguments(parser):
     add("--top-p", type=float, default=None, help="sample among the most likely tokens whose probability sums to p")
     add("--seed", type=int, default=None, help="random seed, for a reproducible sample")
     add("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when available)")
-    add("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+    add("--dtype", choices=DTYPE_NAMES, default="auto",
         help="model dtype (default: bfloat16 on CUDA, float32 on CPU)")
 
 
@@ -35,12 +36,7 @@ def newest_checkpoint():
     if not pointers:
         raise SystemExit(f"gptfast generate: no --model given and no run of `gptfast train` under "
                          f"{os.path.join(gptfast_home(), 'runs')}; train one first, or pass --model")
-    return checkpoint_of_run(os.path.dirname(max(pointers, key=os.path.getmtime)))
-
-
-def checkpoint_of_run(folder):
-    with open(os.path.join(folder, "latest")) as f:
-        return os.path.join(folder, f.read().strip())
+    return latest_checkpoint(os.path.dirname(max(pointers, key=os.path.getmtime)))
 
 
 def main(args):
@@ -51,13 +47,10 @@ def main(args):
     temperature = 0.8 if args.temperature is None else args.temperature
     if args.model is None:
         folder = newest_checkpoint()
-    elif os.path.isfile(os.path.join(args.model, "latest")):
-        folder = checkpoint_of_run(args.model)
     else:
-        folder = resolve_checkpoint(args.model)
+        folder = latest_checkpoint(args.model) or resolve_checkpoint(args.model)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
-             "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    dtype = dtype_named(args.dtype, device)
     print(f"[model {folder} on {device}, {dtype}]", file=sys.stderr, flush=True)
     model = GPT.from_pretrained(folder, device=device, dtype=dtype).eval()
     tokenizer = load_tokenizer(folder)

@@ -31,6 +31,7 @@ from gptfast.tokenizer import ByteTokenizer, load_tokenizer
 MODEL_DEFAULTS = dict(n_layer=4, n_head=6, n_embd=192, block_size=256, dropout=0.0)
 # Dense bf16 tensor-core peaks (vendor datasheets), for model FLOPs utilisation.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")  # --dtype's choices, here and in `gptfast generate`
 
 
 def add_arguments(parser):
@@ -60,7 +61,7 @@ def add_arguments(parser):
     add("--eval-iters", type=int, default=20, help="batches per loss estimate (default 20)")
     add("--log-interval", type=int, default=10, help="log every N steps (default 10)")
     add("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when available)")
-    add("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+    add("--dtype", choices=DTYPE_NAMES, default="auto",
         help="autocast dtype (default: bfloat16 on CUDA, float32 on CPU); weights stay float32")
     add("--kernels", choices=("auto", "triton", "torch"), default="auto",
         help="triton: gptfast's fused kernels (an error where they cannot run); torch: the plain PyTorch "
@@ -87,6 +88,22 @@ def make_optimizer(model, args, device):
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
 
 
+def latest_checkpoint(run_folder):
+    """The newest complete checkpoint folder of a run folder (what its ``latest`` file names), or None."""
+    pointer = os.path.join(run_folder, "latest")
+    if not os.path.isfile(pointer):
+        return None
+    with open(pointer) as f:
+        return os.path.join(run_folder, f.read().strip())
+
+
+def dtype_named(name, device):
+    """--dtype's value as a torch dtype; auto is bfloat16 on CUDA and float32 elsewhere."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
 class Run:
     """Where a run writes: its folder, log.jsonl and checkpoints (rank 0 only)."""
 
@@ -99,14 +116,6 @@ class Run:
         if self.writer:
             with open(os.path.join(self.folder, "log.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
-
-    def latest(self):
-        """The newest complete checkpoint folder, or None."""
-        pointer = os.path.join(self.folder, "latest")
-        if not os.path.isfile(pointer):
-            return None
-        with open(pointer) as f:
-            return os.path.join(self.folder, f.read().strip())
 
     def save(self, model, tokenizer, state):
         """Writes checkpoint-<iter> through a temporary folder and a rename, then points ``latest`` at it and
@@ -182,7 +191,7 @@ def main(args):
     # Tokenizer and model: resumed, fine-tuned from a checkpoint, or new.
     state, checkpoint = None, None
     if args.resume:
-        checkpoint = run.latest()
+        checkpoint = latest_checkpoint(out)
         if checkpoint is None:
             raise SystemExit(f"gptfast train: --resume: {out} holds no checkpoint (no 'latest' file)")
         state = load_train_state(checkpoint)
@@ -230,8 +239,8 @@ def main(args):
     if world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
             train_model, device_ids=[device.index] if device.type == "cuda" else None)
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
-             "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    dtype = dtype_named(args.dtype, device)
+
     def autocast():  # a fresh context each use; float32 runs without autocast
         return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -328,7 +337,7 @@ def main(args):
         if world > 1:
             torch.distributed.barrier()  # let rank 0 finish writing before any rank tears the group down
             torch.distributed.destroy_process_group()
-        say(f"done: checkpoint in {run.latest() if rank == 0 else out}")
+        say(f"done: checkpoint in {latest_checkpoint(out) if rank == 0 else out}")
         if world > 1:
             # Seen here with torch 2.13 and gloo: about one worker in fifteen hung in interpreter shutdown after
             # the group was destroyed and everything was written. Leave directly: nothing is left to flush.
