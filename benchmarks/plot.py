@@ -4,13 +4,14 @@
 usage: python benchmarks/plot.py --output-dir DIR bench.json [more.json ...]
 """
 import argparse
-import json
 import os
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+
+from report import load_benchmarks  # noqa: E402
 
 # op -> (x-axis key in extra_info, fields that make a panel, throughput key, unit)
 CHARTS = {
@@ -58,10 +59,7 @@ def main():
     parser.add_argument("results", nargs="+", help="pytest-benchmark JSON files (--benchmark-json)")
     parser.add_argument("--output-dir", required=True, help="folder for the PNGs")
     args = parser.parse_args()
-    benchmarks = []
-    for path in args.results:
-        with open(path) as f:
-            benchmarks += json.load(f)["benchmarks"]
+    benchmarks = load_benchmarks(args.results)[0]
     os.makedirs(args.output_dir, exist_ok=True)
     for op in CHARTS:
         path = plot(benchmarks, op, args.output_dir)
