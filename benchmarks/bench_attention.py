@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from harness import DEVICE, FULL, measure, rotating
+from harness import DEVICE, FULL, GPTFAST_BACKEND, measure, rotating
 from gptfast import use_backend
 from gptfast.attention import scaled_dot_product_attention
 
@@ -33,7 +33,7 @@ def _sdpa_with(backend):
 
 
 def _gptfast(q, k, v, causal):
-    with use_backend("triton" if DEVICE == "cuda" else "auto"):
+    with use_backend(GPTFAST_BACKEND):
         return scaled_dot_product_attention(q, k, v, is_causal=causal)
 
 

@@ -10,7 +10,7 @@ import torch
 
 from gptfast import GPT, GPTConfig, use_backend
 from gptfast.model import next_token_loss
-from harness import DEVICE, FULL, measure
+from harness import DEVICE, FULL, GPTFAST_BACKEND, measure
 
 if FULL:
     CONFIG = GPTConfig()  # GPT-2 124M
@@ -18,7 +18,7 @@ if FULL:
 else:
     CONFIG = GPTConfig(vocab_size=256, block_size=64, n_layer=2, n_head=2, n_embd=64)
     TRAIN_BATCH, PROMPT, NEW_TOKENS = 4, 8, 16
-KERNELS = {"gptfast": "triton" if DEVICE == "cuda" else "auto", "torch": "torch"}
+KERNELS = {"gptfast": GPTFAST_BACKEND, "torch": "torch"}
 
 
 def _model():

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from gptfast import use_backend
 from gptfast.layernorm import add_layer_norm, layer_norm
-from harness import DEVICE, FULL, measure, rotating
+from harness import DEVICE, FULL, GPTFAST_BACKEND, measure, rotating
 
 ROWS, HIDDEN = (16384, (768, 1024, 2048, 4096, 8192)) if FULL else (256, (768, 1024))
 DTYPE = torch.bfloat16
@@ -27,12 +27,12 @@ def torch_add_layer_norm(x, residual, weight, bias):
 
 
 def gptfast_layer_norm(x, weight, bias):
-    with use_backend("triton" if DEVICE == "cuda" else "auto"):
+    with use_backend(GPTFAST_BACKEND):
         return layer_norm(x, (x.shape[-1],), weight, bias)
 
 
 def gptfast_add_layer_norm(x, residual, weight, bias):
-    with use_backend("triton" if DEVICE == "cuda" else "auto"):
+    with use_backend(GPTFAST_BACKEND):
         return add_layer_norm(x, residual, weight, bias)
 
 

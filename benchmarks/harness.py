@@ -17,6 +17,9 @@ import torch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FULL = DEVICE == "cuda"
+# gptfast's kernels, compiled, on the GPU (an error if they cannot run, never a silent fallback); its CPU path
+# elsewhere.
+GPTFAST_BACKEND = "triton" if DEVICE == "cuda" else "auto"
 L2_BYTES = 64 << 20  # H200: 60 MB; inputs rotate through at least 4x this
 
 
