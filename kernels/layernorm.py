@@ -12,6 +12,11 @@ A row that fits one block (N <= MAX_FUSED_N) is read once and kept in registers.
 chunks twice (statistics, then normalisation), merging the chunks' statistics with Chan, Golub and LeVeque's
 parallel variance update (1979), which stays accurate where sum-of-squares would cancel.
 
+Any row of finite float32 values whose sum is finite normalises (|x| up to ~4e34 at N = 8192): when the row's
+largest |x| exceeds SQUARE_SAFE, the deviations from the mean are divided by it before they are squared, so a row
+of values near 1e20, whose squares pass float32's range, keeps a finite variance (PyTorch returns zeros or NaN
+there). Ordinary rows never reach the threshold and are computed exactly as without it.
+
 The weight and bias gradients are deterministic: each backward program sums its own rows into a private row of
 a float32 buffer, and a second kernel adds those rows in a fixed order.
 """
@@ -25,6 +30,9 @@ from gptfast.kernels import device_arch, tuned
 
 MAX_FUSED_N = 8192  # the largest padded row held in registers; longer rows are chunked
 CHUNK_N = 4096  # the chunk of a longer row
+# Rows with a larger |x| are scaled down before squaring. Below it, deviations are at most 2^41, and N of their
+# squares stay far inside float32's range for any row a tensor can hold (2^31 * 2^82 = 2^113 < 2^128).
+SQUARE_SAFE = tl.constexpr(2.0 ** 40)
 
 # Tuning spaces, per architecture: the num_warps to try. A row block is held in registers, so a config is used
 # only when each thread holds at most ELEMENTS_PER_THREAD of it: the backward keeps seven row-sized arrays live,
@@ -43,11 +51,21 @@ def configs_for(kernel_name, arch, block_n):
 
 
 @triton.jit
+def _square_scale(largest):
+    """What deviations are divided by before squaring: 1, or `largest` when it exceeds SQUARE_SAFE."""
+    return tl.where(largest > SQUARE_SAFE, largest, 1.0)
+
+
+@triton.jit
 def _chunk_stats(x, mask, count):
-    """Mean and sum of squared deviations (M2) of the masked elements of one chunk."""
+    """(mean, m2, scale) of the masked elements of one chunk (zero where masked): their mean, and their sum of
+    squared deviations M2 as m2 = M2 / scale^2. The scale comes from the largest |x|, which bounds every deviation
+    by twice itself; in float32 a non-zero deviation is at least 2^-24 of it, so no scaled square underflows.
+    (A scale from the deviations themselves would keep one more row-sized array live, and spilled.)"""
     mean = tl.sum(x, 0) / count
-    centered = tl.where(mask, x - mean, 0.0)
-    return mean, tl.sum(centered * centered, 0)
+    scale = _square_scale(tl.max(tl.abs(x), 0))
+    centered = tl.where(mask, x - mean, 0.0) * (1.0 / scale)  # one division a row; exact when scale is 1
+    return mean, tl.sum(centered * centered, 0), scale
 
 
 @triton.jit
@@ -87,26 +105,33 @@ def layer_norm_forward_kernel(
     cols = tl.arange(0, BLOCK_N)
     if ROW_FITS:
         mask = cols < n_cols
-        x = _load_row_chunk(X, RES, SUM_OUT, cols, mask, HAS_RESIDUAL, True)
-        mean, m2 = _chunk_stats(x, mask, n_cols)
+        x = _load_row_chunk(X, RES, SUM_OUT, cols, mask, HAS_RESIDUAL=HAS_RESIDUAL, STORE_SUM=True)
+        mean, m2, scale = _chunk_stats(x, mask, n_cols)
     else:
         mean = 0.0
         m2 = 0.0
+        scale = 1.0
         for start in range(0, n_cols, BLOCK_N):
             mask = start + cols < n_cols
-            x = _load_row_chunk(X, RES, SUM_OUT, start + cols, mask, HAS_RESIDUAL, True)
+            x = _load_row_chunk(X, RES, SUM_OUT, start + cols, mask, HAS_RESIDUAL=HAS_RESIDUAL, STORE_SUM=True)
             count = tl.minimum(n_cols - start, BLOCK_N)
-            chunk_mean, chunk_m2 = _chunk_stats(x, mask, count)
-            # Chan et al.: merge (start, mean, m2) with (count, chunk_mean, chunk_m2).
+            chunk_mean, chunk_m2, chunk_scale = _chunk_stats(x, mask, count)
+            # Chan et al.: merge (start, mean, M2) with (count, chunk_mean, chunk M2), all M2 at a common scale.
             total = start + count
             delta = chunk_mean - mean
+            common = tl.maximum(tl.maximum(scale, chunk_scale), _square_scale(tl.abs(delta)))
+            delta_scaled = delta / common
+            m2 = (m2 * (scale / common) * (scale / common) + chunk_m2 * (chunk_scale / common) * (chunk_scale / common)
+                  + delta_scaled * delta_scaled * start * count / total)
+            scale = common
             mean = mean + delta * count / total
-            m2 = m2 + chunk_m2 + delta * delta * start * count / total
-    rstd = 1.0 / tl.sqrt(m2 / n_cols + eps)
+    # 1 / sqrt(M2 / N + eps) with M2 = m2 * scale^2, never forming scale^2, which may overflow (eps / scale / scale
+    # then underflows to 0, as it should).
+    rstd = 1.0 / (scale * tl.sqrt(m2 / n_cols + eps / scale / scale))
     tl.store(MEAN + row, mean)
     tl.store(RSTD + row, rstd)
     if ROW_FITS:
-        _normalize_store(x, cols, mask, mean, rstd, W, B, Y, HAS_WEIGHT, HAS_BIAS)
+        _normalize_store(x, cols, mask, mean, rstd, W, B, Y, HAS_WEIGHT=HAS_WEIGHT, HAS_BIAS=HAS_BIAS)
     else:
         for start in range(0, n_cols, BLOCK_N):
             mask = start + cols < n_cols
@@ -114,7 +139,7 @@ def layer_norm_forward_kernel(
                 x = tl.load(SUM_OUT + start + cols, mask=mask, other=0.0).to(tl.float32)
             else:
                 x = tl.load(X + start + cols, mask=mask, other=0.0).to(tl.float32)
-            _normalize_store(x, start + cols, mask, mean, rstd, W, B, Y, HAS_WEIGHT, HAS_BIAS)
+            _normalize_store(x, start + cols, mask, mean, rstd, W, B, Y, HAS_WEIGHT=HAS_WEIGHT, HAS_BIAS=HAS_BIAS)
 
 
 @triton.jit
@@ -172,10 +197,10 @@ def layer_norm_backward_kernel(
         mean = tl.load(MEAN)
         rstd = tl.load(RSTD)
         if ROW_FITS:
-            xhat, dy, wdy = _backward_chunk(x_row, dy_row, W, cols, mask, mean, rstd, HAS_WEIGHT)
+            xhat, dy, wdy = _backward_chunk(x_row, dy_row, W, cols, mask, mean, rstd, HAS_WEIGHT=HAS_WEIGHT)
             c1 = tl.sum(xhat * wdy, 0) / n_cols
             c2 = tl.sum(wdy, 0) / n_cols
-            _store_grad_x(dx_row, dres_row, dsum_row, cols, mask, xhat, wdy, c1, c2, rstd, HAS_DSUM)
+            _store_grad_x(dx_row, dres_row, dsum_row, cols, mask, xhat, wdy, c1, c2, rstd, HAS_DSUM=HAS_DSUM)
             dw_sum += dy * xhat
             db_sum += dy
         else:
@@ -183,15 +208,18 @@ def layer_norm_backward_kernel(
             c2 = 0.0
             for start in range(0, n_cols, BLOCK_N):
                 mask = start + cols < n_cols
-                xhat, dy, wdy = _backward_chunk(x_row, dy_row, W, start + cols, mask, mean, rstd, HAS_WEIGHT)
+                xhat, dy, wdy = _backward_chunk(x_row, dy_row, W, start + cols, mask, mean, rstd,
+                                                HAS_WEIGHT=HAS_WEIGHT)
                 c1 += tl.sum(xhat * wdy, 0)
                 c2 += tl.sum(wdy, 0)
             c1 = c1 / n_cols
             c2 = c2 / n_cols
             for start in range(0, n_cols, BLOCK_N):
                 mask = start + cols < n_cols
-                xhat, dy, wdy = _backward_chunk(x_row, dy_row, W, start + cols, mask, mean, rstd, HAS_WEIGHT)
-                _store_grad_x(dx_row, dres_row, dsum_row, start + cols, mask, xhat, wdy, c1, c2, rstd, HAS_DSUM)
+                xhat, dy, wdy = _backward_chunk(x_row, dy_row, W, start + cols, mask, mean, rstd,
+                                                HAS_WEIGHT=HAS_WEIGHT)
+                _store_grad_x(dx_row, dres_row, dsum_row, start + cols, mask, xhat, wdy, c1, c2, rstd,
+                              HAS_DSUM=HAS_DSUM)
                 dw_ptrs = PARTIAL + start + cols
                 tl.store(dw_ptrs, tl.load(dw_ptrs, mask=mask) + dy * xhat, mask=mask)
                 tl.store(dw_ptrs + n_cols, tl.load(dw_ptrs + n_cols, mask=mask) + dy, mask=mask)
@@ -229,6 +257,8 @@ def weight_grad_kernel(PARTIAL, DW, DB, n_partials, n_cols, BLOCK_P: tl.constexp
 
 @functools.cache
 def autotuned(kernel, kernel_name, arch, block_n):
+    # Keyed on the row length alone: the row count only changes the grid, and the block size (the other thing a
+    # config's fit depends on) is fixed per cached autotuner by block_n.
     return triton.autotune(configs=tuned(configs_for(kernel_name, arch, block_n)), key=["n_cols"])(kernel)
 
 

@@ -214,3 +214,38 @@ def test_torch_compile_fullgraph():
         got = torch.autograd.grad(compiled(x, weight), (x, weight))
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("dtype, scale", [(torch.float32, 2.0 ** 66), (torch.float32, 2.0 ** 100),
+                                          (torch.float16, 2.0 ** 15)], ids=["fp32-1e20", "fp32-1e30", "fp16-6e4"])
+@pytest.mark.parametrize("n_cols, chunked", [(300, False), (1000, True)])
+def test_huge_finite_rows_normalise(monkeypatch, dtype, scale, n_cols, chunked):
+    """Rows near 1e20 and 1e30 (float32; their squares pass float32's range) and near 6e4 (float16, its largest
+    values). LayerNorm is scale-invariant, so x * scale (a power of two: exact) must give the output, weight and
+    bias gradients of x, and scale times smaller input gradients, which the reference on x gives (eps / scale^2,
+    as it is there, is 0). PyTorch itself returns zeros or NaN for the float32 rows."""
+    from gptfast.kernels import layernorm as kernels
+    if chunked:  # cross several chunks whose deviations need different scales
+        monkeypatch.setattr(kernels, "MAX_FUSED_N", 64)
+        monkeypatch.setattr(kernels, "CHUNK_N", 128)
+    gen = torch.Generator().manual_seed(n_cols)
+    x = (torch.rand(3, n_cols, generator=gen) * 3.6 - 1.8).to(dtype)  # |x * 2^15| < 6e4 <= float16's max
+    x[0, :n_cols // 2] *= 1e-3  # a row whose chunks differ a thousandfold in spread
+    weight, bias, grad = (torch.randn(*s, generator=gen).to(dtype) for s in ((n_cols,), (n_cols,), (3, n_cols)))
+
+    def run(impl, x, eps):
+        leaves = [t.detach().to(DEVICE, x.dtype).requires_grad_() for t in (x, weight, bias)]
+        out = impl(leaves[0], (n_cols,), leaves[1], leaves[2], eps)
+        out.backward(grad.to(out))
+        return {"out": out, "dx": leaves[0].grad, "dweight": leaves[1].grad, "dbias": leaves[2].grad}
+
+    with backend.use_backend("triton"):
+        got = run(layer_norm, x * scale, eps=1e-5)
+    got["dx"] = got["dx"].double() * scale  # undo the scaling of the input gradient (exact: a power of two)
+    ref64 = run(F.layer_norm, x.double(), eps=0.0)
+    lowp = run(F.layer_norm, x, eps=0.0)
+    for name, value in got.items():
+        assert_accurate(name, value.to(dtype), ref64[name], lowp[name], terms=n_cols)
+    if dtype == torch.float32:  # the documented difference
+        torch_out = F.layer_norm(x * scale, (n_cols,), weight, bias)
+        assert not torch.allclose(torch_out.double(), ref64["out"].cpu(), atol=0.1)
