@@ -15,7 +15,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import CausalBias, CausalVariant, causal_lower_right
 
 from gptfast import backend
 
@@ -105,9 +104,20 @@ def _check_inputs(query, key, value, enable_gqa):
                              f"True) query's a multiple of key's")
 
 
-def _kernel_gap(q, v, attn_mask, dropout_p):
+def _causal_mode(attn_mask, is_causal):
+    """The kernel's causal mode for is_causal or a CausalBias mask (causal_upper_left, causal_lower_right); None
+    for a dense mask. torch.nn.attention.bias takes a second to import, so only a call with a mask imports it."""
+    if attn_mask is None:
+        return CAUSAL_TOP_LEFT if is_causal else CAUSAL_NONE
+    from torch.nn.attention.bias import CausalBias, CausalVariant
+    if not isinstance(attn_mask, CausalBias):
+        return None
+    return CAUSAL_BOTTOM_RIGHT if attn_mask.variant == CausalVariant.LOWER_RIGHT else CAUSAL_TOP_LEFT
+
+
+def _kernel_gap(q, v, causal, dropout_p):
     """Why the kernels cannot run this (already valid) call, or None when they can."""
-    if isinstance(attn_mask, torch.Tensor) and not isinstance(attn_mask, CausalBias):
+    if causal is None:
         return "a dense attn_mask (only None, is_causal, causal_upper_left and causal_lower_right)"
     if dropout_p > 0.0:
         return "dropout_p > 0"
@@ -157,14 +167,13 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     seqlen_q, seqlen_k = query.shape[-2], key.shape[-2]
-    causal = CAUSAL_TOP_LEFT if is_causal else CAUSAL_NONE
-    if isinstance(attn_mask, CausalBias):
+    causal = _causal_mode(attn_mask, is_causal)
+    if attn_mask is not None and causal is not None:
         if (attn_mask.seq_len_q, attn_mask.seq_len_kv) != (seqlen_q, seqlen_k):
             raise ValueError(f"attn_mask is a causal bias for ({attn_mask.seq_len_q}, {attn_mask.seq_len_kv}) "
                              f"but query and key have seq_len ({seqlen_q}, {seqlen_k})")
-        causal = CAUSAL_BOTTOM_RIGHT if attn_mask.variant == CausalVariant.LOWER_RIGHT else CAUSAL_TOP_LEFT
     if not backend.use_triton("scaled_dot_product_attention", query.device,
-                              _kernel_gap(query, value, attn_mask, dropout_p)):
+                              _kernel_gap(query, value, causal, dropout_p)):
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                               is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
     softmax_scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
@@ -184,8 +193,9 @@ def _torch_attention_with_lse(q, k, v, causal, softmax_scale):
         visible = torch.arange(seqlen_k, device=q.device)[None, :] <= rows + offset
         scores = scores.masked_fill(~visible, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
-    p = torch.exp(scores - lse[..., None]).nan_to_num(0.0)
-    return (p.to(v.dtype) @ v), lse.masked_fill(lse == float("-inf"), float("inf"))
+    sees_no_key = lse == float("-inf")  # exp(-inf - -inf) is NaN: such rows are 0 instead, as the kernel's
+    p = torch.exp(scores - lse[..., None]).masked_fill(sees_no_key[..., None], 0.0)  # NaN inputs stay NaN
+    return (p.to(v.dtype) @ v), lse.masked_fill(sees_no_key, float("inf"))
 
 
 def flash_attn_func(q, k, v, causal=False, softmax_scale=None, return_lse=False):
@@ -208,11 +218,12 @@ def flash_attn_func(q, k, v, causal=False, softmax_scale=None, return_lse=False)
     _check_inputs(q, k, v, enable_gqa=True)
     causal = CAUSAL_BOTTOM_RIGHT if causal else CAUSAL_NONE
     softmax_scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
-    if backend.use_triton("flash_attn_func", q.device, _kernel_gap(q, v, None, 0.0)):
+    if backend.use_triton("flash_attn_func", q.device, _kernel_gap(q, v, causal, 0.0)):
         out, lse = _run_kernel(q, k, v, causal, softmax_scale)
     elif return_lse:
         out, lse = _torch_attention_with_lse(q, k, v, causal, softmax_scale)
     else:
+        from torch.nn.attention.bias import causal_lower_right
         mask = causal_lower_right(q.shape[-2], k.shape[-2]) if causal != CAUSAL_NONE else None
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=softmax_scale, enable_gqa=True)
     out = out.transpose(1, 2)

@@ -180,6 +180,23 @@ def test_rows_that_see_no_key_are_zero_with_zero_gradients():
     assert (out[:, :5] == 0).all() and torch.isinf(lse[..., :5]).all() and torch.isfinite(lse[..., 5:]).all()
 
 
+@pytest.mark.parametrize("backend_name", ["triton", "torch"])
+def test_nan_inputs_propagate_like_torch(backend_name):
+    """A NaN in a query gives NaN in that query's output and lse on every path (the PyTorch fallback of
+    return_lse once turned it into 0), while rows that see no key stay 0 with lse +inf."""
+    q, k, v = (t.transpose(1, 2) for t in random_qkv(1, 2, 2, 9, 4, 16, torch.float32, seed=6))
+    q = q.clone()
+    q[0, 7, 1, 3] = float("nan")
+    with backend.use_backend(backend_name):
+        out, lse = flash_attn_func(q, k, v, causal=True, return_lse=True)
+    assert torch.isnan(out[0, 7, 1]).all() and torch.isnan(lse[0, 1, 7])
+    assert (out[:, :5] == 0).all() and torch.isinf(lse[..., :5]).all()
+    assert torch.isfinite(out[0, 8]).all() and torch.isfinite(out[0, 7, 0]).all()
+    expected = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                              attn_mask=causal_lower_right(9, 4)).transpose(1, 2)
+    assert torch.equal(torch.isnan(out[:, 5:]), torch.isnan(expected[:, 5:]))
+
+
 def test_batch_dims_like_torch():
     """(..., H, T, D): five dims, and three (no batch)."""
     gen = torch.Generator().manual_seed(1)
