@@ -98,7 +98,7 @@ def test_attention(benchmark, case, impl):
         q.grad = k.grad = v.grad = None
         attend(q, k, v, causal).backward(grad_out)
 
-    measure(benchmark, step, group=f"attention {mode} {str(dtype)[6:]} D={head_dim} "
-                                   f"{'causal' if causal else 'full'} T={seqlen}",
-            impl=impl, flops=attention_flops(batch, heads, seqlen, head_dim, causal, mode), op="attention",
-            mode=mode, dtype=str(dtype)[6:], head_dim=head_dim, causal=causal, seqlen=seqlen)
+    group = f"attention {mode} {str(dtype)[6:]} D={head_dim} {'causal' if causal else 'full'} T={seqlen}"
+    measure(benchmark, step, cpu_twin="torch-sdpa", group=group, impl=impl,
+            flops=attention_flops(batch, heads, seqlen, head_dim, causal, mode), op="attention", mode=mode,
+            dtype=str(dtype)[6:], head_dim=head_dim, causal=causal, seqlen=seqlen)

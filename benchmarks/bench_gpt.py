@@ -2,8 +2,8 @@
 the same model on plain PyTorch (--kernels torch), each training step also under torch.compile.
 
 tokens_per_s counts the tokens a step trains on (batch x block), or the new tokens generated (batch x new).
-tflops counts a training step as 6 * parameters * tokens + 12 * layers * width * block * tokens (the attention
-scores and weighted sum, forward and backward; PaLM's appendix B count, as nanoGPT's MFU), at bf16 autocast.
+tflops counts a training step as GPT.flops_per_token (6 * parameters + 12 * layers * width * block per token, PaLM's
+appendix B count, as nanoGPT's MFU and `gptfast train`'s), at bf16 autocast.
 """
 import pytest
 import torch
@@ -43,9 +43,10 @@ def _training_step(kernels, compiled, benchmark):
         optimizer.zero_grad(set_to_none=True)
 
     trained = TRAIN_BATCH * CONFIG.block_size
-    flops = (6 * model.num_params() + 12 * CONFIG.n_layer * CONFIG.n_embd * CONFIG.block_size) * trained
+    flops = model.flops_per_token(CONFIG.block_size) * trained
     name = kernels + ("+compile" if compiled else "")
-    measure(benchmark, step, group="gpt2 training step", impl=name, flops=flops, op="train_step", tokens=trained)
+    measure(benchmark, step, cpu_twin="torch", group="gpt2 training step", impl=name, flops=flops, op="train_step",
+            tokens=trained)
 
 
 @pytest.mark.parametrize("kernels", list(KERNELS))
@@ -69,5 +70,5 @@ def test_generation(benchmark, kernels, batch):
         with use_backend(KERNELS[kernels]):
             return model.generate(prompt, NEW_TOKENS, do_sample=False)
 
-    measure(benchmark, generate, group=f"gpt2 generation batch={batch}", impl=kernels, op="generate", batch=batch,
-            tokens=batch * NEW_TOKENS)
+    measure(benchmark, generate, cpu_twin="torch", group=f"gpt2 generation batch={batch}", impl=kernels,
+            op="generate", batch=batch, tokens=batch * NEW_TOKENS)

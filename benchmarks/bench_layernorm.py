@@ -75,7 +75,7 @@ def _run(op, impl, hidden, mode, benchmark):
         outputs = fn(*tensors, weight, bias)
         torch.autograd.backward(outputs if isinstance(outputs, tuple) else (outputs,), grads)
 
-    measure(benchmark, step, group=f"{op} {mode} {str(DTYPE)[6:]} N={hidden}", impl=impl,
+    measure(benchmark, step, cpu_twin="torch", group=f"{op} {mode} {str(DTYPE)[6:]} N={hidden}", impl=impl,
             bytes_moved=ELEMENTS_MOVED[op, mode] * ROWS * hidden * DTYPE.itemsize, op=op, mode=mode,
             dtype=str(DTYPE)[6:], hidden=hidden, rows=ROWS)
 

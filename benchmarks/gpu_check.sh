@@ -47,8 +47,9 @@ EOF
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.total \
     --format=csv,noheader 2>&1 | tee -a "$LOG"
 
-# limit SECONDS COMMAND...: SIGINT at the limit, SIGKILL 5 s later if that was not enough.
-limit() { local seconds=$1; shift; timeout -s INT -k 5 "$seconds" "$@"; }
+# limit SECONDS COMMAND...: SIGINT at the limit, SIGKILL 5 s later if that was not enough; works even where this
+# script was started with SIGINT ignored (in the background), see benchmarks/limit.py.
+limit() { "$PY" "$REPO/benchmarks/limit.py" "$@"; }
 
 say "== 1/4 ceilings"
 limit 30 "$PY" "$REPO/benchmarks/ceilings.py" --output "$OUT/ceilings.json" $([ "$SMALL" = 1 ] && echo --small) \

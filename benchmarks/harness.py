@@ -9,7 +9,10 @@ cache.
 Sizes: full on a CUDA machine; small on a CPU-only one, where the suite runs PyTorch and gptfast's CPU path in
 under two minutes and GPU-only cases skip with a reason.
 Throughput goes into each benchmark's extra_info (tflops or gb_per_s), with the implementation and the case.
+On a CPU (without Triton's interpreter) gptfast's ops run PyTorch itself: each gptfast record then names the
+baseline whose code it ran (same_code_as), and the summary says so rather than report noise as a speed-up.
 """
+import os
 import time
 
 import pytest
@@ -20,6 +23,7 @@ FULL = DEVICE == "cuda"
 # gptfast's kernels, compiled, on the GPU (an error if they cannot run, never a silent fallback); its CPU path
 # elsewhere.
 GPTFAST_BACKEND = "triton" if DEVICE == "cuda" else "auto"
+KERNELS_RUN = DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 L2_BYTES = 64 << 20  # H200: 60 MB; inputs rotate through at least 4x this
 
 
@@ -50,11 +54,13 @@ def rotating(make_inputs, bytes_per_set):
     return take
 
 
-def measure(benchmark, fn, *, group, impl, flops=None, bytes_moved=None, **case):
+def measure(benchmark, fn, *, group, impl, cpu_twin, flops=None, bytes_moved=None, **case):
     """Runs the benchmark and records throughput from its median: flops -> TFLOP/s, bytes -> GB/s,
-    tokens -> tokens/s."""
+    tokens -> tokens/s. cpu_twin: the baseline whose very code gptfast runs where its kernels cannot."""
     benchmark.group = group
     benchmark.extra_info.update(impl=impl, **case)
+    if impl.startswith("gptfast") and not KERNELS_RUN:
+        benchmark.extra_info["same_code_as"] = cpu_twin
     benchmark(fn)
     if benchmark.stats is None:  # --benchmark-disable (or under xdist): the case ran once, as a smoke test
         return

@@ -53,6 +53,28 @@ def rows(benchmarks, ceilings):
             }
 
 
+def side_by_side(benchmarks):
+    """Text lines: per case (benchmark group), each gptfast variant's throughput, then each baseline's with
+    gptfast's speed over it (above 1x gptfast is faster). Where gptfast ran the very code of a baseline (on a
+    machine without the kernels, see harness.measure), the line says so instead of showing noise as a ratio."""
+    groups = {}
+    for bench in benchmarks:
+        groups.setdefault(bench["group"], []).append(bench)
+    lines = []
+    for group, members in groups.items():
+        ours = [b for b in members if b["extra_info"].get("impl", "").startswith("gptfast")]
+        for mine in ours:
+            value, unit = throughput(mine)
+            cells = [f"{mine['extra_info']['impl']} {value:.3g} {unit}"]
+            for other in (b for b in members if b not in ours):
+                ratio = other["stats"]["median"] / mine["stats"]["median"]
+                same = mine["extra_info"].get("same_code_as") == other["extra_info"]["impl"]
+                cells.append(f"{other['extra_info']['impl']} {throughput(other)[0]:.3g}"
+                             + (" (the same code here)" if same else f" ({ratio:.2f}x)"))
+            lines.append(f"{group}: " + ", ".join(cells))
+    return lines
+
+
 def _fmt(value, digits=2):
     return "-" if value is None else f"{value:.{digits}f}"
 

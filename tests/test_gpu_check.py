@@ -4,6 +4,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -18,7 +19,7 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     env = {**os.environ, "GPU_CHECK_SMALL": "1", "PYTHON": sys.executable,
            "GPU_CHECK_TESTS": "tests/test_layernorm.py -k module_loads"}
     result = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "gpu_check.sh"), str(out)],
-                            capture_output=True, text=True, timeout=600, env=env)
+                            capture_output=True, text=True, timeout=600, env=env, preexec_fn=ignoring_sigint)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "tests exit status: 0" in result.stdout
     assert "building exit status: 0 " in result.stdout
@@ -44,15 +45,21 @@ def _outside_xdist():
     return {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_XDIST_", "PYTEST_CURRENT_TEST"))}
 
 
+def ignoring_sigint():
+    """What a shell does to a job it starts in the background (`cmd &`, `nohup cmd &`, a remote runner)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 @pytest.mark.parametrize("stopped_in_round", [0, 1])
 def test_a_suite_stopped_at_its_limit_keeps_what_it_finished(tmp_path, stopped_in_round):
-    """The GPU check stops a suite at its time limit with SIGINT and trusts pytest-benchmark to still write the
-    benchmarks that finished. A benchmark stopped in its first round has no data (benchmarks/conftest.py drops it,
-    or the whole JSON is lost); one stopped later has no throughput, and the report leaves it out."""
-    for name in ("conftest.py", "harness.py"):
+    """The GPU check stops a suite at its time limit with SIGINT (benchmarks/limit.py) and trusts pytest-benchmark
+    to still write the benchmarks that finished, even where the check itself was started with SIGINT ignored. A
+    benchmark stopped in its first round has no data (benchmarks/conftest.py drops it, or the whole JSON is lost);
+    one stopped later has no throughput, and the report leaves it out."""
+    for name in ("conftest.py", "harness.py", "report.py"):
         shutil.copy(os.path.join(REPO, "benchmarks", name), tmp_path)
     (tmp_path / "bench_stopped.py").write_text(textwrap.dedent(f"""
-        import os, signal
+        import time
 
         import pytest
 
@@ -63,16 +70,17 @@ def test_a_suite_stopped_at_its_limit_keeps_what_it_finished(tmp_path, stopped_i
             rounds = []
             def work():
                 if case == 2 and len(rounds) == {stopped_in_round}:
-                    os.kill(os.getpid(), signal.SIGINT)  # the time limit, while case 2 is being measured
+                    time.sleep(120)  # still measuring case 2 when the limit comes
                 rounds.append(1)
             benchmark.pedantic(work, rounds=3)
             benchmark.extra_info["gb_per_s"] = 1.0 + case
     """))
     results = tmp_path / "part.json"
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
-                          "bench_stopped.py", f"--benchmark-json={results}"],
+    run = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "limit.py"), "8", sys.executable, "-m",
+                          "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "bench_stopped.py",
+                          f"--benchmark-json={results}"], preexec_fn=ignoring_sigint,
                          cwd=tmp_path, capture_output=True, text=True, timeout=120, env=_outside_xdist())
-    assert run.returncode == 2 and "KeyboardInterrupt" in run.stdout, run.stdout[-2000:] + run.stderr[-2000:]
+    assert run.returncode == 124 and "KeyboardInterrupt" in run.stdout, run.stdout[-2000:] + run.stderr[-2000:]
     saved = [b["name"] for b in json.loads(results.read_text())["benchmarks"]]
     assert saved == ["test_case[0]", "test_case[1]"] + (["test_case[2]"] if stopped_in_round else [])
     report = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "report.py"), str(results),

@@ -1,0 +1,37 @@
+"""Run a command with a time limit that lets pytest save its results: SIGINT at the limit (pytest stops, prints
+its summary and pytest-benchmark writes the benchmarks that finished), SIGKILL 5 s later if that was not enough.
+
+The command starts with SIGINT's default action even when this process was started with SIGINT ignored, which a
+shell does to every background job (`cmd &`, `nohup ... &`, a remote runner): an ignored disposition is inherited
+across exec, and a SIGINT would then do nothing until the SIGKILL lost everything.
+
+usage: python benchmarks/limit.py SECONDS COMMAND [ARGS...]    exit status: the command's (124 past the limit)
+"""
+import signal
+import subprocess
+import sys
+
+
+def run_limited(seconds, command):
+    process = subprocess.Popen(command, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        return process.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGINT)
+    try:
+        process.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    return 124
+
+
+def main():
+    if len(sys.argv) < 3:
+        sys.exit(__doc__.strip().splitlines()[-1])
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C reaches the command itself; this waits for it
+    sys.exit(run_limited(float(sys.argv[1]), sys.argv[2:]))
+
+
+if __name__ == "__main__":
+    main()
