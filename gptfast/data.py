@@ -9,13 +9,13 @@ and modification times and by the tokenizer, so a second run starts at once.
 import hashlib
 import json
 import os
-import sys
 import sysconfig
 
 import numpy as np
 import torch
 
 from gptfast.files import atomic_write_text
+from gptfast.progress import Progress
 
 TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst", ".json", ".html", ".c", ".h", ".js", ".csv", ".tex", ".xml")
 
@@ -59,7 +59,10 @@ def split_files(files):
 def _cache_key(files, tokenizer_name):
     digest = hashlib.sha256(tokenizer_name.encode())
     for path in files:
-        stat = os.stat(path)
+        try:
+            stat = os.stat(path)
+        except OSError as error:  # e.g. a link to nowhere
+            raise OSError(f"cannot read {path}: {error.strerror}") from None
         digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
     return digest.hexdigest()[:16]
 
@@ -68,6 +71,7 @@ def _tokenize(files, tokenizer, out_path, label, progress):
     """Writes the tokens of files, each followed by a newline, to out_path; returns the token count."""
     dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
     chunks = []
+    shown = Progress(len(files)) if progress else None
     for i, path in enumerate(files):
         try:
             with open(path, "rb") as f:
@@ -75,9 +79,8 @@ def _tokenize(files, tokenizer, out_path, label, progress):
         except OSError as error:
             raise OSError(f"cannot read {path}: {error}") from error
         chunks.append(np.asarray(tokenizer.encode(text + "\n"), dtype=dtype))
-        if progress and (i + 1 == len(files) or (i + 1) % max(1, len(files) // 20) == 0):
-            print(f"\rpreparing {label} data: {100 * (i + 1) // len(files):3d}% ({i + 1}/{len(files)} files)",
-                  end="" if i + 1 < len(files) else "\n", file=sys.stderr, flush=True)
+        if shown:
+            shown.report(i + 1, f"tokenizing the {label} files")
     tokens = np.concatenate(chunks) if chunks else np.zeros(0, dtype=dtype)
     tmp = f"{out_path}.{os.getpid()}.tmp"  # per process: two runs preparing one corpus never share a file
     tokens.tofile(tmp)

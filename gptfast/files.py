@@ -1,4 +1,6 @@
-"""Writing files so that a reader never sees half of one: write a temporary file beside it, then rename."""
+"""Files a reader can trust: text replaced in one step (a temporary file beside it, then a rename), and JSON
+objects read with errors that name the file."""
+import json
 import os
 
 
@@ -9,3 +11,17 @@ def atomic_write_text(path, text):
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+def read_json_object(path):
+    """The JSON object (a dict) in path. Raises ValueError naming the file when it is not valid JSON or holds
+    something other than an object."""
+    with open(path) as f:
+        text = f.read()
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); restore the file or copy it again") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} holds a JSON {type(value).__name__}, not an object: it is not the file expected")
+    return value

@@ -2,17 +2,17 @@
 
 With no --model it uses the newest checkpoint that `gptfast train` wrote under GPTFAST_HOME/runs, so "train,
 then generate" works offline."""
-import glob
 import os
 import sys
 import time
 
 import torch
 
+from gptfast.checkpoint import load_model, resolve
 from gptfast.data import gptfast_home
-from gptfast.model import GPT, resolve_checkpoint
+from gptfast.devices import DTYPE_NAMES, device_named, dtype_named
+from gptfast.runs import latest_checkpoint, newest_run_checkpoint
 from gptfast.tokenizer import load_tokenizer
-from gptfast.train import DTYPE_NAMES, dtype_named, latest_checkpoint
 
 
 def add_arguments(parser):
@@ -22,7 +22,7 @@ def add_arguments(parser):
     add("--prompt", default="\n", help="text to continue (default: a newline)")
     add("--max-new-tokens", type=int, default=200, help="tokens to generate (default 200)")
     add("--greedy", action="store_true", help="always take the most likely token (no sampling flags with it)")
-    add("--temperature", type=float, default=None, help="sampling temperature (default 0.8)")
+    add("--temperature", type=float, default=None, help="sampling temperature, > 0 (default 0.8)")
     add("--top-k", type=int, default=None, help="sample among the k most likely tokens")
     add("--top-p", type=float, default=None, help="sample among the most likely tokens whose probability sums to p")
     add("--seed", type=int, default=None, help="random seed, for a reproducible sample")
@@ -31,36 +31,42 @@ def add_arguments(parser):
         help="model dtype (default: bfloat16 on CUDA, float32 on CPU)")
 
 
-def newest_checkpoint():
-    pointers = glob.glob(os.path.join(gptfast_home(), "runs", "*", "latest"))
-    if not pointers:
-        raise SystemExit(f"gptfast generate: no --model given and no run of `gptfast train` under "
-                         f"{os.path.join(gptfast_home(), 'runs')}; train one first, or pass --model")
-    return latest_checkpoint(os.path.dirname(max(pointers, key=os.path.getmtime)))
+def check_arguments(args):
+    """The flags, checked before any model is loaded (ValueError naming the flag)."""
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be at least 0, got {args.max_new_tokens}")
+    if args.greedy and (args.temperature, args.top_k, args.top_p) != (None, None, None):
+        raise ValueError("--greedy takes no --temperature, --top-k or --top-p; choose one")
+    if args.temperature is not None and not args.temperature > 0:
+        raise ValueError(f"--temperature must be > 0, got {args.temperature}; for the most likely tokens use --greedy")
+    if args.top_k is not None and args.top_k < 1:
+        raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+
+
+def model_folder(model):
+    """The checkpoint folder --model names (the latest checkpoint of a run folder), or the newest run's."""
+    if model is None:
+        return newest_run_checkpoint(os.path.join(gptfast_home(), "runs"))
+    return latest_checkpoint(model) or resolve(model)
 
 
 def main(args):
-    if args.max_new_tokens < 0:
-        raise SystemExit("gptfast generate: --max-new-tokens must be at least 0")
-    if args.greedy and (args.temperature, args.top_k, args.top_p) != (None, None, None):
-        raise SystemExit("gptfast generate: --greedy takes no --temperature, --top-k or --top-p; choose one")
-    temperature = 0.8 if args.temperature is None else args.temperature
-    if args.model is None:
-        folder = newest_checkpoint()
-    else:
-        folder = latest_checkpoint(args.model) or resolve_checkpoint(args.model)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    dtype = dtype_named(args.dtype, device)
-    print(f"[model {folder} on {device}, {dtype}]", file=sys.stderr, flush=True)
-    model = GPT.from_pretrained(folder, device=device, dtype=dtype).eval()
+    check_arguments(args)
+    device = device_named(args.device)
+    folder = model_folder(args.model)
     tokenizer = load_tokenizer(folder)
     ids = tokenizer.encode(args.prompt)
     if not ids:
-        raise SystemExit("gptfast generate: the prompt encodes to no tokens; give a non-empty --prompt")
+        raise ValueError("the prompt encodes to no tokens; give a non-empty --prompt")
+    dtype = dtype_named(args.dtype, device)
+    model = load_model(folder, device=device, dtype=dtype).eval()
+    print(f"[model {folder} on {device}, {dtype}]", file=sys.stderr, flush=True)
     room = model.config.block_size - len(ids)
     if room < 0:
-        raise SystemExit(f"gptfast generate: the prompt is {len(ids)} tokens, longer than the model's block size "
-                         f"({model.config.block_size}); shorten it")
+        raise ValueError(f"the prompt is {len(ids)} tokens, longer than the model's block size "
+                         f"({model.config.block_size}); shorten --prompt")
     max_new_tokens = min(args.max_new_tokens, room)
     if max_new_tokens < args.max_new_tokens:
         print(f"[the model's block size is {model.config.block_size} tokens: generating {max_new_tokens} new "
@@ -79,8 +85,8 @@ def main(args):
 
     start = time.perf_counter()
     model.generate(torch.tensor([ids], device=device), max_new_tokens, do_sample=not args.greedy,
-                   temperature=temperature, top_k=args.top_k, top_p=args.top_p,
-                   eos_token_id=tokenizer.eos_token_id, generator=generator, on_token=stream)
+                   temperature=0.8 if args.temperature is None else args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, eos_token_id=tokenizer.eos_token_id, generator=generator, on_token=stream)
     seconds = time.perf_counter() - start
     sys.stdout.write(tokenizer.decode(new)[len(shown[0]):] + "\n")
     print(f"[{len(new)} tokens in {seconds:.2f} s: {len(new) / max(seconds, 1e-9):.1f} tokens/s]", file=sys.stderr)

@@ -1,12 +1,11 @@
-"""A GPT-2 model on gptfast's kernels: configuration, modules in the order data flows through them, Hugging Face
-weight loading, and generation with a KV cache. Structured after nanoGPT's model.py.
+"""A GPT-2 model on gptfast's kernels: configuration, modules in the order data flows through them, the mapping
+to Hugging Face's GPT-2 weights, and generation with a KV cache. Structured after nanoGPT's model.py; reading and
+writing checkpoint folders is gptfast.checkpoint's.
 
 Shapes: token ids (B, T) int64; hidden states (B, T, C) with C = n_embd; per-head tensors (B, T, H, D), the layout
 of the fused QKV projection, which reaches the attention kernel as strided views with no copy.
 """
-import json
 import math
-import os
 import warnings
 from dataclasses import dataclass
 
@@ -15,10 +14,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gptfast.attention import flash_attn_func
-from gptfast.files import atomic_write_text
 from gptfast.layernorm import LayerNorm, add_layer_norm
 
-HF_GPT2_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+# GPT-2's checkpoints store these weights as Conv1D, (in, out): the transpose of our Linear's.
+HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
 @dataclass
@@ -31,11 +30,16 @@ class GPTConfig:
     bias: bool = True  # biases in the Linear layers and LayerNorms, as GPT-2
     dropout: float = 0.0  # on embeddings and residual branches (not on attention weights: the kernel has none)
     layer_norm_epsilon: float = 1e-5
+    eos_token_id: int | None = None  # the tokenizer's end-of-text token (GPT-2's BPE: 50256; bytes: none)
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"GPTConfig.{name} must be a positive int, got {getattr(self, name)!r}")
+        if self.eos_token_id is not None and not (isinstance(self.eos_token_id, int)
+                                                  and 0 <= self.eos_token_id < self.vocab_size):
+            raise ValueError(f"GPTConfig.eos_token_id must be None or a token id below vocab_size "
+                             f"({self.vocab_size}), got {self.eos_token_id!r}")
         if self.n_embd % self.n_head:
             raise ValueError(f"GPTConfig: n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
         if not 0.0 <= self.dropout < 1.0:
@@ -151,6 +155,12 @@ class GPT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
+    def flops_per_token(self, seq_len):
+        """Training FLOPs (forward and backward) per token at sequence length seq_len: 6 per parameter plus the
+        attention scores and weighted sum, 12 * layers * width * seq_len (PaLM's appendix B count, as nanoGPT's
+        estimate_mfu). The place MFU and the benchmarks' TFLOP/s both count from."""
+        return 6 * self.num_params() + 12 * self.config.n_layer * self.config.n_embd * seq_len
+
     def forward(self, idx):
         """idx: (B, T) int64 token ids -> logits (B, T, vocab_size), in the model's dtype."""
         self._check_ids(idx)
@@ -243,27 +253,21 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path, device=None, dtype=None):
-        """A GPT-2 checkpoint in Hugging Face's format: a local directory (config.json and model.safetensors or
-        pytorch_model.bin) or a hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl) from the Hugging Face cache."""
-        folder = resolve_checkpoint(name_or_path)
-        with open(os.path.join(folder, "config.json")) as f:
-            hf_config = json.load(f)
-        config = config_from_hf(hf_config, source=folder)
-        model = cls(config)
-        model.load_hf_state_dict(load_weights(folder))
-        return model.to(device=device, dtype=dtype)
+        """A GPT-2 checkpoint in Hugging Face's format: a local folder (config.json and model.safetensors or
+        pytorch_model.bin) or a hub name (gpt2, gpt2-medium, ...) from the Hugging Face cache or the hub."""
+        from gptfast import checkpoint  # it imports this module
+        return checkpoint.load_model(name_or_path, device=device, dtype=dtype)
 
     def load_hf_state_dict(self, hf_state):
         """Copy a transformers GPT2LMHeadModel state_dict in. The mapping is explicit: every name is ours with an
-        optional 'transformer.' prefix; GPT-2's Conv1D layers store (in, out) and need a transpose."""
-        transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        optional 'transformer.' prefix; the HF_TRANSPOSED weights need a transpose."""
         ours = self.state_dict()
         theirs = {}
         for name, tensor in hf_state.items():
             if name.endswith((".attn.bias", ".attn.masked_bias")):  # causal-mask buffers of old checkpoints
                 continue
             key = name if name.startswith(("transformer.", "lm_head.")) else f"transformer.{name}"
-            theirs[key] = tensor.t() if key.endswith(transposed) else tensor
+            theirs[key] = tensor.t() if key.endswith(HF_TRANSPOSED) else tensor
         theirs.setdefault("lm_head.weight", theirs.get("transformer.wte.weight"))
         missing = sorted(k for k in ours if theirs.get(k) is None)
         unexpected = sorted(k for k in theirs if k not in ours)
@@ -280,19 +284,14 @@ class GPT(nn.Module):
                 tensor.copy_(theirs[key])
 
     def hf_state_dict(self):
-        """This model's weights under transformers GPT2LMHeadModel's names and layouts (Conv1D transposed)."""
-        transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-        return {name: (t.t() if name.endswith(transposed) else t).contiguous()
+        """This model's weights under transformers GPT2LMHeadModel's names and layouts."""
+        return {name: (t.t() if name.endswith(HF_TRANSPOSED) else t).contiguous()
                 for name, t in self.state_dict().items() if name != "lm_head.weight"}
 
     def save_pretrained(self, folder):
         """Writes config.json and model.safetensors in Hugging Face's GPT-2 format, atomically per file."""
-        from safetensors.torch import save_file
-        os.makedirs(folder, exist_ok=True)
-        atomic_write_text(os.path.join(folder, "config.json"), json.dumps(config_to_hf(self.config), indent=2))
-        tmp = os.path.join(folder, "model.safetensors.tmp")
-        save_file({k: v.detach().cpu() for k, v in self.hf_state_dict().items()}, tmp, metadata={"format": "pt"})
-        os.replace(tmp, os.path.join(folder, "model.safetensors"))
+        from gptfast import checkpoint
+        checkpoint.save(self, folder)
 
 
 def next_token_loss(logits, targets):
@@ -328,67 +327,3 @@ def _next_token(logits, do_sample, temperature, top_k, top_p, generator):
         logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Hugging Face checkpoints
-
-def resolve_checkpoint(name_or_path):
-    """A local folder holding a checkpoint: name_or_path itself, or the hub snapshot of a model name."""
-    if os.path.isdir(name_or_path):
-        if not os.path.isfile(os.path.join(name_or_path, "config.json")):
-            raise FileNotFoundError(f"{name_or_path} has no config.json: it is not a GPT-2 checkpoint folder")
-        return name_or_path
-    if os.path.exists(name_or_path) or name_or_path.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"{name_or_path} is not a checkpoint folder (config.json and model.safetensors)")
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError as error:
-        raise RuntimeError(f"loading {name_or_path!r} from the Hugging Face hub needs huggingface_hub "
-                           "(pip install 'gptfast[hf]'), or pass a local checkpoint folder") from error
-    patterns = ["config.json", "*.safetensors", "tokenizer.json", "vocab.json", "merges.txt"]
-    try:
-        return snapshot_download(name_or_path, allow_patterns=patterns, local_files_only=True)
-    except Exception:
-        pass
-    try:
-        return snapshot_download(name_or_path, allow_patterns=patterns)
-    except Exception as error:
-        raise RuntimeError(
-            f"could not load {name_or_path!r}: it is not in the Hugging Face cache and the hub could not be reached "
-            f"({type(error).__name__}). Pass a local folder holding config.json and model.safetensors instead, "
-            f"e.g. one written by `gptfast train` or saved by transformers' save_pretrained.") from error
-
-
-def load_weights(folder):
-    """The state_dict in folder's model.safetensors, or pytorch_model.bin loaded with weights_only=True (never
-    unpickling arbitrary objects)."""
-    safetensors_path = os.path.join(folder, "model.safetensors")
-    if os.path.isfile(safetensors_path):
-        from safetensors.torch import load_file
-        return load_file(safetensors_path)
-    bin_path = os.path.join(folder, "pytorch_model.bin")
-    if os.path.isfile(bin_path):
-        return torch.load(bin_path, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"{folder} has neither model.safetensors nor pytorch_model.bin")
-
-
-def config_from_hf(hf_config, source="config.json"):
-    if hf_config.get("model_type", "gpt2") != "gpt2":
-        raise ValueError(f"{source}: model_type is {hf_config.get('model_type')!r}, only 'gpt2' is supported")
-    try:
-        return GPTConfig(vocab_size=hf_config["vocab_size"], block_size=hf_config["n_positions"],
-                         n_layer=hf_config["n_layer"], n_head=hf_config["n_head"], n_embd=hf_config["n_embd"],
-                         layer_norm_epsilon=hf_config.get("layer_norm_epsilon", 1e-5), bias=True)
-    except KeyError as error:
-        raise ValueError(f"{source}: config.json lacks {error.args[0]!r}") from error
-
-
-def config_to_hf(config):
-    if not config.bias:
-        raise ValueError("a model without biases has no Hugging Face GPT-2 equivalent")
-    return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": config.vocab_size,
-            "n_positions": config.block_size, "n_ctx": config.block_size, "n_layer": config.n_layer,
-            "n_head": config.n_head, "n_embd": config.n_embd, "layer_norm_epsilon": config.layer_norm_epsilon,
-            "activation_function": "gelu_new", "resid_pdrop": config.dropout, "embd_pdrop": config.dropout,
-            "attn_pdrop": 0.0, "tie_word_embeddings": True}

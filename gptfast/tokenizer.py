@@ -9,6 +9,8 @@ import json
 import os
 import shutil
 
+from gptfast.files import read_json_object
+
 MARKER_FILE = "gptfast_tokenizer.json"  # names a tokenizer that has no files of its own
 BPE_FILES = ("tokenizer.json", "vocab.json", "merges.txt")
 
@@ -35,11 +37,17 @@ class BPETokenizer:
     def __init__(self, folder):
         import tokenizers
         self.folder = folder
-        if os.path.isfile(os.path.join(folder, "tokenizer.json")):
-            self.backend = tokenizers.Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
-        else:
-            self.backend = tokenizers.ByteLevelBPETokenizer(os.path.join(folder, "vocab.json"),
-                                                           os.path.join(folder, "merges.txt"))
+        path = os.path.join(folder, "tokenizer.json")
+        try:
+            if os.path.isfile(path):
+                self.backend = tokenizers.Tokenizer.from_file(path)
+            else:
+                path = os.path.join(folder, "vocab.json and merges.txt")
+                self.backend = tokenizers.ByteLevelBPETokenizer(os.path.join(folder, "vocab.json"),
+                                                               os.path.join(folder, "merges.txt"))
+        except Exception as error:  # the tokenizers library raises a bare Exception for a malformed file
+            raise ValueError(f"{path}: not a readable tokenizer ({str(error).splitlines()[0]}); copy the model's "
+                             "tokenizer files again") from None
         self.vocab_size = self.backend.get_vocab_size()
         self.eos_token_id = self.backend.token_to_id("<|endoftext|>")
 
@@ -77,13 +85,18 @@ class TiktokenTokenizer:
             json.dump({"kind": "tiktoken", "encoding": "gpt2"}, f)
 
 
+MARKED_KINDS = {"bytes": ByteTokenizer, "tiktoken": TiktokenTokenizer}
+
+
 def load_tokenizer(folder):
     """The tokenizer saved in a checkpoint folder, else tiktoken's GPT-2 encoding where tiktoken can load it."""
     marker = os.path.join(folder, MARKER_FILE)
     if os.path.isfile(marker):
-        with open(marker) as f:
-            kind = json.load(f).get("kind")
-        return TiktokenTokenizer() if kind == "tiktoken" else ByteTokenizer()
+        kind = read_json_object(marker).get("kind")
+        if kind not in MARKED_KINDS:
+            raise ValueError(f"{marker} names the tokenizer kind {kind!r}, which this gptfast does not know "
+                             f"(expected one of {', '.join(MARKED_KINDS)}); was it written by a newer gptfast?")
+        return MARKED_KINDS[kind]()
     if os.path.isfile(os.path.join(folder, "tokenizer.json")) or all(
             os.path.isfile(os.path.join(folder, name)) for name in ("vocab.json", "merges.txt")):
         return BPETokenizer(folder)

@@ -4,34 +4,44 @@
     gptfast train --data corpus/ --tokenizer gpt2-folder/ --n-layer 12 --n-embd 768
     torchrun --nproc_per_node=2 -m gptfast train    # DDP: NCCL on CUDA, gloo on CPU; rank 0 logs and saves
 
-The run folder (--out) receives log.jsonl (one JSON object per logged step), checkpoint-<iter>/ folders (a
-Hugging Face GPT-2 checkpoint plus tokenizer, and train_state.pt with the optimizer, schedule, sampler and RNG
-state), and ``latest``, naming the newest complete checkpoint. Checkpoints are written to a temporary folder and
-renamed, so none is ever half-written; SIGINT or SIGTERM saves one and exits. --resume continues a run exactly.
+The run folder (--out) is laid out and guarded as gptfast.runs describes: one trainer at a time, log.jsonl,
+checkpoint-<step>/ folders and ``latest``. SIGINT or SIGTERM saves a checkpoint and exits. --resume continues a
+run exactly: with the run's own settings, its optimizer, schedule, batches and random state.
 """
 import dataclasses
-import json
 import math
 import os
-import shutil
 import signal
 import sys
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 
-from gptfast import backend
+from gptfast import backend, checkpoint
 from gptfast.data import Batches, gptfast_home, prepare
-from gptfast.files import atomic_write_text
-from gptfast.model import GPT, GPTConfig, next_token_loss, resolve_checkpoint
+from gptfast.devices import DTYPE_NAMES, device_named, dtype_named
+from gptfast.model import GPT, GPTConfig, next_token_loss
+from gptfast.progress import Progress
+from gptfast.runs import RunFolder, load_train_state
 from gptfast.tokenizer import ByteTokenizer, load_tokenizer
 
-# The default run: about five minutes on a 2-core CPU, after which `gptfast generate` writes recognisable Python.
-MODEL_DEFAULTS = dict(n_layer=4, n_head=6, n_embd=192, block_size=256, dropout=0.0)
+# A run's settings: what makes it the run it is. A flag left out takes its value from here in a new run, and the
+# run's own on --resume, which refuses a flag that changes one unless --allow-changes; the model's shape and its
+# tokenizer never change. min_lr defaults to lr / 10 and lr_decay_iters to --max-iters. The default run takes
+# about 11 minutes on a 2-core CPU, after which `gptfast generate` writes recognisable Python.
+MODEL_SHAPE = dict(n_layer=4, n_head=6, n_embd=192, block_size=256)
+DEFAULTS = dict(MODEL_SHAPE, dropout=0.0, data=None, tokenizer="bytes", batch_size=8, grad_accum=1, seed=1337,
+                dtype="auto", lr=2e-3, min_lr=None, warmup_iters=100, lr_decay_iters=None, weight_decay=0.1,
+                grad_clip=1.0)
+FIXED = (*MODEL_SHAPE, "tokenizer")
 # Dense bf16 tensor-core peaks (vendor datasheets), for model FLOPs utilisation.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")  # --dtype's choices, here and in `gptfast generate`
+
+
+def flag(name):
+    return "--" + name.replace("_", "-")
 
 
 def add_arguments(parser):
@@ -41,329 +51,396 @@ def add_arguments(parser):
                             "default: bytes (vocab 256)")
     add("--out", help="run folder for the log and checkpoints (default: GPTFAST_HOME/runs/<date-time>, where "
                       "`gptfast generate` looks when given no --model)")
-    add("--resume", action="store_true", help="continue the run in --out from its latest checkpoint, exactly")
+    add("--resume", action="store_true", help="continue the run in --out from its latest checkpoint, exactly, "
+                                              "with the run's own settings")
+    add("--allow-changes", action="store_true",
+        help="with --resume: accept flags that change the run's data, batches, optimizer or schedule (the resume "
+             "is then not exact; the changes are logged); without it they are refused")
     add("--init-from", help="start from a gptfast or Hugging Face GPT-2 checkpoint folder or hub name (fine-tune)")
-    add("--max-iters", type=int, default=2000, help="optimizer steps in all (default 2000)")
-    add("--batch-size", type=int, default=8, help="sequences per micro-batch per rank (default 8)")
-    add("--block-size", type=int, help=f"sequence length (default {MODEL_DEFAULTS['block_size']})")
-    add("--n-layer", type=int, help=f"transformer blocks (default {MODEL_DEFAULTS['n_layer']})")
-    add("--n-head", type=int, help=f"attention heads (default {MODEL_DEFAULTS['n_head']})")
-    add("--n-embd", type=int, help=f"embedding width (default {MODEL_DEFAULTS['n_embd']})")
+    add("--max-iters", type=int, default=2000, help="optimizer steps in all; may grow on --resume (default 2000)")
+    add("--batch-size", type=int, help=f"sequences per micro-batch per rank (default {DEFAULTS['batch_size']})")
+    add("--block-size", type=int, help=f"sequence length (default {DEFAULTS['block_size']})")
+    add("--n-layer", type=int, help=f"transformer blocks (default {DEFAULTS['n_layer']})")
+    add("--n-head", type=int, help=f"attention heads (default {DEFAULTS['n_head']})")
+    add("--n-embd", type=int, help=f"embedding width (default {DEFAULTS['n_embd']})")
     add("--dropout", type=float, help="dropout on embeddings and residual branches (default 0)")
-    add("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3)")
+    add("--lr", type=float, help=f"peak learning rate (default {DEFAULTS['lr']})")
     add("--min-lr", type=float, help="learning rate at the end of the cosine decay (default lr / 10)")
-    add("--warmup-iters", type=int, default=100, help="linear warmup steps (default 100)")
+    add("--warmup-iters", type=int, help=f"linear warmup steps (default {DEFAULTS['warmup_iters']})")
     add("--lr-decay-iters", type=int, help="steps of the cosine decay (default --max-iters)")
-    add("--weight-decay", type=float, default=0.1, help="AdamW weight decay, on matrices only (default 0.1)")
-    add("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
-    add("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this; 0 disables (default 1)")
-    add("--eval-interval", type=int, default=250, help="evaluate and save a checkpoint every N steps (default 250)")
+    add("--weight-decay", type=float, help=f"AdamW weight decay, on matrices only (default {DEFAULTS['weight_decay']})")
+    add("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
+    add("--grad-clip", type=float, help="clip the gradient norm to this; 0 disables (default 1)")
+    add("--seed", type=int, help=f"random seed (default {DEFAULTS['seed']})")
+    add("--dtype", choices=DTYPE_NAMES,
+        help="autocast dtype (default: bfloat16 on CUDA, float32 on CPU); weights stay float32")
+    add("--eval-interval", type=int, default=200,
+        help="evaluate and save a checkpoint every N steps, and at the end (default 200; a new run also evaluates "
+             "at step 0)")
     add("--eval-iters", type=int, default=20, help="batches per loss estimate (default 20)")
     add("--log-interval", type=int, default=10, help="log every N steps (default 10)")
     add("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when available)")
-    add("--dtype", choices=DTYPE_NAMES, default="auto",
-        help="autocast dtype (default: bfloat16 on CUDA, float32 on CPU); weights stay float32")
     add("--kernels", choices=("auto", "triton", "torch"), default="auto",
         help="triton: gptfast's fused kernels (an error where they cannot run); torch: the plain PyTorch "
              "reference, to compare; auto: the kernels where they run, else PyTorch")
     add("--compile", action="store_true", help="torch.compile the model")
-    add("--seed", type=int, default=1337, help="random seed (default 1337)")
 
 
-def lr_at(step, args):
-    """Linear warmup to --lr, then cosine decay to --min-lr over --lr-decay-iters, then flat."""
-    if step < args.warmup_iters:
-        return args.lr * (step + 1) / args.warmup_iters
-    if step >= args.lr_decay_iters:
-        return args.min_lr
-    progress = (step - args.warmup_iters) / max(1, args.lr_decay_iters - args.warmup_iters)
-    return args.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (args.lr - args.min_lr)
+def check_arguments(args):
+    """Everything about the flags that can be known before any model or data is loaded (ValueError or
+    FileNotFoundError naming the flag). Resolves --init-from to its folder."""
+    for name in ("max_iters", "batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval",
+                 "block_size", "n_layer", "n_head", "n_embd", "lr_decay_iters"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"{flag(name)} must be at least 1, got {getattr(args, name)}")
+    for name in ("warmup_iters", "lr", "min_lr", "weight_decay", "grad_clip"):
+        if getattr(args, name) is not None and not getattr(args, name) >= 0:
+            raise ValueError(f"{flag(name)} must be at least 0, got {getattr(args, name)}")
+    if args.dropout is not None and not 0 <= args.dropout < 1:
+        raise ValueError(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.resume and args.out is None:
+        raise ValueError("--resume needs --out, the run folder to continue")
+    if args.resume and args.init_from:
+        raise ValueError("--resume and --init-from exclude each other: a resumed run starts from its own checkpoint")
+    if args.allow_changes and not args.resume:
+        raise ValueError("--allow-changes goes with --resume")
+    for name in ("n_layer", "n_head", "n_embd"):
+        if args.init_from and getattr(args, name) is not None:
+            raise ValueError(f"{flag(name)}: with --init-from the model's shape is the checkpoint's; drop the flag")
+    if args.tokenizer and not os.path.isdir(args.tokenizer):
+        raise FileNotFoundError(f"--tokenizer {args.tokenizer}: no such folder (give one holding tokenizer.json, "
+                                "or vocab.json and merges.txt)")
+    if args.data and not os.path.exists(args.data):
+        raise FileNotFoundError(f"--data {args.data}: no such file or folder")
+    device = device_named(args.device)
+    if args.kernels == "triton" and device.type != "cuda" and not backend.INTERPRETER:
+        raise ValueError(f"--kernels triton: the Triton kernels need a CUDA device, and the device is {device}; use "
+                         "--kernels auto (PyTorch where the kernels cannot run) or --kernels torch")
+    if args.init_from:
+        args.init_from = checkpoint.resolve(args.init_from)
 
 
-def make_optimizer(model, args, device):
-    """AdamW with weight decay on matrices and embeddings only (not on biases or LayerNorm weights)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+def run_settings(args, saved, device):
+    """The run's settings and what a resume changes of them: ({name: value}, {name: (run's value, new value)}).
+    A new run takes the flags given, else the --init-from checkpoint's shape, else DEFAULTS; a resumed run takes
+    its saved settings with the flags given, refusing changes (see DEFAULTS)."""
+    given = {name: _setting(name, getattr(args, name), device) for name in DEFAULTS if getattr(args, name) is not None}
+    if saved is None:
+        settings = {**DEFAULTS, "dtype": _setting("dtype", "auto", device)}
+        if args.init_from:
+            config = checkpoint.read_config(args.init_from)
+            settings.update({name: getattr(config, name) for name in MODEL_SHAPE}, tokenizer=args.init_from)
+        settings.update(given)
+        settings["min_lr"] = settings["lr"] / 10 if settings["min_lr"] is None else settings["min_lr"]
+        settings["lr_decay_iters"] = settings["lr_decay_iters"] or args.max_iters
+        return settings, {}
+    changes = {name: (saved[name], value) for name, value in given.items() if value != saved[name]}
+    refused = [name for name in changes if name in FIXED or not args.allow_changes]
+    if refused:
+        listing = "; ".join(f"{flag(n)} is {changes[n][1]!r}, the run's is {changes[n][0]!r}" for n in refused)
+        remedy = ("drop those flags, or start a new run with another --out" if set(refused) & set(FIXED) else
+                  "drop those flags, or add --allow-changes to accept them (the resume is then not exact)")
+        raise ValueError(f"--resume: {listing}; {remedy}")
+    return {**saved, **given}, changes
 
 
-def latest_checkpoint(run_folder):
-    """The newest complete checkpoint folder of a run folder (what its ``latest`` file names), or None."""
-    pointer = os.path.join(run_folder, "latest")
-    if not os.path.isfile(pointer):
-        return None
-    with open(pointer) as f:
-        return os.path.join(run_folder, f.read().strip())
+def _setting(name, value, device):
+    """A flag's value as a run records it: folders as absolute paths, --dtype resolved for the device."""
+    if name in ("data", "tokenizer") and value not in (None, "bytes"):
+        return os.path.abspath(value)
+    if name == "dtype":
+        return str(dtype_named(value, device)).removeprefix("torch.")
+    return value
 
 
-def dtype_named(name, device):
-    """--dtype's value as a torch dtype; auto is bfloat16 on CUDA and float32 elsewhere."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
+def model_config(args, settings, state, tokenizer):
+    """The GPTConfig of the resumed run, of the --init-from checkpoint, or of a new model; dropout as set."""
+    if state is not None:
+        config = GPTConfig(**state["config"])
+    elif args.init_from:
+        config = checkpoint.read_config(args.init_from)
+        if settings["block_size"] > config.block_size:
+            raise ValueError(f"--block-size {settings['block_size']} exceeds the checkpoint's {config.block_size}")
+    else:
+        config = GPTConfig(vocab_size=tokenizer.vocab_size, eos_token_id=tokenizer.eos_token_id,
+                           **{name: settings[name] for name in MODEL_SHAPE})
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {config.vocab_size}")
+    return dataclasses.replace(config, dropout=settings["dropout"])
 
 
-class Run:
-    """Where a run writes: its folder, log.jsonl and checkpoints (rank 0 only)."""
-
-    def __init__(self, folder, writer):
-        self.folder, self.writer = folder, writer
-        if writer:
-            os.makedirs(folder, exist_ok=True)
-
-    def log(self, record):
-        if self.writer:
-            with open(os.path.join(self.folder, "log.jsonl"), "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    def save(self, model, tokenizer, state):
-        """Writes checkpoint-<iter> through a temporary folder and a rename, then points ``latest`` at it and
-        removes the older checkpoints."""
-        if not self.writer:
-            return
-        name = f"checkpoint-{state['iter']}"
-        tmp = os.path.join(self.folder, f".{name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-        tokenizer.save(tmp)
-        torch.save(state, os.path.join(tmp, "train_state.pt"))
-        final = os.path.join(self.folder, name)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        atomic_write_text(os.path.join(self.folder, "latest"), name)
-        for old in os.listdir(self.folder):
-            if old.startswith("checkpoint-") and old != name:
-                shutil.rmtree(os.path.join(self.folder, old), ignore_errors=True)
-
-
-def load_train_state(checkpoint):
-    try:
-        return torch.load(os.path.join(checkpoint, "train_state.pt"), map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise SystemExit(f"gptfast train: the checkpoint {checkpoint} is corrupt or incomplete ({error}); "
-                         "delete it, or start a new run with another --out") from error
-
-
-def model_config(args, resumed_config, tokenizer):
-    """The GPTConfig from the flags, or the resumed one (refusing flags that contradict it)."""
-    flags = {"n_layer": args.n_layer, "n_head": args.n_head, "n_embd": args.n_embd, "block_size": args.block_size,
-             "dropout": args.dropout}
-    if resumed_config is not None:
-        for name, value in flags.items():
-            if value is not None and value != resumed_config[name]:
-                raise SystemExit(f"gptfast train: the run being resumed has {name}={resumed_config[name]}, but "
-                                 f"--{name.replace('_', '-')} {value} was given; drop the flag or use a new --out")
-        return GPTConfig(**resumed_config)
-    values = {name: MODEL_DEFAULTS[name] if value is None else value for name, value in flags.items()}
-    return GPTConfig(vocab_size=tokenizer.vocab_size, **values)
+def lr_at(step, settings):
+    """Linear warmup to lr, then cosine decay to min_lr over lr_decay_iters, then flat."""
+    lr, min_lr, warmup, decay = (settings[k] for k in ("lr", "min_lr", "warmup_iters", "lr_decay_iters"))
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if step >= decay:
+        return min_lr
+    progress = (step - warmup) / max(1, decay - warmup)
+    return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (lr - min_lr)
 
 
 def setup_distributed(device_arg):
     """(rank, world_size, device). Under torchrun (RANK set) joins the process group: NCCL on CUDA, else gloo."""
-    cuda = torch.cuda.is_available() and device_arg in ("auto", "cuda") or device_arg.startswith("cuda")
+    device = device_named(device_arg)
     if "RANK" not in os.environ:
-        return 0, 1, torch.device(("cuda" if cuda else "cpu") if device_arg == "auto" else device_arg)
+        return 0, 1, device
     rank, world, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
-    torch.distributed.init_process_group("nccl" if cuda else "gloo")
-    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
-    if cuda:
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        device = torch.device(f"cuda:{local_rank}")
         torch.cuda.set_device(device)
     return rank, world, device
 
 
-def main(args):
-    for name in ("max_iters", "batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"gptfast train: --{name.replace('_', '-')} must be at least 1")
-    if args.resume and args.out is None:
-        raise SystemExit("gptfast train: --resume needs --out, the run folder to continue")
-    if args.resume and args.init_from:
-        raise SystemExit("gptfast train: --resume and --init-from exclude each other")
-    args.min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
-    args.lr_decay_iters = args.max_iters if args.lr_decay_iters is None else args.lr_decay_iters
-    rank, world, device = setup_distributed(args.device)
-    out = args.out or os.path.join(gptfast_home(), "runs", time.strftime("%Y%m%d-%H%M%S"))
-    run = Run(out, writer=rank == 0)
-    say = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
-    torch.manual_seed(args.seed + rank)
+def any_rank(flag_value, world, device):
+    """True on every rank when any rank's flag is set, so that all ranks act at the same step."""
+    if world == 1:
+        return flag_value
+    value = torch.tensor([float(flag_value)], device=device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())
 
-    # Tokenizer and model: resumed, fine-tuned from a checkpoint, or new.
-    state, checkpoint = None, None
-    if args.resume:
-        checkpoint = latest_checkpoint(out)
-        if checkpoint is None:
-            raise SystemExit(f"gptfast train: --resume: {out} holds no checkpoint (no 'latest' file)")
-        state = load_train_state(checkpoint)
-        tokenizer = load_tokenizer(checkpoint)
-    elif args.init_from:
-        checkpoint = resolve_checkpoint(args.init_from)
-        tokenizer = load_tokenizer(args.tokenizer or checkpoint)
-    else:
-        tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else ByteTokenizer()
-    if args.init_from:
-        model = GPT.from_pretrained(checkpoint)
-        if args.block_size and args.block_size > model.config.block_size:
-            raise SystemExit(f"gptfast train: --block-size {args.block_size} exceeds the checkpoint's "
-                             f"{model.config.block_size}")
-        block_size = args.block_size or model.config.block_size
-    else:
-        config = model_config(args, state and state["config"], tokenizer)
-        model = GPT(config)
-        if state is not None:
-            model.load_hf_state_dict(_load_checkpoint_weights(checkpoint))
-        block_size = config.block_size
-    model.to(device)
-    tokenizer_name = "bytes" if isinstance(tokenizer, ByteTokenizer) else os.path.abspath(tokenizer.folder)
 
-    # Rank 0 tokenizes into the shared cache first; the others then read it (no two writers on one file).
-    if world > 1 and rank != 0:
-        torch.distributed.barrier()
-    splits = prepare(args.data, tokenizer, tokenizer_name, progress=rank == 0)
-    if world > 1 and rank == 0:
-        torch.distributed.barrier()
-    batches = Batches(splits["train"], args.batch_size, block_size, seed=args.seed + rank, shard=(rank, world))
-    optimizer = make_optimizer(model, args, device)
-    start = 0
-    if state is not None:
-        if len(state["batches_rng"]) != world:
-            raise SystemExit(f"gptfast train: the run was saved with {len(state['batches_rng'])} ranks; resume it "
-                             f"with the same number (now {world}) to continue it exactly")
-        optimizer.load_state_dict(state["optimizer"])
-        batches.generator.set_state(state["batches_rng"][rank])
-        torch.set_rng_state(state["torch_rng"])
-        start = state["iter"]
-        say(f"resuming {out} at step {start}")
-
-    train_model = torch.compile(model) if args.compile else model
-    if world > 1:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            train_model, device_ids=[device.index] if device.type == "cuda" else None)
-    dtype = dtype_named(args.dtype, device)
-
-    def autocast():  # a fresh context each use; float32 runs without autocast
-        return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-
-    def save(step):
-        rng = [batches.generator.get_state()]
-        if world > 1:
-            gathered = [None] * world
-            torch.distributed.all_gather_object(gathered, rng[0])
-            rng = gathered
-        run.save(model, tokenizer, {"iter": step, "optimizer": optimizer.state_dict(), "batches_rng": rng,
-                                    "torch_rng": torch.get_rng_state(), "config": dataclasses.asdict(model.config)})
-
-    @torch.no_grad()
-    def estimate_loss():
-        model.eval()
-        losses = {}
-        for name, tokens in splits.items():
-            if len(tokens) < block_size + 2:
-                continue
-            sampler = Batches(tokens, args.batch_size, block_size, seed=args.seed + 999)  # the same batches each time
-            total = 0.0
-            for _ in range(args.eval_iters):
-                x, y = sampler.next(device)
-                with autocast():
-                    total += next_token_loss(model(x), y).item()
-            losses[name] = total / args.eval_iters
-        model.train()
-        return losses
-
-    flops_per_token = 6 * model.num_params() + 12 * model.config.n_layer * model.config.n_embd * block_size
-    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if device.type == "cuda"
-                 and k in torch.cuda.get_device_name(device)), None)
-    tokens_per_step = args.batch_size * block_size * args.grad_accum * world
-    say(f"training {model.num_params() / 1e6:.2f}M parameters on {device} ({world} rank{'s' * (world > 1)}), "
-        f"{len(splits['train']):,} train tokens, {tokens_per_step:,} tokens per step, run folder {out}")
-    stop = {"signal": None}
-    # Until training ends, a signal only asks the loop to save and stop; the old handlers come back afterwards.
-    previous = {sig: signal.signal(sig, lambda number, frame: stop.update(signal=number))
+@contextmanager
+def stop_requests():
+    """Inside the block, SIGINT and SIGTERM only set the event it yields, so the loop can save and stop at a step
+    boundary; the previous handlers come back afterwards."""
+    requested = threading.Event()
+    previous = {sig: signal.signal(sig, lambda number, frame: requested.set())
                 for sig in (signal.SIGINT, signal.SIGTERM)}
-
     try:
-        with backend.use_backend(args.kernels):
-            model.train()
-            step, last_step, last = start, start, time.perf_counter()
-            while step < args.max_iters:
-                if _any_rank(stop["signal"] is not None, world, device):
-                    save(step)
-                    say(f"\nstopped by signal at step {step}: checkpoint saved in {out}; continue with "
-                        f"`gptfast train --resume --out {out}`")
-                    return 0
-                lr = lr_at(step, args)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                loss_sum = 0.0
-                for micro in range(args.grad_accum):
-                    x, y = batches.next(device)
-                    sync = nullcontext() if world == 1 or micro == args.grad_accum - 1 else train_model.no_sync()
-                    with sync, autocast():
-                        loss = next_token_loss(train_model(x), y) / args.grad_accum
-                    scaler.scale(loss).backward()
-                    loss_sum += loss.detach()
-                if args.grad_clip > 0:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                evaluate = step % args.eval_interval == 0 or step == args.max_iters
-                if step % args.log_interval == 0 or evaluate:
-                    train_loss = loss_sum.item()
-                    now = time.perf_counter()
-                    seconds = (now - last) / (step - last_step)
-                    last, last_step = now, step
-                    record = {"iter": step, "train_loss": train_loss, "lr": lr, "ms_per_iter": 1000 * seconds,
-                              "tokens_per_s": tokens_per_step / seconds}
-                    line = (f"step {step}/{args.max_iters}  loss {train_loss:.4f}  lr {lr:.2e}  "
-                            f"{1000 * seconds:.1f} ms/step  {tokens_per_step / seconds:,.0f} tok/s")
-                    if peak:
-                        record["mfu"] = flops_per_token * tokens_per_step / seconds / (peak * world)
-                        line += f"  MFU {100 * record['mfu']:.1f}%"
-                    if evaluate:
-                        losses = estimate_loss()
-                        record.update({f"eval_{k}_loss": v for k, v in losses.items()})
-                        if "val" in losses:
-                            record["val_loss"] = losses["val"]
-                        line += "  eval " + "  ".join(f"{k} {v:.4f}" for k, v in losses.items())
-                        last = time.perf_counter()  # evaluation time is not training time
-                    run.log(record)
-                    say(line)
-                if evaluate:
-                    save(step)
-        if world > 1:
-            torch.distributed.barrier()  # let rank 0 finish writing before any rank tears the group down
-            torch.distributed.destroy_process_group()
-        say(f"done: checkpoint in {latest_checkpoint(out) if rank == 0 else out}")
-        if world > 1:
-            # Seen here with torch 2.13 and gloo: about one worker in fifteen hung in interpreter shutdown after
-            # the group was destroyed and everything was written. Leave directly: nothing is left to flush.
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(0)
-        return 0
+        yield requested
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
-def _load_checkpoint_weights(checkpoint):
-    from gptfast.model import load_weights
-    try:
-        return load_weights(checkpoint)
-    except Exception as error:
-        raise SystemExit(f"gptfast train: the checkpoint {checkpoint} is corrupt or incomplete ({error}); "
-                         "delete it, or start a new run with another --out") from error
+class Trainer:
+    """One rank's model, optimizer, batches and mixed precision, and what the loop does with them: a training
+    step, an evaluation, the state a checkpoint holds."""
+
+    def __init__(self, model, settings, splits, device, rank, world, compile_model):
+        self.model, self.settings, self.splits, self.device, self.world = model, settings, splits, device, world
+        self.block_size = settings["block_size"]
+        self.batches = Batches(splits["train"], settings["batch_size"], self.block_size, seed=settings["seed"] + rank,
+                               shard=(rank, world))
+        params = [p for p in model.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": settings["weight_decay"]},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]  # no decay: biases, norms
+        self.optimizer = torch.optim.AdamW(groups, lr=settings["lr"], betas=(0.9, 0.95), fused=device.type == "cuda")
+        self.dtype = getattr(torch, settings["dtype"])
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
+        self.forward = torch.compile(model) if compile_model else model
+        if world > 1:
+            self.forward = torch.nn.parallel.DistributedDataParallel(
+                self.forward, device_ids=[device.index] if device.type == "cuda" else None)
+        self.tokens_per_step = settings["batch_size"] * self.block_size * settings["grad_accum"] * world
+
+    def autocast(self):  # a fresh context each use; float32 runs without autocast
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+    def step(self, lr):
+        """One optimizer step at learning rate lr. Returns its loss: a tensor, left on the device (no sync)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        accum = self.settings["grad_accum"]
+        loss_sum = 0.0
+        for micro in range(accum):
+            x, y = self.batches.next(self.device)
+            # DDP all-reduces gradients on the last micro-batch only.
+            sync = nullcontext() if self.world == 1 or micro == accum - 1 else self.forward.no_sync()
+            with sync, self.autocast():
+                loss = next_token_loss(self.forward(x), y) / accum
+            self.scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+        if self.settings["grad_clip"] > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings["grad_clip"])
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum
+
+    @torch.no_grad()
+    def evaluate(self, eval_iters):
+        """Mean loss over eval_iters batches of each split, the same batches every time: {split: loss}."""
+        self.model.eval()
+        losses = {}
+        for name, tokens in self.splits.items():
+            if len(tokens) < self.block_size + 2:
+                continue
+            sampler = Batches(tokens, self.settings["batch_size"], self.block_size, seed=self.settings["seed"] + 999)
+            total = 0.0
+            for _ in range(eval_iters):
+                x, y = sampler.next(self.device)
+                with self.autocast():
+                    total += next_token_loss(self.model(x), y).item()
+            losses[name] = total / eval_iters
+        self.model.train()
+        return losses
+
+    def state(self, step):
+        """What a checkpoint holds besides the weights, gathered from every rank (a collective under DDP)."""
+        rng = [self.batches.generator.get_state()]
+        if self.world > 1:
+            rng = [None] * self.world
+            torch.distributed.all_gather_object(rng, self.batches.generator.get_state())
+        state = {"iter": step, "settings": self.settings, "config": dataclasses.asdict(self.model.config),
+                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(), "batches_rng": rng,
+                 "torch_rng": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def restore(self, state, rank):
+        if len(state["batches_rng"]) != self.world:
+            raise ValueError(f"--resume: the run was saved with {len(state['batches_rng'])} ranks; resume it with "
+                             f"the same number (now {self.world}) to continue it exactly")
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state["scaler"] and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
+        self.batches.generator.set_state(state["batches_rng"][rank])
+        torch.set_rng_state(state["torch_rng"])
+        if self.device.type == "cuda" and "cuda_rng" in state:
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
 
 
-def _any_rank(flag, world, device):
-    """True on every rank when any rank's flag is set, so all ranks stop at the same step."""
+def evaluation_record(trainer, step, eval_iters):
+    """The evaluation's log fields and text: eval_<split>_loss, and val_loss (what plots draw)."""
+    losses = trainer.evaluate(eval_iters)
+    record = {f"eval_{name}_loss": loss for name, loss in losses.items()}
+    if "val" in losses:
+        record["val_loss"] = losses["val"]
+    return record, "  eval " + "  ".join(f"{name} {loss:.4f}" for name, loss in losses.items())
+
+
+def train_loop(trainer, run, tokenizer, start, args, say):
+    """Steps from `start` to --max-iters: a log line every --log-interval steps, an evaluation and a checkpoint
+    every --eval-interval and at the end; SIGINT or SIGTERM saves and stops at the next step boundary. Returns
+    whether it was stopped."""
+    progress = Progress(args.max_iters, done=start, stream=sys.stdout)
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items()
+                 if trainer.device.type == "cuda" and k in torch.cuda.get_device_name(trainer.device)), None)
+    flops_per_step = trainer.model.flops_per_token(trainer.block_size) * trainer.tokens_per_step
+    if start == 0:  # the untrained model's loss: a run stopped early still has a val curve
+        record, text = evaluation_record(trainer, 0, args.eval_iters)
+        run.log({"iter": 0, **record})
+        say(f"step 0/{args.max_iters} {text}")
+    step, timed_from, timed_step = start, time.perf_counter(), start
+    with stop_requests() as stop:
+        while step < args.max_iters:
+            if any_rank(stop.is_set(), trainer.world, trainer.device):
+                run.save(trainer.model, tokenizer, trainer.state(step))
+                progress.clear()
+                say(f"stopped by a signal at step {step}: checkpoint saved in {run.folder}; continue with "
+                    f"`gptfast train --resume --out {run.folder}`")
+                return True
+            lr = lr_at(step, trainer.settings)
+            loss = trainer.step(lr)
+            step += 1
+            progress.draw(step, "training")
+            evaluate = step % args.eval_interval == 0 or step == args.max_iters
+            if step % args.log_interval == 0 or evaluate:
+                seconds = (time.perf_counter() - timed_from) / (step - timed_step)
+                record = {"iter": step, "train_loss": loss.item(), "lr": lr, "ms_per_iter": 1000 * seconds,
+                          "tokens_per_s": trainer.tokens_per_step / seconds, "elapsed_s": progress.elapsed()}
+                text = (f"step {step}/{args.max_iters}  loss {record['train_loss']:.4f}  lr {lr:.2e}  "
+                        f"{1000 * seconds:.1f} ms/step  {record['tokens_per_s']:,.0f} tok/s")
+                if peak:
+                    record["mfu"] = flops_per_step / seconds / (peak * trainer.world)
+                    text += f"  MFU {100 * record['mfu']:.1f}%"
+                if evaluate:
+                    extra, eval_text = evaluation_record(trainer, step, args.eval_iters)
+                    record.update(extra)
+                    text += eval_text
+                run.log(record)
+                progress.clear()
+                say(f"{text}  [{progress.status(step)}]")
+                timed_from, timed_step = time.perf_counter(), step  # evaluation time is not training time
+            if evaluate:
+                run.save(trainer.model, tokenizer, trainer.state(step))
+    return False
+
+
+def resumed_run(run, resume):
+    """(checkpoint folder, train state) that --resume continues from, or (None, None) for a new run."""
+    if not resume:
+        return None, None
+    folder = run.latest()
+    if folder is None:
+        raise FileNotFoundError(f"--resume: {run.folder} holds no checkpoint (no 'latest' file); drop --resume to "
+                                "start a new run there")
+    state = load_train_state(folder)
+    if "settings" not in state:
+        raise ValueError(f"--resume: {folder} was written by a gptfast that did not record a run's settings, so an "
+                         f"exact resume cannot be checked; start a new run with --init-from {folder}")
+    return folder, state
+
+
+def run_tokenizer(resumed, args):
+    """The resumed run's tokenizer, --tokenizer's, the --init-from checkpoint's, or bytes."""
+    source = resumed or args.tokenizer or args.init_from
+    return load_tokenizer(source) if source else ByteTokenizer()
+
+
+def load_splits(settings, tokenizer, rank, world):
+    """{split: tokens}. Rank 0 tokenizes into the shared cache first; the others then read it (no two writers)."""
+    if world > 1 and rank != 0:
+        torch.distributed.barrier()
+    splits = prepare(settings["data"], tokenizer, settings["tokenizer"], progress=rank == 0)
+    if world > 1 and rank == 0:
+        torch.distributed.barrier()
+    return splits
+
+
+def continue_run(trainer, run, state, changes, rank, say):
+    """Puts the saved state back, cuts the log back to the resumed step and records the resume. Returns the step."""
+    trainer.restore(state, rank)
+    run.cut_log(state["iter"])
+    run.log({"iter": state["iter"], "resumed": True, "changes": changes})
+    say(f"resuming {run.folder} at step {state['iter']}" + "".join(
+        f"; {flag(name)} {new!r} (was {old!r})" for name, (old, new) in changes.items()))
+    return state["iter"]
+
+
+def main(args):
+    """`gptfast train`, top to bottom: flags, ranks, run folder, settings, tokenizer and model, data, trainer,
+    loop."""
+    check_arguments(args)
+    rank, world, device = setup_distributed(args.device)
+    say = (lambda text: print(text, flush=True)) if rank == 0 else (lambda text: None)
+    out = args.out or os.path.join(gptfast_home(), "runs", time.strftime("%Y%m%d-%H%M%S"))
+    with RunFolder(out, writer=rank == 0) as run:
+        resumed, state = resumed_run(run, args.resume)
+        settings, changes = run_settings(args, state and state["settings"], device)
+        tokenizer = run_tokenizer(resumed, args)
+        torch.manual_seed(settings["seed"] + rank)  # the model's init here, dropout later (a resume restores it)
+        model = GPT(model_config(args, settings, state, tokenizer))
+        if resumed or args.init_from:
+            checkpoint.load_state(model, resumed or args.init_from)
+        model.to(device)
+        splits = load_splits(settings, tokenizer, rank, world)
+        trainer = Trainer(model, settings, splits, device, rank, world, args.compile)
+        start = continue_run(trainer, run, state, changes, rank, say) if state else 0
+        say(f"training {model.num_params() / 1e6:.2f}M parameters on {device} ({world} rank{'s' * (world > 1)}), "
+            f"{len(splits['train']):,} train tokens, {trainer.tokens_per_step:,} tokens per step, run folder {out}")
+        with backend.use_backend(args.kernels):
+            model.train()
+            stopped = train_loop(trainer, run, tokenizer, start, args, say)
+        if not stopped:
+            say(f"done: checkpoint in {run.latest() if rank == 0 else out}")
+    finish_distributed(world)
+    return 0
+
+
+def finish_distributed(world):
     if world == 1:
-        return flag
-    value = torch.tensor([float(flag)], device=device)
-    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
-    return bool(value.item())
-
+        return
+    torch.distributed.barrier()  # let rank 0 finish writing before any rank tears the group down
+    torch.distributed.destroy_process_group()
+    # Seen here with torch 2.13 and gloo: about one worker in fifteen hung in interpreter shutdown after the group
+    # was destroyed and everything was written. Leave directly: nothing is left to flush.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

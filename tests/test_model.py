@@ -209,5 +209,8 @@ def test_hub_name_offline_says_what_to_do(monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
-    with pytest.raises(RuntimeError, match="local folder"):
+    with pytest.raises(FileNotFoundError, match="hf download gpt2 --local-dir gpt2") as raised:
         GPT.from_pretrained("gpt2")
+    assert raised.value.__cause__ is None and raised.value.__suppress_context__  # no chained hub traceback
+    with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
+        GPT.from_pretrained("runs/one/two")  # a mistyped local path, not a hub name: the hub is never asked

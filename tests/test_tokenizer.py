@@ -43,3 +43,13 @@ def test_tiktoken_fallback_and_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tiktoken", None)  # not installed
     with pytest.raises(FileNotFoundError, match="holds no tokenizer"):
         load_tokenizer(str(tmp_path / "elsewhere"))
+
+
+def test_an_unknown_saved_kind_is_refused(tmp_path):
+    """No silent substitute: a marker naming a kind this gptfast does not know is an error, not bytes."""
+    (tmp_path / "gptfast_tokenizer.json").write_text(json.dumps({"kind": "sentencepiece"}))
+    with pytest.raises(ValueError, match="tokenizer kind 'sentencepiece'"):
+        load_tokenizer(str(tmp_path))
+    (tmp_path / "gptfast_tokenizer.json").write_text("[]")
+    with pytest.raises(ValueError, match="gptfast_tokenizer.json holds a JSON list"):
+        load_tokenizer(str(tmp_path))
