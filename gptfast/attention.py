@@ -1,5 +1,6 @@
-"""Drop-in fused attention: ``scaled_dot_product_attention`` (torch's signature) and ``flash_attn_func``
-(flash-attn's layout), both running gptfast's Triton flash-attention kernels.
+"""Drop-in fused attention on gptfast's Triton flash-attention kernels: torch's ``scaled_dot_product_attention``
+(its exact signature) and flash-attn 2's ``flash_attn_func``, ``flash_attn_kvpacked_func`` and
+``flash_attn_qkvpacked_func`` (their exact signatures, argument order included).
 
 The kernels are registered as the custom ops ``gptfast::flash_attention`` and ``gptfast::flash_attention_backward``
 with an autograd formula, so ``torch.compile(fullgraph=True)`` captures them without graph breaks. Which path a
@@ -7,9 +8,11 @@ call takes (kernel or PyTorch) is decided by ``gptfast.backend``.
 
 What the kernels cover: float16, bfloat16 and float32 (float32 uses tf32 only when
 ``torch.backends.cuda.matmul.allow_tf32`` is set); head dims that are multiples of 8 from 8 to 256, the same for
-q, k and v; any sequence lengths; grouped-query attention; no mask, a top-left causal mask (``is_causal``,
-``causal_upper_left``) or a bottom-right one (``causal_lower_right``). Everything else (a dense ``attn_mask``,
-dropout, float64, other head dims) runs PyTorch under ``auto`` and raises under ``GPTFAST_BACKEND=triton``.
+q, k and v; any sequence lengths; grouped-query attention; causal masks aligned top-left (torch's ``is_causal``,
+``causal_upper_left``) or bottom-right (flash-attn's ``causal``, ``causal_lower_right``); sliding windows; boolean
+and additive masks of any broadcastable shape (an additive one gets its gradient); ALiBi; logit softcapping;
+dropout on the attention weights. Everything else (float64, other head dims) runs PyTorch under ``auto``, with a
+warning once per reason, and raises under ``GPTFAST_BACKEND=triton``.
 """
 import math
 
@@ -27,50 +30,79 @@ def _empty_bthd(b, h, t, d, like):
     return torch.empty((b, t, h, d), dtype=like.dtype, device=like.device).transpose(1, 2)
 
 
+def _features(mask, alibi_slopes, seed_offset, causal, window_left, window_right, softcap, dropout_p):
+    from gptfast.kernels.attention import Features
+    return Features(causal, (window_left, window_right), mask, alibi_slopes, softcap, dropout_p, seed_offset)
+
+
 @torch.library.custom_op("gptfast::flash_attention", mutates_args=())
-def _flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: int,
+def _flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                     alibi_slopes: torch.Tensor | None, seed_offset: torch.Tensor | None, causal: int,
+                     window_left: int, window_right: int, softcap: float, dropout_p: float,
                      softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     from gptfast.kernels.attention import attention_forward
-    return attention_forward(q, k, v, causal, softmax_scale)
+    features = _features(mask, alibi_slopes, seed_offset, causal, window_left, window_right, softcap, dropout_p)
+    return attention_forward(q, k, v, softmax_scale, features)
 
 
 @_flash_attention.register_fake
-def _(q, k, v, causal, softmax_scale):
+def _(q, k, v, mask, alibi_slopes, seed_offset, causal, window_left, window_right, softcap, dropout_p,
+      softmax_scale):
     b, h, t, d = q.shape
     return _empty_bthd(b, h, t, d, q), q.new_empty((b, h, t), dtype=torch.float32)
 
 
 @torch.library.custom_op("gptfast::flash_attention_backward", mutates_args=())
-def _flash_attention_backward(grad_out: torch.Tensor, grad_lse: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                              v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, causal: int,
-                              softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _flash_attention_backward(
+        grad_out: torch.Tensor, grad_lse: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+        out: torch.Tensor, lse: torch.Tensor, mask: torch.Tensor | None, alibi_slopes: torch.Tensor | None,
+        seed_offset: torch.Tensor | None, causal: int, window_left: int, window_right: int, softcap: float,
+        dropout_p: float, softmax_scale: float, mask_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, dmask); dmask is (B, Hq, Tq, Tk) float32 with mask_grad, else empty."""
     from gptfast.kernels.attention import attention_backward
-    return attention_backward(grad_out, grad_lse, q, k, v, out, lse, causal, softmax_scale)
+    features = _features(mask, alibi_slopes, seed_offset, causal, window_left, window_right, softcap, dropout_p)
+    dq, dk, dv, dmask = attention_backward(grad_out, grad_lse, q, k, v, out, lse, softmax_scale, features,
+                                           mask_grad)
+    return dq, dk, dv, q.new_empty(0, dtype=torch.float32) if dmask is None else dmask
 
 
 @_flash_attention_backward.register_fake
-def _(grad_out, grad_lse, q, k, v, out, lse, causal, softmax_scale):
-    return (_empty_bthd(*q.shape, q), _empty_bthd(*k.shape, k), _empty_bthd(*v.shape, v))
+def _(grad_out, grad_lse, q, k, v, out, lse, mask, alibi_slopes, seed_offset, causal, window_left, window_right,
+      softcap, dropout_p, softmax_scale, mask_grad):
+    b, h, t, d = q.shape
+    dmask = q.new_empty((b, h, t, k.shape[2]) if mask_grad else (0,), dtype=torch.float32)
+    return _empty_bthd(*q.shape, q), _empty_bthd(*k.shape, k), _empty_bthd(*v.shape, v), dmask
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, causal, softmax_scale = inputs
+    q, k, v, mask, alibi_slopes, seed_offset, *ctx.flags = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.causal, ctx.softmax_scale = causal, softmax_scale
+    ctx.save_for_backward(q, k, v, out, lse, mask, alibi_slopes, seed_offset)
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse = ctx.saved_tensors
+    q, k, v, out, lse, mask, alibi_slopes, seed_offset = ctx.saved_tensors
     # lse is an output users may differentiate (flash_attn_func(return_lse=True)); d lse / d scores = p.
     grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.float().contiguous()
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    dq, dk, dv = _flash_attention_backward(grad_out, grad_lse, q, k, v, out, lse, ctx.causal, ctx.softmax_scale)
-    return dq, dk, dv, None, None
+    mask_grad = ctx.needs_input_grad[3]
+    dq, dk, dv, dmask = _flash_attention_backward(grad_out, grad_lse, q, k, v, out, lse, mask, alibi_slopes,
+                                                  seed_offset, *ctx.flags, mask_grad)
+    dmask = dmask.sum_to_size(mask.shape).to(mask.dtype) if mask_grad else None  # over the broadcast dims
+    return dq, dk, dv, dmask, *([None] * 8)
 
 
 _flash_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+def draw_dropout_seed(device):
+    """The Philox seed and offset of one attention call's dropout: int64 (2,) on device, drawn from torch's
+    generator of that device, so torch.manual_seed makes runs reproducible and each call draws anew (also under
+    torch.compile and CUDA graphs, where it is a traced random op). Calling torch.manual_seed(s) and then this
+    reproduces the draw of a call made right after torch.manual_seed(s)."""
+    return torch.randint(0, 2 ** 62, (2,), dtype=torch.int64, device=device)
 
 
 def _check_inputs(query, key, value, enable_gqa):
@@ -104,23 +136,49 @@ def _check_inputs(query, key, value, enable_gqa):
                              f"True) query's a multiple of key's")
 
 
-def _causal_mode(attn_mask, is_causal):
-    """The kernel's causal mode for is_causal or a CausalBias mask (causal_upper_left, causal_lower_right); None
-    for a dense mask. torch.nn.attention.bias takes a second to import, so only a call with a mask imports it."""
-    if attn_mask is None:
-        return CAUSAL_TOP_LEFT if is_causal else CAUSAL_NONE
-    from torch.nn.attention.bias import CausalBias, CausalVariant
-    if not isinstance(attn_mask, CausalBias):
-        return None
-    return CAUSAL_BOTTOM_RIGHT if attn_mask.variant == CausalVariant.LOWER_RIGHT else CAUSAL_TOP_LEFT
+def _check_mask(attn_mask, query, key):
+    """A dense mask must be bool or floating and broadcast to (..., Hq, Tq, Tk)."""
+    if not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"attn_mask must be a torch.Tensor, a CausalBias or None, got {type(attn_mask).__name__}")
+    if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+        raise TypeError(f"attn_mask must be bool (False hides a key) or floating (added to the scores), got "
+                        f"{attn_mask.dtype}")
+    if attn_mask.device != query.device:
+        raise ValueError(f"attn_mask is on {attn_mask.device} but query is on {query.device}")
+    target = (*query.shape[:-1], key.shape[-2])
+    try:
+        broadcast = torch.broadcast_shapes(attn_mask.shape, target)
+    except RuntimeError:
+        broadcast = None
+    if broadcast != target:
+        raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to (..., Hq, Tq, Tk) = "
+                         f"{target}")
 
 
-def _kernel_gap(q, v, causal, dropout_p):
+def _check_flash_options(q, dropout_p, window_size, softcap, alibi_slopes):
+    """flash-attn's options, on q (B, Tq, Hq, D)."""
+    if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    if not (isinstance(window_size, (tuple, list)) and len(window_size) == 2
+            and all(isinstance(w, int) and w >= -1 for w in window_size)):
+        raise ValueError(f"window_size must be (left, right), each -1 (unbounded) or >= 0, got {window_size!r}")
+    if not (isinstance(softcap, (int, float)) and softcap >= 0):
+        raise ValueError(f"softcap must be >= 0 (0 disables it), got {softcap!r}")
+    if alibi_slopes is None:
+        return
+    if not isinstance(alibi_slopes, torch.Tensor) or alibi_slopes.dtype != torch.float32:
+        raise TypeError(f"alibi_slopes must be a float32 tensor, got "
+                        f"{alibi_slopes.dtype if isinstance(alibi_slopes, torch.Tensor) else type(alibi_slopes)}")
+    batch, heads = q.shape[0], q.shape[2]
+    if tuple(alibi_slopes.shape) not in ((heads,), (batch, heads)):
+        raise ValueError(f"alibi_slopes must have shape (nheads,) = ({heads},) or (batch, nheads) = ({batch}, "
+                         f"{heads}), got {tuple(alibi_slopes.shape)}")
+    if alibi_slopes.device != q.device:
+        raise ValueError(f"alibi_slopes is on {alibi_slopes.device} but q is on {q.device}")
+
+
+def _kernel_gap(q, v):
     """Why the kernels cannot run this (already valid) call, or None when they can."""
-    if causal is None:
-        return "a dense attn_mask (only None, is_causal, causal_upper_left and causal_lower_right)"
-    if dropout_p > 0.0:
-        return "dropout_p > 0"
     if q.dtype not in KERNEL_DTYPES:
         return f"dtype {q.dtype} (only float16, bfloat16, float32)"
     head_dim = q.shape[-1]
@@ -140,10 +198,29 @@ def _as_bhtd(t):
     return t.flatten(0, -4) if t.dim() > 4 else t
 
 
-def _run_kernel(q, k, v, causal, softmax_scale):
-    """Kernel path for (..., H, T, D) inputs already checked; returns (out (..., Hq, Tq, D), lse (..., Hq, Tq))."""
-    out, lse = _flash_attention(_as_bhtd(q), _as_bhtd(k), _as_bhtd(v), causal, softmax_scale)
-    return out.reshape(q.shape), lse.reshape(q.shape[:-1])
+def _run_kernel(q, k, v, mask, alibi_slopes, causal, window, softcap, dropout_p, softmax_scale):
+    """Kernel path for (..., H, T, D) inputs already checked; returns (out (..., Hq, Tq, D), lse (..., Hq, Tq),
+    the dropout's seed_offset or None). The kernels read a mask broadcastable to (B, Hq, Tq, Tk) through its
+    strides; only inputs with more than one batch dim make it 4-dim by a reshape, which may copy."""
+    if mask is not None and q.dim() != 4:
+        mask = _as_bhtd(mask.expand(*q.shape[:-1], k.shape[-2]))
+    elif mask is not None:
+        mask = mask[(None,) * (4 - mask.dim())]
+    seed_offset = draw_dropout_seed(q.device) if dropout_p > 0 else None
+    out, lse = _flash_attention(_as_bhtd(q), _as_bhtd(k), _as_bhtd(v), mask, alibi_slopes, seed_offset, causal,
+                                window[0], window[1], float(softcap), float(dropout_p), softmax_scale)
+    return out.reshape(q.shape), lse.reshape(q.shape[:-1]), seed_offset
+
+
+def _causal_mode(attn_mask, is_causal):
+    """The kernel's causal mode for is_causal or a CausalBias mask (causal_upper_left, causal_lower_right); None
+    for a dense mask. torch.nn.attention.bias takes a second to import, so only a call with a mask imports it."""
+    if attn_mask is None:
+        return CAUSAL_TOP_LEFT if is_causal else CAUSAL_NONE
+    from torch.nn.attention.bias import CausalBias, CausalVariant
+    if not isinstance(attn_mask, CausalBias):
+        return None
+    return CAUSAL_BOTTOM_RIGHT if attn_mask.variant == CausalVariant.LOWER_RIGHT else CAUSAL_TOP_LEFT
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
@@ -152,79 +229,170 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
     Args:
         query: (..., Hq, Tq, D); key: (..., Hkv, Tk, D); value: (..., Hkv, Tk, Dv). Any strides.
-        attn_mask: None, ``causal_upper_left(Tq, Tk)`` or ``causal_lower_right(Tq, Tk)`` from
-            ``torch.nn.attention.bias`` (run in the kernel), or a dense boolean/additive mask (PyTorch only).
-        dropout_p: dropout on the attention weights (PyTorch only).
+        attn_mask: None; ``causal_upper_left(Tq, Tk)`` or ``causal_lower_right(Tq, Tk)`` from
+            ``torch.nn.attention.bias``; or a dense mask broadcastable to (..., Hq, Tq, Tk), boolean (False hides
+            a key) or floating (added to the scores; it gets a gradient when it requires one), read through its
+            strides with no copy for 4-dim inputs.
+        dropout_p: dropout on the attention weights (as torch's, applied whatever the module's mode).
         is_causal: top-left causal mask (query i sees keys j <= i), as torch's.
         scale: softmax scale, default 1 / sqrt(D).
         enable_gqa: allow Hq to be a multiple of Hkv (grouped-query attention).
     Returns:
-        (..., Hq, Tq, Dv) in query's dtype. A query row that sees no key (bottom-right mask with Tq > Tk) is 0.
+        (..., Hq, Tq, Dv) in query's dtype. A query row that sees no key (a mask hiding its whole row, or a
+        bottom-right mask with Tq > Tk) is 0, as torch's SDPA gives it.
     """
     _check_inputs(query, key, value, enable_gqa)
     if is_causal and attn_mask is not None:
         raise ValueError("pass either is_causal=True or attn_mask, not both")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    seqlen_q, seqlen_k = query.shape[-2], key.shape[-2]
     causal = _causal_mode(attn_mask, is_causal)
-    if attn_mask is not None and causal is not None:
-        if (attn_mask.seq_len_q, attn_mask.seq_len_kv) != (seqlen_q, seqlen_k):
-            raise ValueError(f"attn_mask is a causal bias for ({attn_mask.seq_len_q}, {attn_mask.seq_len_kv}) "
-                             f"but query and key have seq_len ({seqlen_q}, {seqlen_k})")
-    if not backend.use_triton("scaled_dot_product_attention", query.device,
-                              _kernel_gap(query, value, causal, dropout_p)):
+    dense = attn_mask if causal is None else None
+    if dense is not None:
+        _check_mask(dense, query, key)
+    elif attn_mask is not None and (attn_mask.seq_len_q, attn_mask.seq_len_kv) != (query.shape[-2], key.shape[-2]):
+        raise ValueError(f"attn_mask is a causal bias for ({attn_mask.seq_len_q}, {attn_mask.seq_len_kv}) "
+                         f"but query and key have seq_len ({query.shape[-2]}, {key.shape[-2]})")
+    if not backend.use_triton("scaled_dot_product_attention", query.device, _kernel_gap(query, value)):
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                               is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
     softmax_scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
-    return _run_kernel(query, key, value, causal, softmax_scale)[0]
+    return _run_kernel(query, key, value, dense, None, causal or CAUSAL_NONE, (-1, -1), 0.0, dropout_p,
+                       softmax_scale)[0]
 
 
-def _torch_attention_with_lse(q, k, v, causal, softmax_scale):
-    """PyTorch fallback of flash_attn_func(return_lse=True) on (B, H, T, D) inputs: SDPA returns no lse, so this
-    forms the scores itself."""
+def _torch_attention(q, k, v, causal, window, mask, softcap, alibi_slopes, dropout_p, softmax_scale):
+    """PyTorch for what F.scaled_dot_product_attention cannot do (windows, softcapping, ALiBi, the lse), with the
+    kernels' semantics, on (B, H, T, D) inputs: (out, lse, probs, kept), probs (B, Hq, Tq, Tk) being the softmax
+    before dropout and kept its keep mask (None without dropout; torch's random numbers, not the kernels')."""
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    scores = (q @ k.transpose(-1, -2)).float() * softmax_scale
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scores = (q.to(work) @ k.to(work).transpose(-1, -2)) * softmax_scale
+    if softcap > 0:
+        scores = softcap * torch.tanh(scores / softcap)
+    seqlen_q, seqlen_k = q.shape[-2], k.shape[-2]
+    diagonal = (torch.arange(seqlen_k, device=q.device)[None, :] - torch.arange(seqlen_q, device=q.device)[:, None]
+                - (seqlen_k - seqlen_q))  # j - (i + Tk - Tq): 0 on the bottom-right diagonal
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.expand(q.shape[0], q.shape[1]).to(work)
+        scores = scores - slopes[:, :, None, None] * diagonal.abs().to(work)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.to(work)
+    left, right = window
     if causal != CAUSAL_NONE:
-        seqlen_q, seqlen_k = q.shape[-2], k.shape[-2]
-        offset = seqlen_k - seqlen_q if causal == CAUSAL_BOTTOM_RIGHT else 0
-        rows = torch.arange(seqlen_q, device=q.device)[:, None]
-        visible = torch.arange(seqlen_k, device=q.device)[None, :] <= rows + offset
-        scores = scores.masked_fill(~visible, float("-inf"))
+        right = 0
+    offset = seqlen_q - seqlen_k if causal == CAUSAL_TOP_LEFT else 0  # top-left: the diagonal is j = i
+    hidden = torch.zeros_like(diagonal, dtype=torch.bool)
+    if right >= 0:
+        hidden |= diagonal + offset > right
+    if left >= 0:
+        hidden |= diagonal + offset < -left
+    scores = scores.masked_fill(hidden, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     sees_no_key = lse == float("-inf")  # exp(-inf - -inf) is NaN: such rows are 0 instead, as the kernel's
-    p = torch.exp(scores - lse[..., None]).masked_fill(sees_no_key[..., None], 0.0)  # NaN inputs stay NaN
-    return (p.to(v.dtype) @ v), lse.masked_fill(sees_no_key, float("inf"))
+    probs = torch.exp(scores - lse[..., None]).masked_fill(sees_no_key[..., None], 0.0)  # NaN inputs stay NaN
+    kept = None
+    weights = probs
+    if dropout_p > 0:
+        kept = torch.rand_like(probs) >= dropout_p
+        weights = probs * kept / (1 - dropout_p)
+    out = (weights @ v.to(work)).to(q.dtype)
+    return out, lse.float().masked_fill(sees_no_key, float("inf")), probs, kept
 
 
-def flash_attn_func(q, k, v, causal=False, softmax_scale=None, return_lse=False):
-    """flash-attn's ``flash_attn_func`` layout, on gptfast's kernels.
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                    alibi_slopes=None, deterministic=False, return_attn_probs=False, *, return_lse=False):
+    """flash-attn 2's ``flash_attn_func``, same signature and argument order, on gptfast's kernels.
 
     Args:
-        q: (B, Tq, Hq, D); k, v: (B, Tk, Hkv, D), Hq a multiple of Hkv. Any strides; nothing is copied.
-        causal: bottom-right causal mask, as flash-attn >= 2.1: query i sees keys j <= i + Tk - Tq.
+        q: (B, Tq, Hq, D); k, v: (B, Tk, Hkv, D), Hq a multiple of Hkv: query head h reads key/value head
+            h // (Hq // Hkv) (Hq = 8, Hkv = 2: heads 0-3 read 0, 4-7 read 1). Any strides; nothing is copied.
+        dropout_p: dropout on the attention weights (pass 0.0 in evaluation, as with flash-attn).
         softmax_scale: default 1 / sqrt(D).
-        return_lse: also return the log-sum-exp of each query row's scores.
+        causal: bottom-right causal mask, as flash-attn >= 2.1: query i sees keys j <= i + Tk - Tq. For Tq = 2,
+            Tk = 5 the mask is [[1 1 1 1 0], [1 1 1 1 1]]; for Tq = 5, Tk = 2 it is [[0 0], [0 0], [0 0],
+            [1 0], [1 1]] (rows that see no key give 0).
+        window_size: (left, right): query i sees keys j in [i + Tk - Tq - left, i + Tk - Tq + right]; -1 is
+            unbounded. causal sets right to 0.
+        softcap: > 0 caps the scores as softcap * tanh(scores / softcap) (Gemma 2).
+        alibi_slopes: float32 (Hq,) or (B, Hq): adds -slope * |i + Tk - Tq - j| to the score of query i, key j.
+        deterministic: accepted for compatibility; gptfast's backward is always deterministic (no atomics).
+        return_attn_probs: also return the lse and S_dmask, (B, Hq, Tq, Tk) float32: the softmax weights with
+            the dropped ones negated, as flash-attn returns them, for testing (computed in PyTorch from q and k).
+        return_lse (keyword only, gptfast's): also return the lse, differentiable.
     Returns:
-        out (B, Tq, Hq, D) in q's dtype, contiguous; with return_lse also lse (B, Hq, Tq) float32 (natural log,
-        +inf for a row that sees no key). Both are differentiable.
+        out (B, Tq, Hq, D) in q's dtype; with return_attn_probs (out, lse, S_dmask), with return_lse (out, lse):
+        lse (B, Hq, Tq) float32, natural log, +inf for a row that sees no key.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"{name} must be a 4-dim tensor (batch, seq_len, heads, head_dim), got "
                              f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    _check_flash_options(q, dropout_p, window_size, softcap, alibi_slopes)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     _check_inputs(q, k, v, enable_gqa=True)
     causal = CAUSAL_BOTTOM_RIGHT if causal else CAUSAL_NONE
     softmax_scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
-    if backend.use_triton("flash_attn_func", q.device, _kernel_gap(q, v, causal, 0.0)):
-        out, lse = _run_kernel(q, k, v, causal, softmax_scale)
-    elif return_lse:
-        out, lse = _torch_attention_with_lse(q, k, v, causal, softmax_scale)
-    else:
-        from torch.nn.attention.bias import causal_lower_right
-        mask = causal_lower_right(q.shape[-2], k.shape[-2]) if causal != CAUSAL_NONE else None
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=softmax_scale, enable_gqa=True)
+    options = dict(causal=causal, window=tuple(window_size), softcap=softcap, alibi_slopes=alibi_slopes)
+    out, lse, kept = attend(q, k, v, **options, dropout_p=dropout_p, softmax_scale=softmax_scale,
+                            need_lse=return_lse or return_attn_probs, need_keep=return_attn_probs)
     out = out.transpose(1, 2)
+    if return_attn_probs:
+        with torch.no_grad():
+            probs = _torch_attention(q, k, v, mask=None, dropout_p=0.0, softmax_scale=softmax_scale, **options)[2]
+        return out, lse, probs if kept is None else torch.where(kept, probs, -probs)
     return (out, lse) if return_lse else out
+
+
+def attend(q, k, v, causal=CAUSAL_NONE, window=(-1, -1), mask=None, softcap=0.0, alibi_slopes=None, dropout_p=0.0,
+           softmax_scale=None, need_lse=False, need_keep=False, op="flash_attn_func"):
+    """The path behind the flash-attn functions and the Hugging Face integration, for checked (B, H, T, D)
+    inputs: the kernels, or PyTorch where they cannot run (F.scaled_dot_product_attention when it can express the
+    call and no lse is needed). mask: None or bool/additive, broadcastable to (B, Hq, Tq, Tk). Returns (out
+    (B, Hq, Tq, D), lse (B, Hq, Tq) float32 or None, kept): kept is the dropout's keep mask (B, Hq, Tq, Tk) when
+    need_keep and dropout_p > 0, else None."""
+    softmax_scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
+    if backend.use_triton(op, q.device, _kernel_gap(q, v)):
+        out, lse, seed_offset = _run_kernel(q, k, v, mask, alibi_slopes, causal, window, softcap, dropout_p,
+                                            softmax_scale)
+        kept = None
+        if need_keep and dropout_p > 0:
+            from gptfast.kernels.attention import dropout_keep_mask
+            kept = dropout_keep_mask(seed_offset, *q.shape[:3], k.shape[2], float(dropout_p))
+        return out, lse, kept
+    if need_lse or need_keep or window != (-1, -1) or softcap > 0 or alibi_slopes is not None or (
+            mask is not None and causal != CAUSAL_NONE):
+        out, lse, _, kept = _torch_attention(q, k, v, causal, window, mask, softcap, alibi_slopes, dropout_p,
+                                             softmax_scale)
+        return out, lse, kept
+    if causal == CAUSAL_BOTTOM_RIGHT:
+        from torch.nn.attention.bias import causal_lower_right
+        mask = causal_lower_right(q.shape[-2], k.shape[-2])
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=softmax_scale,
+                                         is_causal=causal == CAUSAL_TOP_LEFT, enable_gqa=True)
+    return out, None, None
+
+
+def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                             softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """flash-attn 2's ``flash_attn_kvpacked_func``: kv (B, Tk, 2, Hkv, D), keys then values, read as views.
+    Everything else as flash_attn_func."""
+    if not isinstance(kv, torch.Tensor) or kv.dim() != 5 or kv.shape[2] != 2:
+        raise ValueError(f"kv must be a (batch, seq_len, 2, heads, head_dim) tensor, got "
+                         f"{tuple(kv.shape) if isinstance(kv, torch.Tensor) else type(kv).__name__}")
+    k, v = kv.unbind(dim=2)
+    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                           deterministic, return_attn_probs)
+
+
+def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                              softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """flash-attn 2's ``flash_attn_qkvpacked_func``: qkv (B, T, 3, H, D), the fused projection's output, read as
+    views (no copy). Everything else as flash_attn_func."""
+    if not isinstance(qkv, torch.Tensor) or qkv.dim() != 5 or qkv.shape[2] != 3:
+        raise ValueError(f"qkv must be a (batch, seq_len, 3, heads, head_dim) tensor, got "
+                         f"{tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__}")
+    q, k, v = qkv.unbind(dim=2)
+    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                           deterministic, return_attn_probs)

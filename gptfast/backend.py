@@ -4,12 +4,14 @@ The choice is explicit and read in one place: the environment variable ``GPTFAST
 default; ``triton``; ``torch``) sets it at import, and ``use_backend(name)`` overrides it inside a ``with`` block.
 
 - ``auto``: CUDA tensors run the Triton kernels; CPU tensors run PyTorch, or the Triton kernels through Triton's
-  interpreter when ``TRITON_INTERPRET=1``. A case the kernels do not cover falls back to PyTorch.
+  interpreter when ``TRITON_INTERPRET=1``. A case the kernels do not cover falls back to PyTorch, with a warning
+  the first time each reason comes up.
 - ``triton``: the kernels or a clear error, never a fallback.
 - ``torch``: always PyTorch (the reference path, for comparisons).
 """
 import contextlib
 import os
+import warnings
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -62,4 +64,11 @@ def use_triton(op, device, unsupported=None):
                 f"gptfast.{op}: tensors on {device} cannot run the Triton kernel, which needs a CUDA device "
                 "(or TRITON_INTERPRET=1 on the CPU); set GPTFAST_BACKEND=auto to use PyTorch")
         return True
+    if runnable and unsupported is not None and (op, unsupported) not in _warned:
+        _warned.add((op, unsupported))
+        warnings.warn(f"gptfast.{op}: the Triton kernel does not support {unsupported}, so this call runs "
+                      "PyTorch (warned once per reason; GPTFAST_BACKEND=triton makes it an error)", stacklevel=3)
     return runnable and unsupported is None
+
+
+_warned = set()  # (op, reason) pairs already warned about

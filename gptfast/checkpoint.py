@@ -116,6 +116,6 @@ def config_to_hf(config):
             "n_positions": config.block_size, "n_ctx": config.block_size, "n_layer": config.n_layer,
             "n_head": config.n_head, "n_embd": config.n_embd, "layer_norm_epsilon": config.layer_norm_epsilon,
             "activation_function": "gelu_new", "resid_pdrop": config.dropout, "embd_pdrop": config.dropout,
-            "attn_pdrop": 0.0, "tie_word_embeddings": True,
+            "attn_pdrop": config.dropout, "tie_word_embeddings": True,
             # GPT-2 begins and ends text with one token; null where the tokenizer has none (bytes).
             "bos_token_id": config.eos_token_id, "eos_token_id": config.eos_token_id}

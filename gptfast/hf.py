@@ -1,37 +1,61 @@
 """Hugging Face transformers on gptfast's kernels.
 
-``register()`` adds "gptfast" to transformers' attention registry, so that
-``GPT2LMHeadModel.from_pretrained(name, attn_implementation="gptfast")`` runs gptfast's flash-attention;
-``patch_hf(model)`` switches a loaded model to it and also swaps its LayerNorms for gptfast's.
+``register()`` adds "gptfast" to transformers' attention and mask registries, so that
+``AutoModelForCausalLM.from_pretrained(name, attn_implementation="gptfast")`` runs gptfast's flash-attention, with
+dropout, grouped-query heads, sliding windows (Mistral, Qwen2, Gemma 2) and logit softcapping (Gemma 2) in the
+kernels; ``patch_hf(model)`` switches a loaded model to it and also swaps its LayerNorms for gptfast's.
+
+Masks: where the kernels' own flags say everything (a causal pattern, a window the layer names, no padding, the
+queries being the last of the keys), transformers is told to build no mask at all; otherwise (padding, a static
+cache's empty slots, packed sequences) it builds its dense boolean mask, which the kernels read as it is.
 """
 import torch
 
-from gptfast.attention import scaled_dot_product_attention
+from gptfast.attention import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, attend
 from gptfast.layernorm import LayerNorm
 
 
 def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
-                      **kwargs):
+                      sliding_window=None, softcap=None, **kwargs):
     """transformers' attention-interface signature: query (B, Hq, Tq, D), key and value (B, Hkv, Tk, D);
-    returns ((B, Tq, Hq, D), None). Follows transformers' own SDPA integration: the causal flag is used when no
-    mask is given and more than one query is new; a padding mask runs PyTorch under the auto backend."""
-    q_len, kv_len = query.shape[2], key.shape[2]
-    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    is_causal = q_len > 1 and attention_mask is None and is_causal
-    if is_causal and kv_len > q_len:  # prefill into an empty static cache: the keys past q_len are unused
-        key, value = key[:, :, :q_len], value[:, :, :q_len]
-    out = scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
-                                       is_causal=is_causal, scale=scaling,
-                                       enable_gqa=query.shape[1] != key.shape[1])
+    returns ((B, Tq, Hq, D), None). attention_mask is None when attention_mask_for_kernels below found the flags
+    enough, else transformers' dense mask (B, 1, Tq, Tk) holding causality, the window and padding already.
+    sliding_window W lets query i see keys j > i - W, as transformers' own masks (flash-attn's left = W - 1)."""
+    causal = CAUSAL_NONE
+    window = (-1, -1)
+    if attention_mask is None:
+        if is_causal if is_causal is not None else getattr(module, "is_causal", True):
+            causal = CAUSAL_BOTTOM_RIGHT
+        if sliding_window:
+            window = (sliding_window - 1, -1)
+    out = attend(query, key, value, causal=causal, window=window, mask=attention_mask, softcap=softcap or 0.0,
+                 dropout_p=dropout, softmax_scale=scaling, op="hf.attention_forward")[0]
     return out.transpose(1, 2), None
+
+
+def attention_mask_for_kernels(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, attention_mask=None,
+                               allow_is_causal_skip=True, **kwargs):
+    """transformers' mask interface for "gptfast": None where the kernels' causal and window flags describe the
+    mask (no padding in the keys, the queries the last of them, a plain causal or sliding-window pattern), else
+    transformers' own dense boolean mask (sdpa_mask)."""
+    from transformers.masking_utils import sdpa_mask
+    config = kwargs.get("config")
+    plain_pattern = allow_is_causal_skip and getattr(config, "attention_chunk_size", None) is None
+    queries_last = isinstance(q_offset, int) and isinstance(kv_offset, int) and (
+        q_offset + q_length == kv_offset + kv_length)
+    if plain_pattern and queries_last and (attention_mask is None or bool(
+            attention_mask[:, kv_offset:kv_offset + kv_length].all())):
+        return None
+    return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                     kv_offset=kv_offset, attention_mask=attention_mask, allow_is_causal_skip=False, **kwargs)
 
 
 def register():
     """Make attn_implementation="gptfast" known to transformers (idempotent)."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface
     AttentionInterface.register("gptfast", attention_forward)
-    AttentionMaskInterface.register("gptfast", sdpa_mask)
+    AttentionMaskInterface.register("gptfast", attention_mask_for_kernels)
 
 
 def patch_hf(model):

@@ -21,9 +21,15 @@ ARCHS = {"sm_80": 80, "sm_90": 90}
 # Largest dynamic shared memory one block may use (opt-in limit): A100 163 KiB, H100/H200 227 KiB.
 SHARED_LIMIT = {"sm_80": 166912, "sm_90": 232448}
 TENSOR_CORE_OPS = ("HGMMA", "HMMA")
-FLOAT32_POINTERS = {"LSE", "DELTA", "GRAD_LSE", "MEAN", "RSTD", "PARTIAL", "DW", "DB"}
-FLOAT_SCALARS = {"qk_scale", "softmax_scale", "eps"}
+FLOAT32_POINTERS = {"LSE", "DELTA", "GRAD_LSE", "MEAN", "RSTD", "PARTIAL", "DW", "DB", "ALIBI", "DBIAS"}
+FLOAT_SCALARS = {"qk_scale", "softmax_scale", "eps", "softcap", "dropout_p", "keep_scale"}
 INSPECTED_DTYPES = ("bf16", "fp32")
+# Attention's variants: the plain causal kernel, and every feature at once (the most registers any call needs):
+# a window, an additive mask and its gradient, ALiBi, softcapping and dropout.
+PLAIN = (("CAUSAL", True), ("WINDOW", False), ("MASK_KIND", 0), ("ALIBI_SLOPES", False), ("SOFTCAP", False),
+         ("DROPOUT", False))
+EVERY_FEATURE = (("CAUSAL", True), ("WINDOW", True), ("MASK_KIND", 2), ("ALIBI_SLOPES", True), ("SOFTCAP", True),
+                 ("DROPOUT", True))
 
 
 @dataclass(frozen=True)
@@ -36,11 +42,13 @@ class Job:
     constexprs: tuple  # ((name, value), ...)
     num_warps: int
     num_stages: int
+    maxnreg: int | None = None  # the config's register cap, where it sets one
 
     def label(self):
         shown = {k: v for k, v in self.constexprs if k in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "ROW_FITS")}
         config = " ".join(f"{k}={v}" for k, v in shown.items())
-        return f"{self.kernel} [{self.dtype} {config} warps={self.num_warps} stages={self.num_stages}]"
+        features = "+features " if dict(self.constexprs).get("DROPOUT") else ""
+        return f"{self.kernel} [{features}{self.dtype} {config} warps={self.num_warps} stages={self.num_stages}]"
 
 
 def attention_jobs(arch, dtypes=INSPECTED_DTYPES):
@@ -52,15 +60,20 @@ def attention_jobs(arch, dtypes=INSPECTED_DTYPES):
         for dtype in dtypes:
             table = "fp32" if dtype == "fp32" else arch
             precision = "ieee" if dtype == "fp32" else "tf32"  # fp32 runs ieee unless tf32 is allowed
-            for block_m, block_n, warps, stages, dims in attn.CONFIGS[tuning_name][table]:
-                for block_d in dims:
-                    constexprs = (("HEAD_DIM", block_d), ("BLOCK_D", block_d), ("CAUSAL", True),
-                                  ("INPUT_PRECISION", precision), ("BLOCK_M", block_m), ("BLOCK_N", block_n))
-                    jobs.append(Job("attention", kernel, arch, dtype, constexprs, warps, stages))
+            for features, tables, cap in ((PLAIN, attn.CONFIGS, None),
+                                          (EVERY_FEATURE, attn.FEATURE_CONFIGS, attn.MAX_REGISTERS)):
+                bias_grad = (("BIAS_GRAD", features == EVERY_FEATURE),) if tuning_name == "backward_dq" else ()
+                for tile in tables[tuning_name][table]:
+                    for block_d in tile.dims:
+                        constexprs = (("HEAD_DIM", block_d), ("BLOCK_D", block_d), *features, *bias_grad,
+                                      ("INPUT_PRECISION", precision), ("BLOCK_M", tile.block_m),
+                                      ("BLOCK_N", tile.block_n))
+                        jobs.append(Job("attention", kernel, arch, dtype, constexprs, tile.warps, tile.stages, cap))
     for dtype in dtypes:
         for block_d in attn.UP_TO_256:
             constexprs = (("HEAD_DIM", block_d), ("BLOCK_D", block_d), ("BLOCK_M", attn.delta_block(block_d)))
             jobs.append(Job("attention", "attention_backward_delta_kernel", arch, dtype, constexprs, 4, 1))
+    jobs.append(Job("attention", "dropout_keep_kernel", arch, "fp32", (("BLOCK_M", 16), ("BLOCK_N", 16)), 4, 1))
     return jobs
 
 
@@ -94,8 +107,11 @@ def signature(fn, dtype, constexprs):
         elif name.startswith("stride_") and name[-1] == "d" and fn.__name__.startswith("attention"):
             sig[name], consts[name] = "constexpr", 1
         elif name.isupper():
-            sig[name] = "*fp32" if name in FLOAT32_POINTERS else f"*{dtype}"
+            sig[name] = ("*fp32" if name in FLOAT32_POINTERS else "*i64" if name == "SEED" else
+                         "*i1" if name == "KEEP" or name == "MASK" and consts.get("MASK_KIND") == 1 else f"*{dtype}")
             attrs[(index,)] = [["tt.divisibility", 16]]
+        elif name[:9] in ("stride_m", "stride_a", "stride_g") and len(name) == 9:
+            sig[name] = "i32"  # a mask's or the slopes' strides: 0 along broadcast dims, often 1
         elif name in FLOAT_SCALARS:
             sig[name] = "fp32"
         else:
@@ -124,7 +140,8 @@ def compile_job(job):
     try:
         sig, consts, attrs = signature(fn, job.dtype, job.constexprs)
         compiled = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", ARCHS[job.arch], 32),
-                                  options={"num_warps": job.num_warps, "num_stages": job.num_stages})
+                                  options={"num_warps": job.num_warps, "num_stages": job.num_stages,
+                                           **({"maxnreg": job.maxnreg} if job.maxnreg else {})})
     except Exception as error:  # a compile failure is a finding to report, not a crash
         row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
         return row

@@ -28,7 +28,7 @@ class GPTConfig:
     n_head: int = 12
     n_embd: int = 768
     bias: bool = True  # biases in the Linear layers and LayerNorms, as GPT-2
-    dropout: float = 0.0  # on embeddings and residual branches (not on attention weights: the kernel has none)
+    dropout: float = 0.0  # on embeddings, residual branches and attention weights (GPT-2's three pdrops)
     layer_norm_epsilon: float = 1e-5
     eos_token_id: int | None = None  # the tokenizer's end-of-text token (GPT-2's BPE: 50256; bytes: none)
 
@@ -75,6 +75,7 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
+        self.attn_dropout = config.dropout  # on the attention weights, inside the kernel
 
     def forward(self, x, cache=None):
         batch, seqlen, width = x.shape
@@ -82,7 +83,7 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.append(self.layer, k, v)
         # Bottom-right causal: with a cache the new queries are the last ones, and see every cached key.
-        y = flash_attn_func(q, k, v, causal=True)
+        y = flash_attn_func(q, k, v, dropout_p=self.attn_dropout if self.training else 0.0, causal=True)
         return self.resid_dropout(self.c_proj(y.reshape(batch, seqlen, width)))
 
 

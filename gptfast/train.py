@@ -64,7 +64,7 @@ def add_arguments(parser):
     add("--n-layer", type=int, help=f"transformer blocks (default {DEFAULTS['n_layer']})")
     add("--n-head", type=int, help=f"attention heads (default {DEFAULTS['n_head']})")
     add("--n-embd", type=int, help=f"embedding width (default {DEFAULTS['n_embd']})")
-    add("--dropout", type=float, help="dropout on embeddings and residual branches (default 0)")
+    add("--dropout", type=float, help="dropout on embeddings, residual branches and attention weights (default 0)")
     add("--lr", type=float, help=f"peak learning rate (default {DEFAULTS['lr']})")
     add("--min-lr", type=float, help="learning rate at the end of the cosine decay (default lr / 10)")
     add("--warmup-iters", type=int, help=f"linear warmup steps (default {DEFAULTS['warmup_iters']})")

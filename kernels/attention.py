@@ -12,11 +12,18 @@ Layouts, for every tensor the launchers take:
     D is a multiple of 8 from 8 to 256; blocks are padded to the next power of two and masked.
     out: (B, Hq, Tq, D) in q's dtype, stored as (B, Tq, Hq, D) memory; lse: (B, Hq, Tq) float32, natural log.
 
-Causal masks: key j is visible to query i when j <= i + causal_offset. causal_offset is 0 for a top-left mask
-(torch's is_causal) and Tk - Tq for a bottom-right one (a KV cache). A query row that sees no key gets output 0
-and lse +inf, as in FlashAttention, so its backward terms vanish.
+Bounds: key j is visible to query i when j <= i + causal_offset (CAUSAL) and j >= i + window_offset (WINDOW).
+causal_offset is 0 for a top-left causal mask (torch's is_causal), Tk - Tq for a bottom-right one (a KV cache,
+flash-attn), plus a window's right size; window_offset is the bottom-right diagonal minus the window's left size
+(flash-attn 2's sliding window). Key blocks outside the bounds are never loaded. A query row that sees no key gets
+output 0 and lse +inf, as in FlashAttention, so its backward terms vanish.
+
+Every other feature is a tl.constexpr flag of the same kernels, compiled out when off: a boolean or additive mask
+read through its strides (MASK_KIND; the additive one's gradient with BIAS_GRAD), ALiBi slopes, Gemma 2's logit
+softcapping, and dropout on the attention weights from Philox numbers regenerated in the backward.
 """
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -25,41 +32,79 @@ import triton.language as tl
 from gptfast.kernels import device_arch, tuned
 
 CAUSAL_NONE, CAUSAL_TOP_LEFT, CAUSAL_BOTTOM_RIGHT = 0, 1, 2
-LOG2E = 1.4426950408889634
+MASK_NONE, MASK_BOOLEAN, MASK_ADDITIVE = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E): the kernels' softmax runs on exp2
 
-# Tuning spaces: (BLOCK_M, BLOCK_N, num_warps, num_stages, padded head dims it serves), per architecture, for
-# 16-bit inputs and for float32 ones (whose full-precision dot runs on FMA units and needs far smaller tiles).
-# BLOCK_M counts query rows and BLOCK_N key rows in every kernel. Each entry was kept because `gptfast inspect`
-# compiles it for its dims without spills or shared-memory overflow (on sm_90 with wgmma, HGMMA); the interpreter
-# uses small blocks so that the CPU tests cross many block edges.
+
+class Tile(NamedTuple):
+    """One tuning entry. block_m counts query rows and block_n key rows, in every kernel."""
+    block_m: int
+    block_n: int
+    warps: int
+    stages: int
+    dims: tuple  # the padded head dims it serves
+
+
+# Tuning spaces, per architecture, for 16-bit inputs and for float32 ones (whose full-precision dot runs on FMA
+# units and needs far smaller tiles). Each entry was kept because `gptfast inspect` compiles it for its dims
+# without spills or shared-memory overflow (on sm_90 with wgmma, HGMMA); the interpreter uses small blocks so that
+# the CPU tests cross many block edges.
 UP_TO_64, UP_TO_128, UP_TO_256 = (16, 32, 64), (16, 32, 64, 128), (16, 32, 64, 128, 256)
 CONFIGS = {
     "forward": {
-        "sm_90": [(128, 64, 8, 3, UP_TO_128), (128, 128, 8, 3, UP_TO_64), (64, 64, 4, 3, UP_TO_128),
-                  (64, 64, 8, 2, UP_TO_256), (128, 32, 8, 2, UP_TO_256)],
-        "sm_80": [(128, 64, 8, 3, UP_TO_64), (64, 64, 4, 3, UP_TO_128), (128, 32, 8, 2, UP_TO_128),
-                  (64, 32, 4, 2, UP_TO_128), (64, 64, 8, 2, UP_TO_256)],
-        "fp32": [(64, 16, 4, 1, UP_TO_64), (32, 16, 8, 1, UP_TO_128), (16, 32, 8, 1, UP_TO_256)],
-        "interpreter": [(16, 16, 1, 1, UP_TO_256)],
+        "sm_90": [Tile(128, 64, 8, 3, UP_TO_128), Tile(128, 128, 8, 3, UP_TO_64), Tile(64, 64, 4, 3, UP_TO_128),
+                  Tile(64, 64, 8, 2, UP_TO_256), Tile(128, 32, 8, 2, UP_TO_256)],
+        "sm_80": [Tile(128, 64, 8, 3, UP_TO_64), Tile(64, 64, 4, 3, UP_TO_128), Tile(128, 32, 8, 2, UP_TO_128),
+                  Tile(64, 32, 4, 2, UP_TO_128), Tile(64, 64, 8, 2, UP_TO_256)],
+        "fp32": [Tile(64, 16, 4, 1, UP_TO_64), Tile(32, 16, 8, 1, UP_TO_128), Tile(16, 32, 8, 1, UP_TO_256)],
+        "interpreter": [Tile(16, 16, 1, 1, UP_TO_256)],
     },
     "backward_dkdv": {
-        "sm_90": [(32, 128, 8, 2, UP_TO_64), (64, 128, 8, 1, UP_TO_64), (32, 64, 8, 1, UP_TO_128),
-                  (16, 128, 8, 2, UP_TO_128),
+        "sm_90": [Tile(32, 128, 8, 2, UP_TO_64), Tile(64, 128, 8, 1, UP_TO_64), Tile(32, 64, 8, 1, UP_TO_128),
+                  Tile(16, 128, 8, 2, UP_TO_128),
                   # A 256-wide dk, dv pair fits in registers only with these; they run HMMA, not wgmma.
-                  (32, 32, 8, 2, (256,)), (16, 32, 4, 1, (256,))],
-        "sm_80": [(32, 64, 8, 1, UP_TO_128), (32, 32, 8, 2, (64, 128)), (32, 32, 4, 1, UP_TO_64),
-                  (16, 32, 4, 1, UP_TO_256)],
-        "fp32": [(16, 32, 4, 1, (16, 32)), (32, 16, 4, 1, (64,)), (16, 16, 8, 1, (16, 32, 128)),
-                 (16, 32, 8, 1, (256,))],
-        "interpreter": [(16, 16, 1, 1, UP_TO_256)],
+                  Tile(32, 32, 8, 2, (256,)), Tile(16, 32, 4, 1, (256,))],
+        "sm_80": [Tile(32, 64, 8, 1, UP_TO_128), Tile(32, 32, 8, 2, (64, 128)), Tile(32, 32, 4, 1, UP_TO_64),
+                  Tile(16, 32, 4, 1, UP_TO_256)],
+        "fp32": [Tile(16, 32, 4, 1, (16, 32)), Tile(32, 16, 4, 1, (64,)), Tile(16, 16, 8, 1, (16, 32, 128)),
+                 Tile(16, 32, 8, 1, (256,))],
+        "interpreter": [Tile(16, 16, 1, 1, UP_TO_256)],
     },
     "backward_dq": {
-        "sm_90": [(128, 64, 8, 2, UP_TO_128), (128, 32, 8, 1, UP_TO_128), (64, 64, 4, 2, UP_TO_128),
-                  (64, 32, 8, 2, UP_TO_256)],
-        "sm_80": [(128, 64, 8, 2, (16, 64)), (128, 32, 8, 1, UP_TO_128), (64, 32, 8, 2, UP_TO_256),
-                  (32, 32, 4, 1, UP_TO_256)],
-        "fp32": [(32, 32, 4, 1, UP_TO_64), (32, 16, 8, 1, UP_TO_128), (16, 16, 8, 1, UP_TO_256)],
-        "interpreter": [(16, 16, 1, 1, UP_TO_256)],
+        "sm_90": [Tile(128, 64, 8, 2, UP_TO_128), Tile(128, 32, 8, 1, UP_TO_128), Tile(64, 64, 4, 2, UP_TO_128),
+                  Tile(64, 32, 8, 2, UP_TO_256)],
+        "sm_80": [Tile(128, 64, 8, 2, (16, 64)), Tile(128, 32, 8, 1, UP_TO_128), Tile(64, 32, 8, 2, UP_TO_256),
+                  Tile(32, 32, 4, 1, UP_TO_256)],
+        "fp32": [Tile(32, 32, 4, 1, UP_TO_64), Tile(32, 16, 8, 1, UP_TO_128), Tile(16, 16, 8, 1, UP_TO_256)],
+        "interpreter": [Tile(16, 16, 1, 1, UP_TO_256)],
+    },
+}
+
+
+# With a feature past the bounds (a mask, ALiBi, softcapping, dropout) a tile holds more per score: these compile
+# without spills with all of them on at once (`gptfast inspect`'s EVERY_FEATURE), under a register cap of 255.
+# Without a cap ptxas kept some of them near 72 registers and spilled a word.
+MAX_REGISTERS = 255
+FEATURE_CONFIGS = {
+    "forward": {
+        "sm_90": [Tile(128, 32, 8, 2, UP_TO_256), Tile(64, 16, 4, 2, UP_TO_256), Tile(64, 32, 4, 2, UP_TO_128)],
+        "sm_80": [Tile(32, 32, 4, 2, UP_TO_256), Tile(128, 32, 8, 2, UP_TO_64), Tile(64, 16, 4, 2, UP_TO_64)],
+        "fp32": [Tile(16, 16, 4, 1, UP_TO_128), Tile(32, 16, 4, 1, UP_TO_64), Tile(16, 32, 4, 1, (16, 32, 64, 256))],
+        "interpreter": [Tile(16, 16, 1, 1, UP_TO_256)],
+    },
+    "backward_dkdv": {
+        "sm_90": [Tile(32, 16, 4, 1, UP_TO_256), Tile(16, 32, 4, 1, UP_TO_128), Tile(32, 32, 4, 1, UP_TO_64)],
+        "sm_80": [Tile(32, 16, 4, 1, UP_TO_128), Tile(16, 32, 4, 1, UP_TO_128), Tile(16, 16, 8, 1, (256,)),
+                  Tile(32, 16, 8, 1, (256,))],
+        "fp32": [Tile(16, 16, 4, 1, UP_TO_64), Tile(32, 16, 4, 1, (16, 32)), Tile(16, 16, 8, 1, (128, 256)),
+                 Tile(32, 16, 8, 1, (128,))],
+        "interpreter": [Tile(16, 16, 1, 1, UP_TO_256)],
+    },
+    "backward_dq": {
+        "sm_90": [Tile(32, 16, 4, 1, UP_TO_256), Tile(32, 32, 4, 1, UP_TO_256), Tile(64, 16, 4, 1, UP_TO_128)],
+        "sm_80": [Tile(32, 16, 4, 1, UP_TO_256), Tile(32, 32, 4, 1, UP_TO_128), Tile(64, 32, 8, 1, UP_TO_128)],
+        "fp32": [Tile(16, 16, 4, 1, UP_TO_128), Tile(32, 16, 4, 1, UP_TO_64), Tile(16, 16, 8, 1, (256,))],
+        "interpreter": [Tile(16, 16, 1, 1, UP_TO_256)],
     },
 }
 
@@ -74,53 +119,151 @@ def config_table(arch, dtype):
     return "fp32" if dtype == torch.float32 and arch != "interpreter" else arch
 
 
-def configs_for(kernel_name, table, block_d):
-    """The triton.Config list of one kernel in one table that serves a padded head dim of block_d."""
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-            for m, n, w, s, dims in CONFIGS[kernel_name][table] if block_d in dims]
+def configs_for(kernel_name, table, block_d, features=False):
+    """The triton.Config list of one kernel in one table that serves a padded head dim of block_d; with features
+    (a mask, ALiBi, softcapping or dropout), FEATURE_CONFIGS' and their register cap."""
+    tiles = (FEATURE_CONFIGS if features else CONFIGS)[kernel_name][table]
+    cap = {"maxnreg": MAX_REGISTERS} if features and table != "interpreter" else {}
+    return [triton.Config({"BLOCK_M": t.block_m, "BLOCK_N": t.block_n}, num_warps=t.warps, num_stages=t.stages,
+                          **cap) for t in tiles if block_d in t.dims]
 
 
 @triton.jit
-def _visible(offs_m, offs_n, seqlen_k, causal_offset, CAUSAL: tl.constexpr):
-    """Which (query, key) pairs may attend: keys inside the sequence and, if causal, not after the diagonal.
-    offs_m and offs_n come in already broadcast to the tile's 2-D shape."""
+def _visible(offs_m, offs_n, seqlen_k, causal_offset, window_offset, CAUSAL: tl.constexpr,
+             WINDOW: tl.constexpr):
+    """Which (query, key) pairs the bounds let attend: keys inside the sequence, not after i + causal_offset if
+    CAUSAL, not before i + window_offset if WINDOW. offs_m and offs_n come in broadcast to the tile's shape."""
     mask = offs_n < seqlen_k
     if CAUSAL:
         mask = mask & (offs_n <= offs_m + causal_offset)
+    if WINDOW:
+        mask = mask & (offs_n >= offs_m + window_offset)
     return mask
 
 
 @triton.jit
-def _key_range(start_m, seqlen_q, seqlen_k, causal_offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               CAUSAL: tl.constexpr):
-    """Keys that the query rows [start_m, start_m + BLOCK_M) visit: [0, full_end) need no mask, [full_end, stop)
-    do (they cross the diagonal or the end of the sequence). Keys from stop on are never loaded."""
+def _key_range(start_m, seqlen_q, seqlen_k, causal_offset, window_offset, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """Keys that the query rows [start_m, start_m + BLOCK_M) visit, as lo <= full_start <= full_end <= hi:
+    [lo, full_start) need the window's mask, [full_start, full_end) no mask, [full_end, hi) the causal mask or
+    the end of the sequence. Keys outside [lo, hi) are never loaded."""
+    last_row = tl.minimum(start_m + BLOCK_M, seqlen_q) - 1  # rows past Tq see nothing they need
     if CAUSAL:
-        # The last visible key of the block's last real row (rows past Tq see nothing they need).
-        stop = tl.maximum(tl.minimum(seqlen_k, tl.minimum(start_m + BLOCK_M, seqlen_q) + causal_offset), 0)
-        full_end = tl.maximum(tl.minimum(stop, start_m + causal_offset + 1), 0) // BLOCK_N * BLOCK_N
+        hi = tl.maximum(tl.minimum(seqlen_k, last_row + 1 + causal_offset), 0)
+        full_end = tl.maximum(tl.minimum(hi, start_m + causal_offset + 1), 0) // BLOCK_N * BLOCK_N
     else:
-        stop = seqlen_k
+        hi = seqlen_k
         full_end = seqlen_k // BLOCK_N * BLOCK_N
-    return full_end, stop
+    if WINDOW:
+        # The first key the block's first row sees, and the first its last row sees.
+        lo = tl.minimum(tl.maximum(start_m + window_offset, 0), hi) // BLOCK_N * BLOCK_N
+        full_start = tl.minimum(tl.cdiv(tl.maximum(last_row + window_offset, 0), BLOCK_N) * BLOCK_N, hi)
+        full_end = tl.maximum(full_end, full_start)
+    else:
+        lo = 0
+        full_start = 0
+    return lo, full_start, full_end, hi
 
 
 @triton.jit
-def _query_range(start_n, seqlen_q, causal_offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 CAUSAL: tl.constexpr):
-    """Query rows that see the keys [start_n, start_n + BLOCK_N): rows [start, full_start) need the causal mask,
-    rows [full_start, seqlen_q) see every key of the block. Rows before start are never loaded."""
+def _query_range(start_n, seqlen_q, causal_offset, window_offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """Query rows that see the keys [start_n, start_n + BLOCK_N), as lo <= full_start <= full_end <= hi:
+    [lo, full_start) need the causal mask, [full_start, full_end) see every key of the block, [full_end, hi)
+    need the window's mask. Rows outside [lo, hi) are never loaded."""
     if CAUSAL:
         # The first query that sees a key of the block, rounded down to its block; Tq when no query sees the
-        # block (top-left mask, Tk > Tq), so both loops are empty and dk, dv are 0.
-        start = tl.minimum(tl.maximum(start_n - causal_offset, 0), seqlen_q)
-        start = tl.where(start < seqlen_q, start // BLOCK_M * BLOCK_M, start)
+        # block (top-left mask, Tk > Tq), so every loop is empty and dk, dv are 0.
+        lo = tl.minimum(tl.maximum(start_n - causal_offset, 0), seqlen_q)
+        lo = tl.where(lo < seqlen_q, lo // BLOCK_M * BLOCK_M, lo)
         full_start = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - causal_offset, 0), BLOCK_M) * BLOCK_M
         full_start = tl.minimum(full_start, seqlen_q)
     else:
-        start = 0
+        lo = 0
         full_start = 0
-    return start, full_start
+    if WINDOW:
+        # Past the last row that sees the block's last key no row sees it; rows up to the last that sees its
+        # first key see all of it.
+        hi = tl.minimum(tl.maximum(start_n + BLOCK_N - window_offset, 0), seqlen_q)
+        lo = tl.minimum(lo, hi)
+        full_start = tl.minimum(full_start, hi)
+        full_end = tl.maximum(tl.minimum(start_n - window_offset + 1, hi), 0) // BLOCK_M * BLOCK_M
+        full_end = tl.maximum(full_end, full_start)
+    else:
+        hi = seqlen_q
+        full_end = seqlen_q
+    return lo, full_start, full_end, hi
+
+
+@triton.jit
+def _tanh(x):
+    """tanh in float32 to about an ulp: an odd Taylor polynomial below 0.25 (where 1 - e^(-2|x|) would cancel),
+    the exponential form above. Triton has no tanh, and libdevice's does not run in the interpreter."""
+    ax = tl.abs(x)
+    e = tl.exp2(ax * (-2.0 * LOG2E))
+    x2 = x * x
+    small = ax * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * (-0.05396825396825397
+                                                                                       + x2 * 0.021869488536155203))))
+    # fdiv: a division without IEEE's slow-path subroutine, whose call needs a stack frame in the inner loop.
+    t = tl.where(ax < 0.25, small, tl.math.fdiv(1.0 - e, 1.0 + e))
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _scores(qk, rows, keys, seqlen_q, seqlen_k, mask_tile, slope, alibi_offset, qk_scale, softcap,
+            MASK_KIND: tl.constexpr, ALIBI: tl.constexpr, SOFTCAP: tl.constexpr):
+    """(scores, tanh): a tile's logits in log2 units (times LOG2E, for exp2) from its dot products qk, and with
+    SOFTCAP the tanh behind them (for the backward's derivative; else a placeholder). The order is flash-attn's
+    and Gemma 2's: scale, softcap, then ALiBi and an additive mask, then a boolean mask. rows and keys come
+    broadcast to the tile's shape; mask_tile points at the tile of the mask. Bounds are the caller's to apply."""
+    if SOFTCAP:
+        tanh = _tanh(qk * (qk_scale / (softcap * LOG2E)))
+        scores = tanh * (softcap * LOG2E)
+    else:
+        scores = qk * qk_scale
+        tanh = scores
+    if ALIBI:  # -slope * |i + Tk - Tq - j| (flash-attn 2's ALiBi)
+        scores -= (slope * LOG2E) * tl.abs(rows + alibi_offset - keys).to(tl.float32)
+    if MASK_KIND != MASK_NONE:
+        in_bounds = (rows < seqlen_q) & (keys < seqlen_k)
+        if MASK_KIND == MASK_ADDITIVE:
+            scores += tl.load(mask_tile, mask=in_bounds, other=0.0).to(tl.float32) * LOG2E
+        else:
+            scores = tl.where(tl.load(mask_tile, mask=in_bounds, other=0) != 0, scores, float("-inf"))
+    return scores, tanh
+
+
+@triton.jit
+def _kept(seed, offset, head_index, rows, keys, dropout_p):
+    """Dropout's keep mask of a tile (True with probability 1 - dropout_p). Philox 4x32 (Salmon et al., 2011; the
+    generator of tl.rand) keyed by seed and counting (key, query, batch * Hq + head, offset), so the forward and
+    both backward kernels draw the same number for each score and no (Tq, Tk) mask is ever stored."""
+    c0 = (keys + rows * 0).to(tl.uint32)
+    c1 = (rows + keys * 0).to(tl.uint32)
+    c2 = c0 * 0 + head_index.to(tl.uint32)
+    c3 = c0 * 0 + offset.to(tl.uint32)
+    bits, _, _, _ = tl.philox(seed, c0, c1, c2, c3)
+    return tl.uint_to_uniform_float(bits) >= dropout_p
+
+
+@triton.jit
+def _slope(ALIBI, batch, head, stride_ab, stride_ah, ALIBI_SLOPES: tl.constexpr):
+    """A head's ALiBi slope; 0.0 without ALiBi."""
+    slope = 0.0
+    if ALIBI_SLOPES:
+        slope = tl.load(ALIBI + batch * stride_ab + head * stride_ah)
+    return slope
+
+
+@triton.jit
+def _dropout_seed(SEED, DROPOUT: tl.constexpr):
+    """(seed, offset) of the call's dropout, from the int64 pair SEED points at; (0, 0) without dropout."""
+    seed = 0
+    offset = 0
+    if DROPOUT:
+        seed = tl.load(SEED)
+        offset = tl.load(SEED + 1)
+    return seed, offset
 
 
 @triton.jit
@@ -142,9 +285,12 @@ def _query_program(num_heads, group_size, BLOCK_M: tl.constexpr):
 
 @triton.jit
 def _forward_block_loop(acc, row_sum, row_max, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, d_mask,
-                        seqlen_k, causal_offset, qk_scale, start, stop,
-                        BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-                        INPUT_PRECISION: tl.constexpr):
+                        seqlen_q, seqlen_k, causal_offset, window_offset, qk_scale, start, stop,
+                        MASK, stride_mt, stride_ms, slope, alibi_offset, softcap,
+                        seed, seed_offset, head_index, dropout_p, keep_scale,
+                        BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+                        MASK_KIND: tl.constexpr, ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
+                        DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """Online softmax over the key blocks [start, stop): rescales the running (acc, row_sum, row_max)."""
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(start, stop, BLOCK_N):
@@ -153,9 +299,13 @@ def _forward_block_loop(acc, row_sum, row_max, q, k_ptrs, v_ptrs, stride_kt, str
         if MASKED:
             kv_mask = kv_mask & (key_rows[:, None] < seqlen_k)
         k = tl.load(k_ptrs + start_n * stride_kt, mask=kv_mask, other=0.0)
-        scores = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+        qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
+        scores, _ = _scores(qk, offs_m[:, None], key_rows[None, :], seqlen_q, seqlen_k,
+                            MASK + offs_m[:, None] * stride_mt + key_rows[None, :] * stride_ms, slope, alibi_offset,
+                            qk_scale, softcap, MASK_KIND=MASK_KIND, ALIBI=ALIBI, SOFTCAP=SOFTCAP)
         if MASKED:
-            visible = _visible(offs_m[:, None], key_rows[None, :], seqlen_k, causal_offset, CAUSAL)
+            visible = _visible(offs_m[:, None], key_rows[None, :], seqlen_k, causal_offset, window_offset,
+                               CAUSAL=CAUSAL, WINDOW=WINDOW)
             scores = tl.where(visible, scores, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(scores, 1))
         # A row with nothing visible yet keeps a max of -inf; subtract 0 instead so exp2 gives 0, not NaN.
@@ -163,6 +313,9 @@ def _forward_block_loop(acc, row_sum, row_max, q, k_ptrs, v_ptrs, stride_kt, str
         p = tl.exp2(scores - shift[:, None])
         correction = tl.exp2(row_max - shift)
         row_sum = row_sum * correction + tl.sum(p, 1)
+        if DROPOUT:  # the softmax sums every weight; the output keeps some, scaled by 1 / (1 - dropout_p)
+            p = tl.where(_kept(seed, seed_offset, head_index, offs_m[:, None], key_rows[None, :], dropout_p),
+                         p * keep_scale, 0.0)
         # v is loaded only now, so it is not live in registers during the softmax (the dq loop below loads it
         # with k instead: each order is the one that compiles without spills, per `gptfast inspect`).
         v = tl.load(v_ptrs + start_n * stride_vt, mask=kv_mask, other=0.0)
@@ -173,22 +326,29 @@ def _forward_block_loop(acc, row_sum, row_max, q, k_ptrs, v_ptrs, stride_kt, str
 
 @triton.jit
 def attention_forward_kernel(
-        Q, K, V, O, LSE,
+        Q, K, V, O, LSE, MASK, ALIBI, SEED,
         stride_qb, stride_qh, stride_qt, stride_qd,
         stride_kb, stride_kh, stride_kt, stride_kd,
         stride_vb, stride_vh, stride_vt, stride_vd,
         stride_ob, stride_oh, stride_ot, stride_od,
-        num_heads, group_size, seqlen_q, seqlen_k, causal_offset, qk_scale,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        stride_mb, stride_mh, stride_mt, stride_ms, stride_ab, stride_ah,
+        num_heads, group_size, seqlen_q, seqlen_k, causal_offset, window_offset, alibi_offset, qk_scale, softcap,
+        dropout_p, keep_scale,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+        MASK_KIND: tl.constexpr, ALIBI_SLOPES: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program: BLOCK_M query rows of one (batch, head). qk_scale is softmax_scale * log2(e), so the
-    softmax runs on exp2. Grid: (cdiv(Tq, BLOCK_M), B * Hq)."""
+    softmax runs on exp2. MASK, ALIBI and SEED are read only when their flags say so. Grid:
+    (cdiv(Tq, BLOCK_M), B * Hq)."""
     start_m, batch, head, kv_head = _query_program(num_heads, group_size, BLOCK_M)
     Q += batch * stride_qb + head * stride_qh
     K += batch * stride_kb + kv_head * stride_kh
     V += batch * stride_vb + kv_head * stride_vh
     O += batch * stride_ob + head * stride_oh
+    MASK += batch * stride_mb + head * stride_mh
     LSE += (batch * num_heads + head) * seqlen_q
+    slope = _slope(ALIBI, batch, head, stride_ab, stride_ah, ALIBI_SLOPES=ALIBI_SLOPES)
+    seed, seed_offset = _dropout_seed(SEED, DROPOUT=DROPOUT)
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -202,18 +362,23 @@ def attention_forward_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    full_end, stop = _key_range(start_m, seqlen_q, seqlen_k, causal_offset, BLOCK_M, BLOCK_N, CAUSAL)
-    acc, row_sum, row_max = _forward_block_loop(
-        acc, row_sum, row_max, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, d_mask, seqlen_k, causal_offset,
-        qk_scale, 0, full_end, BLOCK_N, False, CAUSAL, INPUT_PRECISION)
-    acc, row_sum, row_max = _forward_block_loop(
-        acc, row_sum, row_max, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, d_mask, seqlen_k, causal_offset,
-        qk_scale, full_end, stop, BLOCK_N, True, CAUSAL, INPUT_PRECISION)
+    lo, full_start, full_end, hi = _key_range(start_m, seqlen_q, seqlen_k, causal_offset, window_offset,
+                                              BLOCK_M, BLOCK_N, CAUSAL=CAUSAL, WINDOW=WINDOW)
+    # Key blocks in three runs: masked by the window, unmasked, masked by the diagonal or the end of the keys.
+    for run in tl.static_range(3):
+        if run != 0 or WINDOW:
+            acc, row_sum, row_max = _forward_block_loop(
+                acc, row_sum, row_max, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, d_mask, seqlen_q,
+                seqlen_k, causal_offset, window_offset, qk_scale, (lo, full_start, full_end)[run],
+                (full_start, full_end, hi)[run], MASK, stride_mt, stride_ms, slope, alibi_offset, softcap, seed,
+                seed_offset, tl.program_id(1), dropout_p, keep_scale, BLOCK_N, MASKED=run != 1, CAUSAL=CAUSAL,
+                WINDOW=WINDOW, MASK_KIND=MASK_KIND, ALIBI=ALIBI_SLOPES, SOFTCAP=SOFTCAP, DROPOUT=DROPOUT,
+                INPUT_PRECISION=INPUT_PRECISION)
 
     empty = row_sum == 0.0
     row_sum = tl.where(empty, 1.0, row_sum)
     out = acc / row_sum[:, None]
-    lse = tl.where(empty, float("inf"), (row_max + tl.log2(row_sum)) / 1.4426950408889634)
+    lse = tl.where(empty, float("inf"), (row_max + tl.log2(row_sum)) / LOG2E)
     tl.store(LSE + offs_m, lse, mask=offs_m < seqlen_q)
     tl.store(_tile(O, offs_m, offs_d, stride_ot, stride_od), out.to(O.dtype.element_ty), mask=q_mask)
 
@@ -227,7 +392,8 @@ def attention_backward_delta_kernel(
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
     """delta = rowsum(dO * O) - dlse, float32 (B, Hq, Tq): the softmax-backward term shared by dk and dq
     (dscores = p * (dp - delta); the lse output's own gradient dlse enters here since d lse / d scores = p).
-    Grid: (cdiv(Tq, BLOCK_M), B * Hq)."""
+    With dropout O is the dropped output, and rowsum(dO * O) still equals sum_j p_ij dp_ij. Grid:
+    (cdiv(Tq, BLOCK_M), B * Hq)."""
     batch = tl.program_id(1) // num_heads
     head = tl.program_id(1) % num_heads
     O += batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
@@ -245,9 +411,26 @@ def attention_backward_delta_kernel(
 
 
 @triton.jit
+def _score_grads(p, dp, delta, tanh, keep, keep_scale, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr):
+    """(dlogits, dscores) of a tile from its weights p and dp = dO . v: the gradient reaching the logits (what an
+    additive mask receives) and the one reaching the scaled dot products, through the softcap's tanh. Tiles
+    come in either orientation."""
+    if DROPOUT:
+        dp = tl.where(keep, dp * keep_scale, 0.0)
+    dlogits = p * (dp - delta)
+    dscores = dlogits
+    if SOFTCAP:
+        dscores = dlogits * (1.0 - tanh * tanh)
+    return dlogits, dscores
+
+
+@triton.jit
 def _dkdv_block_loop(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_qd, stride_dot, stride_dod, key_rows,
-                     offs_d, d_mask, seqlen_q, seqlen_k, causal_offset, qk_scale, start, stop,
-                     BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                     offs_d, d_mask, seqlen_q, seqlen_k, causal_offset, window_offset, qk_scale, start, stop,
+                     MASK, stride_mt, stride_ms, slope, alibi_offset, softcap,
+                     seed, seed_offset, head_index, dropout_p, keep_scale,
+                     BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+                     MASK_KIND: tl.constexpr, ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
                      INPUT_PRECISION: tl.constexpr):
     """Adds to dk, dv (BLOCK_N, BLOCK_D) the terms of the query rows [start, stop) of one head. Works on the
     transposed tile (keys x queries) so that both products take their operands as loaded. Query rows past Tq
@@ -257,41 +440,56 @@ def _dkdv_block_loop(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_qd, stri
         row_mask = offs_m < seqlen_q
         q_mask = row_mask[:, None] & d_mask[None, :]
         q = tl.load(_tile(Q, offs_m, offs_d, stride_qt, stride_qd), mask=q_mask, other=0.0)
-        lse = tl.load(LSE + offs_m, mask=row_mask, other=float("inf")) * 1.4426950408889634
-        scores_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale
+        lse = tl.load(LSE + offs_m, mask=row_mask, other=float("inf")) * LOG2E
+        qk_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION)
+        scores_t, tanh_t = _scores(qk_t, offs_m[None, :], key_rows[:, None], seqlen_q, seqlen_k,
+                                   MASK + offs_m[None, :] * stride_mt + key_rows[:, None] * stride_ms, slope,
+                                   alibi_offset, qk_scale, softcap, MASK_KIND=MASK_KIND, ALIBI=ALIBI,
+                                   SOFTCAP=SOFTCAP)
         p_t = tl.exp2(scores_t - lse[None, :])
         if MASKED:
-            p_t = tl.where(_visible(offs_m[None, :], key_rows[:, None], seqlen_k, causal_offset, CAUSAL), p_t, 0.0)
+            p_t = tl.where(_visible(offs_m[None, :], key_rows[:, None], seqlen_k, causal_offset, window_offset,
+                                    CAUSAL=CAUSAL, WINDOW=WINDOW), p_t, 0.0)
         do = tl.load(_tile(DO, offs_m, offs_d, stride_dot, stride_dod), mask=q_mask, other=0.0)
-        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
+        keep_t = p_t > 0.0  # a placeholder unless DROPOUT
+        dropped_p_t = p_t
+        if DROPOUT:
+            keep_t = _kept(seed, seed_offset, head_index, offs_m[None, :], key_rows[:, None], dropout_p)
+            dropped_p_t = tl.where(keep_t, p_t * keep_scale, 0.0)
+        dv = tl.dot(dropped_p_t.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
         delta = tl.load(DELTA + offs_m, mask=row_mask, other=0.0)
         dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
+        _, ds_t = _score_grads(p_t, dp_t, delta[None, :], tanh_t, keep_t, keep_scale, SOFTCAP=SOFTCAP,
+                               DROPOUT=DROPOUT)
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=INPUT_PRECISION)
     return dk, dv
 
 
 @triton.jit
 def attention_backward_dkdv_kernel(
-        Q, K, V, DO, LSE, DELTA, DK, DV,
+        Q, K, V, DO, LSE, DELTA, DK, DV, MASK, ALIBI, SEED,
         stride_qb, stride_qh, stride_qt, stride_qd,
         stride_kb, stride_kh, stride_kt, stride_kd,
         stride_vb, stride_vh, stride_vt, stride_vd,
         stride_dob, stride_doh, stride_dot, stride_dod,
         stride_dkb, stride_dkh, stride_dkt, stride_dkd,
         stride_dvb, stride_dvh, stride_dvt, stride_dvd,
-        num_kv_heads, group_size, seqlen_q, seqlen_k, causal_offset, qk_scale, softmax_scale,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        stride_mb, stride_mh, stride_mt, stride_ms, stride_ab, stride_ah,
+        num_kv_heads, group_size, seqlen_q, seqlen_k, causal_offset, window_offset, alibi_offset, qk_scale,
+        softmax_scale, softcap, dropout_p, keep_scale,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+        MASK_KIND: tl.constexpr, ALIBI_SLOPES: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program: BLOCK_N keys of one (batch, kv head); loops over every query head of its group, so a grouped
     K/V head's gradient is summed in registers. Grid: (cdiv(Tk, BLOCK_N), B * Hkv)."""
     start_n = tl.program_id(0) * BLOCK_N
-    batch = tl.program_id(1) // num_kv_heads
-    kv_head = tl.program_id(1) % num_kv_heads
-    K += batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
-    V += batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
-    DK += batch.to(tl.int64) * stride_dkb + kv_head.to(tl.int64) * stride_dkh
-    DV += batch.to(tl.int64) * stride_dvb + kv_head.to(tl.int64) * stride_dvh
+    batch = (tl.program_id(1) // num_kv_heads).to(tl.int64)
+    kv_head = (tl.program_id(1) % num_kv_heads).to(tl.int64)
+    K += batch * stride_kb + kv_head * stride_kh
+    V += batch * stride_vb + kv_head * stride_vh
+    DK += batch * stride_dkb + kv_head * stride_dkh
+    DV += batch * stride_dvb + kv_head * stride_dvh
+    seed, seed_offset = _dropout_seed(SEED, DROPOUT=DROPOUT)
 
     key_rows = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -301,26 +499,35 @@ def attention_backward_dkdv_kernel(
     v = tl.load(_tile(V, key_rows, offs_d, stride_vt, stride_vd), mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    start, full_start = _query_range(start_n, seqlen_q, causal_offset, BLOCK_M, BLOCK_N, CAUSAL)
+    lo, full_start, full_end, hi = _query_range(start_n, seqlen_q, causal_offset, window_offset, BLOCK_M, BLOCK_N,
+                                                CAUSAL=CAUSAL, WINDOW=WINDOW)
     # Pointers to the group's first query head; each pass of the loop moves them one head on.
-    first_head = (kv_head * group_size).to(tl.int64)
-    Q += batch.to(tl.int64) * stride_qb + first_head * stride_qh
-    DO += batch.to(tl.int64) * stride_dob + first_head * stride_doh
-    LSE += (batch.to(tl.int64) * num_kv_heads * group_size + first_head) * seqlen_q
-    DELTA += (batch.to(tl.int64) * num_kv_heads * group_size + first_head) * seqlen_q
+    num_heads = num_kv_heads * group_size
+    head = kv_head * group_size
+    Q += batch * stride_qb + head * stride_qh
+    DO += batch * stride_dob + head * stride_doh
+    MASK += batch * stride_mb + head * stride_mh
+    LSE += (batch * num_heads + head) * seqlen_q
+    DELTA += (batch * num_heads + head) * seqlen_q
     for _ in range(group_size):
-        dk, dv = _dkdv_block_loop(
-            dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_qd, stride_dot, stride_dod, key_rows, offs_d,
-            d_mask, seqlen_q, seqlen_k, causal_offset, qk_scale, start, full_start, BLOCK_M, True, CAUSAL,
-            INPUT_PRECISION)
-        dk, dv = _dkdv_block_loop(
-            dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_qd, stride_dot, stride_dod, key_rows, offs_d,
-            d_mask, seqlen_q, seqlen_k, causal_offset, qk_scale, full_start, seqlen_q, BLOCK_M, False, CAUSAL,
-            INPUT_PRECISION)
+        slope = _slope(ALIBI, batch, head, stride_ab, stride_ah, ALIBI_SLOPES=ALIBI_SLOPES)
+        head_index = batch * num_heads + head
+        # Query rows in three runs: masked by the diagonal, unmasked, masked by the window.
+        for run in tl.static_range(3):
+            if run != 2 or WINDOW:
+                dk, dv = _dkdv_block_loop(
+                    dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_qd, stride_dot, stride_dod, key_rows,
+                    offs_d, d_mask, seqlen_q, seqlen_k, causal_offset, window_offset, qk_scale,
+                    (lo, full_start, full_end)[run], (full_start, full_end, hi)[run], MASK, stride_mt, stride_ms,
+                    slope, alibi_offset, softcap, seed, seed_offset, head_index, dropout_p, keep_scale, BLOCK_M,
+                    MASKED=run != 1, CAUSAL=CAUSAL, WINDOW=WINDOW, MASK_KIND=MASK_KIND, ALIBI=ALIBI_SLOPES,
+                    SOFTCAP=SOFTCAP, DROPOUT=DROPOUT, INPUT_PRECISION=INPUT_PRECISION)
         Q += stride_qh
         DO += stride_doh
+        MASK += stride_mh
         LSE += seqlen_q
         DELTA += seqlen_q
+        head += 1
     tl.store(_tile(DK, key_rows, offs_d, stride_dkt, stride_dkd),
              (dk * softmax_scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(_tile(DV, key_rows, offs_d, stride_dvt, stride_dvd), dv.to(DV.dtype.element_ty),
@@ -328,11 +535,15 @@ def attention_backward_dkdv_kernel(
 
 
 @triton.jit
-def _dq_block_loop(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, d_mask, seqlen_k,
-                   causal_offset, qk_scale, start, stop,
-                   BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-                   INPUT_PRECISION: tl.constexpr):
-    """Adds to dq (BLOCK_M, BLOCK_D) the terms of the key blocks [start, stop)."""
+def _dq_block_loop(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, d_mask, seqlen_q,
+                   seqlen_k, causal_offset, window_offset, qk_scale, start, stop,
+                   MASK, stride_mt, stride_ms, slope, alibi_offset, softcap,
+                   seed, seed_offset, head_index, dropout_p, keep_scale, DBIAS, stride_gt, stride_gs,
+                   BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+                   MASK_KIND: tl.constexpr, ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
+                   BIAS_GRAD: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """Adds to dq (BLOCK_M, BLOCK_D) the terms of the key blocks [start, stop); with BIAS_GRAD also stores the
+    logits' gradient of those blocks to DBIAS."""
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(start, stop, BLOCK_N):
         key_rows = start_n + offs_n
@@ -341,36 +552,56 @@ def _dq_block_loop(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, 
             kv_mask = kv_mask & (key_rows[:, None] < seqlen_k)
         k = tl.load(k_ptrs + start_n * stride_kt, mask=kv_mask, other=0.0)
         v = tl.load(v_ptrs + start_n * stride_vt, mask=kv_mask, other=0.0)
-        scores = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+        qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
+        scores, tanh = _scores(qk, offs_m[:, None], key_rows[None, :], seqlen_q, seqlen_k,
+                               MASK + offs_m[:, None] * stride_mt + key_rows[None, :] * stride_ms, slope,
+                               alibi_offset, qk_scale, softcap, MASK_KIND=MASK_KIND, ALIBI=ALIBI, SOFTCAP=SOFTCAP)
         p = tl.exp2(scores - lse[:, None])
         if MASKED:
-            p = tl.where(_visible(offs_m[:, None], key_rows[None, :], seqlen_k, causal_offset, CAUSAL), p, 0.0)
+            p = tl.where(_visible(offs_m[:, None], key_rows[None, :], seqlen_k, causal_offset, window_offset,
+                                  CAUSAL=CAUSAL, WINDOW=WINDOW), p, 0.0)
+        keep = p > 0.0  # a placeholder unless DROPOUT
+        if DROPOUT:
+            keep = _kept(seed, seed_offset, head_index, offs_m[:, None], key_rows[None, :], dropout_p)
         dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
-        ds = p * (dp - delta[:, None])
+        dlogits, ds = _score_grads(p, dp, delta[:, None], tanh, keep, keep_scale, SOFTCAP=SOFTCAP, DROPOUT=DROPOUT)
+        if BIAS_GRAD:
+            tl.store(DBIAS + offs_m[:, None] * stride_gt + key_rows[None, :] * stride_gs, dlogits,
+                     mask=(offs_m[:, None] < seqlen_q) & (key_rows[None, :] < seqlen_k))
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)
     return dq
 
 
 @triton.jit
 def attention_backward_dq_kernel(
-        Q, K, V, DO, LSE, DELTA, DQ,
+        Q, K, V, DO, LSE, DELTA, DQ, MASK, ALIBI, SEED, DBIAS,
         stride_qb, stride_qh, stride_qt, stride_qd,
         stride_kb, stride_kh, stride_kt, stride_kd,
         stride_vb, stride_vh, stride_vt, stride_vd,
         stride_dob, stride_doh, stride_dot, stride_dod,
         stride_dqb, stride_dqh, stride_dqt, stride_dqd,
-        num_heads, group_size, seqlen_q, seqlen_k, causal_offset, qk_scale, softmax_scale,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One program: BLOCK_M query rows of one (batch, head). Grid: (cdiv(Tq, BLOCK_M), B * Hq)."""
+        stride_mb, stride_mh, stride_mt, stride_ms, stride_ab, stride_ah,
+        stride_gb, stride_gh, stride_gt, stride_gs,
+        num_heads, group_size, seqlen_q, seqlen_k, causal_offset, window_offset, alibi_offset, qk_scale,
+        softmax_scale, softcap, dropout_p, keep_scale,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+        MASK_KIND: tl.constexpr, ALIBI_SLOPES: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
+        BIAS_GRAD: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program: BLOCK_M query rows of one (batch, head). With BIAS_GRAD it also writes the gradient of an
+    additive mask, DBIAS (B, Hq, Tq, Tk) float32, zero-initialised (blocks never visited stay 0). Grid:
+    (cdiv(Tq, BLOCK_M), B * Hq)."""
     start_m, batch, head, kv_head = _query_program(num_heads, group_size, BLOCK_M)
     Q += batch * stride_qb + head * stride_qh
     K += batch * stride_kb + kv_head * stride_kh
     V += batch * stride_vb + kv_head * stride_vh
     DO += batch * stride_dob + head * stride_doh
     DQ += batch * stride_dqb + head * stride_dqh
+    MASK += batch * stride_mb + head * stride_mh
+    DBIAS += batch * stride_gb + head * stride_gh
     LSE += (batch * num_heads + head) * seqlen_q
     DELTA += (batch * num_heads + head) * seqlen_q
+    slope = _slope(ALIBI, batch, head, stride_ab, stride_ah, ALIBI_SLOPES=ALIBI_SLOPES)
+    seed, seed_offset = _dropout_seed(SEED, DROPOUT=DROPOUT)
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -380,33 +611,61 @@ def attention_backward_dq_kernel(
     q_mask = row_mask[:, None] & d_mask[None, :]
     q = tl.load(_tile(Q, offs_m, offs_d, stride_qt, stride_qd), mask=q_mask, other=0.0)
     do = tl.load(_tile(DO, offs_m, offs_d, stride_dot, stride_dod), mask=q_mask, other=0.0)
-    lse = tl.load(LSE + offs_m, mask=row_mask, other=float("inf")) * 1.4426950408889634
+    lse = tl.load(LSE + offs_m, mask=row_mask, other=float("inf")) * LOG2E
     delta = tl.load(DELTA + offs_m, mask=row_mask, other=0.0)
     k_ptrs = _tile(K, offs_n, offs_d, stride_kt, stride_kd)
     v_ptrs = _tile(V, offs_n, offs_d, stride_vt, stride_vd)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    full_end, stop = _key_range(start_m, seqlen_q, seqlen_k, causal_offset, BLOCK_M, BLOCK_N, CAUSAL)
-    dq = _dq_block_loop(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, d_mask, seqlen_k,
-                        causal_offset, qk_scale, 0, full_end, BLOCK_N, False, CAUSAL, INPUT_PRECISION)
-    dq = _dq_block_loop(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, d_mask, seqlen_k,
-                        causal_offset, qk_scale, full_end, stop, BLOCK_N, True, CAUSAL, INPUT_PRECISION)
+    lo, full_start, full_end, hi = _key_range(start_m, seqlen_q, seqlen_k, causal_offset, window_offset,
+                                              BLOCK_M, BLOCK_N, CAUSAL=CAUSAL, WINDOW=WINDOW)
+    # Key blocks in three runs: masked by the window, unmasked, masked by the diagonal or the end of the keys.
+    for run in tl.static_range(3):
+        if run != 0 or WINDOW:
+            dq = _dq_block_loop(
+                dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, d_mask, seqlen_q, seqlen_k,
+                causal_offset, window_offset, qk_scale, (lo, full_start, full_end)[run],
+                (full_start, full_end, hi)[run], MASK, stride_mt, stride_ms, slope, alibi_offset, softcap, seed,
+                seed_offset, tl.program_id(1), dropout_p, keep_scale, DBIAS, stride_gt, stride_gs, BLOCK_N,
+                MASKED=run != 1, CAUSAL=CAUSAL, WINDOW=WINDOW, MASK_KIND=MASK_KIND, ALIBI=ALIBI_SLOPES,
+                SOFTCAP=SOFTCAP, DROPOUT=DROPOUT, BIAS_GRAD=BIAS_GRAD, INPUT_PRECISION=INPUT_PRECISION)
     tl.store(_tile(DQ, offs_m, offs_d, stride_dqt, stride_dqd),
              (dq * softmax_scale).to(DQ.dtype.element_ty), mask=q_mask)
+
+
+@triton.jit
+def dropout_keep_kernel(SEED, KEEP, num_heads, seqlen_q, seqlen_k, dropout_p,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The keep mask the attention kernels draw, written out whole: KEEP (B, Hq, Tq, Tk) bool, contiguous. For
+    tests and flash_attn_func(return_attn_probs=True) only. Grid: (cdiv(Tq, BLOCK_M), cdiv(Tk, BLOCK_N), B * Hq)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    keys = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    head_index = tl.program_id(2).to(tl.int64)
+    kept = _kept(tl.load(SEED), tl.load(SEED + 1), head_index, rows[:, None], keys[None, :], dropout_p)
+    KEEP += head_index * seqlen_q * seqlen_k
+    tl.store(KEEP + rows[:, None] * seqlen_k + keys[None, :], kept,
+             mask=(rows[:, None] < seqlen_q) & (keys[None, :] < seqlen_k))
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Launchers. They trust their caller (gptfast.attention checks every argument once, at the edge).
 
 @functools.cache
-def _autotuned(kernel, kernel_name, table, block_d):
-    configs = tuned(configs_for(kernel_name, table, block_d))
-    return triton.autotune(configs=configs, key=["HEAD_DIM", "CAUSAL"])(kernel)
+def _autotuned(kernel, kernel_name, table, block_d, features):
+    configs = tuned(configs_for(kernel_name, table, block_d, features))
+    # Keyed on what changes the work per program: the head dim and every feature flag. Sequence lengths only
+    # change the grid (issue #16 revisits this for decoding).
+    key = ["HEAD_DIM", "CAUSAL", "WINDOW", "MASK_KIND", "ALIBI_SLOPES", "SOFTCAP", "DROPOUT"]
+    return triton.autotune(configs=configs, key=key)(kernel)
 
 
-def autotuned(kernel, kernel_name, q, block_d):
-    """The kernel wrapped in an autotuner over the configs that serve q's device, dtype and padded head dim."""
-    return _autotuned(kernel, kernel_name, config_table(device_arch(q.device), q.dtype), block_d)
+def autotuned(kernel, kernel_name, q, constexprs):
+    """The kernel wrapped in an autotuner over the configs that serve q's device, dtype, padded head dim and
+    features."""
+    features = bool(constexprs["MASK_KIND"] or constexprs["ALIBI_SLOPES"] or constexprs["SOFTCAP"]
+                    or constexprs["DROPOUT"])
+    return _autotuned(kernel, kernel_name, config_table(device_arch(q.device), q.dtype), constexprs["BLOCK_D"],
+                      features)
 
 
 def _strides(t):
@@ -419,55 +678,106 @@ def empty_bthd(b, h, t, d, like):
     return torch.empty((b, t, h, d), dtype=like.dtype, device=like.device).transpose(1, 2)
 
 
-def _kernel_constants(q, causal):
-    head_dim = q.shape[-1]
+class Features(NamedTuple):
+    """What a call adds to plain softmax attention. causal: CAUSAL_NONE, CAUSAL_TOP_LEFT (torch's is_causal) or
+    CAUSAL_BOTTOM_RIGHT (flash-attn's). window: flash-attn's (left, right), -1 unbounded, bottom-right aligned;
+    causal sets right to 0. mask: None, or bool (False hides) or additive, 4-dim and broadcastable to
+    (B, Hq, Tq, Tk), any strides (a broadcast dim is read with stride 0). alibi_slopes: None or float32
+    broadcastable to (B, Hq). seed_offset: int64 (2,)
+    on the device, the dropout's Philox seed and offset (None without dropout)."""
+    causal: int = CAUSAL_NONE
+    window: tuple = (-1, -1)
+    mask: torch.Tensor | None = None
+    alibi_slopes: torch.Tensor | None = None
+    softcap: float = 0.0
+    dropout_p: float = 0.0
+    seed_offset: torch.Tensor | None = None
+
+
+def _feature_args(q, seqlen_k, features, softmax_scale):
+    """(pointers, strides, scalars, constexprs) that the three kernels take for the features, in their order:
+    MASK, ALIBI, SEED; the mask's four strides and the slopes' two; causal_offset ... keep_scale after the kernel's
+    own scalars. Absent tensors are passed as q: the flags keep the kernels from reading them."""
+    batch, num_heads, seqlen_q, head_dim = q.shape
+    left, right = features.window
+    offset = 0 if features.causal == CAUSAL_TOP_LEFT else seqlen_k - seqlen_q
+    if features.causal != CAUSAL_NONE:
+        right = 0
+    mask, slopes, seed = features.mask, features.alibi_slopes, features.seed_offset
+    if mask is not None:  # views: a broadcast dim gets stride 0
+        mask = mask.expand(batch, num_heads, seqlen_q, seqlen_k)
+    if slopes is not None:
+        slopes = slopes.expand(batch, num_heads)
+    mask_kind = (MASK_NONE if mask is None else MASK_BOOLEAN if mask.dtype == torch.bool else MASK_ADDITIVE).value
     allow_tf32 = q.dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32
-    return dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-                CAUSAL=causal != CAUSAL_NONE, INPUT_PRECISION="tf32" if allow_tf32 else "ieee")
+    pointers = (q if mask is None else mask, q if slopes is None else slopes, q if seed is None else seed)
+    strides = (*(_strides(mask) if mask is not None else (0, 0, 0, 0)),
+               *(slopes.stride() if slopes is not None else (0, 0)))
+    scalars = dict(causal_offset=offset + max(right, 0), window_offset=offset - max(left, 0),
+                   alibi_offset=seqlen_k - seqlen_q, qk_scale=softmax_scale * LOG2E.value,
+                   softcap=features.softcap, dropout_p=features.dropout_p,
+                   keep_scale=1.0 / (1.0 - features.dropout_p))
+    constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), CAUSAL=right >= 0,
+                      WINDOW=left >= 0, MASK_KIND=mask_kind, ALIBI_SLOPES=slopes is not None,
+                      SOFTCAP=features.softcap > 0, DROPOUT=features.dropout_p > 0,
+                      INPUT_PRECISION="tf32" if allow_tf32 else "ieee")
+    return pointers, strides, scalars, constexprs
 
 
-def _causal_offset(causal, seqlen_q, seqlen_k):
-    return seqlen_k - seqlen_q if causal == CAUSAL_BOTTOM_RIGHT else 0
-
-
-def attention_forward(q, k, v, causal, softmax_scale):
+def attention_forward(q, k, v, softmax_scale, features=Features()):
     """Returns (out, lse): out (B, Hq, Tq, D) in q's dtype, lse (B, Hq, Tq) float32. See the module docstring."""
     batch, num_heads, seqlen_q, head_dim = q.shape
     num_kv_heads, seqlen_k = k.shape[1], k.shape[2]
     out = empty_bthd(batch, num_heads, seqlen_q, head_dim, q)
     lse = torch.empty((batch, num_heads, seqlen_q), dtype=torch.float32, device=q.device)
-    constants = _kernel_constants(q, causal)
-    kernel = autotuned(attention_forward_kernel, "forward", q, constants["BLOCK_D"])
+    pointers, strides, scalars, constexprs = _feature_args(q, seqlen_k, features, softmax_scale)
+    kernel = autotuned(attention_forward_kernel, "forward", q, constexprs)
     grid = lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * num_heads)
-    kernel[grid](q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-                 num_heads, num_heads // num_kv_heads, seqlen_q, seqlen_k, _causal_offset(causal, seqlen_q, seqlen_k),
-                 softmax_scale * LOG2E, **constants)
+    kernel[grid](q, k, v, out, lse, *pointers, *_strides(q), *_strides(k), *_strides(v), *_strides(out), *strides,
+                 num_heads, num_heads // num_kv_heads, seqlen_q, seqlen_k, **scalars, **constexprs)
     return out, lse
 
 
-def attention_backward(grad_out, grad_lse, q, k, v, out, lse, causal, softmax_scale):
-    """Returns (dq, dk, dv), each shaped and typed like its input, from the forward's out and lse and the
-    gradients of both (grad_lse: float32 (B, Hq, Tq), contiguous)."""
+def attention_backward(grad_out, grad_lse, q, k, v, out, lse, softmax_scale, features=Features(),
+                       mask_grad=False):
+    """Returns (dq, dk, dv, dmask): dq, dk, dv shaped and typed like their inputs; dmask, with mask_grad (an
+    additive mask that requires grad), the gradient reaching each (b, h, i, j) logit as float32 (B, Hq, Tq, Tk),
+    to be summed over the mask's broadcast dims, else None. From the forward's out and lse and the gradients
+    of both (grad_lse: float32 (B, Hq, Tq), contiguous)."""
     batch, num_heads, seqlen_q, head_dim = q.shape
     num_kv_heads, seqlen_k = k.shape[1], k.shape[2]
-    constants = _kernel_constants(q, causal)
+    pointers, strides, scalars, constexprs = _feature_args(q, seqlen_k, features, softmax_scale)
+    block_d = constexprs["BLOCK_D"]
     delta = torch.empty_like(lse)
-    rows = delta_block(constants["BLOCK_D"])
+    rows = delta_block(block_d)
     attention_backward_delta_kernel[(triton.cdiv(seqlen_q, rows), batch * num_heads)](
         out, grad_out, grad_lse, delta, *_strides(out), *_strides(grad_out), num_heads, seqlen_q,
-        HEAD_DIM=head_dim, BLOCK_D=constants["BLOCK_D"], BLOCK_M=rows)
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=rows)
 
     dq = empty_bthd(batch, num_heads, seqlen_q, head_dim, q)
     dk = empty_bthd(batch, num_kv_heads, seqlen_k, head_dim, k)
     dv = empty_bthd(batch, num_kv_heads, seqlen_k, head_dim, v)
     shared = (*_strides(q), *_strides(k), *_strides(v), *_strides(grad_out))
-    scales = (seqlen_q, seqlen_k, _causal_offset(causal, seqlen_q, seqlen_k), softmax_scale * LOG2E, softmax_scale)
-    kernel = autotuned(attention_backward_dkdv_kernel, "backward_dkdv", q, constants["BLOCK_D"])
+    scalars = dict(seqlen_q=seqlen_q, seqlen_k=seqlen_k, **scalars, softmax_scale=softmax_scale)
+    group_size = num_heads // num_kv_heads
+    kernel = autotuned(attention_backward_dkdv_kernel, "backward_dkdv", q, constexprs)
     grid = lambda meta: (triton.cdiv(seqlen_k, meta["BLOCK_N"]), batch * num_kv_heads)
-    kernel[grid](q, k, v, grad_out, lse, delta, dk, dv, *shared, *_strides(dk), *_strides(dv),
-                 num_kv_heads, num_heads // num_kv_heads, *scales, **constants)
-    kernel = autotuned(attention_backward_dq_kernel, "backward_dq", q, constants["BLOCK_D"])
+    kernel[grid](q, k, v, grad_out, lse, delta, dk, dv, *pointers, *shared, *_strides(dk), *_strides(dv),
+                 *strides, num_kv_heads, group_size, **scalars, **constexprs)
+    dmask = (torch.zeros((batch, num_heads, seqlen_q, seqlen_k), dtype=torch.float32, device=q.device)
+             if mask_grad else None)
+    kernel = autotuned(attention_backward_dq_kernel, "backward_dq", q, constexprs)
     grid = lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * num_heads)
-    kernel[grid](q, k, v, grad_out, lse, delta, dq, *shared, *_strides(dq),
-                 num_heads, num_heads // num_kv_heads, *scales, **constants)
-    return dq, dk, dv
+    kernel[grid](q, k, v, grad_out, lse, delta, dq, *pointers, q if dmask is None else dmask, *shared,
+                 *_strides(dq), *strides, *(_strides(dmask) if mask_grad else (0, 0, 0, 0)), num_heads, group_size,
+                 **scalars, **constexprs, BIAS_GRAD=mask_grad)
+    return dq, dk, dv, dmask
+
+
+def dropout_keep_mask(seed_offset, batch, num_heads, seqlen_q, seqlen_k, dropout_p):
+    """The (B, Hq, Tq, Tk) bool keep mask that the kernels draw for seed_offset: the reference tests and
+    return_attn_probs compare against."""
+    keep = torch.empty((batch, num_heads, seqlen_q, seqlen_k), dtype=torch.bool, device=seed_offset.device)
+    grid = (triton.cdiv(seqlen_q, 16), triton.cdiv(seqlen_k, 16), batch * num_heads)
+    dropout_keep_kernel[grid](seed_offset, keep, num_heads, seqlen_q, seqlen_k, dropout_p, BLOCK_M=16, BLOCK_N=16)
+    return keep

@@ -1,6 +1,7 @@
 """gptfast.attention against a plain PyTorch reference in float64: forward and every gradient, odd shapes, every
 dtype, causal variants, grouped heads, strided views; bad input; backend choice; torch.compile."""
 import math
+import warnings
 import zlib
 
 import pytest
@@ -12,26 +13,43 @@ from hypothesis import given, settings, strategies as st
 from torch.nn.attention.bias import causal_lower_right, causal_upper_left
 
 from gptfast import backend
-from gptfast.attention import _as_bhtd, flash_attn_func, scaled_dot_product_attention
-from gptfast.kernels.attention import _key_range, _query_range
+from gptfast.attention import _as_bhtd, draw_dropout_seed, flash_attn_func, scaled_dot_product_attention
+from gptfast.kernels.attention import Features, _key_range, _query_range
 from tolerance import DEVICE, DTYPES, assert_accurate
 
 NONE, TOP_LEFT, BOTTOM_RIGHT = "none", "top_left", "bottom_right"
 
 
-def reference_attention(q, k, v, causal, scale=None):
+def reference_attention(q, k, v, causal=NONE, scale=None, window=(-1, -1), softcap=0.0, alibi=None, mask=None,
+                        keep=None, dropout_p=0.0):
     """Plain attention in q's dtype: scores, masked softmax in float32 (as torch's math backend), weighted sum.
-    q: (..., Hq, Tq, D), k and v: (..., Hkv, Tk, D). A row that sees no key gives 0."""
+    q: (..., Hq, Tq, D), k and v: (..., Hkv, Tk, D). A row that sees no key gives 0. window is flash-attn's
+    (bottom-right aligned; causal sets its right side to 0), alibi float32 (B, Hq), mask bool or additive and
+    broadcastable to the scores, keep the dropout's keep mask (B, Hq, Tq, Tk)."""
     group = q.shape[-3] // k.shape[-3]
     k, v = k.repeat_interleave(group, dim=-3), v.repeat_interleave(group, dim=-3)
     scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
-    scores = (q @ k.transpose(-1, -2)) * scale
+    work = torch.promote_types(q.dtype, torch.float32)
+    scores = ((q @ k.transpose(-1, -2)) * scale).to(work)
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    tq, tk = q.shape[-2], k.shape[-2]
+    j_minus_i = torch.arange(tk, device=q.device)[None, :] - torch.arange(tq, device=q.device)[:, None]
+    if alibi is not None:
+        scores = scores - alibi[..., None, None].to(work) * (j_minus_i - (tk - tq)).abs().to(work)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.to(work)
+    left, right = window
     if causal != NONE:
-        tq, tk = q.shape[-2], k.shape[-2]
-        offset = tk - tq if causal == BOTTOM_RIGHT else 0
-        visible = torch.arange(tk, device=q.device)[None, :] <= torch.arange(tq, device=q.device)[:, None] + offset
-        scores = scores.masked_fill(~visible, float("-inf"))
-    weights = torch.softmax(scores.to(torch.promote_types(q.dtype, torch.float32)), dim=-1).nan_to_num(0.0)
+        right = 0
+    diagonal = tk - tq if causal != TOP_LEFT else 0
+    if right >= 0:
+        scores = scores.masked_fill(j_minus_i > diagonal + right, float("-inf"))
+    if left >= 0:
+        scores = scores.masked_fill(j_minus_i < diagonal - left, float("-inf"))
+    weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    if keep is not None:
+        weights = weights * keep / (1 - dropout_p)
     return weights.to(q.dtype) @ v
 
 
@@ -49,20 +67,25 @@ def mask_args(causal, seqlen_q, seqlen_k):
     return {}
 
 
-def check_against_reference(q, k, v, causal, run, seed=0):
-    """run(q, k, v) -> out with q's layout (..., Hq, Tq, D). Checks the output and dq, dk, dv."""
-    inputs = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    out = run(*inputs)
+def check_against_reference(q, k, v, causal, run, seed=0, mask=None, **spec):
+    """run(q, k, v[, mask]) -> out with q's layout (..., Hq, Tq, D). Checks the output and dq, dk, dv, and the
+    gradient of an additive mask that requires grad (passed to run as a fourth argument); spec goes to
+    reference_attention."""
+    leaves = {"q": q, "k": k, "v": v}
+    if mask is not None and mask.requires_grad:
+        leaves["mask"] = mask
+    inputs = {n: t.detach().clone().requires_grad_() for n, t in leaves.items()}
+    out = run(*inputs.values())
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(out)
     out.backward(grad_out)
-    results = {"out": out}
-    results.update({f"d{n}": t.grad for n, t in zip("qkv", inputs)})
+    results = {"out": out, **{f"d{n}": t.grad for n, t in inputs.items()}}
 
     def reference(dtype):
-        ins = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
-        ref = reference_attention(*ins, causal)
+        ins = {n: t.detach().to(dtype).requires_grad_() for n, t in leaves.items()}
+        fixed_mask = ins.get("mask", mask if mask is None or mask.dtype == torch.bool else mask.to(dtype))
+        ref = reference_attention(ins["q"], ins["k"], ins["v"], causal, mask=fixed_mask, **spec)
         ref.backward(grad_out.to(dtype))
-        return {"out": ref, **{f"d{n}": t.grad for n, t in zip("qkv", ins)}}
+        return {"out": ref, **{f"d{n}": t.grad for n, t in ins.items()}}
 
     ref64, lowp = reference(torch.float64), reference(q.dtype)
     for name, value in results.items():
@@ -225,15 +248,16 @@ def test_the_accuracy_rule_can_fail(dtype, factor):
 
 
 def test_tf32_follows_torch_flag():
-    from gptfast.kernels.attention import _kernel_constants
+    from gptfast.kernels.attention import _feature_args
     q = torch.empty(1, 1, 1, 64)
+    precision = lambda q: _feature_args(q, 1, Features(), 1.0)[3]["INPUT_PRECISION"]
     saved = torch.backends.cuda.matmul.allow_tf32
     try:
         torch.backends.cuda.matmul.allow_tf32 = False
-        assert _kernel_constants(q, 0)["INPUT_PRECISION"] == "ieee"
+        assert precision(q) == "ieee"
         torch.backends.cuda.matmul.allow_tf32 = True
-        assert _kernel_constants(q, 0)["INPUT_PRECISION"] == "tf32"
-        assert _kernel_constants(q.half(), 0)["INPUT_PRECISION"] == "tf32"  # ignored for 16-bit inputs
+        assert precision(q) == "tf32"
+        assert precision(q.half()) == "tf32"  # ignored for 16-bit inputs
     finally:
         torch.backends.cuda.matmul.allow_tf32 = saved
 
@@ -271,19 +295,21 @@ def test_flash_attn_func_wants_four_dims():
 
 
 @pytest.mark.parametrize("kwargs, args, gap", [
-    (dict(attn_mask=torch.ones(8, 8, dtype=torch.bool).tril()), _qkv(), "dense attn_mask"),
-    (dict(dropout_p=0.1), _qkv(), "dropout_p"),
     ({}, _qkv(dtype=torch.float64), "float64"),
     ({}, _qkv(shape_q=(1, 2, 8, 12)), "head_dim 12"),
     ({}, _qkv(shape_q=(1, 2, 8, 264)), "head_dim 264"),
     ({}, _qkv(shape_v=(1, 2, 8, 32)), "value head_dim"),
 ])
-def test_unsupported_cases_fall_back_or_raise(kwargs, args, gap):
-    """auto runs PyTorch (same answer as torch); a forced triton backend names what is missing."""
+def test_unsupported_cases_fall_back_visibly_or_raise(kwargs, args, gap):
+    """auto runs PyTorch (same answer as torch) and warns once per reason; a forced triton backend names what is
+    missing."""
+    backend._warned.clear()
     with backend.use_backend("auto"):
-        torch.manual_seed(0)
-        out = scaled_dot_product_attention(*args, **kwargs)
-    torch.manual_seed(0)
+        with pytest.warns(UserWarning, match=f"does not support .*{gap}.*runs PyTorch"):
+            out = scaled_dot_product_attention(*args, **kwargs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            scaled_dot_product_attention(*args, **kwargs)  # the same reason again: no second warning
     torch.testing.assert_close(out, F.scaled_dot_product_attention(*args, **kwargs))
     with backend.use_backend("triton"), pytest.raises(NotImplementedError, match=gap):
         scaled_dot_product_attention(*args, **kwargs)
@@ -307,7 +333,10 @@ def test_backend_choice(monkeypatch):
 
 def test_custom_ops_pass_opcheck():
     q, k, v = (t.requires_grad_() for t in random_qkv(1, 4, 2, 9, 13, 16, torch.float32, seed=4))
-    torch.library.opcheck(torch.ops.gptfast.flash_attention.default, (q, k, v, 2, 0.25))
+    mask = torch.randn(1, 1, 9, 13).to(DEVICE).requires_grad_()
+    slopes = torch.rand(1, 4).to(DEVICE)
+    for args in [(None, None, None, 2, -1, -1, 0.0, 0.0, 0.25), (mask, slopes, None, 0, 3, 2, 5.0, 0.0, 0.25)]:
+        torch.library.opcheck(torch.ops.gptfast.flash_attention.default, (q, k, v, *args))
 
 
 def test_torch_compile_fullgraph():
@@ -325,44 +354,252 @@ def test_torch_compile_fullgraph():
 
 
 @triton.jit
-def _ranges_probe(FORWARD, BACKWARD, seqlen_q, seqlen_k, causal_offset, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr):
-    """Stores the kernels' causal loop bounds for query block i (FORWARD[i] = full_end, stop) and key block i
-    (BACKWARD[i] = start, full_start)."""
+def _ranges_probe(FORWARD, BACKWARD, seqlen_q, seqlen_k, causal_offset, window_offset, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """Stores the kernels' loop bounds (lo, full_start, full_end, hi) for query block i (FORWARD[i], keys) and
+    key block i (BACKWARD[i], query rows)."""
     i = tl.program_id(0)
-    full_end, stop = _key_range(i * BLOCK_M, seqlen_q, seqlen_k, causal_offset, BLOCK_M, BLOCK_N, True)
-    tl.store(FORWARD + 2 * i, full_end)
-    tl.store(FORWARD + 2 * i + 1, stop)
-    start, full_start = _query_range(i * BLOCK_N, seqlen_q, causal_offset, BLOCK_M, BLOCK_N, True)
-    tl.store(BACKWARD + 2 * i, start)
-    tl.store(BACKWARD + 2 * i + 1, full_start)
+    bounds = _key_range(i * BLOCK_M, seqlen_q, seqlen_k, causal_offset, window_offset, BLOCK_M, BLOCK_N,
+                        CAUSAL=CAUSAL, WINDOW=WINDOW)
+    for j in tl.static_range(4):
+        tl.store(FORWARD + 4 * i + j, bounds[j])
+    bounds = _query_range(i * BLOCK_N, seqlen_q, causal_offset, window_offset, BLOCK_M, BLOCK_N, CAUSAL=CAUSAL,
+                          WINDOW=WINDOW)
+    for j in tl.static_range(4):
+        tl.store(BACKWARD + 4 * i + j, bounds[j])
+
+
+def _check_loop_bounds(visible, bounds, block_rows, block_cols):
+    """visible: (rows, cols) bool, rows owned in blocks of block_rows; bounds[b] = (lo, full_start, full_end, hi)
+    over cols for row block b. Every loaded column block holds a visible pair, no visible pair lies outside
+    [lo, hi), and columns in [full_start, full_end) are visible to every row of the block (the unmasked loop)."""
+    for b in range(triton.cdiv(visible.shape[0], block_rows)):
+        rows = visible[b * block_rows:(b + 1) * block_rows]
+        lo, full_start, full_end, hi = bounds[b].tolist()
+        assert lo <= full_start <= full_end <= hi <= visible.shape[1]
+        assert lo % block_cols == 0 or lo == visible.shape[1]  # the end: nothing to load
+        seen = rows.any(0).nonzero()
+        if len(seen):
+            assert lo <= seen.min().item() and seen.max().item() < hi
+        for c in range(lo, hi, block_cols):
+            assert rows[:, c:c + block_cols].any(), "a block with no visible pair was loaded"
+        assert rows[:, full_start:full_end].all()
 
 
 @pytest.mark.parametrize("seqlen_q, seqlen_k", [(37, 37), (20, 70), (70, 20), (1, 50), (64, 64)])
-@pytest.mark.parametrize("bottom_right", [False, True])
-def test_causal_loops_skip_hidden_blocks_and_mask_only_the_diagonal(seqlen_q, seqlen_k, bottom_right):
-    """The loop bounds against brute force: every loaded block holds a visible (query, key) pair, no visible pair
-    is left out, and the blocks run without a mask hold only visible pairs."""
+@pytest.mark.parametrize("causal, window", [(TOP_LEFT, (-1, -1)), (BOTTOM_RIGHT, (-1, -1)), (BOTTOM_RIGHT, (5, -1)),
+                                            (NONE, (9, 3)), (NONE, (0, 0)), (NONE, (-1, 2)), (NONE, (20, -1))])
+def test_loops_skip_hidden_blocks_and_mask_only_the_edges(seqlen_q, seqlen_k, causal, window):
+    """The causal and window loop bounds against brute force, for the forward and dq (key blocks per query
+    block) and for dk, dv (query blocks per key block)."""
     block_m, block_n = 16, 8
-    offset = seqlen_k - seqlen_q if bottom_right else 0
+    left, right = window
+    right = 0 if causal != NONE else right
+    diagonal = 0 if causal == TOP_LEFT else seqlen_k - seqlen_q
     blocks = max(triton.cdiv(seqlen_q, block_m), triton.cdiv(seqlen_k, block_n))
-    forward, backward = torch.zeros(blocks, 2, dtype=torch.int32), torch.zeros(blocks, 2, dtype=torch.int32)
-    _ranges_probe[(blocks,)](forward, backward, seqlen_q, seqlen_k, offset, BLOCK_M=block_m, BLOCK_N=block_n)
-    visible = (torch.arange(seqlen_k)[None, :] <= torch.arange(seqlen_q)[:, None] + offset)
-    for m in range(triton.cdiv(seqlen_q, block_m)):
-        rows = visible[m * block_m:(m + 1) * block_m]
-        full_end, stop = forward[m].tolist()
-        seen = rows.any(0).nonzero()
-        assert stop == (seen.max().item() + 1 if len(seen) else 0)  # no visible key past stop, none dropped
-        for n in range(0, stop, block_n):
-            assert rows[:, n:n + block_n].any(), "a block with no visible pair was loaded"
-        assert full_end % block_n == 0 and rows[:, :full_end].all() and full_end <= stop
-    for n in range(triton.cdiv(seqlen_k, block_n)):
-        columns = visible[:, n * block_n:(n + 1) * block_n]
-        start, full_start = backward[n].tolist()
-        seen = columns.any(1).nonzero()
-        if len(seen):  # the first loaded query block is the first to see this key block
-            assert start <= seen.min().item() < start + block_m and full_start >= start
-        else:  # nobody sees it: both loops, [start, full_start) and [full_start, Tq), are empty
-            assert start >= full_start >= seqlen_q
-        assert columns[full_start:].all()
+    forward, backward = torch.zeros(blocks, 4, dtype=torch.int32), torch.zeros(blocks, 4, dtype=torch.int32)
+    _ranges_probe[(blocks,)](forward, backward, seqlen_q, seqlen_k, diagonal + max(right, 0),
+                             diagonal - max(left, 0), BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=right >= 0,
+                             WINDOW=left >= 0)
+    j_minus_i = torch.arange(seqlen_k)[None, :] - torch.arange(seqlen_q)[:, None]
+    visible = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool)
+    if right >= 0:
+        visible &= j_minus_i <= diagonal + right
+    if left >= 0:
+        visible &= j_minus_i >= diagonal - left
+    _check_loop_bounds(visible, forward, block_m, block_n)
+    _check_loop_bounds(visible.T, backward, block_n, block_m)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The features real models pass: windows, softcapping, ALiBi, dense masks and biases, dropout (issue #12)
+
+def bthd(*tensors):
+    """(B, H, T, D) -> flash-attn's (B, T, H, D) views."""
+    return [t.transpose(1, 2) for t in tensors]
+
+
+FEATURE_SHAPES = [(1, 2, 2, 7, 7, 24), (1, 4, 2, 100, 57, 40), (2, 2, 1, 33, 100, 64), (1, 1, 1, 1, 40, 16)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", FEATURE_SHAPES, ids=lambda s: "B{}H{}K{}Tq{}Tk{}D{}".format(*s))
+@pytest.mark.parametrize("causal, window", [(False, (9, 3)), (True, (5, -1)), (False, (0, 0)), (False, (-1, 2))])
+def test_sliding_window(shape, dtype, causal, window):
+    q, k, v = random_qkv(*shape, dtype, seed=zlib.crc32(repr((shape, window)).encode()))
+    with backend.use_backend("triton"):
+        check_against_reference(q, k, v, BOTTOM_RIGHT if causal else NONE, lambda q, k, v: flash_attn_func(
+            *bthd(q, k, v), causal=causal, window_size=window).transpose(1, 2), window=window)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", FEATURE_SHAPES[:3], ids=lambda s: "B{}H{}K{}Tq{}Tk{}D{}".format(*s))
+@pytest.mark.parametrize("softcap", [0.5, 30.0])
+def test_softcapping(shape, dtype, softcap):
+    """softcap * tanh(scores / softcap): 0.5 saturates most scores, 30 (Gemma 2's 50 scaled to these inputs)
+    barely bends them."""
+    q, k, v = random_qkv(*shape, dtype, seed=zlib.crc32(repr((shape, softcap)).encode()))
+    with backend.use_backend("triton"):
+        check_against_reference(q, k, v, BOTTOM_RIGHT, lambda q, k, v: flash_attn_func(
+            *bthd(q, k, v), causal=True, softcap=softcap).transpose(1, 2), softcap=softcap)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", FEATURE_SHAPES[1:3], ids=lambda s: "B{}H{}K{}Tq{}Tk{}D{}".format(*s))
+@pytest.mark.parametrize("per_batch, causal", [(False, True), (True, False)])
+def test_alibi(shape, dtype, per_batch, causal):
+    q, k, v = random_qkv(*shape, dtype, seed=zlib.crc32(repr((shape, per_batch)).encode()))
+    batch, heads = shape[0], shape[1]
+    slopes = torch.rand(batch, heads) if per_batch else 2.0 ** -torch.arange(1, heads + 1.0)  # BLOOM's
+    slopes = slopes.to(DEVICE)
+    with backend.use_backend("triton"):
+        check_against_reference(q, k, v, BOTTOM_RIGHT if causal else NONE, lambda q, k, v: flash_attn_func(
+            *bthd(q, k, v), causal=causal, alibi_slopes=slopes).transpose(1, 2),
+            alibi=slopes.expand(batch, heads))
+
+
+def random_mask(shape, kind, seed):
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "bool":
+        return (torch.rand(shape, generator=gen) > 0.3).to(DEVICE)
+    return torch.randn(shape, generator=gen).to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mask_shape", ["BHQK", "B1QK", "1H1K", "QK"])
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+def test_dense_masks_and_biases(dtype, mask_shape, kind):
+    """Masks of every broadcast shape, read through their strides; an additive one's gradient is summed over
+    its broadcast dims, as torch's memory-efficient backend gives it."""
+    batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim = 2, 4, 2, 37, 50, 32
+    q, k, v = random_qkv(batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim, dtype, seed=len(mask_shape))
+    sizes = {"B": batch, "H": heads, "Q": seqlen_q, "K": seqlen_k, "1": 1}
+    mask = random_mask([sizes[c] for c in mask_shape], kind, seed=3)
+    if kind == "additive":
+        mask = mask.to(dtype).requires_grad_()
+    run = lambda q, k, v, m=mask: scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True)
+    with backend.use_backend("triton"):
+        check_against_reference(q, k, v, NONE, run, mask=mask)
+
+
+def test_a_mask_that_hides_a_whole_row_gives_zeros():
+    """Documented: a query row whose mask hides every key is 0, with zero gradients, as torch's SDPA gives it."""
+    q, k, v = random_qkv(1, 2, 2, 5, 6, 16, torch.float32, seed=8)
+    mask = torch.ones(5, 6, dtype=torch.bool)
+    mask[2] = False
+    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    with backend.use_backend("triton"):
+        out = scaled_dot_product_attention(*inputs, attn_mask=mask.to(DEVICE))
+    out.sum().backward()
+    assert (out[:, :, 2] == 0).all() and (inputs[0].grad[:, :, 2] == 0).all() and torch.isfinite(out).all()
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(DEVICE))
+    torch.testing.assert_close(out.detach(), expected)
+
+
+def kernel_keep_mask(seed, shape, dropout_p):
+    """The keep mask the kernels drew in a call made right after torch.manual_seed(seed)."""
+    from gptfast.kernels.attention import dropout_keep_mask
+    torch.manual_seed(seed)
+    return dropout_keep_mask(draw_dropout_seed(torch.device(DEVICE)), *shape, dropout_p)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", FEATURE_SHAPES[:3], ids=lambda s: "B{}H{}K{}Tq{}Tk{}D{}".format(*s))
+def test_dropout_matches_the_reference_with_the_same_mask(shape, dtype):
+    """The backward regenerates the forward's mask: forward and every gradient equal the float64 reference that
+    applies the keep mask rebuilt from the same seed and offset."""
+    batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim = shape
+    q, k, v = random_qkv(*shape, dtype, seed=zlib.crc32(repr(shape).encode()))
+    p = 0.17
+    keep = kernel_keep_mask(5, (batch, heads, seqlen_q, seqlen_k), p)
+
+    def run(q, k, v):
+        torch.manual_seed(5)
+        return flash_attn_func(*bthd(q, k, v), dropout_p=p, causal=True).transpose(1, 2)
+
+    with backend.use_backend("triton"):
+        check_against_reference(q, k, v, BOTTOM_RIGHT, run, keep=keep, dropout_p=p)
+
+
+def test_dropout_keep_rate_and_fresh_draws():
+    """Over 2 x 4 x 64 x 96 scores the keep rate is 1 - p within five standard deviations, for several p; two
+    calls draw different masks, and torch.manual_seed repeats a call exactly."""
+    shape = (2, 4, 64, 96)
+    for p in (0.1, 0.5, 0.9):
+        rate = kernel_keep_mask(11, shape, p).float().mean().item()
+        sigma = (p * (1 - p) / math.prod(shape)) ** 0.5
+        assert abs(rate - (1 - p)) < 5 * sigma, (p, rate)
+    assert not torch.equal(kernel_keep_mask(1, shape, 0.5), kernel_keep_mask(2, shape, 0.5))
+    q, k, v = bthd(*random_qkv(1, 2, 2, 20, 20, 16, torch.float32, seed=3))
+    with backend.use_backend("triton"):
+        outs = []
+        for seed in (7, 7, 8):
+            torch.manual_seed(seed)
+            outs.append(flash_attn_func(q, k, v, 0.3))
+        assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])
+        torch.manual_seed(7)
+        out, lse, s_dmask = flash_attn_func(q, k, v, 0.3, return_attn_probs=True)
+    keep = kernel_keep_mask(7, (1, 2, 20, 20), 0.3)
+    assert torch.equal(out, outs[0]) and torch.equal(s_dmask >= 0, keep | (s_dmask == 0))
+    assert torch.allclose(s_dmask.abs().sum(-1), torch.ones(1, 2, 20))  # |S_dmask| is the softmax
+
+
+def test_flash_attn_signatures_bind_like_flash_attn():
+    """A positional call ported from flash-attn binds as there (dropout_p, softmax_scale, causal, ...), and the
+    packed variants read views of one projection."""
+    import inspect
+    from gptfast.attention import flash_attn_kvpacked_func, flash_attn_qkvpacked_func
+    assert list(inspect.signature(flash_attn_func).parameters)[:11] == [
+        "q", "k", "v", "dropout_p", "softmax_scale", "causal", "window_size", "softcap", "alibi_slopes",
+        "deterministic", "return_attn_probs"]
+    qkv = torch.randn(2, 19, 3, 2, 16).to(DEVICE)
+    q, k, v = qkv.unbind(2)
+    with backend.use_backend("triton"):
+        expected = flash_attn_func(q, k, v, softmax_scale=0.3, causal=True, window_size=(4, 0))
+        assert torch.equal(flash_attn_func(q, k, v, 0.0, 0.3, True, (4, 0)), expected)
+        assert torch.equal(flash_attn_qkvpacked_func(qkv, 0.0, 0.3, True, (4, 0)), expected)
+        assert torch.equal(flash_attn_kvpacked_func(q, qkv[:, :, 1:], 0.0, 0.3, True, (4, 0)), expected)
+
+
+def test_every_feature_at_once():
+    """Window, softcap, ALiBi, an additive mask with its gradient and dropout together, GQA, odd lengths: the
+    custom op itself, which the public functions call."""
+    q, k, v = random_qkv(2, 4, 2, 45, 70, 40, torch.float32, seed=21)
+    slopes = torch.rand(4).to(DEVICE)
+    mask = (torch.randn(2, 1, 45, 70) * 0.5).to(DEVICE).requires_grad_()
+    keep = kernel_keep_mask(9, (2, 4, 45, 70), 0.2)
+
+    def run(q, k, v, mask):
+        torch.manual_seed(9)
+        return torch.ops.gptfast.flash_attention(q, k, v, mask, slopes, draw_dropout_seed(q.device), 0, 20, 6, 3.0,
+                                                 0.2, 1 / math.sqrt(40))[0]
+
+    with backend.use_backend("triton"):
+        check_against_reference(q, k, v, NONE, run, mask=mask, window=(20, 6), softcap=3.0,
+                                alibi=slopes.expand(2, 4), keep=keep, dropout_p=0.2)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(window_size=(-2, 5)), ValueError, r"window_size must be \(left, right\)"),
+    (dict(window_size=(3,)), ValueError, "window_size"),
+    (dict(softcap=-1.0), ValueError, "softcap must be >= 0"),
+    (dict(alibi_slopes=torch.ones(3)), ValueError, r"alibi_slopes must have shape \(nheads,\) = \(2,\)"),
+    (dict(alibi_slopes=torch.ones(2, dtype=torch.float64)), TypeError, "alibi_slopes must be a float32"),
+    (dict(dropout_p=1.0), ValueError, r"dropout_p must be in \[0, 1\)"),
+])
+def test_bad_flash_attn_options_raise_clearly(kwargs, error, match):
+    q, k, v = bthd(*_qkv())
+    for name in ("auto", "triton", "torch"):
+        with backend.use_backend(name), pytest.raises(error, match=match):
+            flash_attn_func(q, k, v, **kwargs)
+
+
+@pytest.mark.parametrize("mask, error, match", [
+    (torch.ones(8, 9, dtype=torch.bool), ValueError, r"does not broadcast to \(..., Hq, Tq, Tk\)"),
+    (torch.ones(3, 2, 8, 8, dtype=torch.bool), ValueError, "does not broadcast"),
+    (torch.ones(8, 8, dtype=torch.int64), TypeError, "attn_mask must be bool"),
+])
+def test_bad_masks_raise_clearly(mask, error, match):
+    for name in ("auto", "triton", "torch"):
+        with backend.use_backend(name), pytest.raises(error, match=match):
+            scaled_dot_product_attention(*_qkv(), attn_mask=mask)

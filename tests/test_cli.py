@@ -1,7 +1,6 @@
 """The `gptfast` command as a user meets it: generate on a trained run, --help without waiting for torch, and
 every failure as one line on stderr that names the file or flag and says what to do (exit status 2 for bad usage
 or input, 1 for a run that failed; --traceback shows the traceback), found before any model or data is loaded."""
-import json
 import os
 import re
 import shutil

@@ -22,11 +22,13 @@ def test_every_kernel_is_inspected():
     assert {job.kernel for job in jobs} == _kernels(attention) | _kernels(layernorm)
 
 
+@pytest.mark.parametrize("features", [False, True], ids=["plain", "features"])
 @pytest.mark.parametrize("name", ["forward", "backward_dkdv", "backward_dq"])
 @pytest.mark.parametrize("table", ["sm_90", "sm_80", "fp32", "interpreter"])
-def test_every_head_dim_has_a_config(name, table):
+def test_every_head_dim_has_a_config(name, table, features):
     for block_d in attention.UP_TO_256:
-        assert attention.configs_for(name, table, block_d), f"{name} on {table}: no config for head dim {block_d}"
+        assert attention.configs_for(name, table, block_d, features), \
+            f"{name} on {table}: no config for head dim {block_d}"
 
 
 def test_every_row_block_has_a_layernorm_config():
@@ -45,14 +47,15 @@ def test_a_spilling_config_is_caught():
 
 
 def test_inspect_command_passes_for_both_archs():
-    """The full command, as a user runs it: exit 0, and Hopper's attention runs on HGMMA."""
+    """The full command, as a user runs it: exit 0 (every config of every variant compiles without spills), and
+    Hopper's plain attention runs on HGMMA."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-m", "gptfast", "inspect"], capture_output=True, text=True, env=env,
                             timeout=1200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("sm_")]
     assert rows and all(line.endswith(" ok") for line in rows)
-    hopper_attention = [line for line in rows if line.startswith("sm_90") and "bf16" in line
+    hopper_attention = [line for line in rows if line.startswith("sm_90") and "[bf16" in line
                         and ("attention_forward_kernel" in line or "dq_kernel" in line or
                              ("dkdv_kernel" in line and "BLOCK_D=256" not in line))]
     assert len(hopper_attention) > 30 and all("HGMMA" in line for line in hopper_attention)

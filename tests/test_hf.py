@@ -1,0 +1,129 @@
+"""transformers' own models with attn_implementation="gptfast", tiny and randomly initialised: GPT-2 (dropout on
+the attention weights in training), Llama (grouped-query heads), Mistral (a sliding window) and Gemma 2 (logit
+softcapping, sliding and full layers alternating). Logits and every gradient against the same model run by
+transformers' eager attention in float64 under the accuracy rule; batched greedy generation with left padding
+token for token; every attention call runs the Triton kernels (the backend is forced, and launches are counted)."""
+import pytest
+import torch
+import transformers
+
+from gptfast import backend
+from gptfast.hf import register
+from gptfast.kernels import attention as kernels
+from tolerance import DEVICE, assert_accurate
+
+COMMON = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              max_position_embeddings=64)
+MODELS = {
+    "gpt2": lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=97, n_positions=64, n_embd=64, n_layer=2, n_head=4, attn_pdrop=0.0, resid_pdrop=0.0,
+        embd_pdrop=0.0)),
+    "llama": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(**COMMON, num_key_value_heads=2)),
+    "mistral": lambda: transformers.MistralForCausalLM(transformers.MistralConfig(
+        **COMMON, num_key_value_heads=2, sliding_window=5)),
+    # softcap 1.0 saturates these small scores, so a kernel that ignored it would fail
+    "gemma2": lambda: transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+        **COMMON, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=5,
+        attn_logit_softcapping=1.0, final_logit_softcapping=None,
+        layer_types=["sliding_attention", "full_attention"])),
+}
+
+
+def build(name, implementation, dtype=torch.float32):
+    torch.manual_seed(0)
+    model = MODELS[name]()
+    model.set_attn_implementation(implementation)
+    return model.to(DEVICE, dtype)
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Counts the attention kernel's forward launches."""
+    count = {"forward": 0}
+    launch = kernels.attention_forward
+
+    def counted(*args, **kwargs):
+        count["forward"] += 1
+        return launch(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "attention_forward", counted)
+    return count
+
+
+def forward_backward(model, ids, grad_seed=1):
+    model.zero_grad(set_to_none=True)
+    logits = model(ids).logits
+    weights = torch.randn(logits.shape, generator=torch.Generator().manual_seed(grad_seed)).to(logits)
+    (logits * weights).sum().backward()
+    return {"logits": logits, **{name: p.grad for name, p in model.named_parameters() if p.grad is not None}}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_training_forward_and_backward_match_eager(name, launches):
+    """Train mode (dropout 0, so results can be compared): logits and every parameter's gradient."""
+    register()
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    with backend.use_backend("triton"):
+        got = forward_backward(build(name, "gptfast").train(), ids)
+    assert launches["forward"] == 2  # one per layer
+    ref64 = forward_backward(build(name, "eager", torch.float64).train(), ids)
+    lowp = forward_backward(build(name, "eager").train(), ids)
+    for key, value in got.items():
+        assert_accurate(f"{name} {key}", value, ref64[key], lowp[key], terms=16)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_batched_greedy_generation_with_left_padding(name, launches):
+    """Two prompts of different lengths, the shorter padded on the left: the same tokens as eager attention."""
+    register()
+    ids = torch.randint(1, 97, (2, 9), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    ids[0, :4] = 0
+    settings = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        expected = build(name, "eager").eval().generate(ids, **settings)
+        with backend.use_backend("triton"):
+            got = build(name, "gptfast").eval().generate(ids, **settings)
+    assert torch.equal(got, expected)
+    assert launches["forward"] == 2 * 6  # every layer at every step, none left to PyTorch
+
+
+def test_without_padding_the_window_and_softcap_go_to_the_kernel(monkeypatch):
+    """Unpadded, transformers builds no dense mask for "gptfast": the layer's window and softcap reach the kernel
+    as flags (Gemma 2: one sliding and one full layer)."""
+    register()
+    seen = []
+    launch = kernels.attention_forward
+
+    def record(q, k, v, softmax_scale, features):
+        seen.append((features.mask is None, features.window, features.softcap))
+        return launch(q, k, v, softmax_scale, features)
+
+    monkeypatch.setattr(kernels, "attention_forward", record)
+    ids = torch.randint(0, 97, (1, 12), generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    with torch.no_grad(), backend.use_backend("triton"):
+        build("gemma2", "gptfast").eval()(ids)
+    assert seen == [(True, (4, -1), 1.0), (True, (-1, -1), 1.0)]
+
+
+def test_gpt2_attention_dropout_runs_in_the_kernel(launches):
+    """GPT-2 fine-tuned as configured (attn_pdrop 0.1): the kernels draw the dropout (fresh each call,
+    repeatable under torch.manual_seed), and eval mode turns it off."""
+    register()
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=97, n_positions=64, n_embd=64, n_layer=2, n_head=4, attn_pdrop=0.1,
+                                     resid_pdrop=0.0, embd_pdrop=0.0)
+    model = transformers.GPT2LMHeadModel(config).to(DEVICE)
+    model.set_attn_implementation("gptfast")
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    with backend.use_backend("triton"):
+        outs = []
+        for seed in (1, 1, 2):
+            torch.manual_seed(seed)
+            outs.append(model.train()(ids).logits)
+        outs[0].sum().backward()
+        plain = model.eval()(ids).logits
+    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2]) and not torch.equal(outs[0], plain)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert launches["forward"] == 2 * 4
