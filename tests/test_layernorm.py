@@ -185,9 +185,10 @@ def test_bad_input_raises_clearly(call, error, match):
             call()
 
 
-def test_float64_falls_back_or_raises():
+def test_float64_falls_back_visibly_or_raises():
     x = torch.randn(3, 8, dtype=torch.float64)
-    with backend.use_backend("auto"):
+    backend._warned.clear()
+    with backend.use_backend("auto"), pytest.warns(UserWarning, match="float64.*runs PyTorch"):
         torch.testing.assert_close(layer_norm(x, (8,)), F.layer_norm(x, (8,)))
     with backend.use_backend("triton"), pytest.raises(NotImplementedError, match="float64"):
         layer_norm(x, (8,))
