@@ -3,7 +3,8 @@
 ``register()`` adds "gptfast" to transformers' attention and mask registries, so that
 ``AutoModelForCausalLM.from_pretrained(name, attn_implementation="gptfast")`` runs gptfast's flash-attention, with
 dropout, grouped-query heads, sliding windows (Mistral, Qwen2, Gemma 2) and logit softcapping (Gemma 2) in the
-kernels; ``patch_hf(model)`` switches a loaded model to it and also swaps its LayerNorms for gptfast's.
+kernels; ``patch_hf(model)`` switches a loaded model to it and also swaps its LayerNorms and RMSNorms for
+gptfast's fused ones.
 
 Masks: where the kernels' own flags say everything (a causal pattern, a window the layer names, no padding, the
 queries being the last of the keys), transformers is told to build no mask at all; otherwise (padding, a static
@@ -12,7 +13,7 @@ cache's empty slots, packed sequences) it builds its dense boolean mask, which t
 import torch
 
 from gptfast.attention import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, attend
-from gptfast.layernorm import LayerNorm
+from gptfast.layernorm import LayerNorm, rms_norm
 
 
 def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
@@ -58,17 +59,45 @@ def register():
     AttentionMaskInterface.register("gptfast", attention_mask_for_kernels)
 
 
+class HFRMSNorm(torch.nn.Module):
+    """A transformers RMSNorm on gptfast's kernel, holding the original's weight (so the state_dict is unchanged):
+    Llama's family scales by weight, Gemma's by 1 + weight (unit_offset). Returns the input's dtype."""
+
+    def __init__(self, weight, eps, unit_offset):
+        super().__init__()
+        self.weight, self.eps, self.unit_offset = weight, eps, unit_offset
+
+    def forward(self, hidden):
+        weight = self.weight + 1.0 if self.unit_offset else self.weight
+        return rms_norm(hidden, (hidden.shape[-1],), weight, self.eps)
+
+
+def _fused_norm(module):
+    """gptfast's replacement for a LayerNorm or a transformers RMSNorm (Llama, Mistral, Qwen2, Gemma), or None."""
+    if type(module) is torch.nn.LayerNorm:
+        weight = module.weight
+        fused = LayerNorm(module.normalized_shape, eps=module.eps, elementwise_affine=module.elementwise_affine,
+                          bias=module.bias is not None, device=None if weight is None else weight.device,
+                          dtype=None if weight is None else weight.dtype)
+        fused.load_state_dict(module.state_dict())
+        return fused
+    name = type(module).__name__
+    if name.endswith("RMSNorm") and isinstance(getattr(module, "weight", None), torch.nn.Parameter):
+        eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+        if eps is not None:
+            return HFRMSNorm(module.weight, eps, unit_offset=name.startswith("Gemma"))
+    return None
+
+
 def patch_hf(model):
-    """Run a loaded transformers model on gptfast: its attention through the "gptfast" implementation and each
-    torch.nn.LayerNorm replaced by gptfast's (same parameters). Returns the model."""
+    """Run a loaded transformers model on gptfast: its attention through the "gptfast" implementation, and each
+    torch.nn.LayerNorm and transformers RMSNorm replaced by gptfast's fused one (same parameters). Returns the
+    model."""
     register()
     model.set_attn_implementation("gptfast")
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is torch.nn.LayerNorm:
-                fused = LayerNorm(child.normalized_shape, eps=child.eps, elementwise_affine=child.elementwise_affine,
-                                  bias=child.bias is not None, device=child.weight.device if child.weight is not None
-                                  else None, dtype=child.weight.dtype if child.weight is not None else None)
-                fused.load_state_dict(child.state_dict())
+            fused = _fused_norm(child)
+            if fused is not None:
                 setattr(parent, name, fused)
     return model

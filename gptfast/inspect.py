@@ -45,7 +45,7 @@ class Job:
     maxnreg: int | None = None  # the config's register cap, where it sets one
 
     def label(self):
-        shown = {k: v for k, v in self.constexprs if k in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "ROW_FITS")}
+        shown = {k: v for k, v in self.constexprs if k in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "ROW_FITS", "RMS")}
         config = " ".join(f"{k}={v}" for k, v in shown.items())
         features = "+features " if dict(self.constexprs).get("DROPOUT") else ""
         return f"{self.kernel} [{features}{self.dtype} {config} warps={self.num_warps} stages={self.num_stages}]"
@@ -83,14 +83,15 @@ def layernorm_jobs(arch, dtypes=INSPECTED_DTYPES):
     # A short row, the longest row held whole, and the chunk of longer rows.
     for n_cols in (1024, ln.MAX_FUSED_N, 4 * ln.MAX_FUSED_N):
         block_n, row_fits = ln._row_block(n_cols)
-        for dtype in dtypes:
+        for dtype, rms in ((dtype, rms) for dtype in dtypes for rms in (False, True)):  # LayerNorm, RMSNorm
             for config in ln.configs_for("forward", arch, block_n):
-                constexprs = (("HAS_RESIDUAL", True), ("HAS_WEIGHT", True), ("HAS_BIAS", True),
+                constexprs = (("HAS_RESIDUAL", True), ("HAS_WEIGHT", True), ("HAS_BIAS", not rms), ("RMS", rms),
                               ("BLOCK_N", block_n), ("ROW_FITS", row_fits))
                 jobs.append(Job("layernorm", "layer_norm_forward_kernel", arch, dtype, constexprs,
                                 config.num_warps, 1))
             for config in ln.configs_for("backward", arch, block_n):
-                constexprs = (("HAS_WEIGHT", True), ("HAS_DSUM", True), ("BLOCK_N", block_n), ("ROW_FITS", row_fits))
+                constexprs = (("HAS_WEIGHT", True), ("HAS_DSUM", True), ("RMS", rms), ("BLOCK_N", block_n),
+                              ("ROW_FITS", row_fits))
                 jobs.append(Job("layernorm", "layer_norm_backward_kernel", arch, dtype, constexprs,
                                 config.num_warps, 1))
     jobs.append(Job("layernorm", "weight_grad_kernel", arch, "fp32", (("BLOCK_P", 32), ("BLOCK_N", 128)), 4, 1))

@@ -1,5 +1,6 @@
-"""Drop-in fused LayerNorm: ``layer_norm`` (torch's signature), ``LayerNorm`` (torch's module, same state_dict)
-and ``add_layer_norm``, the residual add and the normalisation in one pass, as the pre-LN GPT block needs.
+"""Drop-in fused LayerNorm and RMSNorm: ``layer_norm`` and ``rms_norm`` (torch's signatures), ``LayerNorm`` and
+``RMSNorm`` (torch's modules, same state_dict), and ``add_layer_norm`` and ``add_rms_norm``, the residual add and
+the normalisation in one pass, as a pre-norm block needs.
 
 The kernels are the custom ops ``gptfast::layer_norm`` and ``gptfast::layer_norm_backward`` with an autograd
 formula, so ``torch.compile(fullgraph=True)`` captures them. ``gptfast.backend`` picks kernel or PyTorch.
@@ -19,13 +20,14 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 @torch.library.custom_op("gptfast::layer_norm", mutates_args=())
 def _layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None,
-                bias: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                bias: torch.Tensor | None, eps: float,
+                rms: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from gptfast.kernels.layernorm import layer_norm_forward
-    return layer_norm_forward(x, residual, weight, bias, eps)
+    return layer_norm_forward(x, residual, weight, bias, eps, rms)
 
 
 @_layer_norm.register_fake
-def _(x, residual, weight, bias, eps):
+def _(x, residual, weight, bias, eps, rms):
     dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
     y = x.new_empty(x.shape, dtype=dtype)
     sum_out = torch.empty_like(y) if residual is not None else x.new_empty(0)
@@ -36,13 +38,14 @@ def _(x, residual, weight, bias, eps):
 @torch.library.custom_op("gptfast::layer_norm_backward", mutates_args=())
 def _layer_norm_backward(grad_y: torch.Tensor, grad_sum: torch.Tensor | None, x: torch.Tensor,
                          weight: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor, dx_dtype: torch.dtype,
-                         dresidual_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                         dresidual_dtype: torch.dtype,
+                         rms: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from gptfast.kernels.layernorm import layer_norm_backward
-    return layer_norm_backward(grad_y, grad_sum, x, weight, mean, rstd, dx_dtype, dresidual_dtype)
+    return layer_norm_backward(grad_y, grad_sum, x, weight, mean, rstd, dx_dtype, dresidual_dtype, rms)
 
 
 @_layer_norm_backward.register_fake
-def _(grad_y, grad_sum, x, weight, mean, rstd, dx_dtype, dresidual_dtype):
+def _(grad_y, grad_sum, x, weight, mean, rstd, dx_dtype, dresidual_dtype, rms):
     dx = x.new_empty(x.shape, dtype=dx_dtype)
     dresidual = x.new_empty(x.shape, dtype=dresidual_dtype) if grad_sum is not None else x.new_empty(0)
     dweight = x.new_empty(x.shape[1], dtype=torch.float32)
@@ -50,7 +53,7 @@ def _(grad_y, grad_sum, x, weight, mean, rstd, dx_dtype, dresidual_dtype):
 
 
 def _setup_context(ctx, inputs, output):
-    x, residual, weight, bias, eps = inputs
+    x, residual, weight, bias, eps, ctx.rms = inputs
     y, sum_out, mean, rstd = output
     # The backward differentiates the normalised tensor: x itself, or the residual sum.
     ctx.save_for_backward(x if residual is None else sum_out, weight, mean, rstd)
@@ -67,9 +70,9 @@ def _backward(ctx, grad_y, grad_sum, grad_mean, grad_rstd):
     grad_sum = _rows(grad_sum, n_cols) if grad_sum is not None else None
     dx, dresidual, dweight, dbias = _layer_norm_backward(
         grad_y, grad_sum if ctx.has_residual else None, normalized, weight, mean, rstd, ctx.x_dtype,
-        ctx.residual_dtype)
+        ctx.residual_dtype, ctx.rms)
     return (dx, dresidual if ctx.has_residual else None, None if weight is None else dweight.to(weight.dtype),
-            None if ctx.bias_dtype is None else dbias.to(ctx.bias_dtype), None)
+            None if ctx.bias_dtype is None else dbias.to(ctx.bias_dtype), None, None)
 
 
 _layer_norm.register_autograd(_backward, setup_context=_setup_context)
@@ -122,6 +125,45 @@ def _flat(t):
     return None if t is None else t.reshape(-1)
 
 
+def _torch_norm(input, normalized_shape, weight, bias, eps, rms):
+    if rms:
+        return F.rms_norm(input, normalized_shape, weight, eps)
+    return F.layer_norm(input, normalized_shape, weight, bias, eps)
+
+
+def _normalize(op, input, normalized_shape, weight, bias, eps, rms):
+    """layer_norm or rms_norm (rms, bias None) of checked arguments, on the kernel or on PyTorch."""
+    normalized_shape = _normalized_size(normalized_shape)
+    n_cols = _check(op, input, normalized_shape, weight, bias)
+    if not backend.use_triton(op, input.device, _kernel_gap(input, weight, bias)):
+        return _torch_norm(input, normalized_shape, weight, bias, eps, rms)
+    y = _layer_norm(_rows(input, n_cols), None, _flat(weight), _flat(bias), float(eps), rms)[0]
+    return y.reshape(input.shape)
+
+
+def _add_normalize(op, x, residual, weight, bias, eps, rms):
+    """(norm(x + residual), x + residual) over the last dim, on the kernel or on PyTorch."""
+    if not isinstance(x, torch.Tensor) or not isinstance(residual, torch.Tensor):
+        raise TypeError(f"{op}: x and residual must be torch.Tensors")
+    if x.shape != residual.shape:
+        raise ValueError(f"{op}: x and residual must have one shape, got {list(x.shape)} and "
+                         f"{list(residual.shape)}")
+    if x.dim() == 0:
+        raise ValueError(f"{op}: x must have at least one dim")
+    normalized_shape = (x.shape[-1],)
+    n_cols = _check(op, x, normalized_shape, weight, bias, extra=(("residual", residual),))
+    if not backend.use_triton(op, x.device, _kernel_gap(x, weight, bias, ("residual", residual))):
+        summed = x + residual
+        return _torch_norm(summed, normalized_shape, weight, bias, eps, rms), summed
+    y, summed, _, _ = _layer_norm(_rows(x, n_cols), _rows(residual, n_cols), weight, bias, float(eps), rms)
+    return y.reshape(x.shape), summed.reshape(x.shape)
+
+
+def _rms_eps(eps, input):
+    """torch.nn.functional.rms_norm's default: the input dtype's machine epsilon."""
+    return torch.finfo(input.dtype).eps if eps is None and isinstance(input, torch.Tensor) else eps
+
+
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     """Drop-in for ``torch.nn.functional.layer_norm``: normalises over the last ``len(normalized_shape)`` dims.
 
@@ -131,12 +173,14 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     Returns:
         input's shape and dtype; statistics and arithmetic in float32.
     """
-    normalized_shape = _normalized_size(normalized_shape)
-    n_cols = _check("layer_norm", input, normalized_shape, weight, bias)
-    if not backend.use_triton("layer_norm", input.device, _kernel_gap(input, weight, bias)):
-        return F.layer_norm(input, normalized_shape, weight, bias, eps)
-    y = _layer_norm(_rows(input, n_cols), None, _flat(weight), _flat(bias), float(eps))[0]
-    return y.reshape(input.shape)
+    return _normalize("layer_norm", input, normalized_shape, weight, bias, eps, rms=False)
+
+
+def rms_norm(input, normalized_shape, weight=None, eps=None):
+    """Drop-in for ``torch.nn.functional.rms_norm``: x / sqrt(mean(x^2) + eps) * weight over the last
+    ``len(normalized_shape)`` dims. eps defaults to input's dtype's machine epsilon, as torch's. Shapes, dtypes and
+    arithmetic as layer_norm's."""
+    return _normalize("rms_norm", input, normalized_shape, weight, None, _rms_eps(eps, input), rms=True)
 
 
 def add_layer_norm(x, residual, weight, bias, eps=1e-5):
@@ -150,20 +194,12 @@ def add_layer_norm(x, residual, weight, bias, eps=1e-5):
         (normed, summed), x's shape, in the promoted dtype of x and residual. summed is rounded to that dtype
         before it is normalised, as ``x + residual`` followed by ``layer_norm`` would be.
     """
-    if not isinstance(x, torch.Tensor) or not isinstance(residual, torch.Tensor):
-        raise TypeError("add_layer_norm: x and residual must be torch.Tensors")
-    if x.shape != residual.shape:
-        raise ValueError(f"add_layer_norm: x and residual must have one shape, got {list(x.shape)} and "
-                         f"{list(residual.shape)}")
-    if x.dim() == 0:
-        raise ValueError("add_layer_norm: x must have at least one dim")
-    normalized_shape = (x.shape[-1],)
-    n_cols = _check("add_layer_norm", x, normalized_shape, weight, bias, extra=(("residual", residual),))
-    if not backend.use_triton("add_layer_norm", x.device, _kernel_gap(x, weight, bias, ("residual", residual))):
-        summed = x + residual
-        return F.layer_norm(summed, normalized_shape, weight, bias, eps), summed
-    y, summed, _, _ = _layer_norm(_rows(x, n_cols), _rows(residual, n_cols), weight, bias, float(eps))
-    return y.reshape(x.shape), summed.reshape(x.shape)
+    return _add_normalize("add_layer_norm", x, residual, weight, bias, eps, rms=False)
+
+
+def add_rms_norm(x, residual, weight, eps=None):
+    """``(rms_norm(x + residual), x + residual)`` in one pass over memory, as add_layer_norm (Llama's blocks)."""
+    return _add_normalize("add_rms_norm", x, residual, weight, None, _rms_eps(eps, x), rms=True)
 
 
 class LayerNorm(torch.nn.LayerNorm):
@@ -172,3 +208,10 @@ class LayerNorm(torch.nn.LayerNorm):
 
     def forward(self, input):
         return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+class RMSNorm(torch.nn.RMSNorm):
+    """``torch.nn.RMSNorm`` on gptfast's kernel: same constructor, parameters and state_dict keys."""
+
+    def forward(self, input):
+        return rms_norm(input, self.normalized_shape, self.weight, self.eps)

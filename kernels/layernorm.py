@@ -1,4 +1,6 @@
-"""Fused LayerNorm in Triton, with an optional residual add: forward and backward kernels and their launchers.
+"""Fused LayerNorm and RMSNorm in Triton, with an optional residual add: forward and backward kernels and their
+launchers. RMSNorm (Zhang and Sennrich, 2019) is the same kernels with the RMS flag: no mean is subtracted and
+no bias added, y = x / sqrt(mean(x^2) + eps) * w.
 
 Layouts, for every tensor the launchers take:
     x, residual, grad_y, grad_sum: (M, N) rows, unit column stride, any row stride; float16, bfloat16 or float32,
@@ -57,12 +59,15 @@ def _square_scale(largest):
 
 
 @triton.jit
-def _chunk_stats(x, mask, count):
-    """(mean, m2, scale) of the masked elements of one chunk (zero where masked): their mean, and their sum of
-    squared deviations M2 as m2 = M2 / scale^2. The scale comes from the largest |x|, which bounds every deviation
-    by twice itself; in float32 a non-zero deviation is at least 2^-24 of it, so no scaled square underflows.
-    (A scale from the deviations themselves would keep one more row-sized array live, and spilled.)"""
-    mean = tl.sum(x, 0) / count
+def _chunk_stats(x, mask, count, RMS: tl.constexpr):
+    """(mean, m2, scale) of the masked elements of one chunk (zero where masked): their mean (0 for RMS, whose
+    deviations are from 0), and their sum of squared deviations M2 as m2 = M2 / scale^2. The scale comes from the
+    largest |x|, which bounds every deviation by twice itself; in float32 a non-zero deviation is at least 2^-24 of
+    it, so no scaled square underflows. (A scale from the deviations themselves would keep one more row-sized
+    array live, and spilled.)"""
+    mean = 0.0
+    if not RMS:
+        mean = tl.sum(x, 0) / count
     scale = _square_scale(tl.max(tl.abs(x), 0))
     centered = tl.where(mask, x - mean, 0.0) * (1.0 / scale)  # one division a row; exact when scale is 1
     return mean, tl.sum(centered * centered, 0), scale
@@ -94,7 +99,7 @@ def _normalize_store(x, cols, mask, mean, rstd, W, B, Y, HAS_WEIGHT: tl.constexp
 def layer_norm_forward_kernel(
         X, RES, W, B, Y, SUM_OUT, MEAN, RSTD,
         stride_x, stride_res, stride_y, stride_sum, n_cols, eps,
-        HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+        HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, RMS: tl.constexpr,
         BLOCK_N: tl.constexpr, ROW_FITS: tl.constexpr):
     """One program per row. Grid: (M,)."""
     row = tl.program_id(0).to(tl.int64)
@@ -106,7 +111,7 @@ def layer_norm_forward_kernel(
     if ROW_FITS:
         mask = cols < n_cols
         x = _load_row_chunk(X, RES, SUM_OUT, cols, mask, HAS_RESIDUAL=HAS_RESIDUAL, STORE_SUM=True)
-        mean, m2, scale = _chunk_stats(x, mask, n_cols)
+        mean, m2, scale = _chunk_stats(x, mask, n_cols, RMS=RMS)
     else:
         mean = 0.0
         m2 = 0.0
@@ -115,7 +120,7 @@ def layer_norm_forward_kernel(
             mask = start + cols < n_cols
             x = _load_row_chunk(X, RES, SUM_OUT, start + cols, mask, HAS_RESIDUAL=HAS_RESIDUAL, STORE_SUM=True)
             count = tl.minimum(n_cols - start, BLOCK_N)
-            chunk_mean, chunk_m2, chunk_scale = _chunk_stats(x, mask, count)
+            chunk_mean, chunk_m2, chunk_scale = _chunk_stats(x, mask, count, RMS=RMS)
             # Chan et al.: merge (start, mean, M2) with (count, chunk_mean, chunk M2), all M2 at a common scale.
             total = start + count
             delta = chunk_mean - mean
@@ -170,7 +175,8 @@ def _store_grad_x(DX, DRES, DSUM, cols, mask, xhat, wdy, c1, c2, rstd, HAS_DSUM:
 def layer_norm_backward_kernel(
         DY, DSUM, X, W, MEAN, RSTD, DX, DRES, PARTIAL,
         stride_dy, stride_dsum, stride_x, stride_dx, n_rows, n_cols, rows_per_program,
-        HAS_WEIGHT: tl.constexpr, HAS_DSUM: tl.constexpr, BLOCK_N: tl.constexpr, ROW_FITS: tl.constexpr):
+        HAS_WEIGHT: tl.constexpr, HAS_DSUM: tl.constexpr, RMS: tl.constexpr, BLOCK_N: tl.constexpr,
+        ROW_FITS: tl.constexpr):
     """One program per group of rows_per_program rows. Writes dx (and, with DSUM, the same into DRES, whose row
     stride is dx's), and the group's sums of dy * xhat and dy into
     its own row of PARTIAL (n_programs, 2 * n_cols) float32. Grid: (n_programs,)."""
@@ -200,6 +206,10 @@ def layer_norm_backward_kernel(
             xhat, dy, wdy = _backward_chunk(x_row, dy_row, W, cols, mask, mean, rstd, HAS_WEIGHT=HAS_WEIGHT)
             c1 = tl.sum(xhat * wdy, 0) / n_cols
             c2 = tl.sum(wdy, 0) / n_cols
+            # RMS subtracts no mean, so has no mean term. Zeroed rather than skipped: skipping it, ptxas allocated
+            # the 16-warp, 8192-wide row so that it spilled 24 bytes on sm_90 (`gptfast inspect`).
+            if RMS:
+                c2 = c2 * 0.0
             _store_grad_x(dx_row, dres_row, dsum_row, cols, mask, xhat, wdy, c1, c2, rstd, HAS_DSUM=HAS_DSUM)
             dw_sum += dy * xhat
             db_sum += dy
@@ -211,7 +221,8 @@ def layer_norm_backward_kernel(
                 xhat, dy, wdy = _backward_chunk(x_row, dy_row, W, start + cols, mask, mean, rstd,
                                                 HAS_WEIGHT=HAS_WEIGHT)
                 c1 += tl.sum(xhat * wdy, 0)
-                c2 += tl.sum(wdy, 0)
+                if not RMS:
+                    c2 += tl.sum(wdy, 0)
             c1 = c1 / n_cols
             c2 = c2 / n_cols
             for start in range(0, n_cols, BLOCK_N):
@@ -268,9 +279,10 @@ def _row_block(n_cols):
     return (block, True) if block <= MAX_FUSED_N else (CHUNK_N, False)
 
 
-def layer_norm_forward(x, residual, weight, bias, eps):
+def layer_norm_forward(x, residual, weight, bias, eps, rms=False):
     """Returns (y, sum_out, mean, rstd): sum_out = x + residual in their promoted dtype (an empty tensor without a
-    residual); y (M, N) in sum_out's dtype, or x's without a residual; mean and rstd (M,) float32."""
+    residual); y (M, N) in sum_out's dtype, or x's without a residual; mean (zeros with rms) and rstd (M,)
+    float32. rms: RMSNorm instead of LayerNorm (bias must be None)."""
     n_rows, n_cols = x.shape
     dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
     y = torch.empty((n_rows, n_cols), dtype=dtype, device=x.device)
@@ -284,7 +296,7 @@ def layer_norm_forward(x, residual, weight, bias, eps):
         x, x if residual is None else residual, x if weight is None else weight, x if bias is None else bias,
         y, y if residual is None else sum_out, mean, rstd,
         x.stride(0), 0 if residual is None else residual.stride(0), y.stride(0), y.stride(0), n_cols, eps,
-        HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, RMS=rms,
         BLOCK_N=block_n, ROW_FITS=row_fits)
     return y, sum_out, mean, rstd
 
@@ -297,7 +309,7 @@ def backward_programs(device, n_rows):
     return max(1, min(n_rows, 2 * torch.cuda.get_device_properties(device).multi_processor_count))
 
 
-def layer_norm_backward(grad_y, grad_sum, x, weight, mean, rstd, dx_dtype, dresidual_dtype):
+def layer_norm_backward(grad_y, grad_sum, x, weight, mean, rstd, dx_dtype, dresidual_dtype, rms=False):
     """x is what the forward normalised (the residual sum, with one). Returns (dx, dresidual, dweight, dbias):
     dx (M, N) in dx_dtype; dresidual, equal to dx but in its own memory and dresidual_dtype, when grad_sum (the
     gradient reaching x + residual) is given, else an empty tensor; dweight and dbias (N,) float32 (dweight is the
@@ -314,7 +326,7 @@ def layer_norm_backward(grad_y, grad_sum, x, weight, mean, rstd, dx_dtype, dresi
         dx if grad_sum is None else dresidual, partial,
         grad_y.stride(0), 0 if grad_sum is None else grad_sum.stride(0), x.stride(0), dx.stride(0),
         n_rows, n_cols, triton.cdiv(n_rows, n_programs),
-        HAS_WEIGHT=weight is not None, HAS_DSUM=grad_sum is not None, BLOCK_N=block_n, ROW_FITS=row_fits)
+        HAS_WEIGHT=weight is not None, HAS_DSUM=grad_sum is not None, RMS=rms, BLOCK_N=block_n, ROW_FITS=row_fits)
     dweight = torch.empty(n_cols, dtype=torch.float32, device=x.device)
     dbias = torch.empty_like(dweight)
     block = 128 if x.device.type == "cuda" else 64

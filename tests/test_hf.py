@@ -8,7 +8,7 @@ import torch
 import transformers
 
 from gptfast import backend
-from gptfast.hf import register
+from gptfast.hf import patch_hf, register
 from gptfast.kernels import attention as kernels
 from tolerance import DEVICE, assert_accurate
 
@@ -29,10 +29,21 @@ MODELS = {
 }
 
 
-def build(name, implementation, dtype=torch.float32):
+def build(name, implementation, dtype=torch.float32, patched=False):
+    """The model with random norm weights too (transformers starts them at one, or Gemma's at zero); patched:
+    through patch_hf, so its LayerNorms or RMSNorms run gptfast's kernel as well."""
     torch.manual_seed(0)
     model = MODELS[name]()
-    model.set_attn_implementation(implementation)
+    with torch.no_grad():
+        for param_name, param in model.named_parameters():
+            if "norm" in param_name or ".ln_" in param_name:
+                param.add_(torch.randn_like(param) * 0.1)
+    if patched:
+        patch_hf(model)
+        assert not any(type(m).__name__.endswith(("RMSNorm", "LayerNorm")) and type(m).__module__.startswith(
+            ("transformers", "torch")) for m in model.modules()), "a norm was left unpatched"
+    else:
+        model.set_attn_implementation(implementation)
     return model.to(DEVICE, dtype)
 
 
@@ -58,13 +69,15 @@ def forward_backward(model, ids, grad_seed=1):
     return {"logits": logits, **{name: p.grad for name, p in model.named_parameters() if p.grad is not None}}
 
 
+@pytest.mark.parametrize("patched", [False, True], ids=["attention", "attention+norms"])
 @pytest.mark.parametrize("name", list(MODELS))
-def test_training_forward_and_backward_match_eager(name, launches):
-    """Train mode (dropout 0, so results can be compared): logits and every parameter's gradient."""
+def test_training_forward_and_backward_match_eager(name, patched, launches):
+    """Train mode (dropout 0, so results can be compared): logits and every parameter's gradient, with the
+    attention on gptfast, and with patch_hf also its norms."""
     register()
     ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(2)).to(DEVICE)
     with backend.use_backend("triton"):
-        got = forward_backward(build(name, "gptfast").train(), ids)
+        got = forward_backward(build(name, "gptfast", patched=patched).train(), ids)
     assert launches["forward"] == 2  # one per layer
     ref64 = forward_backward(build(name, "eager", torch.float64).train(), ids)
     lowp = forward_backward(build(name, "eager").train(), ids)

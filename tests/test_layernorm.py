@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 from gptfast import backend
-from gptfast.layernorm import LayerNorm, add_layer_norm, layer_norm
+from gptfast.layernorm import LayerNorm, RMSNorm, add_layer_norm, add_rms_norm, layer_norm, rms_norm
 from tolerance import DEVICE, DTYPES, assert_accurate
 
 
@@ -20,9 +20,12 @@ def random_inputs(shape, n_cols, dtype, affine, seed, residual=False):
     return x, weight, bias, (rand(*shape) if residual else None)
 
 
-def check_layer_norm(shape, dtype, affine, seed=0, residual=False):
+def check_layer_norm(shape, dtype, affine, seed=0, residual=False, rms=False):
+    """rms: RMSNorm (rms_norm, add_rms_norm) instead of LayerNorm; it has no bias."""
     n_cols = shape[-1]
     x, weight, bias, res = random_inputs(shape, n_cols, dtype, affine, seed, residual)
+    if rms:
+        bias = None
     leaves = {"x": x, "weight": weight, "bias": bias, "residual": res}
     leaves = {k: v for k, v in leaves.items() if v is not None}
 
@@ -43,13 +46,15 @@ def check_layer_norm(shape, dtype, affine, seed=0, residual=False):
             results["sum"] = summed
         return results
 
+    def norm(x, w, b):
+        return F.rms_norm(x, (n_cols,), w, 1e-5) if rms else F.layer_norm(x, (n_cols,), w, b)
+
     def reference(x, r, w, b):
-        if r is None:
-            return F.layer_norm(x, (n_cols,), w, b)
-        s = x + r
-        return F.layer_norm(s, (n_cols,), w, b), s
+        return norm(x, w, b) if r is None else (norm(x + r, w, b), x + r)
 
     def kernel(x, r, w, b):
+        if rms:
+            return rms_norm(x, (n_cols,), w, 1e-5) if r is None else add_rms_norm(x, r, w, 1e-5)
         return layer_norm(x, (n_cols,), w, b) if r is None else add_layer_norm(x, r, w, b)
 
     with backend.use_backend("triton"):
@@ -75,6 +80,35 @@ def test_layer_norm_matches_float64_reference(shape, affine, dtype):
 @pytest.mark.parametrize("shape", [(1, 1), (3, 5, 96), (7, 1000), (2, 8200)], ids=str)
 def test_add_layer_norm_matches_float64_reference(shape, dtype):
     check_layer_norm(shape, dtype, "both", seed=shape[-1], residual=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("affine", ["weight", "none"])
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5, 96), (7, 1000), (2, 8200)], ids=str)
+def test_rms_norm_matches_float64_reference(shape, residual, affine, dtype):
+    """RMSNorm is the LayerNorm kernels' RMS switch: output and every gradient, with and without a residual."""
+    check_layer_norm(shape, dtype, affine, seed=shape[-1] + 3, residual=residual, rms=True)
+
+
+def test_rms_norm_long_rows_and_module():
+    """The chunked path, and RMSNorm as a drop-in for torch.nn.RMSNorm (same state_dict; eps=None is the dtype's
+    epsilon, as torch's)."""
+    from gptfast.kernels import layernorm as kernels
+    reference = torch.nn.RMSNorm(96)
+    with torch.no_grad():
+        reference.weight.normal_()
+    module = RMSNorm(96)
+    module.load_state_dict(reference.state_dict())
+    x = torch.randn(3, 96)
+    with backend.use_backend("triton"):
+        torch.testing.assert_close(module.to(DEVICE)(x.to(DEVICE)), reference.to(DEVICE)(x.to(DEVICE)))
+    original = kernels.MAX_FUSED_N, kernels.CHUNK_N
+    kernels.MAX_FUSED_N, kernels.CHUNK_N = 64, 32
+    try:
+        check_layer_norm((5, 1000), torch.float32, "weight", seed=4, rms=True)
+    finally:
+        kernels.MAX_FUSED_N, kernels.CHUNK_N = original
 
 
 @settings(max_examples=8, deadline=None)
@@ -196,7 +230,8 @@ def test_float64_falls_back_visibly_or_raises():
 
 def test_custom_ops_pass_opcheck():
     x, weight, bias, res = random_inputs((4, 40), 40, torch.float32, "both", seed=4, residual=True)
-    for args in [(x, res, weight, bias, 1e-5), (x, None, None, bias, 1e-5)]:
+    for args in [(x, res, weight, bias, 1e-5, False), (x, None, None, bias, 1e-5, False),
+                 (x, res, weight, None, 1e-6, True)]:
         args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) else a for a in args)
         torch.library.opcheck(torch.ops.gptfast.layer_norm.default, args)
 
