@@ -65,14 +65,19 @@ def side_by_side(benchmarks):
         ours = [b for b in members if b["extra_info"].get("impl", "").startswith("gptfast")]
         for mine in ours:
             value, unit = throughput(mine)
-            cells = [f"{mine['extra_info']['impl']} {value:.3g} {unit}"]
+            cells = [f"{mine['extra_info']['impl']} {value:.3g} {unit}" + _peak(mine)]
             for other in (b for b in members if b not in ours):
                 ratio = other["stats"]["median"] / mine["stats"]["median"]
                 same = mine["extra_info"].get("same_code_as") == other["extra_info"]["impl"]
-                cells.append(f"{other['extra_info']['impl']} {throughput(other)[0]:.3g}"
+                cells.append(f"{other['extra_info']['impl']} {throughput(other)[0]:.3g}" + _peak(other)
                              + (" (the same code here)" if same else f" ({ratio:.2f}x)"))
             lines.append(f"{group}: " + ", ".join(cells))
     return lines
+
+
+def _peak(bench):
+    peak = bench["extra_info"].get("peak_mb")
+    return "" if peak is None else f" [peak {peak:.0f} MB]"
 
 
 def _fmt(value, digits=2):

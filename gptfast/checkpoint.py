@@ -85,13 +85,15 @@ def load_state(model, folder):
         raise ValueError(f"{folder}: {error}") from None
 
 
-def save(model, folder):
-    """Writes config.json and model.safetensors in Hugging Face's GPT-2 format, each atomically."""
+def save(model, folder, state_dict=None):
+    """Writes config.json and model.safetensors in Hugging Face's GPT-2 format, each atomically. state_dict: the
+    model's whole weights where model.state_dict() would give shards (FSDP)."""
     from safetensors.torch import save_file
     os.makedirs(folder, exist_ok=True)
     atomic_write_text(os.path.join(folder, "config.json"), json.dumps(config_to_hf(model.config), indent=2))
     tmp = os.path.join(folder, f"model.safetensors.{os.getpid()}.tmp")
-    save_file({k: v.detach().cpu() for k, v in model.hf_state_dict().items()}, tmp, metadata={"format": "pt"})
+    weights = model.hf_state_dict(state_dict)
+    save_file({k: v.detach().cpu() for k, v in weights.items()}, tmp, metadata={"format": "pt"})
     os.replace(tmp, os.path.join(folder, "model.safetensors"))
 
 

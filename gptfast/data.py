@@ -113,22 +113,22 @@ def prepare(data, tokenizer, tokenizer_name, progress=True):
 
 class Batches:
     """Random (B, T) windows of a token array and their next-token targets, drawn with a generator of its own so
-    that a resumed run draws exactly the batches the uninterrupted one would have. shard=(rank, world) restricts
-    the windows to that rank's contiguous part of the data."""
+    that a resumed run draws exactly the batches the uninterrupted one would have. shard=(rank, world): every rank
+    draws the same B * world windows and keeps its own B of them, so the ranks together train on exactly the batch
+    one process with batch_size B * world would (and each rank's generator holds the same state)."""
 
     def __init__(self, tokens, batch_size, block_size, seed, shard=(0, 1)):
-        rank, world = shard
-        size = len(tokens) // world
-        self.tokens = tokens[rank * size:(rank + 1) * size]
-        if len(self.tokens) < block_size + 2:
-            raise ValueError(f"the data has {len(self.tokens)} tokens per rank, too few for one window of "
-                             f"--block-size {block_size}: give more data or a smaller --block-size")
-        self.batch_size, self.block_size = batch_size, block_size
+        if len(tokens) < block_size + 2:
+            raise ValueError(f"the data has {len(tokens)} tokens, too few for one window of --block-size "
+                             f"{block_size}: give more data or a smaller --block-size")
+        self.tokens, self.batch_size, self.block_size = tokens, batch_size, block_size
+        self.rank, self.world = shard
         self.generator = torch.Generator().manual_seed(seed)
 
     def next(self, device):
         """(x, y) on device (a torch.device): (B, T) int64 inputs and the (B, T) targets, views of one copy."""
-        starts = torch.randint(len(self.tokens) - self.block_size - 1, (self.batch_size,), generator=self.generator)
+        starts = torch.randint(len(self.tokens) - self.block_size - 1, (self.batch_size * self.world,),
+                               generator=self.generator)[self.rank * self.batch_size:][:self.batch_size]
         windows = torch.stack([torch.from_numpy(self.tokens[s:s + self.block_size + 1].astype(np.int64))
                                for s in starts.tolist()])
         if device.type == "cuda":

@@ -21,9 +21,11 @@ ARCHS = {"sm_80": 80, "sm_90": 90}
 # Largest dynamic shared memory one block may use (opt-in limit): A100 163 KiB, H100/H200 227 KiB.
 SHARED_LIMIT = {"sm_80": 166912, "sm_90": 232448}
 TENSOR_CORE_OPS = ("HGMMA", "HMMA")
-FLOAT32_POINTERS = {"LSE", "DELTA", "GRAD_LSE", "MEAN", "RSTD", "PARTIAL", "DW", "DB", "ALIBI", "DBIAS"}
-FLOAT_SCALARS = {"qk_scale", "softmax_scale", "eps", "softcap", "dropout_p", "keep_scale"}
+FLOAT32_POINTERS = {"LSE", "DELTA", "GRAD_LSE", "MEAN", "RSTD", "PARTIAL", "DW", "DB", "ALIBI", "DBIAS", "LOSS",
+                    "ROW_SCALE"}
+FLOAT_SCALARS = {"qk_scale", "softmax_scale", "eps", "softcap", "dropout_p", "keep_scale", "label_smoothing"}
 INSPECTED_DTYPES = ("bf16", "fp32")
+KERNEL_MODULES = ("attention", "layernorm", "cross_entropy")
 # Attention's variants: the plain causal kernel, and every feature at once (the most registers any call needs):
 # a window, an additive mask and its gradient, ALiBi, softcapping and dropout.
 PLAIN = (("CAUSAL", True), ("WINDOW", False), ("MASK_KIND", 0), ("ALIBI_SLOPES", False), ("SOFTCAP", False),
@@ -45,7 +47,8 @@ class Job:
     maxnreg: int | None = None  # the config's register cap, where it sets one
 
     def label(self):
-        shown = {k: v for k, v in self.constexprs if k in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "ROW_FITS", "RMS")}
+        shown = {k: v for k, v in self.constexprs
+                 if k in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "ROW_FITS", "RMS", "BLOCK_V", "WRITE_GRAD")}
         config = " ".join(f"{k}={v}" for k, v in shown.items())
         features = "+features " if dict(self.constexprs).get("DROPOUT") else ""
         return f"{self.kernel} [{features}{self.dtype} {config} warps={self.num_warps} stages={self.num_stages}]"
@@ -98,6 +101,15 @@ def layernorm_jobs(arch, dtypes=INSPECTED_DTYPES):
     return jobs
 
 
+def cross_entropy_jobs(arch, dtypes=INSPECTED_DTYPES):
+    from gptfast.kernels import cross_entropy as ce
+    # The plain loss pass, and the gradient pass with smoothing and softcapping (the most it holds).
+    return [Job("cross_entropy", "cross_entropy_kernel", arch, dtype,
+                (("SOFTCAP", extra), ("SMOOTHING", extra), ("WRITE_GRAD", extra), ("BLOCK_V", ce.BLOCK_V)), 8, 1,
+                ce.MAX_REGISTERS)
+            for dtype in dtypes for extra in (False, True)]
+
+
 def signature(fn, dtype, constexprs):
     """Triton's signature and attributes for fn's parameters, as the JIT would derive them (module docstring)."""
     sig, attrs, consts = {}, {}, dict(constexprs)
@@ -108,11 +120,11 @@ def signature(fn, dtype, constexprs):
         elif name.startswith("stride_") and name[-1] == "d" and fn.__name__.startswith("attention"):
             sig[name], consts[name] = "constexpr", 1
         elif name.isupper():
-            sig[name] = ("*fp32" if name in FLOAT32_POINTERS else "*i64" if name == "SEED" else
+            sig[name] = ("*fp32" if name in FLOAT32_POINTERS else "*i64" if name in ("SEED", "TARGET") else
                          "*i1" if name == "KEEP" or name == "MASK" and consts.get("MASK_KIND") == 1 else f"*{dtype}")
             attrs[(index,)] = [["tt.divisibility", 16]]
-        elif name[:9] in ("stride_m", "stride_a", "stride_g") and len(name) == 9:
-            sig[name] = "i32"  # a mask's or the slopes' strides: 0 along broadcast dims, often 1
+        elif name[:9] in ("stride_m", "stride_a", "stride_g") and len(name) == 9 or name == "stride_scale":
+            sig[name] = "i32"  # a mask's, the slopes' or the loss scale's strides: 0 along broadcast dims, often 1
         elif name in FLOAT_SCALARS:
             sig[name] = "fp32"
         else:
@@ -188,6 +200,8 @@ def run(archs, kernels, dtypes, workers, out=sys.stdout):
             jobs += attention_jobs(arch, dtypes)
         if "layernorm" in kernels:
             jobs += layernorm_jobs(arch, dtypes)
+        if "cross_entropy" in kernels:
+            jobs += cross_entropy_jobs(arch, dtypes)
     print(f"compiling {len(jobs)} kernel configs for {', '.join(archs)} with {workers} workers", file=out, flush=True)
     header = f"{'arch':6} {'kernel and config':92} {'regs':>4} {'spill':>5} {'smem KiB':>8} {'tensor':>6}  verdict"
     print(header, file=out)
@@ -208,7 +222,7 @@ def run(archs, kernels, dtypes, workers, out=sys.stdout):
 def add_arguments(parser):
     parser.add_argument("--arch", choices=sorted(ARCHS), action="append",
                         help="GPU architecture to compile for (repeatable; default: sm_80 and sm_90)")
-    parser.add_argument("--kernel", choices=("attention", "layernorm"), action="append",
+    parser.add_argument("--kernel", choices=KERNEL_MODULES, action="append",
                         help="which kernels (repeatable; default: all)")
     parser.add_argument("--dtype", choices=INSPECTED_DTYPES, action="append",
                         help="input dtype to compile for (repeatable; default: bf16 and fp32; fp16 compiles as bf16)")
@@ -218,6 +232,6 @@ def add_arguments(parser):
 def main(args):
     if args.workers < 1:
         raise SystemExit("gptfast inspect: --workers must be at least 1")
-    return run(args.arch or sorted(ARCHS), args.kernel or ["attention", "layernorm"], args.dtype or INSPECTED_DTYPES,
+    return run(args.arch or sorted(ARCHS), args.kernel or KERNEL_MODULES, args.dtype or INSPECTED_DTYPES,
                args.workers)
 

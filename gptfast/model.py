@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from gptfast.attention import flash_attn_func
 from gptfast.layernorm import LayerNorm, add_layer_norm
+from gptfast.loss import linear_cross_entropy
 
 # GPT-2's checkpoints store these weights as Conv1D, (in, out): the transpose of our Linear's.
 HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -162,14 +162,19 @@ class GPT(nn.Module):
         estimate_mfu). The place MFU and the benchmarks' TFLOP/s both count from."""
         return 6 * self.num_params() + 12 * self.config.n_layer * self.config.n_embd * seq_len
 
-    def forward(self, idx):
-        """idx: (B, T) int64 token ids -> logits (B, T, vocab_size), in the model's dtype."""
+    def forward(self, idx, targets=None):
+        """idx: (B, T) int64 token ids -> logits (B, T, vocab_size) in the model's dtype; with targets (B, T) int64
+        (targets[b, t] the token after idx[b, t]) the mean next-token loss instead, float32, computed by the fused
+        linear cross-entropy so that the logits are never held (on PyTorch under the torch backend)."""
         self._check_ids(idx)
-        return self.lm_head(self._hidden_states(idx))
+        hidden = self._hidden_states(idx)
+        if targets is None:
+            return self.lm_head(hidden)
+        return linear_cross_entropy(hidden, self.lm_head.weight, targets)
 
     def loss(self, idx, targets):
-        """Mean next-token cross-entropy: idx and targets (B, T) int64, targets[b, t] the token after idx[b, t]."""
-        return next_token_loss(self(idx), targets)
+        """Mean next-token cross-entropy: idx and targets (B, T) int64, as forward(idx, targets)."""
+        return self(idx, targets)
 
     def _hidden_states(self, idx, cache=None):
         """The final LayerNorm's output (B, T, C) for checked ids. With a cache, idx holds the tokens after the
@@ -284,20 +289,16 @@ class GPT(nn.Module):
             for key, tensor in ours.items():
                 tensor.copy_(theirs[key])
 
-    def hf_state_dict(self):
-        """This model's weights under transformers GPT2LMHeadModel's names and layouts."""
+    def hf_state_dict(self, state_dict=None):
+        """This model's weights (or a state_dict of it) under transformers GPT2LMHeadModel's names and layouts."""
+        state_dict = self.state_dict() if state_dict is None else state_dict
         return {name: (t.t() if name.endswith(HF_TRANSPOSED) else t).contiguous()
-                for name, t in self.state_dict().items() if name != "lm_head.weight"}
+                for name, t in state_dict.items() if name != "lm_head.weight"}
 
     def save_pretrained(self, folder):
         """Writes config.json and model.safetensors in Hugging Face's GPT-2 format, atomically per file."""
         from gptfast import checkpoint
         checkpoint.save(self, folder)
-
-
-def next_token_loss(logits, targets):
-    """Mean cross-entropy of logits (B, T, vocab) against targets (B, T) int64, computed in float32."""
-    return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
 
 
 def _check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p):

@@ -128,9 +128,10 @@ class RunFolder:
                     kept.append(line if line.endswith("\n") else line + "\n")
         atomic_write_text(path, "".join(kept))
 
-    def save(self, model, tokenizer, train_state):
-        """Writes checkpoint-<iter> (see the module docstring for the order). A save at the step `latest` already
-        names does nothing: no step has run since, so that checkpoint holds this state."""
+    def save(self, model, tokenizer, train_state, weights=None):
+        """Writes checkpoint-<iter> (see the module docstring for the order): model's config and weights (or the
+        whole state_dict weights, for a sharded model), the tokenizer and train_state. A save at the step `latest`
+        already names does nothing: no step has run since, so that checkpoint holds this state."""
         if not self.writer:
             return
         name = f"checkpoint-{train_state['iter']}"
@@ -138,7 +139,7 @@ class RunFolder:
             return
         tmp = os.path.join(self.folder, f".{name}.{os.getpid()}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        checkpoint.save(model, tmp)
+        checkpoint.save(model, tmp, weights)
         tokenizer.save(tmp)
         torch.save(train_state, os.path.join(tmp, TRAIN_STATE))
         final = os.path.join(self.folder, name)

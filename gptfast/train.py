@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -22,7 +23,7 @@ import torch
 from gptfast import backend, checkpoint
 from gptfast.data import Batches, gptfast_home, prepare
 from gptfast.devices import DTYPE_NAMES, device_named, dtype_named
-from gptfast.model import GPT, GPTConfig, next_token_loss
+from gptfast.model import GPT, GPTConfig
 from gptfast.progress import Progress
 from gptfast.runs import RunFolder, load_train_state
 from gptfast.tokenizer import ByteTokenizer, load_tokenizer
@@ -85,6 +86,10 @@ def add_arguments(parser):
         help="triton: gptfast's fused kernels (an error where they cannot run); torch: the plain PyTorch "
              "reference, to compare; auto: the kernels where they run, else PyTorch")
     add("--compile", action="store_true", help="torch.compile the model")
+    add("--fsdp", action="store_true",
+        help="under torchrun, shard the model, gradients and optimizer state over the ranks with FSDP2 (each block, "
+             "then the root) instead of replicating them with DDP; for models whose training state does not fit one "
+             "device")
 
 
 def check_arguments(args):
@@ -113,6 +118,11 @@ def check_arguments(args):
                                 "or vocab.json and merges.txt)")
     if args.data and not os.path.exists(args.data):
         raise FileNotFoundError(f"--data {args.data}: no such file or folder")
+    if args.fsdp and "RANK" not in os.environ:
+        raise ValueError("--fsdp shards over the ranks torchrun starts: run `torchrun --nproc_per_node=N -m gptfast "
+                         "train --fsdp ...`")
+    if args.fsdp and args.dtype == "float16":
+        raise ValueError("--fsdp with --dtype float16 is not supported (its loss scaling does not shard); use bfloat16")
     device = device_named(args.device)
     if args.kernels == "triton" and device.type != "cuda" and not backend.INTERPRETER:
         raise ValueError(f"--kernels triton: the Triton kernels need a CUDA device, and the device is {device}; use "
@@ -217,15 +227,40 @@ def stop_requests():
             signal.signal(sig, handler)
 
 
+def shard(model):
+    """FSDP2 (torch.distributed.fsdp.fully_shard): each block, then the root (embeddings, the final norm and the
+    tied head), so that a block's parameters are gathered just before it runs and freed after. Before the
+    optimizer is made: it must hold the sharded parameters."""
+    from torch.distributed.fsdp import fully_shard
+    # A block returns its residual stream as a view of the fused add + norm's output; FSDP2 warns that an in-place
+    # op on such a view would skip its hooks. GPT never modifies a block's outputs in place.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPBlock\) returned a view tensor")
+    for block in model.transformer.h:
+        fully_shard(block)
+    fully_shard(model)
+
+
+def gathered(value, world):
+    """[value of each rank] (a collective), or [value] alone."""
+    if world == 1:
+        return [value]
+    values = [None] * world
+    torch.distributed.all_gather_object(values, value)
+    return values
+
+
 class Trainer:
     """One rank's model, optimizer, batches and mixed precision, and what the loop does with them: a training
-    step, an evaluation, the state a checkpoint holds."""
+    step, an evaluation, a checkpoint. Data-parallel under torchrun: DDP, or FSDP2 with fsdp."""
 
-    def __init__(self, model, settings, splits, device, rank, world, compile_model):
-        self.model, self.settings, self.splits, self.device, self.world = model, settings, splits, device, world
+    def __init__(self, model, settings, splits, device, rank, world, compile_model=False, fsdp=False):
+        self.model, self.settings, self.splits, self.device = model, settings, splits, device
+        self.rank, self.world, self.fsdp = rank, world, fsdp
         self.block_size = settings["block_size"]
-        self.batches = Batches(splits["train"], settings["batch_size"], self.block_size, seed=settings["seed"] + rank,
+        self.batches = Batches(splits["train"], settings["batch_size"], self.block_size, seed=settings["seed"],
                                shard=(rank, world))
+        if fsdp:
+            shard(model)
         params = [p for p in model.parameters() if p.requires_grad]
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": settings["weight_decay"]},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]  # no decay: biases, norms
@@ -233,7 +268,7 @@ class Trainer:
         self.dtype = getattr(torch, settings["dtype"])
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
         self.forward = torch.compile(model) if compile_model else model
-        if world > 1:
+        if world > 1 and not fsdp:
             self.forward = torch.nn.parallel.DistributedDataParallel(
                 self.forward, device_ids=[device.index] if device.type == "cuda" else None)
         self.tokens_per_step = settings["batch_size"] * self.block_size * settings["grad_accum"] * world
@@ -249,10 +284,13 @@ class Trainer:
         loss_sum = 0.0
         for micro in range(accum):
             x, y = self.batches.next(self.device)
-            # DDP all-reduces gradients on the last micro-batch only.
-            sync = nullcontext() if self.world == 1 or micro == accum - 1 else self.forward.no_sync()
+            # Gradients are reduced across ranks on the last micro-batch only.
+            last = micro == accum - 1
+            if self.fsdp:
+                self.model.set_requires_gradient_sync(last)
+            sync = nullcontext() if self.world == 1 or self.fsdp or last else self.forward.no_sync()
             with sync, self.autocast():
-                loss = next_token_loss(self.forward(x), y) / accum
+                loss = self.forward(x, y) / accum  # the fused loss: no logits held
             self.scaler.scale(loss).backward()
             loss_sum += loss.detach()
         if self.settings["grad_clip"] > 0:
@@ -262,6 +300,14 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         return loss_sum
+
+    def mean_over_ranks(self, value):
+        """A tensor averaged over the ranks (the loss of the whole global batch), on every rank."""
+        if self.world > 1:
+            value = value.clone()
+            torch.distributed.all_reduce(value)
+            value /= self.world
+        return value
 
     @torch.no_grad()
     def evaluate(self, eval_iters):
@@ -276,35 +322,44 @@ class Trainer:
             for _ in range(eval_iters):
                 x, y = sampler.next(self.device)
                 with self.autocast():
-                    total += next_token_loss(self.model(x), y).item()
+                    total += self.model(x, y).item()
             losses[name] = total / eval_iters
         self.model.train()
         return losses
 
-    def state(self, step):
-        """What a checkpoint holds besides the weights, gathered from every rank (a collective under DDP)."""
-        rng = [self.batches.generator.get_state()]
-        if self.world > 1:
-            rng = [None] * self.world
-            torch.distributed.all_gather_object(rng, self.batches.generator.get_state())
+    def save(self, run, tokenizer, step):
+        """A checkpoint of this step: every rank takes part in gathering the state; run's writer writes it."""
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+        # Whole tensors, not shards: the weights gathered to rank 0's CPU; the optimizer's to every rank (torch
+        # 2.13's get_optimizer_state_dict fails on the other ranks when asked for rank 0's CPU alone).
+        weights = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True,
+                                                                           cpu_offload=self.world > 1))
+        optimizer = get_optimizer_state_dict(self.model, self.optimizer,
+                                             options=StateDictOptions(full_state_dict=True))
         state = {"iter": step, "settings": self.settings, "config": dataclasses.asdict(self.model.config),
-                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(), "batches_rng": rng,
-                 "torch_rng": torch.get_rng_state()}
+                 "optimizer": optimizer,
+                 "scaler": self.scaler.state_dict(), "world": self.world,
+                 "batches_rng": self.batches.generator.get_state(),
+                 "torch_rng": gathered(torch.get_rng_state(), self.world)}
         if self.device.type == "cuda":
-            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
-        return state
+            state["cuda_rng"] = gathered(torch.cuda.get_rng_state(self.device), self.world)
+        run.save(self.model, tokenizer, state, weights=weights)
 
-    def restore(self, state, rank):
-        if len(state["batches_rng"]) != self.world:
-            raise ValueError(f"--resume: the run was saved with {len(state['batches_rng'])} ranks; resume it with "
-                             f"the same number (now {self.world}) to continue it exactly")
-        self.optimizer.load_state_dict(state["optimizer"])
+    def restore(self, state):
+        """Puts a checkpoint's optimizer, scaler and random states back (the weights were loaded before)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        if state["world"] != self.world:
+            raise ValueError(f"--resume: the run was saved with {state['world']} ranks; resume it with the same "
+                             f"number (now {self.world}) to continue it exactly")
+        set_optimizer_state_dict(self.model, self.optimizer, optim_state_dict=state["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
         if state["scaler"] and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
-        self.batches.generator.set_state(state["batches_rng"][rank])
-        torch.set_rng_state(state["torch_rng"])
+        self.batches.generator.set_state(state["batches_rng"])
+        torch.set_rng_state(state["torch_rng"][self.rank])
         if self.device.type == "cuda" and "cuda_rng" in state:
-            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+            torch.cuda.set_rng_state(state["cuda_rng"][self.rank], self.device)
 
 
 def evaluation_record(trainer, step, eval_iters):
@@ -332,7 +387,7 @@ def train_loop(trainer, run, tokenizer, start, args, say):
     with stop_requests() as stop:
         while step < args.max_iters:
             if any_rank(stop.is_set(), trainer.world, trainer.device):
-                run.save(trainer.model, tokenizer, trainer.state(step))
+                trainer.save(run, tokenizer, step)
                 progress.clear()
                 say(f"stopped by a signal at step {step}: checkpoint saved in {run.folder}; continue with "
                     f"`gptfast train --resume --out {run.folder}`")
@@ -344,7 +399,8 @@ def train_loop(trainer, run, tokenizer, start, args, say):
             evaluate = step % args.eval_interval == 0 or step == args.max_iters
             if step % args.log_interval == 0 or evaluate:
                 seconds = (time.perf_counter() - timed_from) / (step - timed_step)
-                record = {"iter": step, "train_loss": loss.item(), "lr": lr, "ms_per_iter": 1000 * seconds,
+                record = {"iter": step, "train_loss": trainer.mean_over_ranks(loss).item(), "lr": lr,
+                          "ms_per_iter": 1000 * seconds,
                           "tokens_per_s": trainer.tokens_per_step / seconds, "elapsed_s": progress.elapsed()}
                 text = (f"step {step}/{args.max_iters}  loss {record['train_loss']:.4f}  lr {lr:.2e}  "
                         f"{1000 * seconds:.1f} ms/step  {record['tokens_per_s']:,.0f} tok/s")
@@ -360,7 +416,7 @@ def train_loop(trainer, run, tokenizer, start, args, say):
                 say(f"{text}  [{progress.status(step)}]")
                 timed_from, timed_step = time.perf_counter(), step  # evaluation time is not training time
             if evaluate:
-                run.save(trainer.model, tokenizer, trainer.state(step))
+                trainer.save(run, tokenizer, step)
     return False
 
 
@@ -395,9 +451,9 @@ def load_splits(settings, tokenizer, rank, world):
     return splits
 
 
-def continue_run(trainer, run, state, changes, rank, say):
+def continue_run(trainer, run, state, changes, say):
     """Puts the saved state back, cuts the log back to the resumed step and records the resume. Returns the step."""
-    trainer.restore(state, rank)
+    trainer.restore(state)
     run.cut_log(state["iter"])
     run.log({"iter": state["iter"], "resumed": True, "changes": changes})
     say(f"resuming {run.folder} at step {state['iter']}" + "".join(
@@ -416,14 +472,15 @@ def main(args):
         resumed, state = resumed_run(run, args.resume)
         settings, changes = run_settings(args, state and state["settings"], device)
         tokenizer = run_tokenizer(resumed, args)
-        torch.manual_seed(settings["seed"] + rank)  # the model's init here, dropout later (a resume restores it)
+        torch.manual_seed(settings["seed"])  # one initialisation on every rank (FSDP shards it as it is)
         model = GPT(model_config(args, settings, state, tokenizer))
         if resumed or args.init_from:
             checkpoint.load_state(model, resumed or args.init_from)
         model.to(device)
+        torch.manual_seed(settings["seed"] + rank)  # dropout: each rank its own (a resume restores them)
         splits = load_splits(settings, tokenizer, rank, world)
-        trainer = Trainer(model, settings, splits, device, rank, world, args.compile)
-        start = continue_run(trainer, run, state, changes, rank, say) if state else 0
+        trainer = Trainer(model, settings, splits, device, rank, world, args.compile, args.fsdp)
+        start = continue_run(trainer, run, state, changes, say) if state else 0
         say(f"training {model.num_params() / 1e6:.2f}M parameters on {device} ({world} rank{'s' * (world > 1)}), "
             f"{len(splits['train']):,} train tokens, {trainer.tokens_per_step:,} tokens per step, run folder {out}")
         with backend.use_backend(args.kernels):

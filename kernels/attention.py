@@ -30,10 +30,10 @@ import triton
 import triton.language as tl
 
 from gptfast.kernels import device_arch, tuned
+from gptfast.kernels.math import LOG2E, tanh_f32
 
 CAUSAL_NONE, CAUSAL_TOP_LEFT, CAUSAL_BOTTOM_RIGHT = 0, 1, 2
 MASK_NONE, MASK_BOOLEAN, MASK_ADDITIVE = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
-LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E): the kernels' softmax runs on exp2
 
 
 class Tile(NamedTuple):
@@ -196,20 +196,6 @@ def _query_range(start_n, seqlen_q, causal_offset, window_offset, BLOCK_M: tl.co
 
 
 @triton.jit
-def _tanh(x):
-    """tanh in float32 to about an ulp: an odd Taylor polynomial below 0.25 (where 1 - e^(-2|x|) would cancel),
-    the exponential form above. Triton has no tanh, and libdevice's does not run in the interpreter."""
-    ax = tl.abs(x)
-    e = tl.exp2(ax * (-2.0 * LOG2E))
-    x2 = x * x
-    small = ax * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * (-0.05396825396825397
-                                                                                       + x2 * 0.021869488536155203))))
-    # fdiv: a division without IEEE's slow-path subroutine, whose call needs a stack frame in the inner loop.
-    t = tl.where(ax < 0.25, small, tl.math.fdiv(1.0 - e, 1.0 + e))
-    return tl.where(x < 0, -t, t)
-
-
-@triton.jit
 def _scores(qk, rows, keys, seqlen_q, seqlen_k, mask_tile, slope, alibi_offset, qk_scale, softcap,
             MASK_KIND: tl.constexpr, ALIBI: tl.constexpr, SOFTCAP: tl.constexpr):
     """(scores, tanh): a tile's logits in log2 units (times LOG2E, for exp2) from its dot products qk, and with
@@ -217,7 +203,7 @@ def _scores(qk, rows, keys, seqlen_q, seqlen_k, mask_tile, slope, alibi_offset, 
     and Gemma 2's: scale, softcap, then ALiBi and an additive mask, then a boolean mask. rows and keys come
     broadcast to the tile's shape; mask_tile points at the tile of the mask. Bounds are the caller's to apply."""
     if SOFTCAP:
-        tanh = _tanh(qk * (qk_scale / (softcap * LOG2E)))
+        tanh = tanh_f32(qk * (qk_scale / (softcap * LOG2E)))
         scores = tanh * (softcap * LOG2E)
     else:
         scores = qk * qk_scale

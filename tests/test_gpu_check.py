@@ -23,7 +23,7 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "tests exit status: 0" in result.stdout
     assert "building exit status: 0 " in result.stdout
-    for suite in ("attention", "layernorm", "gpt", "layernorm_compiled", "gpt_compiled"):
+    for suite in ("attention", "layernorm", "gpt", "loss", "layernorm_compiled", "gpt_compiled"):
         assert re.search(rf"{suite}: exit status 0 ", result.stdout), result.stdout[-3000:]
     files = sorted(os.listdir(out))
     assert files == ["add_layer_norm.png", "attention.png", "ceilings.json", "check.log", "layer_norm.png",

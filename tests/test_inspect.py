@@ -8,18 +8,18 @@ import pytest
 import triton
 
 from gptfast import inspect
-from gptfast.kernels import attention, layernorm
+from gptfast.kernels import attention, cross_entropy, layernorm
 
 
 def _kernels(module):
     return {name for name, obj in vars(module).items()
             if isinstance(obj, triton.runtime.KernelInterface) and not name.startswith("_")
-            and not isinstance(obj, triton.runtime.Autotuner)}
+            and not isinstance(obj, triton.runtime.Autotuner) and obj.fn.__module__ == module.__name__}
 
 
 def test_every_kernel_is_inspected():
-    jobs = inspect.attention_jobs("sm_90") + inspect.layernorm_jobs("sm_90")
-    assert {job.kernel for job in jobs} == _kernels(attention) | _kernels(layernorm)
+    jobs = inspect.attention_jobs("sm_90") + inspect.layernorm_jobs("sm_90") + inspect.cross_entropy_jobs("sm_90")
+    assert {job.kernel for job in jobs} == _kernels(attention) | _kernels(layernorm) | _kernels(cross_entropy)
 
 
 @pytest.mark.parametrize("features", [False, True], ids=["plain", "features"])

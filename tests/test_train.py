@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import transformers
 
 import gptfast
@@ -236,14 +237,40 @@ def test_kernels_train_like_the_pytorch_reference(home, corpus):
 
 def test_two_ranks_with_torchrun_on_cpu(home, corpus):
     out = str(home / "ddp")
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "gptfast",
-         "train", "--out", out, "--data", corpus, "--max-iters", "4", "--eval-interval", "4", "--log-interval", "1",
-         *QUICK], capture_output=True, text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "0"})
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    result = torchrun("--out", out, "--data", corpus, "--max-iters", "4", "--eval-interval", "4", "--log-interval", "1",
+                      *QUICK)
     assert "2 ranks" in result.stdout and result.stdout.count("step 4/4") == 1  # only rank 0 prints
     assert [r["iter"] for r in step_records(out)] == [1, 2, 3, 4]
-    assert len(load_train_state(os.path.join(out, "checkpoint-4"))["batches_rng"]) == 2
+    state = load_train_state(os.path.join(out, "checkpoint-4"))
+    assert state["world"] == 2 and len(state["torch_rng"]) == 2
+
+
+def torchrun(*args, ranks=2):
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", "-m", "gptfast",
+         "train", *args], capture_output=True, text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "0"})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result
+
+
+def test_fsdp_trains_like_one_process_and_resumes_exactly(home, corpus):
+    """Two gloo ranks sharding the model with FSDP2 train on the global batch one process with twice the batch
+    size trains on: the same losses (up to the order of float32 sums); a resumed FSDP run equals an uninterrupted
+    one; its checkpoint is a whole Hugging Face GPT-2 folder."""
+    common = ["--data", corpus, "--eval-interval", "3", "--log-interval", "1", "--lr-decay-iters", "6", *QUICK]
+    single, straight, split = (str(home / name) for name in ("single", "fsdp", "fsdp-split"))
+    assert cli(["train", "--out", single, "--max-iters", "6", *common, "--batch-size", "8"]) == 0
+    torchrun("--out", straight, "--max-iters", "6", "--fsdp", *common)
+    torchrun("--out", split, "--max-iters", "3", "--fsdp", *common)
+    torchrun("--out", split, "--max-iters", "6", "--fsdp", "--resume", *common)
+    losses = {name: [r["train_loss"] for r in step_records(name)] for name in (single, straight, split)}
+    assert len(losses[single]) == 6 and losses[split] == losses[straight]
+    for sharded, one in zip(losses[straight], losses[single]):
+        assert abs(sharded - one) <= 1e-5 * abs(one)
+    model = checkpoint.load_model(os.path.join(straight, "checkpoint-6"))
+    reference = checkpoint.load_model(os.path.join(single, "checkpoint-6"))
+    for (name, weight), expected in zip(model.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(weight, expected, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_sigterm_saves_and_exits_cleanly(home, corpus):
