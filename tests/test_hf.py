@@ -1,6 +1,7 @@
 """transformers' own models with attn_implementation="gptfast", tiny and randomly initialised: GPT-2 (dropout on
-the attention weights in training), Llama (grouped-query heads), Mistral (a sliding window) and Gemma 2 (logit
-softcapping, sliding and full layers alternating). Logits and every gradient against the same model run by
+the attention weights in training), Llama (grouped-query heads), Mistral (a sliding window), Qwen2 (a window on
+some layers, biased projections) and Gemma 2 (logit softcapping, sliding and full layers alternating); with
+patch_hf their LayerNorms and RMSNorms too. Logits and every gradient against the same model run by
 transformers' eager attention in float64 under the accuracy rule; batched greedy generation with left padding
 token for token; every attention call runs the Triton kernels (the backend is forced, and launches are counted)."""
 import pytest
@@ -21,6 +22,8 @@ MODELS = {
     "llama": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(**COMMON, num_key_value_heads=2)),
     "mistral": lambda: transformers.MistralForCausalLM(transformers.MistralConfig(
         **COMMON, num_key_value_heads=2, sliding_window=5)),
+    "qwen2": lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        **COMMON, num_key_value_heads=2, use_sliding_window=True, sliding_window=5, max_window_layers=1)),
     # softcap 1.0 saturates these small scores, so a kernel that ignored it would fail
     "gemma2": lambda: transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
         **COMMON, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=5,
