@@ -3,6 +3,7 @@
     gptfast train                                   # a small byte-level model on Python's standard library
     gptfast train --data corpus/ --tokenizer gpt2-folder/ --n-layer 12 --n-embd 768
     torchrun --nproc_per_node=2 -m gptfast train    # DDP: NCCL on CUDA, gloo on CPU; rank 0 logs and saves
+    torchrun --nproc_per_node=8 -m gptfast train --fsdp ...   # FSDP2: parameters, gradients, AdamW state sharded
 
 The run folder (--out) is laid out and guarded as gptfast.runs describes: one trainer at a time, log.jsonl,
 checkpoint-<step>/ folders and ``latest``. SIGINT or SIGTERM saves a checkpoint and exits. --resume continues a

@@ -125,6 +125,7 @@ def usage_failures(trained, tmp_path):
         ([*train_run, "--dropout", "1"], r"--dropout must be in \[0, 1\)"),
         ([*train_run, "--init-from", str(run / "checkpoint-2"), "--n-layer", "3"], r"--n-layer: with --init-from"),
         ([*train_run, "--allow-changes"], r"--allow-changes goes with --resume"),
+        ([*train_run, "--fsdp"], r"--fsdp shards over the ranks torchrun starts: run `torchrun"),
         (["train", "--out", str(tmp_path / "empty-run"), "--resume", *TINY], r"holds no checkpoint"),
     ]
 
