@@ -166,11 +166,11 @@ def _backward_rows(ctx, grad_loss):
 _cross_entropy.register_autograd(_backward_rows, setup_context=_setup_rows)
 
 
-def _check(op, logits_or_hidden, target, ignore_index, reduction, label_smoothing, softcap, width_name):
-    """Raises a clear error for arguments no backend can run (never a device-side assert on the GPU)."""
-    x = logits_or_hidden
+def _check(op, x, target, ignore_index, reduction, label_smoothing, softcap, name, last_dim):
+    """Raises a clear error for arguments no backend can run (never a device-side assert on the GPU). x is the
+    input called name, shaped (..., last_dim)."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1:
-        raise TypeError(f"{op}: {width_name} must be a floating tensor (..., {width_name}), got "
+        raise TypeError(f"{op}: {name} must be a floating tensor (..., {last_dim}), got "
                         f"{type(x).__name__ if not isinstance(x, torch.Tensor) else x.dtype}")
     if not isinstance(target, torch.Tensor) or target.dtype != torch.int64:
         raise TypeError(f"{op}: target must be an int64 tensor of class indices, got "
@@ -232,7 +232,7 @@ def linear_cross_entropy(hidden, weight, target, bias=None, ignore_index=-100, r
         autocast the matmuls run in its dtype, as F.linear's would.
     """
     op = "linear_cross_entropy"
-    _check(op, hidden, target, ignore_index, reduction, label_smoothing, softcap, "hidden")
+    _check(op, hidden, target, ignore_index, reduction, label_smoothing, softcap, "hidden", "width")
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"{op}: weight must have shape (vocab, hidden) with hidden = {hidden.shape[-1]} (hidden's "
                          f"last dim), got {tuple(weight.shape) if isinstance(weight, torch.Tensor) else weight}")
@@ -259,7 +259,7 @@ def cross_entropy(logits, target, ignore_index=-100, reduction="mean", label_smo
     whatever the logits' dtype, and a gradient written straight in the logits' dtype, with no float32 copy of the
     logits or softmax held. Arguments and returns as linear_cross_entropy's."""
     op = "cross_entropy"
-    _check(op, logits, target, ignore_index, reduction, label_smoothing, softcap, "vocab")
+    _check(op, logits, target, ignore_index, reduction, label_smoothing, softcap, "logits", "vocab")
     _check_classes(op, target, ignore_index, logits.shape[-1])
     rows, flat_target = logits.reshape(-1, logits.shape[-1]), target.reshape(-1)
     if not backend.use_triton(op, logits.device, _kernel_gap(logits)):

@@ -156,6 +156,7 @@ def test_peak_memory_is_a_fraction_of_the_unfused():
     (lambda h, w, t: linear_cross_entropy(h, w, t, label_smoothing=1.5), ValueError, "label_smoothing"),
     (lambda h, w, t: linear_cross_entropy(h, w, t, softcap=0.0), ValueError, "softcap"),
     (lambda h, w, t: cross_entropy(h, t + 100), ValueError, "outside"),
+    (lambda h, w, t: cross_entropy(t, t), TypeError, r"cross_entropy: logits must be a floating tensor"),
 ])
 def test_bad_input_raises_clearly_on_every_backend(call, error, match):
     leaves, target = inputs(6, 10, 8, torch.float32, seed=12, bias=False, ignored=0.0)
