@@ -217,7 +217,7 @@ def _autocast(*tensors):
 
 
 def linear_cross_entropy(hidden, weight, target, bias=None, ignore_index=-100, reduction="mean",
-                         label_smoothing=0.0, softcap=None):
+                         label_smoothing=0.0, softcap=None, *, check_classes=True):
     """``F.cross_entropy(hidden @ weight.T + bias, target, ...)`` without holding the logits.
 
     Args:
@@ -227,6 +227,8 @@ def linear_cross_entropy(hidden, weight, target, bias=None, ignore_index=-100, r
         reduction: "mean" (over the targets not ignored; NaN when all are, as torch's), "sum" or "none".
         label_smoothing: as torch's. softcap: None, or > 0 to cap the logits to softcap * tanh(logits / softcap)
             before the loss (Gemma 2's final logits).
+        check_classes: False skips checking that target lies in [0, V) (a host synchronisation), for a caller
+            that already has (GPT checks its ids and targets in one).
     Returns:
         float32: a scalar, or (...) for reduction "none". Differentiable in hidden, weight and bias. Under
         autocast the matmuls run in its dtype, as F.linear's would.
@@ -239,7 +241,8 @@ def linear_cross_entropy(hidden, weight, target, bias=None, ignore_index=-100, r
     if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.shape[0],)):
         raise ValueError(f"{op}: bias must have shape (vocab,) = ({weight.shape[0]},), got "
                          f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else bias}")
-    _check_classes(op, target, ignore_index, weight.shape[0])
+    if check_classes:
+        _check_classes(op, target, ignore_index, weight.shape[0])
     hidden, weight, bias = _autocast(hidden, weight, bias)
     rows, flat_target = hidden.reshape(-1, hidden.shape[-1]), target.reshape(-1)
     if not backend.use_triton(op, hidden.device, _kernel_gap(hidden, weight, bias)):

@@ -166,11 +166,11 @@ class GPT(nn.Module):
         """idx: (B, T) int64 token ids -> logits (B, T, vocab_size) in the model's dtype; with targets (B, T) int64
         (targets[b, t] the token after idx[b, t]) the mean next-token loss instead, float32, computed by the fused
         linear cross-entropy so that the logits are never held (on PyTorch under the torch backend)."""
-        self._check_ids(idx)
+        self._check_ids(idx, targets)
         hidden = self._hidden_states(idx)
         if targets is None:
             return self.lm_head(hidden)
-        return linear_cross_entropy(hidden, self.lm_head.weight, targets)
+        return linear_cross_entropy(hidden, self.lm_head.weight, targets, check_classes=False)  # checked above
 
     def loss(self, idx, targets):
         """Mean next-token cross-entropy: idx and targets (B, T) int64, as forward(idx, targets)."""
@@ -190,7 +190,12 @@ class GPT(nn.Module):
         ln_f = self.transformer.ln_f
         return _add_norm(hidden, residual, ln_f)[0]
 
-    def _check_ids(self, idx):
+    def _check_ids(self, idx, targets=None):
+        """idx (and targets, where given: the same shape, ids or -100 to ignore) as the model can take them."""
+        if targets is not None and (not isinstance(targets, torch.Tensor) or targets.dtype != torch.int64
+                                    or targets.shape != getattr(idx, "shape", None)):
+            raise ValueError(f"targets must be an int64 tensor of idx's shape, got "
+                             f"{tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__}")
         if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.dtype != torch.int64:
             raise ValueError(f"idx must be a (batch, seq_len) int64 tensor, got "
                              f"{tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__}"
@@ -200,13 +205,15 @@ class GPT(nn.Module):
         if idx.shape[1] > self.config.block_size:
             raise ValueError(f"sequence of {idx.shape[1]} tokens is longer than the model's block size "
                              f"({self.config.block_size})")
-        # An id out of range would be a device-side assert on CUDA, which ends the process's CUDA context: check it
-        # here, with one synchronisation. Under torch.compile that data-dependent branch would split the graph
-        # in two, so compiled models skip it (as torch's own embedding does everywhere).
+        # An id out of range would be a device-side assert on CUDA, which ends the process's CUDA context: check
+        # the ids and the targets here, with one synchronisation for both. Under torch.compile that data-dependent
+        # branch would split the graph in two, so compiled models skip it (as torch's own embedding does).
         if idx.numel() and not torch.compiler.is_compiling():
-            low, high = torch.stack(torch.aminmax(idx)).tolist()
+            ids = idx if targets is None else torch.stack((idx, targets.masked_fill(targets == -100, 0)))
+            low, high = torch.stack(torch.aminmax(ids)).tolist()
             if low < 0 or high >= self.config.vocab_size:
-                raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got values in [{low}, {high}]")
+                raise ValueError(f"token ids{' and targets' if targets is not None else ''} must be in "
+                                 f"[0, {self.config.vocab_size}), got values in [{low}, {high}]")
 
     # ------------------------------------------------------------------------------------------------------------
     # Generation
