@@ -30,16 +30,19 @@ def _empty_bthd(b, h, t, d, like):
     return torch.empty((b, t, h, d), dtype=like.dtype, device=like.device).transpose(1, 2)
 
 
-def _features(mask, alibi_slopes, seed_offset, causal, window_left, window_right, softcap, dropout_p):
+def _features(mask, alibi_slopes, seed_offset, causal, window_left, window_right, softcap, dropout_p,
+              deterministic=False):
     from gptfast.kernels.attention import Features
-    return Features(causal, (window_left, window_right), mask, alibi_slopes, softcap, dropout_p, seed_offset)
+    return Features(causal, (window_left, window_right), mask, alibi_slopes, softcap, dropout_p, seed_offset,
+                    deterministic)
 
 
 @torch.library.custom_op("gptfast::flash_attention", mutates_args=())
 def _flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                      alibi_slopes: torch.Tensor | None, seed_offset: torch.Tensor | None, causal: int,
                      window_left: int, window_right: int, softcap: float, dropout_p: float,
-                     softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                     softmax_scale: float, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """deterministic is for the backward (saved with the other flags): the forward has no atomics."""
     from gptfast.kernels.attention import attention_forward
     features = _features(mask, alibi_slopes, seed_offset, causal, window_left, window_right, softcap, dropout_p)
     return attention_forward(q, k, v, softmax_scale, features)
@@ -47,7 +50,7 @@ def _flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
 
 @_flash_attention.register_fake
 def _(q, k, v, mask, alibi_slopes, seed_offset, causal, window_left, window_right, softcap, dropout_p,
-      softmax_scale):
+      softmax_scale, deterministic):
     b, h, t, d = q.shape
     return _empty_bthd(b, h, t, d, q), q.new_empty((b, h, t), dtype=torch.float32)
 
@@ -57,11 +60,12 @@ def _flash_attention_backward(
         grad_out: torch.Tensor, grad_lse: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         out: torch.Tensor, lse: torch.Tensor, mask: torch.Tensor | None, alibi_slopes: torch.Tensor | None,
         seed_offset: torch.Tensor | None, causal: int, window_left: int, window_right: int, softcap: float,
-        dropout_p: float, softmax_scale: float, mask_grad: bool
+        dropout_p: float, softmax_scale: float, deterministic: bool, mask_grad: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dmask); dmask is (B, Hq, Tq, Tk) float32 with mask_grad, else empty."""
     from gptfast.kernels.attention import attention_backward
-    features = _features(mask, alibi_slopes, seed_offset, causal, window_left, window_right, softcap, dropout_p)
+    features = _features(mask, alibi_slopes, seed_offset, causal, window_left, window_right, softcap, dropout_p,
+                         deterministic)
     dq, dk, dv, dmask = attention_backward(grad_out, grad_lse, q, k, v, out, lse, softmax_scale, features,
                                            mask_grad)
     return dq, dk, dv, q.new_empty(0, dtype=torch.float32) if dmask is None else dmask
@@ -69,7 +73,7 @@ def _flash_attention_backward(
 
 @_flash_attention_backward.register_fake
 def _(grad_out, grad_lse, q, k, v, out, lse, mask, alibi_slopes, seed_offset, causal, window_left, window_right,
-      softcap, dropout_p, softmax_scale, mask_grad):
+      softcap, dropout_p, softmax_scale, deterministic, mask_grad):
     b, h, t, d = q.shape
     dmask = q.new_empty((b, h, t, k.shape[2]) if mask_grad else (0,), dtype=torch.float32)
     return _empty_bthd(*q.shape, q), _empty_bthd(*k.shape, k), _empty_bthd(*v.shape, v), dmask
@@ -91,7 +95,7 @@ def _backward(ctx, grad_out, grad_lse):
     dq, dk, dv, dmask = _flash_attention_backward(grad_out, grad_lse, q, k, v, out, lse, mask, alibi_slopes,
                                                   seed_offset, *ctx.flags, mask_grad)
     dmask = dmask.sum_to_size(mask.shape).to(mask.dtype) if mask_grad else None  # over the broadcast dims
-    return dq, dk, dv, dmask, *([None] * 8)
+    return dq, dk, dv, dmask, *([None] * 9)
 
 
 _flash_attention.register_autograd(_backward, setup_context=_setup_context)
@@ -177,10 +181,23 @@ def _check_flash_options(q, dropout_p, window_size, softcap, alibi_slopes):
         raise ValueError(f"alibi_slopes is on {alibi_slopes.device} but q is on {q.device}")
 
 
-def _kernel_gap(q, v):
+def _compute_capability(device):
+    """(major, minor) of a CUDA device, None for any other."""
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+
+
+def _kernel_gap(q, v, softmax_scale):
     """Why the kernels cannot run this (already valid) call, or None when they can."""
     if q.dtype not in KERNEL_DTYPES:
         return f"dtype {q.dtype} (only float16, bfloat16, float32)"
+    capability = _compute_capability(q.device)
+    if capability is not None and capability < (8, 0):
+        # Measured with `gptfast inspect --arch sm_75`: a 64 x 64 float16 tl.dot compiles to 2048 FFMA and no HMMA,
+        # and backward tiles of head dim 128 spill hundreds of bytes even at 16 x 16; torch's SDPA uses the chip's
+        # tensor cores.
+        return "GPUs before sm_80 (Triton 3.6 compiles tl.dot there without tensor cores; PyTorch's SDPA is faster)"
+    if not softmax_scale > 0:
+        return f"softmax_scale {softmax_scale} (the kernels fold a positive scale into the softmax's max)"
     head_dim = q.shape[-1]
     if not (head_dim % 8 == 0 and 8 <= head_dim <= 256):
         return f"head_dim {head_dim} (only multiples of 8 from 8 to 256)"
@@ -198,7 +215,8 @@ def _as_bhtd(t):
     return t.flatten(0, -4) if t.dim() > 4 else t
 
 
-def _run_kernel(q, k, v, mask, alibi_slopes, causal, window, softcap, dropout_p, softmax_scale):
+def _run_kernel(q, k, v, mask, alibi_slopes, causal, window, softcap, dropout_p, softmax_scale,
+                deterministic=False):
     """Kernel path for (..., H, T, D) inputs already checked; returns (out (..., Hq, Tq, D), lse (..., Hq, Tq),
     the dropout's seed_offset or None). The kernels read a mask broadcastable to (B, Hq, Tq, Tk) through its
     strides; only inputs with more than one batch dim make it 4-dim by a reshape, which may copy."""
@@ -208,7 +226,8 @@ def _run_kernel(q, k, v, mask, alibi_slopes, causal, window, softcap, dropout_p,
         mask = mask[(None,) * (4 - mask.dim())]
     seed_offset = draw_dropout_seed(q.device) if dropout_p > 0 else None
     out, lse = _flash_attention(_as_bhtd(q), _as_bhtd(k), _as_bhtd(v), mask, alibi_slopes, seed_offset, causal,
-                                window[0], window[1], float(softcap), float(dropout_p), softmax_scale)
+                                window[0], window[1], float(softcap), float(dropout_p), softmax_scale,
+                                bool(deterministic))
     return out.reshape(q.shape), lse.reshape(q.shape[:-1]), seed_offset
 
 
@@ -253,10 +272,11 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     elif attn_mask is not None and (attn_mask.seq_len_q, attn_mask.seq_len_kv) != (query.shape[-2], key.shape[-2]):
         raise ValueError(f"attn_mask is a causal bias for ({attn_mask.seq_len_q}, {attn_mask.seq_len_kv}) "
                          f"but query and key have seq_len ({query.shape[-2]}, {key.shape[-2]})")
-    if not backend.use_triton("scaled_dot_product_attention", query.device, _kernel_gap(query, value)):
+    softmax_scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    if not backend.use_triton("scaled_dot_product_attention", query.device,
+                              _kernel_gap(query, value, softmax_scale)):
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                               is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
-    softmax_scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     return _run_kernel(query, key, value, dense, None, causal or CAUSAL_NONE, (-1, -1), 0.0, dropout_p,
                        softmax_scale)[0]
 
@@ -317,7 +337,9 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
             unbounded. causal sets right to 0.
         softcap: > 0 caps the scores as softcap * tanh(scores / softcap) (Gemma 2).
         alibi_slopes: float32 (Hq,) or (B, Hq): adds -slope * |i + Tk - Tq - j| to the score of query i, key j.
-        deterministic: accepted for compatibility; gptfast's backward is always deterministic (no atomics).
+        deterministic: the backward runs the two-kernel variant, without atomics, bit-reproducible run to run
+            (so does every call under torch.use_deterministic_algorithms(True)); else the faster of it and the
+            single-pass one (atomic adds of dq), timed on the device.
         return_attn_probs: also return the lse and S_dmask, (B, Hq, Tq, Tk) float32: the softmax weights with
             the dropped ones negated, as flash-attn returns them, for testing (computed in PyTorch from q and k).
         return_lse (keyword only, gptfast's): also return the lse, differentiable.
@@ -336,7 +358,8 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     softmax_scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     options = dict(causal=causal, window=tuple(window_size), softcap=softcap, alibi_slopes=alibi_slopes)
     out, lse, kept = attend(q, k, v, **options, dropout_p=dropout_p, softmax_scale=softmax_scale,
-                            need_lse=return_lse or return_attn_probs, need_keep=return_attn_probs)
+                            need_lse=return_lse or return_attn_probs, need_keep=return_attn_probs,
+                            deterministic=deterministic)
     out = out.transpose(1, 2)
     if return_attn_probs:
         with torch.no_grad():
@@ -346,16 +369,16 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
 
 
 def attend(q, k, v, causal=CAUSAL_NONE, window=(-1, -1), mask=None, softcap=0.0, alibi_slopes=None, dropout_p=0.0,
-           softmax_scale=None, need_lse=False, need_keep=False, op="flash_attn_func"):
+           softmax_scale=None, need_lse=False, need_keep=False, op="flash_attn_func", deterministic=False):
     """The path behind the flash-attn functions and the Hugging Face integration, for checked (B, H, T, D)
     inputs: the kernels, or PyTorch where they cannot run (F.scaled_dot_product_attention when it can express the
     call and no lse is needed). mask: None or bool/additive, broadcastable to (B, Hq, Tq, Tk). Returns (out
     (B, Hq, Tq, D), lse (B, Hq, Tq) float32 or None, kept): kept is the dropout's keep mask (B, Hq, Tq, Tk) when
     need_keep and dropout_p > 0, else None."""
     softmax_scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
-    if backend.use_triton(op, q.device, _kernel_gap(q, v)):
+    if backend.use_triton(op, q.device, _kernel_gap(q, v, softmax_scale)):
         out, lse, seed_offset = _run_kernel(q, k, v, mask, alibi_slopes, causal, window, softcap, dropout_p,
-                                            softmax_scale)
+                                            softmax_scale, deterministic)
         kept = None
         if need_keep and dropout_p > 0:
             from gptfast.kernels.attention import dropout_keep_mask

@@ -15,8 +15,9 @@ COMMANDS = {
     "train": ("gptfast.train", "train a GPT on gptfast's kernels (single device, or data-parallel under torchrun)"),
     "generate": ("gptfast.generate", "continue a prompt with a GPT-2 checkpoint, streaming the text"),
     "plot": ("gptfast.plot", "draw a training run's loss curves (RUN/log.jsonl) to a PNG"),
-    "inspect": ("gptfast.inspect", "compile every kernel config for sm_80/sm_90 without a GPU and report "
-                                   "registers, spills, shared memory and tensor-core use"),
+    "inspect": ("gptfast.inspect", "compile every kernel config for each GPU architecture (sm_75 to sm_120) "
+                                   "without a GPU and report registers, spills, shared memory, tensor-core and "
+                                   "TMA use"),
 }
 
 

@@ -17,12 +17,17 @@ import sys
 import tempfile
 from dataclasses import dataclass
 
-ARCHS = {"sm_80": 80, "sm_90": 90}
-# Largest dynamic shared memory one block may use (opt-in limit): A100 163 KiB, H100/H200 227 KiB.
-SHARED_LIMIT = {"sm_80": 166912, "sm_90": 232448}
-TENSOR_CORE_OPS = ("HGMMA", "HMMA")
+ARCHS = {"sm_75": 75, "sm_80": 80, "sm_86": 86, "sm_89": 89, "sm_90": 90, "sm_100": 100, "sm_120": 120}
+# Largest dynamic shared memory one block may use (the opt-in limit of CUDA's programming guide, per compute
+# capability): T4 64 KiB; A100 163 KiB; RTX 30xx/A10, RTX 40xx/L4/L40 and RTX 50xx 99 KiB; H100/H200 and B200
+# 227 KiB.
+SHARED_LIMIT = {"sm_75": 65536, "sm_80": 166912, "sm_86": 101376, "sm_89": 101376, "sm_90": 232448,
+                "sm_100": 232448, "sm_120": 101376}
+# Tensor-core instructions in SASS: Blackwell's tcgen05 (UTC*MMA), Hopper's wgmma (HGMMA), mma.sync (HMMA).
+TENSOR_CORE_OPS = re.compile(r"\b(UTC[A-Z]*MMA|HGMMA|HMMA)\b")
+TMA_OPS = re.compile(r"\b(UTMALDG|UTMASTG|UBLKCP)\b")
 FLOAT32_POINTERS = {"LSE", "DELTA", "GRAD_LSE", "MEAN", "RSTD", "PARTIAL", "DW", "DB", "ALIBI", "DBIAS", "LOSS",
-                    "ROW_SCALE"}
+                    "ROW_SCALE", "DQ_ACC"}
 FLOAT_SCALARS = {"qk_scale", "softmax_scale", "eps", "softcap", "dropout_p", "keep_scale", "label_smoothing"}
 INSPECTED_DTYPES = ("bf16", "fp32")
 KERNEL_MODULES = ("attention", "layernorm", "cross_entropy")
@@ -50,32 +55,64 @@ class Job:
         shown = {k: v for k, v in self.constexprs
                  if k in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "ROW_FITS", "RMS", "BLOCK_V", "WRITE_GRAD")}
         config = " ".join(f"{k}={v}" for k, v in shown.items())
-        features = "+features " if dict(self.constexprs).get("DROPOUT") else ""
-        return f"{self.kernel} [{features}{self.dtype} {config} warps={self.num_warps} stages={self.num_stages}]"
+        flags = dict(self.constexprs)
+        marks = "".join(mark for mark, on in (("+features ", flags.get("DROPOUT")), ("+tma ", flags.get("TMA")),
+                                              ("+persistent ", flags.get("PERSISTENT")),
+                                              ("+single-pass ", flags.get("ATOMIC_DQ"))) if on)
+        return f"{self.kernel} [{marks}{self.dtype} {config} warps={self.num_warps} stages={self.num_stages}]"
+
+
+ATTENTION_KERNELS = {"forward": "attention_forward_kernel", "backward_dkdv": "attention_backward_dkdv_kernel",
+                     "backward_dq": "attention_backward_dq_kernel",
+                     "backward_single_pass": "attention_backward_dkdv_kernel"}
+
+
+def arch_dtypes(arch, dtypes):
+    """The dtypes inspected on an arch: "bf16" stands for the 16-bit type, float16 on Turing (no bfloat16)."""
+    return ["fp16" if dtype == "bf16" and arch == "sm_75" else dtype for dtype in dtypes]
+
+
+def _variant_constexprs(name, arch, dtype, features):
+    """The constexpr sets that select each variant of one tuning list's kernel (attention_tuning's docstring)."""
+    tma = arch in tuning().TMA_ARCHS and dtype != "fp32" and features == PLAIN
+    if name == "forward":
+        variants = tuning().FORWARD_VARIANTS if tma else ("pointers",)
+        return [tuple(tuning().FORWARD_SWITCHES[variant].items()) for variant in variants]
+    kernel_flag = (("BIAS_GRAD", features == EVERY_FEATURE) if name == "backward_dq" else
+                   ("ATOMIC_DQ", name == "backward_single_pass"))
+    return [(kernel_flag, *tuning().LOAD_SWITCHES[loads].items()) for loads in (("pointers", "tma") if tma else
+                                                                                ("pointers",))]
+
+
+def tuning():
+    from gptfast.kernels import attention_tuning
+    return attention_tuning
 
 
 def attention_jobs(arch, dtypes=INSPECTED_DTYPES):
-    from gptfast.kernels import attention as attn
-    kernels = {"forward": "attention_forward_kernel", "backward_dkdv": "attention_backward_dkdv_kernel",
-               "backward_dq": "attention_backward_dq_kernel"}
+    """Every tuning config of every attention kernel variant; none on an arch without a table (Turing: see
+    attention_tuning's docstring)."""
+    if arch not in tuning().CONFIGS["forward"]:
+        return []
     jobs = []
-    for tuning_name, kernel in kernels.items():
-        for dtype in dtypes:
+    for name, kernel in ATTENTION_KERNELS.items():
+        for dtype in arch_dtypes(arch, dtypes):
             table = "fp32" if dtype == "fp32" else arch
             precision = "ieee" if dtype == "fp32" else "tf32"  # fp32 runs ieee unless tf32 is allowed
-            for features, tables, cap in ((PLAIN, attn.CONFIGS, None),
-                                          (EVERY_FEATURE, attn.FEATURE_CONFIGS, attn.MAX_REGISTERS)):
-                bias_grad = (("BIAS_GRAD", features == EVERY_FEATURE),) if tuning_name == "backward_dq" else ()
-                for tile in tables[tuning_name][table]:
-                    for block_d in tile.dims:
-                        constexprs = (("HEAD_DIM", block_d), ("BLOCK_D", block_d), *features, *bias_grad,
-                                      ("INPUT_PRECISION", precision), ("BLOCK_M", tile.block_m),
-                                      ("BLOCK_N", tile.block_n))
-                        jobs.append(Job("attention", kernel, arch, dtype, constexprs, tile.warps, tile.stages, cap))
-    for dtype in dtypes:
-        for block_d in attn.UP_TO_256:
-            constexprs = (("HEAD_DIM", block_d), ("BLOCK_D", block_d), ("BLOCK_M", attn.delta_block(block_d)))
-            jobs.append(Job("attention", "attention_backward_delta_kernel", arch, dtype, constexprs, 4, 1))
+            for features, tables in ((PLAIN, tuning().CONFIGS), (EVERY_FEATURE, tuning().FEATURE_CONFIGS)):
+                for variant in _variant_constexprs(name, arch, dtype, features):
+                    for tile in tables[name][table]:
+                        for block_d in tile.dims:
+                            constexprs = (("HEAD_DIM", block_d), ("BLOCK_D", block_d), *features, *variant,
+                                          ("INPUT_PRECISION", precision), ("BLOCK_M", tile.block_m),
+                                          ("BLOCK_N", tile.block_n))
+                            jobs.append(Job("attention", kernel, arch, dtype, constexprs, tile.warps, tile.stages,
+                                            tuning().MAX_REGISTERS))
+    for dtype in arch_dtypes(arch, dtypes):
+        for block_d in tuning().UP_TO_256:
+            constexprs = (("HEAD_DIM", block_d), ("BLOCK_D", block_d), ("BLOCK_M", tuning().delta_block(block_d)))
+            jobs.append(Job("attention", "attention_backward_delta_kernel", arch, dtype, constexprs, 4, 1,
+                            tuning().MAX_REGISTERS))
     jobs.append(Job("attention", "dropout_keep_kernel", arch, "fp32", (("BLOCK_M", 16), ("BLOCK_N", 16)), 4, 1))
     return jobs
 
@@ -86,7 +123,8 @@ def layernorm_jobs(arch, dtypes=INSPECTED_DTYPES):
     # A short row, the longest row held whole, and the chunk of longer rows.
     for n_cols in (1024, ln.MAX_FUSED_N, 4 * ln.MAX_FUSED_N):
         block_n, row_fits = ln._row_block(n_cols)
-        for dtype, rms in ((dtype, rms) for dtype in dtypes for rms in (False, True)):  # LayerNorm, RMSNorm
+        # LayerNorm, then RMSNorm
+        for dtype, rms in ((dtype, rms) for dtype in arch_dtypes(arch, dtypes) for rms in (False, True)):
             for config in ln.configs_for("forward", arch, block_n):
                 constexprs = (("HAS_RESIDUAL", True), ("HAS_WEIGHT", True), ("HAS_BIAS", not rms), ("RMS", rms),
                               ("BLOCK_N", block_n), ("ROW_FITS", row_fits))
@@ -107,7 +145,7 @@ def cross_entropy_jobs(arch, dtypes=INSPECTED_DTYPES):
     return [Job("cross_entropy", "cross_entropy_kernel", arch, dtype,
                 (("SOFTCAP", extra), ("SMOOTHING", extra), ("WRITE_GRAD", extra), ("BLOCK_V", ce.BLOCK_V)), 8, 1,
                 ce.MAX_REGISTERS)
-            for dtype in dtypes for extra in (False, True)]
+            for dtype in arch_dtypes(arch, dtypes) for extra in (False, True)]
 
 
 def signature(fn, dtype, constexprs):
@@ -165,9 +203,13 @@ def compile_job(job):
         usage = cuobjdump("--dump-resource-usage", path)
         sass = cuobjdump("-sass", path)
     fields = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", usage))
+    tensor_ops = TENSOR_CORE_OPS.findall(sass)
     row.update(registers=int(fields.get("REG", 0)),
                spill_bytes=int(fields.get("STACK", 0)) + int(fields.get("LOCAL", 0)), shared=compiled.metadata.shared,
-               tensor_cores=next((op for op in TENSOR_CORE_OPS if op in sass), "none"))
+               tensor_cores=max(set(tensor_ops), key=tensor_ops.count) if tensor_ops else "none",
+               tensor_ops=len(tensor_ops), tma="+".join(sorted(set(TMA_OPS.findall(sass)))) or "-",
+               # setmaxnreg moves registers between warp groups: the mark of warp specialisation in SASS
+               warp_specialized=bool(re.search(r"SETMAXN?REG", sass)))
     return row
 
 
@@ -203,29 +245,32 @@ def run(archs, kernels, dtypes, workers, out=sys.stdout):
         if "cross_entropy" in kernels:
             jobs += cross_entropy_jobs(arch, dtypes)
     print(f"compiling {len(jobs)} kernel configs for {', '.join(archs)} with {workers} workers", file=out, flush=True)
-    header = f"{'arch':6} {'kernel and config':92} {'regs':>4} {'spill':>5} {'smem KiB':>8} {'tensor':>6}  verdict"
+    header = (f"{'arch':6} {'kernel and config':100} {'regs':>4} {'spill':>5} {'smem KiB':>8} {'tensor cores':>13} "
+              f"{'TMA':>7} {'ws':>2}  verdict")
     print(header, file=out)
     failures = 0
     for row in compile_jobs(jobs, workers):
         job, problem = row["job"], problems(row)
         failures += problem is not None
         if "error" in row:
-            print(f"{job.arch:6} {job.label():92} {row['error']}  FAIL: {problem}", file=out, flush=True)
+            print(f"{job.arch:6} {job.label():100} {row['error']}  FAIL: {problem}", file=out, flush=True)
             continue
-        print(f"{job.arch:6} {job.label():92} {row['registers']:4} {row['spill_bytes']:5} "
-              f"{row['shared'] / 1024:8.1f} {row['tensor_cores']:>6}  {'FAIL: ' + problem if problem else 'ok'}",
-              file=out, flush=True)
+        tensor = f"{row['tensor_cores']} x{row['tensor_ops']}" if row["tensor_ops"] else "none"
+        print(f"{job.arch:6} {job.label():100} {row['registers']:4} {row['spill_bytes']:5} "
+              f"{row['shared'] / 1024:8.1f} {tensor:>13} {row['tma']:>7} {'ws' if row['warp_specialized'] else '-':>2}"
+              f"  {'FAIL: ' + problem if problem else 'ok'}", file=out, flush=True)
     print(f"{len(jobs) - failures} of {len(jobs)} configs ok", file=out)
     return 1 if failures else 0
 
 
 def add_arguments(parser):
     parser.add_argument("--arch", choices=sorted(ARCHS), action="append",
-                        help="GPU architecture to compile for (repeatable; default: sm_80 and sm_90)")
+                        help="GPU architecture to compile for (repeatable; default: all)")
     parser.add_argument("--kernel", choices=KERNEL_MODULES, action="append",
                         help="which kernels (repeatable; default: all)")
     parser.add_argument("--dtype", choices=INSPECTED_DTYPES, action="append",
-                        help="input dtype to compile for (repeatable; default: bf16 and fp32; fp16 compiles as bf16)")
+                        help="input dtype to compile for (repeatable; default: both; bf16 stands for 16-bit inputs: "
+                             "fp16 compiles as bf16 would, and on sm_75 fp16 is compiled instead)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel compiler processes")
 
 

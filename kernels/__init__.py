@@ -5,7 +5,9 @@ the layouts it expects.
 
 GPTFAST_AUTOTUNE=0 makes every launcher use the first config of its tuning list instead of timing them all: for
 correctness runs on a GPU, where compiling every config of every test shape would take longer than the tests."""
+import functools
 import os
+import warnings
 
 import torch
 
@@ -17,8 +19,28 @@ def tuned(configs):
     return configs if AUTOTUNE else configs[:1]
 
 
+# The architectures with a tuning table of their own, by compute capability: Turing (T4; float16 only), Ampere
+# A100 and consumer/A10 chips (99 KiB of shared memory), Ada, Hopper, Blackwell B200, Blackwell RTX 50xx (99 KiB).
+ARCHS = {(7, 5): "sm_75", (8, 0): "sm_80", (8, 6): "sm_86", (8, 9): "sm_89", (9, 0): "sm_90", (10, 0): "sm_100",
+         (12, 0): "sm_120"}
+
+
 def device_arch(device):
-    """The tuning-table key for a device: 'interpreter' on the CPU, else 'sm_90' for Hopper and 'sm_80' below."""
+    """The tuning-table key of a device: 'interpreter' on the CPU, else 'sm_XY' for its compute capability. A
+    capability without a table of its own takes the nearest older one (the oldest for older chips), with a
+    warning once."""
     if device.type != "cuda":
         return "interpreter"
-    return "sm_90" if torch.cuda.get_device_capability(device)[0] >= 9 else "sm_80"
+    return arch_of(torch.cuda.get_device_capability(device))
+
+
+@functools.cache
+def arch_of(capability):
+    """The tuning-table key for a (major, minor) compute capability (see device_arch)."""
+    if capability in ARCHS:
+        return ARCHS[capability]
+    older = [known for known in ARCHS if known < capability]
+    arch = ARCHS[max(older)] if older else ARCHS[min(ARCHS)]
+    warnings.warn(f"gptfast.kernels: no tuning table for compute capability {capability[0]}.{capability[1]}; "
+                  f"using {arch}'s (check it with `gptfast inspect --arch {arch}`)", stacklevel=3)
+    return arch

@@ -2,9 +2,12 @@
 
 The algorithm is FlashAttention-2 (Dao, 2023, arXiv:2307.08691): the forward keeps a running max and sum per
 query row (online softmax) so the (Tq, Tk) score matrix never reaches memory, and saves the log-sum-exp of each
-row; the backward recomputes the probabilities from it, in one kernel that owns a block of keys (dk, dv) and one
-that owns a block of queries (dq), so that no gradient needs an atomic add. The loop structure follows Triton's
-fused-attention tutorial (split into blocks that need a mask and blocks that don't).
+row; the backward recomputes the probabilities from it. It runs either as one kernel that owns a block of keys
+(dk, dv) and one that owns a block of queries (dq), so that no gradient needs an atomic add, or as the first
+alone adding dq into a float32 buffer with atomics (ATOMIC_DQ; 5 matrix products per block pair instead of 7).
+The loop structure follows Triton's fused-attention tutorial (split into blocks that need a mask and blocks that
+don't); the forward may load K and V through tensor descriptors (TMA) and run on a persistent grid (PERSISTENT).
+Which variant and tile a call runs is attention_tuning's business.
 
 Layouts, for every tensor the launchers take:
     q: (B, Hq, Tq, D), k and v: (B, Hkv, Tk, D), any strides (views of a fused QKV projection work as they are).
@@ -29,103 +32,13 @@ import torch
 import triton
 import triton.language as tl
 
-from gptfast.kernels import device_arch, tuned
+from gptfast.kernels import device_arch
+from gptfast.kernels.attention_tuning import (MAX_REGISTERS, autotuned, backward_choices, backward_loads,
+                                               delta_block, fastest, forward_variants, has_features, length_bucket)
 from gptfast.kernels.math import LOG2E, tanh_f32
 
 CAUSAL_NONE, CAUSAL_TOP_LEFT, CAUSAL_BOTTOM_RIGHT = 0, 1, 2
 MASK_NONE, MASK_BOOLEAN, MASK_ADDITIVE = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
-
-
-class Tile(NamedTuple):
-    """One tuning entry. block_m counts query rows and block_n key rows, in every kernel."""
-    block_m: int
-    block_n: int
-    warps: int
-    stages: int
-    dims: tuple  # the padded head dims it serves
-
-
-# Tuning spaces, per architecture, for 16-bit inputs and for float32 ones (whose full-precision dot runs on FMA
-# units and needs far smaller tiles). Each entry was kept because `gptfast inspect` compiles it for its dims
-# without spills or shared-memory overflow (on sm_90 with wgmma, HGMMA); the interpreter uses small blocks so that
-# the CPU tests cross many block edges.
-UP_TO_64, UP_TO_128, UP_TO_256 = (16, 32, 64), (16, 32, 64, 128), (16, 32, 64, 128, 256)
-CONFIGS = {
-    "forward": {
-        "sm_90": [Tile(128, 64, 8, 3, UP_TO_128), Tile(128, 128, 8, 3, UP_TO_64), Tile(64, 64, 4, 3, UP_TO_128),
-                  Tile(64, 64, 8, 2, UP_TO_256), Tile(128, 32, 8, 2, UP_TO_256)],
-        "sm_80": [Tile(128, 64, 8, 3, UP_TO_64), Tile(64, 64, 4, 3, UP_TO_128), Tile(128, 32, 8, 2, UP_TO_128),
-                  Tile(64, 32, 4, 2, UP_TO_128), Tile(64, 64, 8, 2, UP_TO_256)],
-        "fp32": [Tile(64, 16, 4, 1, UP_TO_64), Tile(32, 16, 8, 1, UP_TO_128), Tile(16, 32, 8, 1, UP_TO_256)],
-        "interpreter": [Tile(16, 16, 1, 1, UP_TO_256)],
-    },
-    "backward_dkdv": {
-        "sm_90": [Tile(32, 128, 8, 2, UP_TO_64), Tile(64, 128, 8, 1, UP_TO_64), Tile(32, 64, 8, 1, UP_TO_128),
-                  Tile(16, 128, 8, 2, UP_TO_128),
-                  # A 256-wide dk, dv pair fits in registers only with these; they run HMMA, not wgmma.
-                  Tile(32, 32, 8, 2, (256,)), Tile(16, 32, 4, 1, (256,))],
-        "sm_80": [Tile(32, 64, 8, 1, UP_TO_128), Tile(32, 32, 8, 2, (64, 128)), Tile(32, 32, 4, 1, UP_TO_64),
-                  Tile(16, 32, 4, 1, UP_TO_256)],
-        "fp32": [Tile(16, 32, 4, 1, (16, 32)), Tile(32, 16, 4, 1, (64,)), Tile(16, 16, 8, 1, (16, 32, 128)),
-                 Tile(16, 32, 8, 1, (256,))],
-        "interpreter": [Tile(16, 16, 1, 1, UP_TO_256)],
-    },
-    "backward_dq": {
-        "sm_90": [Tile(128, 64, 8, 2, UP_TO_128), Tile(128, 32, 8, 1, UP_TO_128), Tile(64, 64, 4, 2, UP_TO_128),
-                  Tile(64, 32, 8, 2, UP_TO_256)],
-        "sm_80": [Tile(128, 64, 8, 2, (16, 64)), Tile(128, 32, 8, 1, UP_TO_128), Tile(64, 32, 8, 2, UP_TO_256),
-                  Tile(32, 32, 4, 1, UP_TO_256)],
-        "fp32": [Tile(32, 32, 4, 1, UP_TO_64), Tile(32, 16, 8, 1, UP_TO_128), Tile(16, 16, 8, 1, UP_TO_256)],
-        "interpreter": [Tile(16, 16, 1, 1, UP_TO_256)],
-    },
-}
-
-
-# With a feature past the bounds (a mask, ALiBi, softcapping, dropout) a tile holds more per score: these compile
-# without spills with all of them on at once (`gptfast inspect`'s EVERY_FEATURE), under a register cap of 255.
-# Without a cap ptxas kept some of them near 72 registers and spilled a word.
-MAX_REGISTERS = 255
-FEATURE_CONFIGS = {
-    "forward": {
-        "sm_90": [Tile(128, 32, 8, 2, UP_TO_256), Tile(64, 16, 4, 2, UP_TO_256), Tile(64, 32, 4, 2, UP_TO_128)],
-        "sm_80": [Tile(32, 32, 4, 2, UP_TO_256), Tile(128, 32, 8, 2, UP_TO_64), Tile(64, 16, 4, 2, UP_TO_64)],
-        "fp32": [Tile(16, 16, 4, 1, UP_TO_128), Tile(32, 16, 4, 1, UP_TO_64), Tile(16, 32, 4, 1, (16, 32, 64, 256))],
-        "interpreter": [Tile(16, 16, 1, 1, UP_TO_256)],
-    },
-    "backward_dkdv": {
-        "sm_90": [Tile(32, 16, 4, 1, UP_TO_256), Tile(16, 32, 4, 1, UP_TO_128), Tile(32, 32, 4, 1, UP_TO_64)],
-        "sm_80": [Tile(32, 16, 4, 1, UP_TO_128), Tile(16, 32, 4, 1, UP_TO_128), Tile(16, 16, 8, 1, (256,)),
-                  Tile(32, 16, 8, 1, (256,))],
-        "fp32": [Tile(16, 16, 4, 1, UP_TO_64), Tile(32, 16, 4, 1, (16, 32)), Tile(16, 16, 8, 1, (128, 256)),
-                 Tile(32, 16, 8, 1, (128,))],
-        "interpreter": [Tile(16, 16, 1, 1, UP_TO_256)],
-    },
-    "backward_dq": {
-        "sm_90": [Tile(32, 16, 4, 1, UP_TO_256), Tile(32, 32, 4, 1, UP_TO_256), Tile(64, 16, 4, 1, UP_TO_128)],
-        "sm_80": [Tile(32, 16, 4, 1, UP_TO_256), Tile(32, 32, 4, 1, UP_TO_128), Tile(64, 32, 8, 1, UP_TO_128)],
-        "fp32": [Tile(16, 16, 4, 1, UP_TO_128), Tile(32, 16, 4, 1, UP_TO_64), Tile(16, 16, 8, 1, (256,))],
-        "interpreter": [Tile(16, 16, 1, 1, UP_TO_256)],
-    },
-}
-
-
-def delta_block(block_d):
-    """Query rows per program of the delta kernel: 4096 elements of O and dO each, so float32 never spills."""
-    return 4096 // block_d
-
-
-def config_table(arch, dtype):
-    """The CONFIGS key for a device arch ('sm_90', 'sm_80' or 'interpreter') and an input dtype."""
-    return "fp32" if dtype == torch.float32 and arch != "interpreter" else arch
-
-
-def configs_for(kernel_name, table, block_d, features=False):
-    """The triton.Config list of one kernel in one table that serves a padded head dim of block_d; with features
-    (a mask, ALiBi, softcapping or dropout), FEATURE_CONFIGS' and their register cap."""
-    tiles = (FEATURE_CONFIGS if features else CONFIGS)[kernel_name][table]
-    cap = {"maxnreg": MAX_REGISTERS} if features and table != "interpreter" else {}
-    return [triton.Config({"BLOCK_M": t.block_m, "BLOCK_N": t.block_n}, num_warps=t.warps, num_stages=t.stages,
-                          **cap) for t in tiles if block_d in t.dims]
 
 
 @triton.jit
@@ -198,15 +111,25 @@ def _query_range(start_n, seqlen_q, causal_offset, window_offset, BLOCK_M: tl.co
 @triton.jit
 def _scores(qk, rows, keys, seqlen_q, seqlen_k, mask_tile, slope, alibi_offset, qk_scale, softcap,
             MASK_KIND: tl.constexpr, ALIBI: tl.constexpr, SOFTCAP: tl.constexpr):
-    """(scores, tanh): a tile's logits in log2 units (times LOG2E, for exp2) from its dot products qk, and with
-    SOFTCAP the tanh behind them (for the backward's derivative; else a placeholder). The order is flash-attn's
-    and Gemma 2's: scale, softcap, then ALiBi and an additive mask, then a boolean mask. rows and keys come
-    broadcast to the tile's shape; mask_tile points at the tile of the mask. Bounds are the caller's to apply."""
+    """(scores, scale, tanh): a tile's logits in log2 units (for exp2) are scores * scale, from its dot products
+    qk; with SOFTCAP, tanh is the tanh behind them (for the backward's derivative; else a placeholder). The order
+    is flash-attn's and Gemma 2's: scale, softcap, then ALiBi and an additive mask, then a boolean mask. rows and
+    keys come broadcast to the tile's shape; mask_tile points at the tile of the mask. Bounds are the caller's to
+    apply.
+
+    Plain attention returns qk itself with scale = qk_scale, so that callers fold the scale into the exponent's
+    subtraction, one FFMA per score (qk * scale - max), as Triton's fused-attention tutorial does; that needs
+    qk_scale > 0 (the launchers' callers check it). With a feature the scale is applied here and is 1.0."""
+    scale = 1.0
     if SOFTCAP:
         tanh = tanh_f32(qk * (qk_scale / (softcap * LOG2E)))
         scores = tanh * (softcap * LOG2E)
-    else:
+    elif ALIBI or MASK_KIND != MASK_NONE:
         scores = qk * qk_scale
+        tanh = scores
+    else:
+        scores = qk
+        scale = qk_scale
         tanh = scores
     if ALIBI:  # -slope * |i + Tk - Tq - j| (flash-attn 2's ALiBi)
         scores -= (slope * LOG2E) * tl.abs(rows + alibi_offset - keys).to(tl.float32)
@@ -216,7 +139,7 @@ def _scores(qk, rows, keys, seqlen_q, seqlen_k, mask_tile, slope, alibi_offset, 
             scores += tl.load(mask_tile, mask=in_bounds, other=0.0).to(tl.float32) * LOG2E
         else:
             scores = tl.where(tl.load(mask_tile, mask=in_bounds, other=0) != 0, scores, float("-inf"))
-    return scores, tanh
+    return scores, scale, tanh
 
 
 @triton.jit
@@ -259,44 +182,68 @@ def _tile(base, rows, offs_d, stride_t, stride_d):
 
 
 @triton.jit
-def _query_program(num_heads, group_size, BLOCK_M: tl.constexpr):
-    """(first query row, batch, head, kv head) of a program gridded (cdiv(Tq, BLOCK_M), B * Hq), indices in int64
-    since B * H * T * D can pass 2**31 elements. Causal rows near the end see the most keys: those programs
-    start first (FlashAttention-2, section 3.3)."""
-    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    batch = tl.program_id(1) // num_heads
-    head = tl.program_id(1) % num_heads
-    return start_m, batch.to(tl.int64), head.to(tl.int64), (head // group_size).to(tl.int64)
+def _query_program(query_block, batch_head, num_heads, group_size, BLOCK_M: tl.constexpr):
+    """(first query row, batch, head, kv head) of the tile of query block query_block and (batch, head) index
+    batch_head (batch * Hq + head), indices in int64 since B * H * T * D can pass 2**31 elements."""
+    batch = batch_head // num_heads
+    head = batch_head % num_heads
+    return query_block * BLOCK_M, batch.to(tl.int64), head.to(tl.int64), (head // group_size).to(tl.int64)
 
 
 @triton.jit
-def _forward_block_loop(acc, row_sum, row_max, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, d_mask,
+def _rows(source, start, stride_t, mask, TMA: tl.constexpr):
+    """The block of rows [start, start + block) of a (T, D) matrix, zero past its ends: from a tensor descriptor
+    with TMA (Hopper's tensor memory accelerator copies the tile and fills what lies outside the matrix with
+    zeros), else through the block's pointers at row 0 and mask."""
+    if TMA:
+        rows = source.load([start, 0])
+    else:
+        rows = tl.load(source + start * stride_t, mask=mask, other=0.0)
+    return rows
+
+
+@triton.jit
+def _row_source(base, seqlen, stride_t, stride_d, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr,
+                BLOCK_D: tl.constexpr, TMA: tl.constexpr):
+    """What _rows reads blocks of BLOCK_T rows from, for one head's (T, D) matrix at base: a tensor descriptor
+    with TMA, else the pointers of its first block."""
+    if TMA:
+        source = tl.make_tensor_descriptor(base, [seqlen, HEAD_DIM], [stride_t, 1], [BLOCK_T, BLOCK_D])
+    else:
+        source = _tile(base, tl.arange(0, BLOCK_T), tl.arange(0, BLOCK_D), stride_t, stride_d)
+    return source
+
+
+@triton.jit
+def _forward_block_loop(acc, row_sum, row_max, q, k_source, v_source, stride_kt, stride_vt, offs_m, d_mask,
                         seqlen_q, seqlen_k, causal_offset, window_offset, qk_scale, start, stop,
                         MASK, stride_mt, stride_ms, slope, alibi_offset, softcap,
                         seed, seed_offset, head_index, dropout_p, keep_scale,
                         BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
                         MASK_KIND: tl.constexpr, ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
-                        DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """Online softmax over the key blocks [start, stop): rescales the running (acc, row_sum, row_max)."""
+                        DROPOUT: tl.constexpr, TMA: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """Online softmax over the key blocks [start, stop): rescales the running (acc, row_sum, row_max). k_source
+    and v_source are the first key block's pointers, or with TMA tensor descriptors (see _rows)."""
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(start, stop, BLOCK_N):
         key_rows = start_n + offs_n
         kv_mask = d_mask[None, :]
         if MASKED:
             kv_mask = kv_mask & (key_rows[:, None] < seqlen_k)
-        k = tl.load(k_ptrs + start_n * stride_kt, mask=kv_mask, other=0.0)
+        k = _rows(k_source, start_n, stride_kt, kv_mask, TMA=TMA)
         qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
-        scores, _ = _scores(qk, offs_m[:, None], key_rows[None, :], seqlen_q, seqlen_k,
-                            MASK + offs_m[:, None] * stride_mt + key_rows[None, :] * stride_ms, slope, alibi_offset,
-                            qk_scale, softcap, MASK_KIND=MASK_KIND, ALIBI=ALIBI, SOFTCAP=SOFTCAP)
+        scores, scale, _ = _scores(qk, offs_m[:, None], key_rows[None, :], seqlen_q, seqlen_k,
+                                   MASK + offs_m[:, None] * stride_mt + key_rows[None, :] * stride_ms, slope,
+                                   alibi_offset, qk_scale, softcap, MASK_KIND=MASK_KIND, ALIBI=ALIBI,
+                                   SOFTCAP=SOFTCAP)
         if MASKED:
             visible = _visible(offs_m[:, None], key_rows[None, :], seqlen_k, causal_offset, window_offset,
                                CAUSAL=CAUSAL, WINDOW=WINDOW)
             scores = tl.where(visible, scores, float("-inf"))
-        new_max = tl.maximum(row_max, tl.max(scores, 1))
+        new_max = tl.maximum(row_max, tl.max(scores, 1) * scale)
         # A row with nothing visible yet keeps a max of -inf; subtract 0 instead so exp2 gives 0, not NaN.
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        p = tl.exp2(scores - shift[:, None])
+        p = tl.exp2(scores * scale - shift[:, None])
         correction = tl.exp2(row_max - shift)
         row_sum = row_sum * correction + tl.sum(p, 1)
         if DROPOUT:  # the softmax sums every weight; the output keeps some, scaled by 1 / (1 - dropout_p)
@@ -304,7 +251,7 @@ def _forward_block_loop(acc, row_sum, row_max, q, k_ptrs, v_ptrs, stride_kt, str
                          p * keep_scale, 0.0)
         # v is loaded only now, so it is not live in registers during the softmax (the dq loop below loads it
         # with k instead: each order is the one that compiles without spills, per `gptfast inspect`).
-        v = tl.load(v_ptrs + start_n * stride_vt, mask=kv_mask, other=0.0)
+        v = _rows(v_source, start_n, stride_vt, kv_mask, TMA=TMA)
         acc = tl.dot(p.to(v.dtype), v, acc * correction[:, None], input_precision=INPUT_PRECISION)
         row_max = new_max
     return acc, row_sum, row_max
@@ -318,15 +265,52 @@ def attention_forward_kernel(
         stride_vb, stride_vh, stride_vt, stride_vd,
         stride_ob, stride_oh, stride_ot, stride_od,
         stride_mb, stride_mh, stride_mt, stride_ms, stride_ab, stride_ah,
-        num_heads, group_size, seqlen_q, seqlen_k, causal_offset, window_offset, alibi_offset, qk_scale, softcap,
-        dropout_p, keep_scale,
+        batch_heads, num_heads, group_size, seqlen_q, seqlen_k, causal_offset, window_offset, alibi_offset,
+        qk_scale, softcap, dropout_p, keep_scale,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
         MASK_KIND: tl.constexpr, ALIBI_SLOPES: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
-        INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One program: BLOCK_M query rows of one (batch, head). qk_scale is softmax_scale * log2(e), so the
-    softmax runs on exp2. MASK, ALIBI and SEED are read only when their flags say so. Grid:
-    (cdiv(Tq, BLOCK_M), B * Hq)."""
-    start_m, batch, head, kv_head = _query_program(num_heads, group_size, BLOCK_M)
+        INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr,
+        PERSISTENT: tl.constexpr):
+    """One program: BLOCK_M query rows of one (batch, head), batch_heads = B * Hq of them. qk_scale is
+    softmax_scale * log2(e), so the softmax runs on exp2. MASK, ALIBI and SEED are read only when their flags say
+    so. Two tuning choices on Hopper and newer: TMA loads K and V through tensor descriptors (their rows' strides
+    must be 16-byte multiples, their last dim contiguous); PERSISTENT runs about one program per multiprocessor,
+    each looping over (query block, head) tiles, the longest causal tiles (the last query blocks) first, so that
+    no program starts late on a long tile (a persistent schedule, as in FlashAttention-3 and Triton's persistent
+    matmul tutorial). Grid: (cdiv(Tq, BLOCK_M), B * Hq), or (programs,) when PERSISTENT."""
+    if PERSISTENT:
+        first, tiles, step = tl.program_id(0), tl.cdiv(seqlen_q, BLOCK_M) * batch_heads, tl.num_programs(0)
+    else:  # one iteration, which the compiler folds away
+        first, tiles, step = 0, 1, 1
+    for tile in tl.range(first, tiles, step):
+        if PERSISTENT:
+            query_block = tl.cdiv(seqlen_q, BLOCK_M) - 1 - tile // batch_heads
+            batch_head = tile % batch_heads
+        else:  # causal rows near the end see the most keys: those programs start first (FlashAttention-2, 3.3)
+            query_block = tl.num_programs(0) - 1 - tl.program_id(0)
+            batch_head = tl.program_id(1)
+        _forward_tile(
+            query_block, batch_head, Q, K, V, O, LSE, MASK, ALIBI, SEED,
+            stride_qb, stride_qh, stride_qt, stride_qd, stride_kb, stride_kh, stride_kt, stride_kd,
+            stride_vb, stride_vh, stride_vt, stride_vd, stride_ob, stride_oh, stride_ot, stride_od,
+            stride_mb, stride_mh, stride_mt, stride_ms, stride_ab, stride_ah, num_heads, group_size, seqlen_q,
+            seqlen_k, causal_offset, window_offset, alibi_offset, qk_scale, softcap, dropout_p, keep_scale,
+            HEAD_DIM, BLOCK_D, CAUSAL, WINDOW, MASK_KIND, ALIBI_SLOPES, SOFTCAP, DROPOUT, INPUT_PRECISION,
+            BLOCK_M, BLOCK_N, TMA)
+
+
+@triton.jit
+def _forward_tile(
+        query_block, batch_head, Q, K, V, O, LSE, MASK, ALIBI, SEED,
+        stride_qb, stride_qh, stride_qt, stride_qd, stride_kb, stride_kh, stride_kt, stride_kd,
+        stride_vb, stride_vh, stride_vt, stride_vd, stride_ob, stride_oh, stride_ot, stride_od,
+        stride_mb, stride_mh, stride_mt, stride_ms, stride_ab, stride_ah, num_heads, group_size, seqlen_q,
+        seqlen_k, causal_offset, window_offset, alibi_offset, qk_scale, softcap, dropout_p, keep_scale,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+        MASK_KIND: tl.constexpr, ALIBI_SLOPES: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr):
+    """The forward of one tile: query rows [query_block * BLOCK_M, + BLOCK_M) of (batch, head) = batch_head."""
+    start_m, batch, head, kv_head = _query_program(query_block, batch_head, num_heads, group_size, BLOCK_M)
     Q += batch * stride_qb + head * stride_qh
     K += batch * stride_kb + kv_head * stride_kh
     V += batch * stride_vb + kv_head * stride_vh
@@ -337,13 +321,12 @@ def attention_forward_kernel(
     seed, seed_offset = _dropout_seed(SEED, DROPOUT=DROPOUT)
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
     q_mask = (offs_m[:, None] < seqlen_q) & d_mask[None, :]
     q = tl.load(_tile(Q, offs_m, offs_d, stride_qt, stride_qd), mask=q_mask, other=0.0)
-    k_ptrs = _tile(K, offs_n, offs_d, stride_kt, stride_kd)
-    v_ptrs = _tile(V, offs_n, offs_d, stride_vt, stride_vd)
+    k_source = _row_source(K, seqlen_k, stride_kt, stride_kd, HEAD_DIM, BLOCK_N, BLOCK_D, TMA=TMA)
+    v_source = _row_source(V, seqlen_k, stride_vt, stride_vd, HEAD_DIM, BLOCK_N, BLOCK_D, TMA=TMA)
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -354,11 +337,11 @@ def attention_forward_kernel(
     for run in tl.static_range(3):
         if run != 0 or WINDOW:
             acc, row_sum, row_max = _forward_block_loop(
-                acc, row_sum, row_max, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, d_mask, seqlen_q,
+                acc, row_sum, row_max, q, k_source, v_source, stride_kt, stride_vt, offs_m, d_mask, seqlen_q,
                 seqlen_k, causal_offset, window_offset, qk_scale, (lo, full_start, full_end)[run],
                 (full_start, full_end, hi)[run], MASK, stride_mt, stride_ms, slope, alibi_offset, softcap, seed,
-                seed_offset, tl.program_id(1), dropout_p, keep_scale, BLOCK_N, MASKED=run != 1, CAUSAL=CAUSAL,
-                WINDOW=WINDOW, MASK_KIND=MASK_KIND, ALIBI=ALIBI_SLOPES, SOFTCAP=SOFTCAP, DROPOUT=DROPOUT,
+                seed_offset, batch_head, dropout_p, keep_scale, BLOCK_N, MASKED=run != 1, CAUSAL=CAUSAL,
+                WINDOW=WINDOW, MASK_KIND=MASK_KIND, ALIBI=ALIBI_SLOPES, SOFTCAP=SOFTCAP, DROPOUT=DROPOUT, TMA=TMA,
                 INPUT_PRECISION=INPUT_PRECISION)
 
     empty = row_sum == 0.0
@@ -411,32 +394,48 @@ def _score_grads(p, dp, delta, tanh, keep, keep_scale, SOFTCAP: tl.constexpr, DR
 
 
 @triton.jit
-def _dkdv_block_loop(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_qd, stride_dot, stride_dod, key_rows,
+def _query_rows(source, start_m, offs_m, offs_d, stride_t, stride_d, mask, TMA: tl.constexpr):
+    """The query rows offs_m (from start_m) of one head's q or dO: through a tensor descriptor with TMA, else from
+    the head's base pointer, the tile's pointers made here (the dk/dv loop keeps nothing of a block's size live
+    across iterations: its pointer tiles spill there, `gptfast inspect`)."""
+    if TMA:
+        rows = source.load([start_m, 0])
+    else:
+        rows = tl.load(_tile(source, offs_m, offs_d, stride_t, stride_d), mask=mask, other=0.0)
+    return rows
+
+
+@triton.jit
+def _dkdv_block_loop(dk, dv, k, v, q_source, do_source, LSE, DELTA, stride_qt, stride_qd, stride_dot, stride_dod,
+                     key_rows,
                      offs_d, d_mask, seqlen_q, seqlen_k, causal_offset, window_offset, qk_scale, start, stop,
                      MASK, stride_mt, stride_ms, slope, alibi_offset, softcap,
-                     seed, seed_offset, head_index, dropout_p, keep_scale,
-                     BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-                     MASK_KIND: tl.constexpr, ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
+                     seed, seed_offset, head_index, dropout_p, keep_scale, DQ_ACC, stride_ct, stride_cd,
+                     softmax_scale, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                     WINDOW: tl.constexpr, MASK_KIND: tl.constexpr, ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
+                     DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr, TMA: tl.constexpr,
                      INPUT_PRECISION: tl.constexpr):
-    """Adds to dk, dv (BLOCK_N, BLOCK_D) the terms of the query rows [start, stop) of one head. Works on the
-    transposed tile (keys x queries) so that both products take their operands as loaded. Query rows past Tq
-    load as zeros with lse +inf, so they add nothing; key rows past Tk are never stored."""
+    """Adds to dk, dv (BLOCK_N, BLOCK_D) the terms of the query rows [start, stop) of one head, whose q and dO
+    come from q_source and do_source (see _query_rows); with ATOMIC_DQ also adds this key block's share of dq to
+    DQ_ACC with atomics. Works on the transposed tile (keys x queries) so that both products take their operands
+    as loaded. Query rows past Tq load as zeros with lse +inf, so they add nothing; key rows past Tk are never
+    stored."""
     for start_m in range(start, stop, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_mask = offs_m < seqlen_q
         q_mask = row_mask[:, None] & d_mask[None, :]
-        q = tl.load(_tile(Q, offs_m, offs_d, stride_qt, stride_qd), mask=q_mask, other=0.0)
+        q = _query_rows(q_source, start_m, offs_m, offs_d, stride_qt, stride_qd, q_mask, TMA=TMA)
         lse = tl.load(LSE + offs_m, mask=row_mask, other=float("inf")) * LOG2E
         qk_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION)
-        scores_t, tanh_t = _scores(qk_t, offs_m[None, :], key_rows[:, None], seqlen_q, seqlen_k,
-                                   MASK + offs_m[None, :] * stride_mt + key_rows[:, None] * stride_ms, slope,
-                                   alibi_offset, qk_scale, softcap, MASK_KIND=MASK_KIND, ALIBI=ALIBI,
-                                   SOFTCAP=SOFTCAP)
-        p_t = tl.exp2(scores_t - lse[None, :])
+        scores_t, scale, tanh_t = _scores(qk_t, offs_m[None, :], key_rows[:, None], seqlen_q, seqlen_k,
+                                          MASK + offs_m[None, :] * stride_mt + key_rows[:, None] * stride_ms, slope,
+                                          alibi_offset, qk_scale, softcap, MASK_KIND=MASK_KIND, ALIBI=ALIBI,
+                                          SOFTCAP=SOFTCAP)
+        p_t = tl.exp2(scores_t * scale - lse[None, :])
         if MASKED:
             p_t = tl.where(_visible(offs_m[None, :], key_rows[:, None], seqlen_k, causal_offset, window_offset,
                                     CAUSAL=CAUSAL, WINDOW=WINDOW), p_t, 0.0)
-        do = tl.load(_tile(DO, offs_m, offs_d, stride_dot, stride_dod), mask=q_mask, other=0.0)
+        do = _query_rows(do_source, start_m, offs_m, offs_d, stride_dot, stride_dod, q_mask, TMA=TMA)
         keep_t = p_t > 0.0  # a placeholder unless DROPOUT
         dropped_p_t = p_t
         if DROPOUT:
@@ -448,12 +447,15 @@ def _dkdv_block_loop(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_qd, stri
         _, ds_t = _score_grads(p_t, dp_t, delta[None, :], tanh_t, keep_t, keep_scale, SOFTCAP=SOFTCAP,
                                DROPOUT=DROPOUT)
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=INPUT_PRECISION)
+        if ATOMIC_DQ:  # FlashAttention-2's backward: the 5th product, dq = dS k, summed over key blocks in float32
+            dq = tl.dot(tl.trans(ds_t).to(k.dtype), k, input_precision=INPUT_PRECISION) * softmax_scale
+            tl.atomic_add(_tile(DQ_ACC, offs_m, offs_d, stride_ct, stride_cd), dq, mask=q_mask, sem="relaxed")
     return dk, dv
 
 
 @triton.jit
 def attention_backward_dkdv_kernel(
-        Q, K, V, DO, LSE, DELTA, DK, DV, MASK, ALIBI, SEED,
+        Q, K, V, DO, LSE, DELTA, DK, DV, MASK, ALIBI, SEED, DQ_ACC,
         stride_qb, stride_qh, stride_qt, stride_qd,
         stride_kb, stride_kh, stride_kt, stride_kd,
         stride_vb, stride_vh, stride_vt, stride_vd,
@@ -461,13 +463,19 @@ def attention_backward_dkdv_kernel(
         stride_dkb, stride_dkh, stride_dkt, stride_dkd,
         stride_dvb, stride_dvh, stride_dvt, stride_dvd,
         stride_mb, stride_mh, stride_mt, stride_ms, stride_ab, stride_ah,
+        stride_cb, stride_ch, stride_ct, stride_cd,
         num_kv_heads, group_size, seqlen_q, seqlen_k, causal_offset, window_offset, alibi_offset, qk_scale,
         softmax_scale, softcap, dropout_p, keep_scale,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
         MASK_KIND: tl.constexpr, ALIBI_SLOPES: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
-        INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        INPUT_PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        TMA: tl.constexpr):
     """One program: BLOCK_N keys of one (batch, kv head); loops over every query head of its group, so a grouped
-    K/V head's gradient is summed in registers. Grid: (cdiv(Tk, BLOCK_N), B * Hkv)."""
+    K/V head's gradient is summed in registers. With ATOMIC_DQ (the single-pass backward) it also adds dq, already
+    scaled, into DQ_ACC (B, Hq, Tq, D) float32, zero-initialised, with atomics: 5 matrix products per (query
+    block, key block) pair instead of the two-kernel backward's 7, at the price of an order of float32 additions
+    that changes from run to run. TMA (a tuning choice on Hopper and newer) loads q and dO through tensor
+    descriptors. Grid: (cdiv(Tk, BLOCK_N), B * Hkv)."""
     start_n = tl.program_id(0) * BLOCK_N
     batch = (tl.program_id(1) // num_kv_heads).to(tl.int64)
     kv_head = (tl.program_id(1) % num_kv_heads).to(tl.int64)
@@ -493,24 +501,33 @@ def attention_backward_dkdv_kernel(
     Q += batch * stride_qb + head * stride_qh
     DO += batch * stride_dob + head * stride_doh
     MASK += batch * stride_mb + head * stride_mh
+    DQ_ACC += batch * stride_cb + head * stride_ch
     LSE += (batch * num_heads + head) * seqlen_q
     DELTA += (batch * num_heads + head) * seqlen_q
     for _ in range(group_size):
         slope = _slope(ALIBI, batch, head, stride_ab, stride_ah, ALIBI_SLOPES=ALIBI_SLOPES)
         head_index = batch * num_heads + head
+        q_source = Q
+        do_source = DO
+        if TMA:
+            q_source = tl.make_tensor_descriptor(Q, [seqlen_q, HEAD_DIM], [stride_qt, 1], [BLOCK_M, BLOCK_D])
+            do_source = tl.make_tensor_descriptor(DO, [seqlen_q, HEAD_DIM], [stride_dot, 1], [BLOCK_M, BLOCK_D])
         # Query rows in three runs: masked by the diagonal, unmasked, masked by the window.
         for run in tl.static_range(3):
             if run != 2 or WINDOW:
                 dk, dv = _dkdv_block_loop(
-                    dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_qd, stride_dot, stride_dod, key_rows,
+                    dk, dv, k, v, q_source, do_source, LSE, DELTA, stride_qt, stride_qd, stride_dot, stride_dod,
+                    key_rows,
                     offs_d, d_mask, seqlen_q, seqlen_k, causal_offset, window_offset, qk_scale,
                     (lo, full_start, full_end)[run], (full_start, full_end, hi)[run], MASK, stride_mt, stride_ms,
-                    slope, alibi_offset, softcap, seed, seed_offset, head_index, dropout_p, keep_scale, BLOCK_M,
-                    MASKED=run != 1, CAUSAL=CAUSAL, WINDOW=WINDOW, MASK_KIND=MASK_KIND, ALIBI=ALIBI_SLOPES,
-                    SOFTCAP=SOFTCAP, DROPOUT=DROPOUT, INPUT_PRECISION=INPUT_PRECISION)
+                    slope, alibi_offset, softcap, seed, seed_offset, head_index, dropout_p, keep_scale, DQ_ACC,
+                    stride_ct, stride_cd, softmax_scale, BLOCK_M, MASKED=run != 1, CAUSAL=CAUSAL, WINDOW=WINDOW,
+                    MASK_KIND=MASK_KIND, ALIBI=ALIBI_SLOPES, SOFTCAP=SOFTCAP, DROPOUT=DROPOUT, ATOMIC_DQ=ATOMIC_DQ,
+                    TMA=TMA, INPUT_PRECISION=INPUT_PRECISION)
         Q += stride_qh
         DO += stride_doh
         MASK += stride_mh
+        DQ_ACC += stride_ch
         LSE += seqlen_q
         DELTA += seqlen_q
         head += 1
@@ -521,28 +538,29 @@ def attention_backward_dkdv_kernel(
 
 
 @triton.jit
-def _dq_block_loop(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, d_mask, seqlen_q,
+def _dq_block_loop(dq, q, do, lse, delta, k_source, v_source, stride_kt, stride_vt, offs_m, d_mask, seqlen_q,
                    seqlen_k, causal_offset, window_offset, qk_scale, start, stop,
                    MASK, stride_mt, stride_ms, slope, alibi_offset, softcap,
                    seed, seed_offset, head_index, dropout_p, keep_scale, DBIAS, stride_gt, stride_gs,
                    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
                    MASK_KIND: tl.constexpr, ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
-                   BIAS_GRAD: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """Adds to dq (BLOCK_M, BLOCK_D) the terms of the key blocks [start, stop); with BIAS_GRAD also stores the
-    logits' gradient of those blocks to DBIAS."""
+                   BIAS_GRAD: tl.constexpr, TMA: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """Adds to dq (BLOCK_M, BLOCK_D) the terms of the key blocks [start, stop), whose k and v come from k_source
+    and v_source (see _rows); with BIAS_GRAD also stores the logits' gradient of those blocks to DBIAS."""
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(start, stop, BLOCK_N):
         key_rows = start_n + offs_n
         kv_mask = d_mask[None, :]
         if MASKED:
             kv_mask = kv_mask & (key_rows[:, None] < seqlen_k)
-        k = tl.load(k_ptrs + start_n * stride_kt, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptrs + start_n * stride_vt, mask=kv_mask, other=0.0)
+        k = _rows(k_source, start_n, stride_kt, kv_mask, TMA=TMA)
+        v = _rows(v_source, start_n, stride_vt, kv_mask, TMA=TMA)
         qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
-        scores, tanh = _scores(qk, offs_m[:, None], key_rows[None, :], seqlen_q, seqlen_k,
-                               MASK + offs_m[:, None] * stride_mt + key_rows[None, :] * stride_ms, slope,
-                               alibi_offset, qk_scale, softcap, MASK_KIND=MASK_KIND, ALIBI=ALIBI, SOFTCAP=SOFTCAP)
-        p = tl.exp2(scores - lse[:, None])
+        scores, scale, tanh = _scores(qk, offs_m[:, None], key_rows[None, :], seqlen_q, seqlen_k,
+                                      MASK + offs_m[:, None] * stride_mt + key_rows[None, :] * stride_ms, slope,
+                                      alibi_offset, qk_scale, softcap, MASK_KIND=MASK_KIND, ALIBI=ALIBI,
+                                      SOFTCAP=SOFTCAP)
+        p = tl.exp2(scores * scale - lse[:, None])
         if MASKED:
             p = tl.where(_visible(offs_m[:, None], key_rows[None, :], seqlen_k, causal_offset, window_offset,
                                   CAUSAL=CAUSAL, WINDOW=WINDOW), p, 0.0)
@@ -572,11 +590,14 @@ def attention_backward_dq_kernel(
         softmax_scale, softcap, dropout_p, keep_scale,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
         MASK_KIND: tl.constexpr, ALIBI_SLOPES: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
-        BIAS_GRAD: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        BIAS_GRAD: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        TMA: tl.constexpr):
     """One program: BLOCK_M query rows of one (batch, head). With BIAS_GRAD it also writes the gradient of an
-    additive mask, DBIAS (B, Hq, Tq, Tk) float32, zero-initialised (blocks never visited stay 0). Grid:
-    (cdiv(Tq, BLOCK_M), B * Hq)."""
-    start_m, batch, head, kv_head = _query_program(num_heads, group_size, BLOCK_M)
+    additive mask, DBIAS (B, Hq, Tq, Tk) float32, zero-initialised (blocks never visited stay 0). TMA (a tuning
+    choice on Hopper and newer) loads k and v through tensor descriptors. Grid: (cdiv(Tq, BLOCK_M), B * Hq)."""
+    # causal rows near the end see the most keys: those programs start first (FlashAttention-2, 3.3)
+    start_m, batch, head, kv_head = _query_program(tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(1),
+                                                   num_heads, group_size, BLOCK_M)
     Q += batch * stride_qb + head * stride_qh
     K += batch * stride_kb + kv_head * stride_kh
     V += batch * stride_vb + kv_head * stride_vh
@@ -590,7 +611,6 @@ def attention_backward_dq_kernel(
     seed, seed_offset = _dropout_seed(SEED, DROPOUT=DROPOUT)
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
     row_mask = offs_m < seqlen_q
@@ -599,8 +619,8 @@ def attention_backward_dq_kernel(
     do = tl.load(_tile(DO, offs_m, offs_d, stride_dot, stride_dod), mask=q_mask, other=0.0)
     lse = tl.load(LSE + offs_m, mask=row_mask, other=float("inf")) * LOG2E
     delta = tl.load(DELTA + offs_m, mask=row_mask, other=0.0)
-    k_ptrs = _tile(K, offs_n, offs_d, stride_kt, stride_kd)
-    v_ptrs = _tile(V, offs_n, offs_d, stride_vt, stride_vd)
+    k_source = _row_source(K, seqlen_k, stride_kt, stride_kd, HEAD_DIM, BLOCK_N, BLOCK_D, TMA=TMA)
+    v_source = _row_source(V, seqlen_k, stride_vt, stride_vd, HEAD_DIM, BLOCK_N, BLOCK_D, TMA=TMA)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo, full_start, full_end, hi = _key_range(start_m, seqlen_q, seqlen_k, causal_offset, window_offset,
@@ -609,12 +629,12 @@ def attention_backward_dq_kernel(
     for run in tl.static_range(3):
         if run != 0 or WINDOW:
             dq = _dq_block_loop(
-                dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, d_mask, seqlen_q, seqlen_k,
+                dq, q, do, lse, delta, k_source, v_source, stride_kt, stride_vt, offs_m, d_mask, seqlen_q, seqlen_k,
                 causal_offset, window_offset, qk_scale, (lo, full_start, full_end)[run],
                 (full_start, full_end, hi)[run], MASK, stride_mt, stride_ms, slope, alibi_offset, softcap, seed,
                 seed_offset, tl.program_id(1), dropout_p, keep_scale, DBIAS, stride_gt, stride_gs, BLOCK_N,
                 MASKED=run != 1, CAUSAL=CAUSAL, WINDOW=WINDOW, MASK_KIND=MASK_KIND, ALIBI=ALIBI_SLOPES,
-                SOFTCAP=SOFTCAP, DROPOUT=DROPOUT, BIAS_GRAD=BIAS_GRAD, INPUT_PRECISION=INPUT_PRECISION)
+                SOFTCAP=SOFTCAP, DROPOUT=DROPOUT, BIAS_GRAD=BIAS_GRAD, TMA=TMA, INPUT_PRECISION=INPUT_PRECISION)
     tl.store(_tile(DQ, offs_m, offs_d, stride_dqt, stride_dqd),
              (dq * softmax_scale).to(DQ.dtype.element_ty), mask=q_mask)
 
@@ -636,24 +656,6 @@ def dropout_keep_kernel(SEED, KEEP, num_heads, seqlen_q, seqlen_k, dropout_p,
 # ----------------------------------------------------------------------------------------------------------------
 # Launchers. They trust their caller (gptfast.attention checks every argument once, at the edge).
 
-@functools.cache
-def _autotuned(kernel, kernel_name, table, block_d, features):
-    configs = tuned(configs_for(kernel_name, table, block_d, features))
-    # Keyed on what changes the work per program: the head dim and every feature flag. Sequence lengths only
-    # change the grid (issue #16 revisits this for decoding).
-    key = ["HEAD_DIM", "CAUSAL", "WINDOW", "MASK_KIND", "ALIBI_SLOPES", "SOFTCAP", "DROPOUT"]
-    return triton.autotune(configs=configs, key=key)(kernel)
-
-
-def autotuned(kernel, kernel_name, q, constexprs):
-    """The kernel wrapped in an autotuner over the configs that serve q's device, dtype, padded head dim and
-    features."""
-    features = bool(constexprs["MASK_KIND"] or constexprs["ALIBI_SLOPES"] or constexprs["SOFTCAP"]
-                    or constexprs["DROPOUT"])
-    return _autotuned(kernel, kernel_name, config_table(device_arch(q.device), q.dtype), constexprs["BLOCK_D"],
-                      features)
-
-
 def _strides(t):
     return (t.stride(0), t.stride(1), t.stride(2), t.stride(3))
 
@@ -669,8 +671,8 @@ class Features(NamedTuple):
     CAUSAL_BOTTOM_RIGHT (flash-attn's). window: flash-attn's (left, right), -1 unbounded, bottom-right aligned;
     causal sets right to 0. mask: None, or bool (False hides) or additive, 4-dim and broadcastable to
     (B, Hq, Tq, Tk), any strides (a broadcast dim is read with stride 0). alibi_slopes: None or float32
-    broadcastable to (B, Hq). seed_offset: int64 (2,)
-    on the device, the dropout's Philox seed and offset (None without dropout)."""
+    broadcastable to (B, Hq). seed_offset: int64 (2,) on the device, the dropout's Philox seed and offset (None
+    without dropout). deterministic: the backward must be bit-reproducible (no atomics)."""
     causal: int = CAUSAL_NONE
     window: tuple = (-1, -1)
     mask: torch.Tensor | None = None
@@ -678,6 +680,7 @@ class Features(NamedTuple):
     softcap: float = 0.0
     dropout_p: float = 0.0
     seed_offset: torch.Tensor | None = None
+    deterministic: bool = False
 
 
 def _feature_args(q, seqlen_k, features, softmax_scale):
@@ -710,6 +713,26 @@ def _feature_args(q, seqlen_k, features, softmax_scale):
     return pointers, strides, scalars, constexprs
 
 
+def _tma_ready(t):
+    """Whether the TMA forward may read each (batch, head) of a (B, H, T, D) tensor: 16-bit (float32 tiles spill
+    with it), its last dim contiguous, its address and other strides multiples of 16 bytes (what TMA requires)."""
+    step = 16 // t.element_size()
+    return (t.element_size() == 2 and t.stride(3) == 1 and t.data_ptr() % 16 == 0
+            and all(stride % step == 0 for stride in t.stride()[:3]))
+
+
+def _allow_descriptors(device):
+    """Tensor descriptors made inside a kernel live in global scratch memory that Triton asks its allocator for."""
+    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=device))
+
+
+@functools.cache
+def _resident_programs(device):
+    """Programs of a persistent grid: one per multiprocessor (an attention tile fills one), or 3 in the
+    interpreter, so that each program of a test loops over several tiles."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 3
+
+
 def attention_forward(q, k, v, softmax_scale, features=Features()):
     """Returns (out, lse): out (B, Hq, Tq, D) in q's dtype, lse (B, Hq, Tq) float32. See the module docstring."""
     batch, num_heads, seqlen_q, head_dim = q.shape
@@ -717,11 +740,83 @@ def attention_forward(q, k, v, softmax_scale, features=Features()):
     out = empty_bthd(batch, num_heads, seqlen_q, head_dim, q)
     lse = torch.empty((batch, num_heads, seqlen_q), dtype=torch.float32, device=q.device)
     pointers, strides, scalars, constexprs = _feature_args(q, seqlen_k, features, softmax_scale)
-    kernel = autotuned(attention_forward_kernel, "forward", q, constexprs)
-    grid = lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * num_heads)
+    arch = device_arch(q.device)
+    variants = forward_variants(arch, has_features(constexprs), _tma_ready(k) and _tma_ready(v))
+    if variants != ("pointers",):
+        _allow_descriptors(q.device)
+    kernel = autotuned(attention_forward_kernel, "forward", arch, q, seqlen_k, constexprs, variants)
+
+    def grid(meta):
+        query_blocks = triton.cdiv(seqlen_q, meta["BLOCK_M"])
+        if meta["PERSISTENT"]:
+            return (min(query_blocks * batch * num_heads, _resident_programs(q.device)),)
+        return (query_blocks, batch * num_heads)
     kernel[grid](q, k, v, out, lse, *pointers, *_strides(q), *_strides(k), *_strides(v), *_strides(out), *strides,
-                 num_heads, num_heads // num_kv_heads, seqlen_q, seqlen_k, **scalars, **constexprs)
+                 batch * num_heads, num_heads, num_heads // num_kv_heads, seqlen_q, seqlen_k, **scalars,
+                 **constexprs)
     return out, lse
+
+
+class _Backward(NamedTuple):
+    """One backward call's tensors and kernel arguments, shared by its variants."""
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    grad_out: torch.Tensor
+    lse: torch.Tensor
+    delta: torch.Tensor
+    pointers: tuple
+    strides: tuple
+    scalars: dict
+    constexprs: dict
+    loads: tuple  # the kernels' load variants (attention_tuning.backward_loads)
+
+
+def _dkdv(call, dq_acc=None):
+    """(dk, dv) from the dk/dv kernel; with dq_acc (float32, (B, Hq, Tq, D), zeros) it also adds dq there: the
+    single pass."""
+    q, k = call.q, call.k
+    batch, num_kv_heads, seqlen_k, head_dim = k.shape
+    dk = empty_bthd(batch, num_kv_heads, seqlen_k, head_dim, k)
+    dv = empty_bthd(batch, num_kv_heads, seqlen_k, head_dim, call.v)
+    name = "backward_dkdv" if dq_acc is None else "backward_single_pass"
+    kernel = autotuned(attention_backward_dkdv_kernel, name, device_arch(q.device), q, seqlen_k, call.constexprs,
+                       call.loads)
+    grid = lambda meta: (triton.cdiv(seqlen_k, meta["BLOCK_N"]), batch * num_kv_heads)
+    kernel[grid](q, k, call.v, call.grad_out, call.lse, call.delta, dk, dv, *call.pointers,
+                 q if dq_acc is None else dq_acc, *_strides(q), *_strides(k), *_strides(call.v),
+                 *_strides(call.grad_out), *_strides(dk), *_strides(dv), *call.strides,
+                 *(_strides(dq_acc) if dq_acc is not None else (0, 0, 0, 0)), num_kv_heads, q.shape[1] // num_kv_heads,
+                 **call.scalars, **call.constexprs, ATOMIC_DQ=dq_acc is not None)
+    return dk, dv
+
+
+def _two_kernel_backward(call, mask_grad):
+    """(dq, dk, dv, dmask): the dk/dv kernel, then the dq kernel (which also writes dmask with mask_grad)."""
+    q, k = call.q, call.k
+    batch, num_heads, seqlen_q, head_dim = q.shape
+    dk, dv = _dkdv(call)
+    dq = empty_bthd(batch, num_heads, seqlen_q, head_dim, q)
+    dmask = (torch.zeros((batch, num_heads, seqlen_q, k.shape[2]), dtype=torch.float32, device=q.device)
+             if mask_grad else None)
+    kernel = autotuned(attention_backward_dq_kernel, "backward_dq", device_arch(q.device), q, k.shape[2],
+                       call.constexprs, call.loads)
+    grid = lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * num_heads)
+    kernel[grid](q, k, call.v, call.grad_out, call.lse, call.delta, dq, *call.pointers,
+                 q if dmask is None else dmask, *_strides(q), *_strides(k), *_strides(call.v),
+                 *_strides(call.grad_out), *_strides(dq), *call.strides,
+                 *(_strides(dmask) if mask_grad else (0, 0, 0, 0)), num_heads, num_heads // k.shape[1],
+                 **call.scalars, **call.constexprs, BIAS_GRAD=mask_grad)
+    return dq, dk, dv, dmask
+
+
+def _single_pass_backward(call):
+    """(dq, dk, dv, None): dq summed in float32 by the dk/dv kernel's atomics, then cast to q's dtype."""
+    batch, num_heads, seqlen_q, head_dim = call.q.shape
+    dq_acc = torch.zeros((batch, seqlen_q, num_heads, head_dim), dtype=torch.float32,
+                         device=call.q.device).transpose(1, 2)
+    dk, dv = _dkdv(call, dq_acc)
+    return dq_acc.to(call.q.dtype), dk, dv, None
 
 
 def attention_backward(grad_out, grad_lse, q, k, v, out, lse, softmax_scale, features=Features(),
@@ -729,35 +824,28 @@ def attention_backward(grad_out, grad_lse, q, k, v, out, lse, softmax_scale, fea
     """Returns (dq, dk, dv, dmask): dq, dk, dv shaped and typed like their inputs; dmask, with mask_grad (an
     additive mask that requires grad), the gradient reaching each (b, h, i, j) logit as float32 (B, Hq, Tq, Tk),
     to be summed over the mask's broadcast dims, else None. From the forward's out and lse and the gradients
-    of both (grad_lse: float32 (B, Hq, Tq), contiguous)."""
+    of both (grad_lse: float32 (B, Hq, Tq), contiguous). The two-kernel or the single-pass variant, whichever
+    ran faster for this kind of call (attention_tuning's docstring)."""
     batch, num_heads, seqlen_q, head_dim = q.shape
-    num_kv_heads, seqlen_k = k.shape[1], k.shape[2]
-    pointers, strides, scalars, constexprs = _feature_args(q, seqlen_k, features, softmax_scale)
-    block_d = constexprs["BLOCK_D"]
+    pointers, strides, scalars, constexprs = _feature_args(q, k.shape[2], features, softmax_scale)
     delta = torch.empty_like(lse)
-    rows = delta_block(block_d)
+    rows = delta_block(constexprs["BLOCK_D"])
     attention_backward_delta_kernel[(triton.cdiv(seqlen_q, rows), batch * num_heads)](
         out, grad_out, grad_lse, delta, *_strides(out), *_strides(grad_out), num_heads, seqlen_q,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=rows)
-
-    dq = empty_bthd(batch, num_heads, seqlen_q, head_dim, q)
-    dk = empty_bthd(batch, num_kv_heads, seqlen_k, head_dim, k)
-    dv = empty_bthd(batch, num_kv_heads, seqlen_k, head_dim, v)
-    shared = (*_strides(q), *_strides(k), *_strides(v), *_strides(grad_out))
-    scalars = dict(seqlen_q=seqlen_q, seqlen_k=seqlen_k, **scalars, softmax_scale=softmax_scale)
-    group_size = num_heads // num_kv_heads
-    kernel = autotuned(attention_backward_dkdv_kernel, "backward_dkdv", q, constexprs)
-    grid = lambda meta: (triton.cdiv(seqlen_k, meta["BLOCK_N"]), batch * num_kv_heads)
-    kernel[grid](q, k, v, grad_out, lse, delta, dk, dv, *pointers, *shared, *_strides(dk), *_strides(dv),
-                 *strides, num_kv_heads, group_size, **scalars, **constexprs)
-    dmask = (torch.zeros((batch, num_heads, seqlen_q, seqlen_k), dtype=torch.float32, device=q.device)
-             if mask_grad else None)
-    kernel = autotuned(attention_backward_dq_kernel, "backward_dq", q, constexprs)
-    grid = lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * num_heads)
-    kernel[grid](q, k, v, grad_out, lse, delta, dq, *pointers, q if dmask is None else dmask, *shared,
-                 *_strides(dq), *strides, *(_strides(dmask) if mask_grad else (0, 0, 0, 0)), num_heads, group_size,
-                 **scalars, **constexprs, BIAS_GRAD=mask_grad)
-    return dq, dk, dv, dmask
+        HEAD_DIM=head_dim, BLOCK_D=constexprs["BLOCK_D"], BLOCK_M=rows, maxnreg=MAX_REGISTERS)
+    arch = device_arch(q.device)
+    loads = backward_loads(arch, has_features(constexprs), all(_tma_ready(t) for t in (q, k, v, grad_out)))
+    if loads != ("pointers",):
+        _allow_descriptors(q.device)
+    call = _Backward(q, k, v, grad_out, lse, delta, pointers, strides,
+                     dict(seqlen_q=seqlen_q, seqlen_k=k.shape[2], **scalars, softmax_scale=softmax_scale),
+                     constexprs, loads)
+    runs = {"two_kernel": lambda: _two_kernel_backward(call, mask_grad),
+            "single_pass": lambda: _single_pass_backward(call)}
+    choices = backward_choices(arch, constexprs["BLOCK_D"], features.deterministic, mask_grad)
+    key = (arch, q.dtype, num_heads // k.shape[1], *constexprs.values(), loads, length_bucket(seqlen_q),
+           length_bucket(k.shape[2]))
+    return runs[fastest(key, {name: runs[name] for name in choices})]()
 
 
 def dropout_keep_mask(seed_offset, batch, num_heads, seqlen_q, seqlen_k, dropout_p):

@@ -36,19 +36,21 @@ CHUNK_N = 4096  # the chunk of a longer row
 # squares stay far inside float32's range for any row a tensor can hold (2^31 * 2^82 = 2^113 < 2^128).
 SQUARE_SAFE = tl.constexpr(2.0 ** 40)
 
-# Tuning spaces, per architecture: the num_warps to try. A row block is held in registers, so a config is used
-# only when each thread holds at most ELEMENTS_PER_THREAD of it: the backward keeps seven row-sized arrays live,
-# the forward three. `gptfast inspect` compiles each config at each block size it serves.
+# Tuning spaces: the num_warps to try, the same on every GPU architecture (a row kernel is bound by memory, not by
+# the chip's tensor cores or shared memory). A row block is held in registers, so a config is used only when each
+# thread holds at most ELEMENTS_PER_THREAD of it: the backward keeps seven row-sized arrays live, the forward
+# three. `gptfast inspect` compiles each config at each block size it serves, for every architecture.
 CONFIGS = {
-    "forward": {"sm_90": [4, 8, 16], "sm_80": [4, 8, 16], "interpreter": [1]},
-    "backward": {"sm_90": [4, 8, 16], "sm_80": [4, 8, 16], "interpreter": [1]},
+    "forward": {"gpu": [4, 8, 16], "interpreter": [1]},
+    "backward": {"gpu": [4, 8, 16], "interpreter": [1]},
 }
 ELEMENTS_PER_THREAD = {"forward": 32, "backward": 16}
 
 
 def configs_for(kernel_name, arch, block_n):
     limit = 1 if arch == "interpreter" else ELEMENTS_PER_THREAD[kernel_name]
-    return [triton.Config({}, num_warps=w) for w in CONFIGS[kernel_name][arch]
+    table = "interpreter" if arch == "interpreter" else "gpu"
+    return [triton.Config({}, num_warps=w) for w in CONFIGS[kernel_name][table]
             if arch == "interpreter" or block_n <= limit * 32 * w]
 
 

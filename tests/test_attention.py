@@ -299,6 +299,8 @@ def test_flash_attn_func_wants_four_dims():
     ({}, _qkv(shape_q=(1, 2, 8, 12)), "head_dim 12"),
     ({}, _qkv(shape_q=(1, 2, 8, 264)), "head_dim 264"),
     ({}, _qkv(shape_v=(1, 2, 8, 32)), "value head_dim"),
+    (dict(scale=-0.5), _qkv(), "softmax_scale -0.5"),
+    (dict(scale=0.0), _qkv(), "softmax_scale 0.0"),
 ])
 def test_unsupported_cases_fall_back_visibly_or_raise(kwargs, args, gap):
     """auto runs PyTorch (same answer as torch) and warns once per reason; a forced triton backend names what is
@@ -335,7 +337,8 @@ def test_custom_ops_pass_opcheck():
     q, k, v = (t.requires_grad_() for t in random_qkv(1, 4, 2, 9, 13, 16, torch.float32, seed=4))
     mask = torch.randn(1, 1, 9, 13).to(DEVICE).requires_grad_()
     slopes = torch.rand(1, 4).to(DEVICE)
-    for args in [(None, None, None, 2, -1, -1, 0.0, 0.0, 0.25), (mask, slopes, None, 0, 3, 2, 5.0, 0.0, 0.25)]:
+    for args in [(None, None, None, 2, -1, -1, 0.0, 0.0, 0.25, False),
+                 (mask, slopes, None, 0, 3, 2, 5.0, 0.0, 0.25, True)]:
         torch.library.opcheck(torch.ops.gptfast.flash_attention.default, (q, k, v, *args))
 
 
@@ -572,7 +575,7 @@ def test_every_feature_at_once():
     def run(q, k, v, mask):
         torch.manual_seed(9)
         return torch.ops.gptfast.flash_attention(q, k, v, mask, slopes, draw_dropout_seed(q.device), 0, 20, 6, 3.0,
-                                                 0.2, 1 / math.sqrt(40))[0]
+                                                 0.2, 1 / math.sqrt(40), False)[0]
 
     with backend.use_backend("triton"):
         check_against_reference(q, k, v, NONE, run, mask=mask, window=(20, 6), softcap=3.0,

@@ -1,5 +1,7 @@
-"""`gptfast inspect`: every kernel and tuning config compiles for sm_80 and sm_90 with no spills and within shared
-memory, Hopper configs use its tensor cores (HGMMA), and a bad config is caught."""
+"""`gptfast inspect`: every kernel and tuning config compiles for every listed architecture with no spills and within
+its shared memory (sm_80 and sm_90 in every run; all seven under `pytest -m slow`, ~25 minutes on 2 cores), Hopper
+configs use its tensor cores (HGMMA) and its TMA variant TMA loads, every (kernel, head dim, dtype) has two configs
+or more on every architecture, and a bad config is caught."""
 import os
 import subprocess
 import sys
@@ -8,7 +10,7 @@ import pytest
 import triton
 
 from gptfast import inspect
-from gptfast.kernels import attention, cross_entropy, layernorm
+from gptfast.kernels import attention, attention_tuning, cross_entropy, layernorm
 
 
 def _kernels(module):
@@ -23,19 +25,23 @@ def test_every_kernel_is_inspected():
 
 
 @pytest.mark.parametrize("features", [False, True], ids=["plain", "features"])
-@pytest.mark.parametrize("name", ["forward", "backward_dkdv", "backward_dq"])
-@pytest.mark.parametrize("table", ["sm_90", "sm_80", "fp32", "interpreter"])
-def test_every_head_dim_has_a_config(name, table, features):
-    for block_d in attention.UP_TO_256:
-        assert attention.configs_for(name, table, block_d, features), \
-            f"{name} on {table}: no config for head dim {block_d}"
+@pytest.mark.parametrize("name", attention_tuning.KERNELS)
+@pytest.mark.parametrize("table", [arch for arch in inspect.ARCHS if arch != "sm_75"] + ["fp32", "interpreter"])
+def test_every_head_dim_has_two_configs(name, table, features):
+    """Two or more per (kernel, head dim, dtype, arch), so the autotuner always has a choice; one in the
+    interpreter, which times nothing. The single pass serves head dims up to 128."""
+    wanted = 1 if table == "interpreter" else 2
+    served = attention_tuning.UP_TO_128 if name == "backward_single_pass" else attention_tuning.UP_TO_256
+    for block_d in served:
+        assert len(attention_tuning.configs_for(name, table, block_d, features)) >= wanted, \
+            f"{name} on {table}: fewer than {wanted} configs for head dim {block_d}"
 
 
 def test_every_row_block_has_a_layernorm_config():
     for n_cols in (1, 100, 1024, layernorm.MAX_FUSED_N, 65536):
         block_n, _ = layernorm._row_block(n_cols)
         for name in ("forward", "backward"):
-            for arch in ("sm_90", "sm_80"):
+            for arch in inspect.ARCHS:
                 assert layernorm.configs_for(name, arch, block_n), f"{name} {arch}: no config for {n_cols} columns"
 
 
@@ -46,16 +52,33 @@ def test_a_spilling_config_is_caught():
     assert inspect.problems(row) == "spills"
 
 
-def test_inspect_command_passes_for_both_archs():
-    """The full command, as a user runs it: exit 0 (every config of every variant compiles without spills), and
-    Hopper's plain attention runs on HGMMA."""
+def inspect_rows(*archs):
+    """`gptfast inspect` as a user runs it, for archs: asserts exit 0 (every config of every variant compiles
+    without spills and within shared memory) and returns its table's rows."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-m", "gptfast", "inspect"], capture_output=True, text=True, env=env,
-                            timeout=1200)
+    command = [sys.executable, "-m", "gptfast", "inspect", *(f"--arch={arch}" for arch in archs)]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=3600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("sm_")]
     assert rows and all(line.endswith(" ok") for line in rows)
+    return rows
+
+
+def test_inspect_command_passes_for_a100_and_h100():
+    """Hopper's plain attention runs on HGMMA (the dk/dv kernel at head dim 256 runs HMMA), and its TMA variant
+    issues TMA loads (UTMALDG)."""
+    rows = inspect_rows("sm_80", "sm_90")
     hopper_attention = [line for line in rows if line.startswith("sm_90") and "[bf16" in line
                         and ("attention_forward_kernel" in line or "dq_kernel" in line or
                              ("dkdv_kernel" in line and "BLOCK_D=256" not in line))]
     assert len(hopper_attention) > 30 and all("HGMMA" in line for line in hopper_attention)
+    tma = [line for line in rows if line.startswith("sm_90") and "+tma" in line]
+    assert len(tma) > 10 and all("UTMALDG" in line for line in tma)
+
+
+@pytest.mark.slow
+def test_inspect_command_passes_for_every_arch():
+    """Every listed arch; Blackwell's data-center chip runs its own tensor-core instructions (tcgen05, UTC*MMA)."""
+    rows = inspect_rows(*inspect.ARCHS)
+    assert {line.split()[0] for line in rows} == set(inspect.ARCHS)
+    assert any("UTCHMMA" in line for line in rows if line.startswith("sm_100 "))
