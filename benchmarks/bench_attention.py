@@ -1,5 +1,8 @@
-"""Attention, forward and forward+backward: gptfast against torch's SDPA (its default choice and each of its
-flash, cuDNN, efficient and math backends), and flash_attn when it is installed.
+"""Attention, forward and forward+backward: gptfast (the autotuner's choice, and each variant forced: the
+pointer-loading forward with the two-kernel backward, and the TMA forward, plain or persistent, with the single-pass
+backward; kernels/attention_tuning.py) against
+torch's SDPA (its default choice and each of its flash, cuDNN, efficient and math backends), and flash_attn when it
+is installed.
 
 FLOPs are counted as FlashAttention's benchmarks count them: 4 * B * H * Tq * Tk * D for the forward (two
 matrix products of 2 * Tq * Tk * D each), halved when causal; the backward does 2.5 times the forward's work, so
@@ -14,10 +17,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from harness import DEVICE, FULL, GPTFAST_BACKEND, measure, rotating
 from gptfast import use_backend
 from gptfast.attention import scaled_dot_product_attention
+from gptfast.kernels.attention_tuning import forced_variants
 
 if FULL:
     TOKENS, WIDTH, SEQLENS = 16384, 2048, (512, 1024, 2048, 4096, 8192, 16384)
-    SETTINGS = [(torch.bfloat16, d, c) for c in (True, False) for d in (64, 128)] + [(torch.float16, 128, True)]
+    SETTINGS = ([(torch.bfloat16, d, c) for c in (True, False) for d in (64, 128)] + [(torch.float16, 128, True)]
+                + [(torch.bfloat16, 256, True)])
     MATH_MAX_SEQLEN = 4096  # the math backend materialises (B, H, T, T) scores
 else:
     TOKENS, WIDTH, SEQLENS = 512, 256, (128, 256)
@@ -44,6 +49,9 @@ def _flash_attn(q, k, v, causal):
 
 IMPLS = {
     "gptfast": _gptfast,
+    "gptfast-pointers-two-kernel": _gptfast,
+    "gptfast-tma-single-pass": _gptfast,
+    "gptfast-persistent-single-pass": _gptfast,
     "torch-sdpa": lambda q, k, v, causal: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
     "torch-flash": _sdpa_with(SDPBackend.FLASH_ATTENTION),
     "torch-cudnn": _sdpa_with(SDPBackend.CUDNN_ATTENTION),
@@ -51,7 +59,10 @@ IMPLS = {
     "torch-math": _sdpa_with(SDPBackend.MATH),
     "flash_attn": _flash_attn,
 }
-GPU_ONLY = {"torch-flash", "torch-cudnn", "torch-efficient", "flash_attn"}
+# gptfast's variants, forced for the whole step (forward and backward): attention_tuning's docstring.
+FORCED = {"gptfast-pointers-two-kernel": ("pointers", "two_kernel"), "gptfast-tma-single-pass": ("tma", "single_pass"),
+          "gptfast-persistent-single-pass": ("tma_persistent", "single_pass")}
+GPU_ONLY = {"torch-flash", "torch-cudnn", "torch-efficient", "flash_attn", *FORCED}
 
 
 def attention_flops(batch, heads, seqlen, head_dim, causal, mode):
@@ -86,17 +97,18 @@ def test_attention(benchmark, case, impl):
 
     take = rotating(make_inputs, 4 * batch * heads * seqlen * head_dim * dtype.itemsize)
     attend = IMPLS[impl]
-    try:
-        attend(*take()[:3], causal)
-    except RuntimeError as error:  # a torch backend that does not take this case (dtype, head dim, device)
-        pytest.skip(f"{impl} does not run this case: {str(error).splitlines()[0][:150]}")
-
     def step():
         q, k, v, grad_out = take()
-        if not backward:
-            return attend(q, k, v, causal)
-        q.grad = k.grad = v.grad = None
-        attend(q, k, v, causal).backward(grad_out)
+        with forced_variants(*FORCED.get(impl, (None, None))):
+            if not backward:
+                return attend(q, k, v, causal)
+            q.grad = k.grad = v.grad = None
+            attend(q, k, v, causal).backward(grad_out)
+
+    try:
+        step()
+    except (RuntimeError, ValueError) as error:  # a backend or variant that does not take this case
+        pytest.skip(f"{impl} does not run this case: {str(error).splitlines()[0][:150]}")
 
     group = f"attention {mode} {str(dtype)[6:]} D={head_dim} {'causal' if causal else 'full'} T={seqlen}"
     measure(benchmark, step, cpu_twin="torch-sdpa", group=group, impl=impl,
