@@ -61,7 +61,9 @@ SM_90 = {
                       # A 256-wide dk, dv pair fits in registers only with these; they run HMMA, not wgmma.
                       Tile(32, 32, 8, 2, ONLY_256), Tile(16, 32, 4, 1, ONLY_256)],
     "backward_dq": [Tile(128, 64, 8, 2, UP_TO_128), Tile(128, 32, 8, 1, UP_TO_128), Tile(64, 64, 4, 2, UP_TO_128),
-                    Tile(64, 32, 8, 2, UP_TO_256), Tile(32, 32, 4, 1, UP_TO_256)],
+                    Tile(64, 32, 8, 2, UP_TO_256),
+                    # the second at 256: HMMA; 64- and 128-row tiles spill there (gptfast inspect)
+                    Tile(32, 32, 4, 1, ONLY_256)],
     "backward_single_pass": [Tile(32, 64, 8, 1, UP_TO_64), Tile(16, 32, 4, 1, UP_TO_128),
                              Tile(32, 32, 8, 1, UP_TO_128)],
 }

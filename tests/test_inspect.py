@@ -65,13 +65,16 @@ def inspect_rows(*archs):
 
 
 def test_inspect_command_passes_for_a100_and_h100():
-    """Hopper's plain attention runs on HGMMA (the dk/dv kernel at head dim 256 runs HMMA), and its TMA variant
-    issues TMA loads (UTMALDG)."""
+    """Hopper's plain attention runs on HGMMA in every load variant (at head dim 256 the dk/dv kernel and one dq
+    tile run HMMA), and its TMA variants issue TMA loads (UTMALDG). The single pass's extra product has BLOCK_M
+    rows: some of its tiles run HGMMA, the rest HMMA (at head dim 128 every 64-row tile spills)."""
     rows = inspect_rows("sm_80", "sm_90")
-    hopper_attention = [line for line in rows if line.startswith("sm_90") and "[bf16" in line
-                        and ("attention_forward_kernel" in line or "dq_kernel" in line or
-                             ("dkdv_kernel" in line and "BLOCK_D=256" not in line))]
-    assert len(hopper_attention) > 30 and all("HGMMA" in line for line in hopper_attention)
+    hopper = [line for line in rows if line.startswith("sm_90") and "bf16" in line and "+features" not in line
+              and any(f"attention_{kernel}_kernel" in line for kernel in ("forward", "backward_dq", "backward_dkdv"))]
+    two_kernel = [line for line in hopper if "+single-pass" not in line and (
+        "attention_forward_kernel" in line or "BLOCK_D=256" not in line)]
+    assert len(two_kernel) > 100 and all("HGMMA" in line for line in two_kernel)
+    assert any("HGMMA" in line for line in hopper if "+single-pass" in line)
     tma = [line for line in rows if line.startswith("sm_90") and "+tma" in line]
     assert len(tma) > 10 and all("UTMALDG" in line for line in tma)
 
