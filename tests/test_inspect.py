@@ -1,7 +1,7 @@
 """`gptfast inspect`: every kernel and tuning config compiles for every listed architecture with no spills and within
-its shared memory (sm_80 and sm_90 in every run; all seven under `pytest -m slow`, about half an hour on 2 cores), Hopper
-configs use its tensor cores (HGMMA) and its TMA variant TMA loads, every (kernel, head dim, dtype) has two configs
-or more on every architecture, and a bad config is caught."""
+its shared memory (sm_80 and sm_90 in every run; all seven under `pytest -m slow`, about half an hour on 2
+cores), Hopper configs use its tensor cores (HGMMA) and its TMA variants TMA loads, every (kernel, head dim, dtype)
+has two configs or more on every architecture, and a bad config is caught."""
 import os
 import subprocess
 import sys
