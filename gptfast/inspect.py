@@ -17,6 +17,8 @@ import sys
 import tempfile
 from dataclasses import dataclass
 
+from gptfast.progress import Progress, duration
+
 ARCHS = {"sm_75": 75, "sm_80": 80, "sm_86": 86, "sm_89": 89, "sm_90": 90, "sm_100": 100, "sm_120": 120}
 # Largest dynamic shared memory one block may use (the opt-in limit of CUDA's programming guide, per compute
 # capability): T4 64 KiB; A100 163 KiB; RTX 30xx/A10, RTX 40xx/L4/L40 and RTX 50xx 99 KiB; H100/H200 and B200
@@ -249,18 +251,26 @@ def run(archs, kernels, dtypes, workers, out=sys.stdout):
               f"{'TMA':>7} {'ws':>2}  verdict")
     print(header, file=out)
     failures = 0
-    for row in compile_jobs(jobs, workers):
-        job, problem = row["job"], problems(row)
+    progress = Progress(len(jobs))  # on stderr: elapsed and ETA (all seven archs take about half an hour on 2 cores)
+    for done, row in enumerate(compile_jobs(jobs, workers), 1):
+        problem = problems(row)
         failures += problem is not None
-        if "error" in row:
-            print(f"{job.arch:6} {job.label():100} {row['error']}  FAIL: {problem}", file=out, flush=True)
-            continue
-        tensor = f"{row['tensor_cores']} x{row['tensor_ops']}" if row["tensor_ops"] else "none"
-        print(f"{job.arch:6} {job.label():100} {row['registers']:4} {row['spill_bytes']:5} "
-              f"{row['shared'] / 1024:8.1f} {tensor:>13} {row['tma']:>7} {'ws' if row['warp_specialized'] else '-':>2}"
-              f"  {'FAIL: ' + problem if problem else 'ok'}", file=out, flush=True)
-    print(f"{len(jobs) - failures} of {len(jobs)} configs ok", file=out)
+        progress.clear()
+        _print_row(row, problem, out)
+        progress.report(done, "gptfast inspect")
+    print(f"{len(jobs) - failures} of {len(jobs)} configs ok, in {duration(progress.elapsed())}", file=out)
     return 1 if failures else 0
+
+
+def _print_row(row, problem, out):
+    job = row["job"]
+    if "error" in row:
+        print(f"{job.arch:6} {job.label():100} {row['error']}  FAIL: {problem}", file=out, flush=True)
+        return
+    tensor = f"{row['tensor_cores']} x{row['tensor_ops']}" if row["tensor_ops"] else "none"
+    print(f"{job.arch:6} {job.label():100} {row['registers']:4} {row['spill_bytes']:5} "
+          f"{row['shared'] / 1024:8.1f} {tensor:>13} {row['tma']:>7} {'ws' if row['warp_specialized'] else '-':>2}"
+          f"  {'FAIL: ' + problem if problem else 'ok'}", file=out, flush=True)
 
 
 def add_arguments(parser):
