@@ -30,27 +30,32 @@ def _empty_bthd(b, h, t, d, like):
     return torch.empty((b, t, h, d), dtype=like.dtype, device=like.device).transpose(1, 2)
 
 
-def _features(mask, alibi_slopes, seed_offset, causal, window_left, window_right, softcap, dropout_p,
-              deterministic=False):
+def _features(mask, alibi_slopes, seed_offset, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+              window_left, window_right, softcap, dropout_p, deterministic=False):
     from gptfast.kernels.attention import Features
+    varlen = None if cu_seqlens_q is None else (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     return Features(causal, (window_left, window_right), mask, alibi_slopes, softcap, dropout_p, seed_offset,
-                    deterministic)
+                    deterministic, varlen)
 
 
 @torch.library.custom_op("gptfast::flash_attention", mutates_args=())
 def _flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                     alibi_slopes: torch.Tensor | None, seed_offset: torch.Tensor | None, causal: int,
-                     window_left: int, window_right: int, softcap: float, dropout_p: float,
-                     softmax_scale: float, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """deterministic is for the backward (saved with the other flags): the forward has no atomics."""
+                     alibi_slopes: torch.Tensor | None, seed_offset: torch.Tensor | None,
+                     cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None, max_seqlen_q: int,
+                     max_seqlen_k: int, causal: int, window_left: int, window_right: int, softcap: float,
+                     dropout_p: float, softmax_scale: float, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """deterministic is for the backward (saved with the other flags): the forward has no atomics. With
+    cu_seqlens (varlen) q, k, v are (1, H, total, D), the sequences packed along T; else the max lengths are
+    unused."""
     from gptfast.kernels.attention import attention_forward
-    features = _features(mask, alibi_slopes, seed_offset, causal, window_left, window_right, softcap, dropout_p)
+    features = _features(mask, alibi_slopes, seed_offset, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                         causal, window_left, window_right, softcap, dropout_p)
     return attention_forward(q, k, v, softmax_scale, features)
 
 
 @_flash_attention.register_fake
-def _(q, k, v, mask, alibi_slopes, seed_offset, causal, window_left, window_right, softcap, dropout_p,
-      softmax_scale, deterministic):
+def _(q, k, v, mask, alibi_slopes, seed_offset, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+      window_left, window_right, softcap, dropout_p, softmax_scale, deterministic):
     b, h, t, d = q.shape
     return _empty_bthd(b, h, t, d, q), q.new_empty((b, h, t), dtype=torch.float32)
 
@@ -59,43 +64,48 @@ def _(q, k, v, mask, alibi_slopes, seed_offset, causal, window_left, window_righ
 def _flash_attention_backward(
         grad_out: torch.Tensor, grad_lse: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         out: torch.Tensor, lse: torch.Tensor, mask: torch.Tensor | None, alibi_slopes: torch.Tensor | None,
-        seed_offset: torch.Tensor | None, causal: int, window_left: int, window_right: int, softcap: float,
+        seed_offset: torch.Tensor | None, cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
+        max_seqlen_q: int, max_seqlen_k: int, causal: int, window_left: int, window_right: int, softcap: float,
         dropout_p: float, softmax_scale: float, deterministic: bool, mask_grad: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dmask); dmask is (B, Hq, Tq, Tk) float32 with mask_grad, else empty."""
     from gptfast.kernels.attention import attention_backward
-    features = _features(mask, alibi_slopes, seed_offset, causal, window_left, window_right, softcap, dropout_p,
-                         deterministic)
+    features = _features(mask, alibi_slopes, seed_offset, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                         causal, window_left, window_right, softcap, dropout_p, deterministic)
     dq, dk, dv, dmask = attention_backward(grad_out, grad_lse, q, k, v, out, lse, softmax_scale, features,
                                            mask_grad)
     return dq, dk, dv, q.new_empty(0, dtype=torch.float32) if dmask is None else dmask
 
 
 @_flash_attention_backward.register_fake
-def _(grad_out, grad_lse, q, k, v, out, lse, mask, alibi_slopes, seed_offset, causal, window_left, window_right,
-      softcap, dropout_p, softmax_scale, deterministic, mask_grad):
+def _(grad_out, grad_lse, q, k, v, out, lse, mask, alibi_slopes, seed_offset, cu_seqlens_q, cu_seqlens_k,
+      max_seqlen_q, max_seqlen_k, causal, window_left, window_right, softcap, dropout_p, softmax_scale,
+      deterministic, mask_grad):
     b, h, t, d = q.shape
     dmask = q.new_empty((b, h, t, k.shape[2]) if mask_grad else (0,), dtype=torch.float32)
     return _empty_bthd(*q.shape, q), _empty_bthd(*k.shape, k), _empty_bthd(*v.shape, v), dmask
 
 
+_SAVED_INPUTS = 8  # q, k, v, mask, alibi_slopes, seed_offset, cu_seqlens_q, cu_seqlens_k; then the flags
+
+
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask, alibi_slopes, seed_offset, *ctx.flags = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, mask, alibi_slopes, seed_offset)
+    ctx.flags = inputs[_SAVED_INPUTS:]
+    ctx.save_for_backward(*inputs[:_SAVED_INPUTS], out, lse)
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, mask, alibi_slopes, seed_offset = ctx.saved_tensors
+    q, k, v, mask, alibi_slopes, seed_offset, cu_seqlens_q, cu_seqlens_k, out, lse = ctx.saved_tensors
     # lse is an output users may differentiate (flash_attn_func(return_lse=True)); d lse / d scores = p.
     grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.float().contiguous()
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     mask_grad = ctx.needs_input_grad[3]
     dq, dk, dv, dmask = _flash_attention_backward(grad_out, grad_lse, q, k, v, out, lse, mask, alibi_slopes,
-                                                  seed_offset, *ctx.flags, mask_grad)
+                                                  seed_offset, cu_seqlens_q, cu_seqlens_k, *ctx.flags, mask_grad)
     dmask = dmask.sum_to_size(mask.shape).to(mask.dtype) if mask_grad else None  # over the broadcast dims
-    return dq, dk, dv, dmask, *([None] * 9)
+    return dq, dk, dv, dmask, *([None] * (_SAVED_INPUTS - 4 + len(ctx.flags)))
 
 
 _flash_attention.register_autograd(_backward, setup_context=_setup_context)
@@ -109,7 +119,7 @@ def draw_dropout_seed(device):
     return torch.randint(0, 2 ** 62, (2,), dtype=torch.int64, device=device)
 
 
-def _check_inputs(query, key, value, enable_gqa):
+def check_inputs(query, key, value, enable_gqa):
     """Raises a clear error for inputs that no backend can run; shapes are (..., H, T, D)."""
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor):
@@ -159,8 +169,8 @@ def _check_mask(attn_mask, query, key):
                          f"{target}")
 
 
-def _check_flash_options(q, dropout_p, window_size, softcap, alibi_slopes):
-    """flash-attn's options, on q (B, Tq, Hq, D)."""
+def check_flash_options(batch, heads, device, dropout_p, window_size, softcap, alibi_slopes):
+    """flash-attn's options, for batch sequences of heads query heads on device."""
     if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
     if not (isinstance(window_size, (tuple, list)) and len(window_size) == 2
@@ -173,12 +183,11 @@ def _check_flash_options(q, dropout_p, window_size, softcap, alibi_slopes):
     if not isinstance(alibi_slopes, torch.Tensor) or alibi_slopes.dtype != torch.float32:
         raise TypeError(f"alibi_slopes must be a float32 tensor, got "
                         f"{alibi_slopes.dtype if isinstance(alibi_slopes, torch.Tensor) else type(alibi_slopes)}")
-    batch, heads = q.shape[0], q.shape[2]
     if tuple(alibi_slopes.shape) not in ((heads,), (batch, heads)):
         raise ValueError(f"alibi_slopes must have shape (nheads,) = ({heads},) or (batch, nheads) = ({batch}, "
                          f"{heads}), got {tuple(alibi_slopes.shape)}")
-    if alibi_slopes.device != q.device:
-        raise ValueError(f"alibi_slopes is on {alibi_slopes.device} but q is on {q.device}")
+    if alibi_slopes.device != device:
+        raise ValueError(f"alibi_slopes is on {alibi_slopes.device} but q is on {device}")
 
 
 def _compute_capability(device):
@@ -186,7 +195,7 @@ def _compute_capability(device):
     return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
 
 
-def _kernel_gap(q, v, softmax_scale):
+def kernel_gap(q, v, softmax_scale):
     """Why the kernels cannot run this (already valid) call, or None when they can."""
     if q.dtype not in KERNEL_DTYPES:
         return f"dtype {q.dtype} (only float16, bfloat16, float32)"
@@ -225,9 +234,9 @@ def _run_kernel(q, k, v, mask, alibi_slopes, causal, window, softcap, dropout_p,
     elif mask is not None:
         mask = mask[(None,) * (4 - mask.dim())]
     seed_offset = draw_dropout_seed(q.device) if dropout_p > 0 else None
-    out, lse = _flash_attention(_as_bhtd(q), _as_bhtd(k), _as_bhtd(v), mask, alibi_slopes, seed_offset, causal,
-                                window[0], window[1], float(softcap), float(dropout_p), softmax_scale,
-                                bool(deterministic))
+    out, lse = _flash_attention(_as_bhtd(q), _as_bhtd(k), _as_bhtd(v), mask, alibi_slopes, seed_offset, None, None,
+                                0, 0, causal, window[0], window[1], float(softcap), float(dropout_p),
+                                softmax_scale, bool(deterministic))
     return out.reshape(q.shape), lse.reshape(q.shape[:-1]), seed_offset
 
 
@@ -260,7 +269,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         (..., Hq, Tq, Dv) in query's dtype. A query row that sees no key (a mask hiding its whole row, or a
         bottom-right mask with Tq > Tk) is 0, as torch's SDPA gives it.
     """
-    _check_inputs(query, key, value, enable_gqa)
+    check_inputs(query, key, value, enable_gqa)
     if is_causal and attn_mask is not None:
         raise ValueError("pass either is_causal=True or attn_mask, not both")
     if not 0.0 <= dropout_p < 1.0:
@@ -274,14 +283,14 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                          f"but query and key have seq_len ({query.shape[-2]}, {key.shape[-2]})")
     softmax_scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     if not backend.use_triton("scaled_dot_product_attention", query.device,
-                              _kernel_gap(query, value, softmax_scale)):
+                              kernel_gap(query, value, softmax_scale)):
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                               is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
     return _run_kernel(query, key, value, dense, None, causal or CAUSAL_NONE, (-1, -1), 0.0, dropout_p,
                        softmax_scale)[0]
 
 
-def _torch_attention(q, k, v, causal, window, mask, softcap, alibi_slopes, dropout_p, softmax_scale):
+def torch_attention(q, k, v, causal, window, mask, softcap, alibi_slopes, dropout_p, softmax_scale):
     """PyTorch for what F.scaled_dot_product_attention cannot do (windows, softcapping, ALiBi, the lse), with the
     kernels' semantics, on (B, H, T, D) inputs: (out, lse, probs, kept), probs (B, Hq, Tq, Tk) being the softmax
     before dropout and kept its keep mask (None without dropout; torch's random numbers, not the kernels')."""
@@ -351,9 +360,9 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"{name} must be a 4-dim tensor (batch, seq_len, heads, head_dim), got "
                              f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
-    _check_flash_options(q, dropout_p, window_size, softcap, alibi_slopes)
+    check_flash_options(q.shape[0], q.shape[2], q.device, dropout_p, window_size, softcap, alibi_slopes)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    _check_inputs(q, k, v, enable_gqa=True)
+    check_inputs(q, k, v, enable_gqa=True)
     causal = CAUSAL_BOTTOM_RIGHT if causal else CAUSAL_NONE
     softmax_scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     options = dict(causal=causal, window=tuple(window_size), softcap=softcap, alibi_slopes=alibi_slopes)
@@ -363,7 +372,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     out = out.transpose(1, 2)
     if return_attn_probs:
         with torch.no_grad():
-            probs = _torch_attention(q, k, v, mask=None, dropout_p=0.0, softmax_scale=softmax_scale, **options)[2]
+            probs = torch_attention(q, k, v, mask=None, dropout_p=0.0, softmax_scale=softmax_scale, **options)[2]
         return out, lse, probs if kept is None else torch.where(kept, probs, -probs)
     return (out, lse) if return_lse else out
 
@@ -376,7 +385,7 @@ def attend(q, k, v, causal=CAUSAL_NONE, window=(-1, -1), mask=None, softcap=0.0,
     (B, Hq, Tq, D), lse (B, Hq, Tq) float32 or None, kept): kept is the dropout's keep mask (B, Hq, Tq, Tk) when
     need_keep and dropout_p > 0, else None."""
     softmax_scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
-    if backend.use_triton(op, q.device, _kernel_gap(q, v, softmax_scale)):
+    if backend.use_triton(op, q.device, kernel_gap(q, v, softmax_scale)):
         out, lse, seed_offset = _run_kernel(q, k, v, mask, alibi_slopes, causal, window, softcap, dropout_p,
                                             softmax_scale, deterministic)
         kept = None
@@ -386,7 +395,7 @@ def attend(q, k, v, causal=CAUSAL_NONE, window=(-1, -1), mask=None, softcap=0.0,
         return out, lse, kept
     if need_lse or need_keep or window != (-1, -1) or softcap > 0 or alibi_slopes is not None or (
             mask is not None and causal != CAUSAL_NONE):
-        out, lse, _, kept = _torch_attention(q, k, v, causal, window, mask, softcap, alibi_slopes, dropout_p,
+        out, lse, _, kept = torch_attention(q, k, v, causal, window, mask, softcap, alibi_slopes, dropout_p,
                                              softmax_scale)
         return out, lse, kept
     if causal == CAUSAL_BOTTOM_RIGHT:
@@ -419,3 +428,14 @@ def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=Fal
     q, k, v = qkv.unbind(dim=2)
     return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                            deterministic, return_attn_probs)
+
+
+def __getattr__(name):
+    """flash-attn's varlen and KV-cache functions, from their own modules (which import this one)."""
+    if name == "flash_attn_varlen_func":
+        from gptfast.varlen import flash_attn_varlen_func
+        return flash_attn_varlen_func
+    if name == "flash_attn_with_kvcache":
+        from gptfast.kvcache import flash_attn_with_kvcache
+        return flash_attn_with_kvcache
+    raise AttributeError(f"module 'gptfast.attention' has no attribute {name!r}")

@@ -30,15 +30,16 @@ TENSOR_CORE_OPS = re.compile(r"\b(UTC[A-Z]*MMA|HGMMA|HMMA)\b")
 TMA_OPS = re.compile(r"\b(UTMALDG|UTMASTG|UBLKCP)\b")
 FLOAT32_POINTERS = {"LSE", "DELTA", "GRAD_LSE", "MEAN", "RSTD", "PARTIAL", "DW", "DB", "ALIBI", "DBIAS", "LOSS",
                     "ROW_SCALE", "DQ_ACC"}
+INT32_POINTERS = {"CU_SEQLENS_Q", "CU_SEQLENS_K"}
 FLOAT_SCALARS = {"qk_scale", "softmax_scale", "eps", "softcap", "dropout_p", "keep_scale", "label_smoothing"}
 INSPECTED_DTYPES = ("bf16", "fp32")
 KERNEL_MODULES = ("attention", "layernorm", "cross_entropy")
 # Attention's variants: the plain causal kernel, and every feature at once (the most registers any call needs):
-# a window, an additive mask and its gradient, ALiBi, softcapping and dropout.
+# a window, an additive mask and its gradient, ALiBi, softcapping, dropout and packed sequences.
 PLAIN = (("CAUSAL", True), ("WINDOW", False), ("MASK_KIND", 0), ("ALIBI_SLOPES", False), ("SOFTCAP", False),
-         ("DROPOUT", False))
+         ("DROPOUT", False), ("VARLEN", False))
 EVERY_FEATURE = (("CAUSAL", True), ("WINDOW", True), ("MASK_KIND", 2), ("ALIBI_SLOPES", True), ("SOFTCAP", True),
-                 ("DROPOUT", True))
+                 ("DROPOUT", True), ("VARLEN", True))
 
 
 @dataclass(frozen=True)
@@ -161,6 +162,7 @@ def signature(fn, dtype, constexprs):
             sig[name], consts[name] = "constexpr", 1
         elif name.isupper():
             sig[name] = ("*fp32" if name in FLOAT32_POINTERS else "*i64" if name in ("SEED", "TARGET") else
+                         "*i32" if name in INT32_POINTERS else
                          "*i1" if name == "KEEP" or name == "MASK" and consts.get("MASK_KIND") == 1 else f"*{dtype}")
             attrs[(index,)] = [["tt.divisibility", 16]]
         elif name[:9] in ("stride_m", "stride_a", "stride_g") and len(name) == 9 or name == "stride_scale":

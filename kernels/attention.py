@@ -191,6 +191,26 @@ def _query_program(query_block, batch_head, num_heads, group_size, BLOCK_M: tl.c
 
 
 @triton.jit
+def _sequence(CU_SEQLENS_Q, CU_SEQLENS_K, batch, seqlen_q, seqlen_k, causal_offset, window_offset, alibi_offset,
+              VARLEN: tl.constexpr):
+    """(memory batch, first query row, first key row, Tq, Tk, causal_offset, window_offset, alibi_offset) of
+    sequence `batch`. With VARLEN the tensors hold the sequences packed along T ((1, H, total, D), as flash-attn's
+    varlen functions take them): the sequence's rows are [CU_SEQLENS[batch], CU_SEQLENS[batch + 1]), its memory
+    batch is 0, and the launcher's offsets, given for Tq = Tk, gain the sequence's own Tk - Tq (every varlen mask
+    is bottom-right aligned). Else the batch's own tensors, rows from 0, offsets as given."""
+    if VARLEN:
+        q_start = tl.load(CU_SEQLENS_Q + batch)
+        k_start = tl.load(CU_SEQLENS_K + batch)
+        seqlen_q = tl.load(CU_SEQLENS_Q + batch + 1) - q_start
+        seqlen_k = tl.load(CU_SEQLENS_K + batch + 1) - k_start
+        shift = seqlen_k - seqlen_q
+        return (0, q_start, k_start, seqlen_q, seqlen_k, causal_offset + shift, window_offset + shift,
+                alibi_offset + shift)
+    else:
+        return batch, 0, 0, seqlen_q, seqlen_k, causal_offset, window_offset, alibi_offset
+
+
+@triton.jit
 def _rows(source, start, stride_t, mask, TMA: tl.constexpr):
     """The block of rows [start, start + block) of a (T, D) matrix, zero past its ends: from a tensor descriptor
     with TMA (Hopper's tensor memory accelerator copies the tile and fills what lies outside the matrix with
@@ -259,7 +279,7 @@ def _forward_block_loop(acc, row_sum, row_max, q, k_source, v_source, stride_kt,
 
 @triton.jit
 def attention_forward_kernel(
-        Q, K, V, O, LSE, MASK, ALIBI, SEED,
+        Q, K, V, O, LSE, MASK, ALIBI, SEED, CU_SEQLENS_Q, CU_SEQLENS_K,
         stride_qb, stride_qh, stride_qt, stride_qd,
         stride_kb, stride_kh, stride_kt, stride_kd,
         stride_vb, stride_vh, stride_vt, stride_vd,
@@ -269,9 +289,10 @@ def attention_forward_kernel(
         qk_scale, softcap, dropout_p, keep_scale,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
         MASK_KIND: tl.constexpr, ALIBI_SLOPES: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
-        INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr,
-        PERSISTENT: tl.constexpr):
-    """One program: BLOCK_M query rows of one (batch, head), batch_heads = B * Hq of them. qk_scale is
+        INPUT_PRECISION: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        TMA: tl.constexpr, PERSISTENT: tl.constexpr):
+    """One program: BLOCK_M query rows of one (batch, head), batch_heads = B * Hq of them (with VARLEN a batch is
+    a sequence of the packed tensors, see _sequence, and seqlen_q, seqlen_k are the totals). qk_scale is
     softmax_scale * log2(e), so the softmax runs on exp2. MASK, ALIBI and SEED are read only when their flags say
     so. Two tuning choices on Hopper and newer: TMA loads K and V through tensor descriptors (their rows' strides
     must be 16-byte multiples, their last dim contiguous); PERSISTENT runs about one program per multiprocessor,
@@ -290,33 +311,39 @@ def attention_forward_kernel(
             query_block = tl.num_programs(0) - 1 - tl.program_id(0)
             batch_head = tl.program_id(1)
         _forward_tile(
-            query_block, batch_head, Q, K, V, O, LSE, MASK, ALIBI, SEED,
+            query_block, batch_head, Q, K, V, O, LSE, MASK, ALIBI, SEED, CU_SEQLENS_Q, CU_SEQLENS_K,
             stride_qb, stride_qh, stride_qt, stride_qd, stride_kb, stride_kh, stride_kt, stride_kd,
             stride_vb, stride_vh, stride_vt, stride_vd, stride_ob, stride_oh, stride_ot, stride_od,
             stride_mb, stride_mh, stride_mt, stride_ms, stride_ab, stride_ah, num_heads, group_size, seqlen_q,
             seqlen_k, causal_offset, window_offset, alibi_offset, qk_scale, softcap, dropout_p, keep_scale,
             HEAD_DIM, BLOCK_D, CAUSAL, WINDOW, MASK_KIND, ALIBI_SLOPES, SOFTCAP, DROPOUT, INPUT_PRECISION,
-            BLOCK_M, BLOCK_N, TMA)
+            VARLEN, BLOCK_M, BLOCK_N, TMA)
 
 
 @triton.jit
 def _forward_tile(
-        query_block, batch_head, Q, K, V, O, LSE, MASK, ALIBI, SEED,
+        query_block, batch_head, Q, K, V, O, LSE, MASK, ALIBI, SEED, CU_SEQLENS_Q, CU_SEQLENS_K,
         stride_qb, stride_qh, stride_qt, stride_qd, stride_kb, stride_kh, stride_kt, stride_kd,
         stride_vb, stride_vh, stride_vt, stride_vd, stride_ob, stride_oh, stride_ot, stride_od,
         stride_mb, stride_mh, stride_mt, stride_ms, stride_ab, stride_ah, num_heads, group_size, seqlen_q,
         seqlen_k, causal_offset, window_offset, alibi_offset, qk_scale, softcap, dropout_p, keep_scale,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
         MASK_KIND: tl.constexpr, ALIBI_SLOPES: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
-        INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr):
+        INPUT_PRECISION: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        TMA: tl.constexpr):
     """The forward of one tile: query rows [query_block * BLOCK_M, + BLOCK_M) of (batch, head) = batch_head."""
     start_m, batch, head, kv_head = _query_program(query_block, batch_head, num_heads, group_size, BLOCK_M)
-    Q += batch * stride_qb + head * stride_qh
-    K += batch * stride_kb + kv_head * stride_kh
-    V += batch * stride_vb + kv_head * stride_vh
-    O += batch * stride_ob + head * stride_oh
+    total_q = seqlen_q
+    memory_batch, q_start, k_start, seqlen_q, seqlen_k, causal_offset, window_offset, alibi_offset = _sequence(
+        CU_SEQLENS_Q, CU_SEQLENS_K, batch, seqlen_q, seqlen_k, causal_offset, window_offset, alibi_offset, VARLEN)
+    if VARLEN:  # a block past its sequence's end (the grid is sized for the longest) visits no key
+        seqlen_k = tl.where(start_m < seqlen_q, seqlen_k, 0)
+    Q += memory_batch * stride_qb + head * stride_qh + q_start * stride_qt
+    K += memory_batch * stride_kb + kv_head * stride_kh + k_start * stride_kt
+    V += memory_batch * stride_vb + kv_head * stride_vh + k_start * stride_vt
+    O += memory_batch * stride_ob + head * stride_oh + q_start * stride_ot
     MASK += batch * stride_mb + head * stride_mh
-    LSE += (batch * num_heads + head) * seqlen_q
+    LSE += (memory_batch * num_heads + head) * total_q + q_start
     slope = _slope(ALIBI, batch, head, stride_ab, stride_ah, ALIBI_SLOPES=ALIBI_SLOPES)
     seed, seed_offset = _dropout_seed(SEED, DROPOUT=DROPOUT)
 
@@ -455,7 +482,7 @@ def _dkdv_block_loop(dk, dv, k, v, q_source, do_source, LSE, DELTA, stride_qt, s
 
 @triton.jit
 def attention_backward_dkdv_kernel(
-        Q, K, V, DO, LSE, DELTA, DK, DV, MASK, ALIBI, SEED, DQ_ACC,
+        Q, K, V, DO, LSE, DELTA, DK, DV, MASK, ALIBI, SEED, CU_SEQLENS_Q, CU_SEQLENS_K, DQ_ACC,
         stride_qb, stride_qh, stride_qt, stride_qd,
         stride_kb, stride_kh, stride_kt, stride_kd,
         stride_vb, stride_vh, stride_vt, stride_vd,
@@ -468,21 +495,24 @@ def attention_backward_dkdv_kernel(
         softmax_scale, softcap, dropout_p, keep_scale,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
         MASK_KIND: tl.constexpr, ALIBI_SLOPES: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
-        INPUT_PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        TMA: tl.constexpr):
+        INPUT_PRECISION: tl.constexpr, VARLEN: tl.constexpr, ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, TMA: tl.constexpr):
     """One program: BLOCK_N keys of one (batch, kv head); loops over every query head of its group, so a grouped
     K/V head's gradient is summed in registers. With ATOMIC_DQ (the single-pass backward) it also adds dq, already
     scaled, into DQ_ACC (B, Hq, Tq, D) float32, zero-initialised, with atomics: 5 matrix products per (query
     block, key block) pair instead of the two-kernel backward's 7, at the price of an order of float32 additions
     that changes from run to run. TMA (a tuning choice on Hopper and newer) loads q and dO through tensor
-    descriptors. Grid: (cdiv(Tk, BLOCK_N), B * Hkv)."""
+    descriptors. VARLEN as in the forward. Grid: (cdiv(Tk, BLOCK_N), B * Hkv)."""
     start_n = tl.program_id(0) * BLOCK_N
     batch = (tl.program_id(1) // num_kv_heads).to(tl.int64)
     kv_head = (tl.program_id(1) % num_kv_heads).to(tl.int64)
-    K += batch * stride_kb + kv_head * stride_kh
-    V += batch * stride_vb + kv_head * stride_vh
-    DK += batch * stride_dkb + kv_head * stride_dkh
-    DV += batch * stride_dvb + kv_head * stride_dvh
+    total_q = seqlen_q
+    memory_batch, q_start, k_start, seqlen_q, seqlen_k, causal_offset, window_offset, alibi_offset = _sequence(
+        CU_SEQLENS_Q, CU_SEQLENS_K, batch, seqlen_q, seqlen_k, causal_offset, window_offset, alibi_offset, VARLEN)
+    K += memory_batch * stride_kb + kv_head * stride_kh + k_start * stride_kt
+    V += memory_batch * stride_vb + kv_head * stride_vh + k_start * stride_vt
+    DK += memory_batch * stride_dkb + kv_head * stride_dkh + k_start * stride_dkt
+    DV += memory_batch * stride_dvb + kv_head * stride_dvh + k_start * stride_dvt
     seed, seed_offset = _dropout_seed(SEED, DROPOUT=DROPOUT)
 
     key_rows = start_n + tl.arange(0, BLOCK_N)
@@ -493,17 +523,21 @@ def attention_backward_dkdv_kernel(
     v = tl.load(_tile(V, key_rows, offs_d, stride_vt, stride_vd), mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    lo, full_start, full_end, hi = _query_range(start_n, seqlen_q, causal_offset, window_offset, BLOCK_M, BLOCK_N,
+    # A key block past its sequence's end (VARLEN: the grid is sized for the longest) visits no query.
+    visited_q = seqlen_q
+    if VARLEN:
+        visited_q = tl.where(start_n < seqlen_k, seqlen_q, 0)
+    lo, full_start, full_end, hi = _query_range(start_n, visited_q, causal_offset, window_offset, BLOCK_M, BLOCK_N,
                                                 CAUSAL=CAUSAL, WINDOW=WINDOW)
     # Pointers to the group's first query head; each pass of the loop moves them one head on.
     num_heads = num_kv_heads * group_size
     head = kv_head * group_size
-    Q += batch * stride_qb + head * stride_qh
-    DO += batch * stride_dob + head * stride_doh
+    Q += memory_batch * stride_qb + head * stride_qh + q_start * stride_qt
+    DO += memory_batch * stride_dob + head * stride_doh + q_start * stride_dot
     MASK += batch * stride_mb + head * stride_mh
-    DQ_ACC += batch * stride_cb + head * stride_ch
-    LSE += (batch * num_heads + head) * seqlen_q
-    DELTA += (batch * num_heads + head) * seqlen_q
+    DQ_ACC += memory_batch * stride_cb + head * stride_ch + q_start * stride_ct
+    LSE += (memory_batch * num_heads + head) * total_q + q_start
+    DELTA += (memory_batch * num_heads + head) * total_q + q_start
     for _ in range(group_size):
         slope = _slope(ALIBI, batch, head, stride_ab, stride_ah, ALIBI_SLOPES=ALIBI_SLOPES)
         head_index = batch * num_heads + head
@@ -528,8 +562,8 @@ def attention_backward_dkdv_kernel(
         DO += stride_doh
         MASK += stride_mh
         DQ_ACC += stride_ch
-        LSE += seqlen_q
-        DELTA += seqlen_q
+        LSE += total_q
+        DELTA += total_q
         head += 1
     tl.store(_tile(DK, key_rows, offs_d, stride_dkt, stride_dkd),
              (dk * softmax_scale).to(DK.dtype.element_ty), mask=kv_mask)
@@ -578,7 +612,7 @@ def _dq_block_loop(dq, q, do, lse, delta, k_source, v_source, stride_kt, stride_
 
 @triton.jit
 def attention_backward_dq_kernel(
-        Q, K, V, DO, LSE, DELTA, DQ, MASK, ALIBI, SEED, DBIAS,
+        Q, K, V, DO, LSE, DELTA, DQ, MASK, ALIBI, SEED, CU_SEQLENS_Q, CU_SEQLENS_K, DBIAS,
         stride_qb, stride_qh, stride_qt, stride_qd,
         stride_kb, stride_kh, stride_kt, stride_kd,
         stride_vb, stride_vh, stride_vt, stride_vd,
@@ -590,23 +624,29 @@ def attention_backward_dq_kernel(
         softmax_scale, softcap, dropout_p, keep_scale,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
         MASK_KIND: tl.constexpr, ALIBI_SLOPES: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
-        BIAS_GRAD: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        TMA: tl.constexpr):
+        BIAS_GRAD: tl.constexpr, INPUT_PRECISION: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, TMA: tl.constexpr):
     """One program: BLOCK_M query rows of one (batch, head). With BIAS_GRAD it also writes the gradient of an
     additive mask, DBIAS (B, Hq, Tq, Tk) float32, zero-initialised (blocks never visited stay 0). TMA (a tuning
-    choice on Hopper and newer) loads k and v through tensor descriptors. Grid: (cdiv(Tq, BLOCK_M), B * Hq)."""
+    choice on Hopper and newer) loads k and v through tensor descriptors. VARLEN as in the forward. Grid:
+    (cdiv(Tq, BLOCK_M), B * Hq)."""
     # causal rows near the end see the most keys: those programs start first (FlashAttention-2, 3.3)
     start_m, batch, head, kv_head = _query_program(tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(1),
                                                    num_heads, group_size, BLOCK_M)
-    Q += batch * stride_qb + head * stride_qh
-    K += batch * stride_kb + kv_head * stride_kh
-    V += batch * stride_vb + kv_head * stride_vh
-    DO += batch * stride_dob + head * stride_doh
-    DQ += batch * stride_dqb + head * stride_dqh
+    total_q = seqlen_q
+    memory_batch, q_start, k_start, seqlen_q, seqlen_k, causal_offset, window_offset, alibi_offset = _sequence(
+        CU_SEQLENS_Q, CU_SEQLENS_K, batch, seqlen_q, seqlen_k, causal_offset, window_offset, alibi_offset, VARLEN)
+    if VARLEN:  # as in the forward
+        seqlen_k = tl.where(start_m < seqlen_q, seqlen_k, 0)
+    Q += memory_batch * stride_qb + head * stride_qh + q_start * stride_qt
+    K += memory_batch * stride_kb + kv_head * stride_kh + k_start * stride_kt
+    V += memory_batch * stride_vb + kv_head * stride_vh + k_start * stride_vt
+    DO += memory_batch * stride_dob + head * stride_doh + q_start * stride_dot
+    DQ += memory_batch * stride_dqb + head * stride_dqh + q_start * stride_dqt
     MASK += batch * stride_mb + head * stride_mh
     DBIAS += batch * stride_gb + head * stride_gh
-    LSE += (batch * num_heads + head) * seqlen_q
-    DELTA += (batch * num_heads + head) * seqlen_q
+    LSE += (memory_batch * num_heads + head) * total_q + q_start
+    DELTA += (memory_batch * num_heads + head) * total_q + q_start
     slope = _slope(ALIBI, batch, head, stride_ab, stride_ah, ALIBI_SLOPES=ALIBI_SLOPES)
     seed, seed_offset = _dropout_seed(SEED, DROPOUT=DROPOUT)
 
@@ -672,7 +712,11 @@ class Features(NamedTuple):
     causal sets right to 0. mask: None, or bool (False hides) or additive, 4-dim and broadcastable to
     (B, Hq, Tq, Tk), any strides (a broadcast dim is read with stride 0). alibi_slopes: None or float32
     broadcastable to (B, Hq). seed_offset: int64 (2,) on the device, the dropout's Philox seed and offset (None
-    without dropout). deterministic: the backward must be bit-reproducible (no atomics)."""
+    without dropout). deterministic: the backward must be bit-reproducible (no atomics). varlen: None, or
+    (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) for sequences packed along T: q (1, Hq, total_q, D),
+    k and v (1, Hkv, total_k, D), int32 cumulative lengths (num_seqs + 1,), causal bottom-right per sequence, no
+    mask; out and lse keep the packed layout, and the dropout draws as for a (num_seqs, Hq, max_seqlen_q,
+    max_seqlen_k) batch."""
     causal: int = CAUSAL_NONE
     window: tuple = (-1, -1)
     mask: torch.Tensor | None = None
@@ -681,15 +725,27 @@ class Features(NamedTuple):
     dropout_p: float = 0.0
     seed_offset: torch.Tensor | None = None
     deterministic: bool = False
+    varlen: tuple | None = None
+
+
+def launch_shape(q, k, features):
+    """(batch, Tq, Tk) that grids and tuning buckets count: the sequences and their longest lengths with varlen."""
+    if features.varlen is not None:
+        cu_seqlens_q, _, max_seqlen_q, max_seqlen_k = features.varlen
+        return cu_seqlens_q.shape[0] - 1, max_seqlen_q, max_seqlen_k
+    return q.shape[0], q.shape[2], k.shape[2]
 
 
 def _feature_args(q, seqlen_k, features, softmax_scale):
     """(pointers, strides, scalars, constexprs) that the three kernels take for the features, in their order:
-    MASK, ALIBI, SEED; the mask's four strides and the slopes' two; causal_offset ... keep_scale after the kernel's
-    own scalars. Absent tensors are passed as q: the flags keep the kernels from reading them."""
-    batch, num_heads, seqlen_q, head_dim = q.shape
+    MASK, ALIBI, SEED, CU_SEQLENS_Q, CU_SEQLENS_K; the mask's four strides and the slopes' two; causal_offset ...
+    keep_scale after the kernel's own scalars. Absent tensors are passed as q: the flags keep the kernels from
+    reading them."""
+    _, num_heads, seqlen_q, head_dim = q.shape
+    batch = launch_shape(q, q, features)[0]
     left, right = features.window
-    offset = 0 if features.causal == CAUSAL_TOP_LEFT else seqlen_k - seqlen_q
+    # Bottom-right offsets count Tk - Tq; with varlen the kernels add each sequence's own.
+    offset = 0 if features.causal == CAUSAL_TOP_LEFT or features.varlen else seqlen_k - seqlen_q
     if features.causal != CAUSAL_NONE:
         right = 0
     mask, slopes, seed = features.mask, features.alibi_slopes, features.seed_offset
@@ -699,17 +755,19 @@ def _feature_args(q, seqlen_k, features, softmax_scale):
         slopes = slopes.expand(batch, num_heads)
     mask_kind = (MASK_NONE if mask is None else MASK_BOOLEAN if mask.dtype == torch.bool else MASK_ADDITIVE).value
     allow_tf32 = q.dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32
-    pointers = (q if mask is None else mask, q if slopes is None else slopes, q if seed is None else seed)
+    cu_seqlens = features.varlen[:2] if features.varlen else (q, q)
+    pointers = (q if mask is None else mask, q if slopes is None else slopes, q if seed is None else seed,
+                *cu_seqlens)
     strides = (*(_strides(mask) if mask is not None else (0, 0, 0, 0)),
                *(slopes.stride() if slopes is not None else (0, 0)))
     scalars = dict(causal_offset=offset + max(right, 0), window_offset=offset - max(left, 0),
-                   alibi_offset=seqlen_k - seqlen_q, qk_scale=softmax_scale * LOG2E.value,
+                   alibi_offset=0 if features.varlen else seqlen_k - seqlen_q, qk_scale=softmax_scale * LOG2E.value,
                    softcap=features.softcap, dropout_p=features.dropout_p,
                    keep_scale=1.0 / (1.0 - features.dropout_p))
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), CAUSAL=right >= 0,
                       WINDOW=left >= 0, MASK_KIND=mask_kind, ALIBI_SLOPES=slopes is not None,
                       SOFTCAP=features.softcap > 0, DROPOUT=features.dropout_p > 0,
-                      INPUT_PRECISION="tf32" if allow_tf32 else "ieee")
+                      INPUT_PRECISION="tf32" if allow_tf32 else "ieee", VARLEN=features.varlen is not None)
     return pointers, strides, scalars, constexprs
 
 
@@ -735,19 +793,20 @@ def _resident_programs(device):
 
 def attention_forward(q, k, v, softmax_scale, features=Features()):
     """Returns (out, lse): out (B, Hq, Tq, D) in q's dtype, lse (B, Hq, Tq) float32. See the module docstring."""
-    batch, num_heads, seqlen_q, head_dim = q.shape
+    _, num_heads, seqlen_q, head_dim = q.shape
     num_kv_heads, seqlen_k = k.shape[1], k.shape[2]
-    out = empty_bthd(batch, num_heads, seqlen_q, head_dim, q)
-    lse = torch.empty((batch, num_heads, seqlen_q), dtype=torch.float32, device=q.device)
+    out = empty_bthd(q.shape[0], num_heads, seqlen_q, head_dim, q)
+    lse = torch.empty((q.shape[0], num_heads, seqlen_q), dtype=torch.float32, device=q.device)
     pointers, strides, scalars, constexprs = _feature_args(q, seqlen_k, features, softmax_scale)
+    batch, rows, keys = launch_shape(q, k, features)
     arch = device_arch(q.device)
     variants = forward_variants(arch, has_features(constexprs), _tma_ready(k) and _tma_ready(v))
     if variants != ("pointers",):
         _allow_descriptors(q.device)
-    kernel = autotuned(attention_forward_kernel, "forward", arch, q, seqlen_k, constexprs, variants)
+    kernel = autotuned(attention_forward_kernel, "forward", arch, q.dtype, rows, keys, constexprs, variants)
 
     def grid(meta):
-        query_blocks = triton.cdiv(seqlen_q, meta["BLOCK_M"])
+        query_blocks = triton.cdiv(rows, meta["BLOCK_M"])
         if meta["PERSISTENT"]:
             return (min(query_blocks * batch * num_heads, _resident_programs(q.device)),)
         return (query_blocks, batch * num_heads)
@@ -770,19 +829,21 @@ class _Backward(NamedTuple):
     scalars: dict
     constexprs: dict
     loads: tuple  # the kernels' load variants (attention_tuning.backward_loads)
+    shape: tuple  # (batch, Tq, Tk) of the grids: launch_shape
 
 
 def _dkdv(call, dq_acc=None):
     """(dk, dv) from the dk/dv kernel; with dq_acc (float32, (B, Hq, Tq, D), zeros) it also adds dq there: the
     single pass."""
     q, k = call.q, call.k
-    batch, num_kv_heads, seqlen_k, head_dim = k.shape
-    dk = empty_bthd(batch, num_kv_heads, seqlen_k, head_dim, k)
-    dv = empty_bthd(batch, num_kv_heads, seqlen_k, head_dim, call.v)
+    num_kv_heads = k.shape[1]
+    dk = empty_bthd(*k.shape, k)
+    dv = empty_bthd(*k.shape, call.v)
     name = "backward_dkdv" if dq_acc is None else "backward_single_pass"
-    kernel = autotuned(attention_backward_dkdv_kernel, name, device_arch(q.device), q, seqlen_k, call.constexprs,
-                       call.loads)
-    grid = lambda meta: (triton.cdiv(seqlen_k, meta["BLOCK_N"]), batch * num_kv_heads)
+    batch, rows, keys = call.shape
+    kernel = autotuned(attention_backward_dkdv_kernel, name, device_arch(q.device), q.dtype, rows, keys,
+                       call.constexprs, call.loads)
+    grid = lambda meta: (triton.cdiv(keys, meta["BLOCK_N"]), batch * num_kv_heads)
     kernel[grid](q, k, call.v, call.grad_out, call.lse, call.delta, dk, dv, *call.pointers,
                  q if dq_acc is None else dq_acc, *_strides(q), *_strides(k), *_strides(call.v),
                  *_strides(call.grad_out), *_strides(dk), *_strides(dv), *call.strides,
@@ -794,14 +855,14 @@ def _dkdv(call, dq_acc=None):
 def _two_kernel_backward(call, mask_grad):
     """(dq, dk, dv, dmask): the dk/dv kernel, then the dq kernel (which also writes dmask with mask_grad)."""
     q, k = call.q, call.k
-    batch, num_heads, seqlen_q, head_dim = q.shape
+    num_heads = q.shape[1]
     dk, dv = _dkdv(call)
-    dq = empty_bthd(batch, num_heads, seqlen_q, head_dim, q)
-    dmask = (torch.zeros((batch, num_heads, seqlen_q, k.shape[2]), dtype=torch.float32, device=q.device)
-             if mask_grad else None)
-    kernel = autotuned(attention_backward_dq_kernel, "backward_dq", device_arch(q.device), q, k.shape[2],
+    dq = empty_bthd(*q.shape, q)
+    dmask = (torch.zeros((*q.shape[:3], k.shape[2]), dtype=torch.float32, device=q.device) if mask_grad else None)
+    batch, rows, keys = call.shape
+    kernel = autotuned(attention_backward_dq_kernel, "backward_dq", device_arch(q.device), q.dtype, rows, keys,
                        call.constexprs, call.loads)
-    grid = lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * num_heads)
+    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), batch * num_heads)
     kernel[grid](q, k, call.v, call.grad_out, call.lse, call.delta, dq, *call.pointers,
                  q if dmask is None else dmask, *_strides(q), *_strides(k), *_strides(call.v),
                  *_strides(call.grad_out), *_strides(dq), *call.strides,
@@ -837,14 +898,15 @@ def attention_backward(grad_out, grad_lse, q, k, v, out, lse, softmax_scale, fea
     loads = backward_loads(arch, has_features(constexprs), all(_tma_ready(t) for t in (q, k, v, grad_out)))
     if loads != ("pointers",):
         _allow_descriptors(q.device)
+    shape = launch_shape(q, k, features)
     call = _Backward(q, k, v, grad_out, lse, delta, pointers, strides,
                      dict(seqlen_q=seqlen_q, seqlen_k=k.shape[2], **scalars, softmax_scale=softmax_scale),
-                     constexprs, loads)
+                     constexprs, loads, shape)
     runs = {"two_kernel": lambda: _two_kernel_backward(call, mask_grad),
             "single_pass": lambda: _single_pass_backward(call)}
     choices = backward_choices(arch, constexprs["BLOCK_D"], features.deterministic, mask_grad)
-    key = (arch, q.dtype, num_heads // k.shape[1], *constexprs.values(), loads, length_bucket(seqlen_q),
-           length_bucket(k.shape[2]))
+    key = (arch, q.dtype, num_heads // k.shape[1], *constexprs.values(), loads, length_bucket(shape[1]),
+           length_bucket(shape[2]))
     return runs[fastest(key, {name: runs[name] for name in choices})]()
 
 

@@ -257,7 +257,7 @@ def fitting(configs, bucket_q, bucket_k):
     return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_warps))]
 
 
-FLAGS = ["HEAD_DIM", "CAUSAL", "WINDOW", "MASK_KIND", "ALIBI_SLOPES", "SOFTCAP", "DROPOUT"]
+FLAGS = ["HEAD_DIM", "CAUSAL", "WINDOW", "MASK_KIND", "ALIBI_SLOPES", "SOFTCAP", "DROPOUT", "VARLEN"]
 
 
 @functools.cache
@@ -272,14 +272,16 @@ def _autotuner(kernel, kernel_name, table, block_d, features, variants, bucket_q
                            reset_to_zero=reset)(kernel)
 
 
-def autotuned(kernel, kernel_name, arch, q, seqlen_k, constexprs, variants=("pointers",)):
-    """The kernel wrapped in an autotuner over the configs that serve q's arch, dtype, padded head dim, features
-    and length buckets (q is (B, H, Tq, D)), for each of the variants (configs_for)."""
-    return _autotuner(kernel, kernel_name, config_table(arch, q.dtype), constexprs["BLOCK_D"],
-                      has_features(constexprs), variants, length_bucket(q.shape[2]), length_bucket(seqlen_k))
+def autotuned(kernel, kernel_name, arch, dtype, seqlen_q, seqlen_k, constexprs, variants=("pointers",)):
+    """The kernel wrapped in an autotuner over the configs that serve the arch, input dtype, padded head dim,
+    features and length buckets, for each of the variants (configs_for)."""
+    return _autotuner(kernel, kernel_name, config_table(arch, dtype), constexprs["BLOCK_D"],
+                      has_features(constexprs), variants, length_bucket(seqlen_q), length_bucket(seqlen_k))
 
 
 def has_features(constexprs):
-    """Whether a call adds a feature past the bounds: a mask, ALiBi, softcapping or dropout."""
+    """Whether a call adds a feature past the bounds: a mask, ALiBi, softcapping, dropout, or packed sequences
+    (VARLEN: its per-sequence offsets cost registers, so it takes the feature tiles, which `gptfast inspect`
+    compiles with every feature at once)."""
     return bool(constexprs["MASK_KIND"] or constexprs["ALIBI_SLOPES"] or constexprs["SOFTCAP"]
-                or constexprs["DROPOUT"])
+                or constexprs["DROPOUT"] or constexprs["VARLEN"])

@@ -337,8 +337,8 @@ def test_custom_ops_pass_opcheck():
     q, k, v = (t.requires_grad_() for t in random_qkv(1, 4, 2, 9, 13, 16, torch.float32, seed=4))
     mask = torch.randn(1, 1, 9, 13).to(DEVICE).requires_grad_()
     slopes = torch.rand(1, 4).to(DEVICE)
-    for args in [(None, None, None, 2, -1, -1, 0.0, 0.0, 0.25, False),
-                 (mask, slopes, None, 0, 3, 2, 5.0, 0.0, 0.25, True)]:
+    for args in [(None, None, None, None, None, 0, 0, 2, -1, -1, 0.0, 0.0, 0.25, False),
+                 (mask, slopes, None, None, None, 0, 0, 0, 3, 2, 5.0, 0.0, 0.25, True)]:
         torch.library.opcheck(torch.ops.gptfast.flash_attention.default, (q, k, v, *args))
 
 

@@ -184,11 +184,10 @@ def test_every_compute_capability_finds_a_table():
 
 def test_decoding_and_prefill_are_tuned_apart():
     """Tq = 1 and Tq = 8192 get different autotuners; a single query row never gets a 128-row query block."""
-    q_decode, q_prefill = torch.empty(1, 8, 1, 128, dtype=torch.bfloat16), torch.empty(1, 8, 8192, 128,
-                                                                                        dtype=torch.bfloat16)
-    constexprs = dict(BLOCK_D=128, MASK_KIND=0, ALIBI_SLOPES=False, SOFTCAP=False, DROPOUT=False)
-    decode = tuning.autotuned(kernels.attention_forward_kernel, "forward", "sm_90", q_decode, 8192, constexprs)
-    prefill = tuning.autotuned(kernels.attention_forward_kernel, "forward", "sm_90", q_prefill, 8192, constexprs)
+    constexprs = dict(BLOCK_D=128, MASK_KIND=0, ALIBI_SLOPES=False, SOFTCAP=False, DROPOUT=False, VARLEN=False)
+    tuner = lambda seqlen_q: tuning.autotuned(kernels.attention_forward_kernel, "forward", "sm_90", torch.bfloat16,
+                                              seqlen_q, 8192, constexprs)
+    decode, prefill = tuner(1), tuner(8192)
     assert decode is not prefill
     assert {c.kwargs["BLOCK_M"] for c in decode.configs} == {64}  # the smallest the table has for D = 128
     assert {c.kwargs["BLOCK_M"] for c in prefill.configs} == {64, 128}

@@ -1,0 +1,144 @@
+"""flash-attn 2's ``flash_attn_varlen_func`` on gptfast's kernels: sequences of different lengths packed along one
+token axis and described by int32 cumulative lengths (``cu_seqlens``), so that nothing is padded and no token
+attends across a sequence's boundary (documents packed into one training row, prompts of a batch).
+
+The kernels take the packed tensors as they are: each program reads its sequence's first row and length from
+cu_seqlens (the VARLEN switch of gptfast.kernels.attention), forward and backward, with every feature of
+flash_attn_func (dropout, sliding windows, softcapping, ALiBi).
+"""
+import math
+
+import torch
+
+from gptfast import backend
+from gptfast.attention import (CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, _flash_attention, attend, check_flash_options,
+                               check_inputs, draw_dropout_seed, kernel_gap, torch_attention)
+
+
+def _check_packed(name, t, dims):
+    if not isinstance(t, torch.Tensor) or t.dim() != 3:
+        raise ValueError(f"{name} must be a 3-dim tensor {dims}, got "
+                         f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+
+
+def check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, total_q, total_k, max_seqlen_q, max_seqlen_k, device):
+    """Raises a clear error unless both are int32 (num_seqs + 1,) tensors on device, starting at 0,
+    non-decreasing, ending at the totals, with no length past the max_seqlen given. Reads their values (one
+    synchronisation), except under torch.compile or CUDA-graph capture, where only types and shapes are checked."""
+    for name, cu, total, longest in (("cu_seqlens_q", cu_seqlens_q, total_q, max_seqlen_q),
+                                     ("cu_seqlens_k", cu_seqlens_k, total_k, max_seqlen_k)):
+        if not isinstance(cu, torch.Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
+            raise ValueError(f"{name} must be an int32 tensor of shape (num_seqs + 1,), got "
+                             f"{(cu.dtype, tuple(cu.shape)) if isinstance(cu, torch.Tensor) else type(cu).__name__}")
+        if cu.device != device:
+            raise ValueError(f"{name} is on {cu.device} but q is on {device}")
+        if not isinstance(longest, int) or longest < 0:
+            raise ValueError(f"max_seqlen_{name[-1]} must be an int >= 0, got {longest!r}")
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe as many sequences, got "
+                         f"{cu_seqlens_q.numel() - 1} and {cu_seqlens_k.numel() - 1}")
+    if torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        return
+    values = torch.stack((cu_seqlens_q, cu_seqlens_k)).tolist()
+    for name, cu, total, longest in (("cu_seqlens_q", values[0], total_q, max_seqlen_q),
+                                     ("cu_seqlens_k", values[1], total_k, max_seqlen_k)):
+        lengths = [b - a for a, b in zip(cu, cu[1:])]
+        if cu[0] != 0 or min(lengths) < 0:
+            raise ValueError(f"{name} must start at 0 and never decrease, got {cu}")
+        if cu[-1] != total:
+            raise ValueError(f"{name} must end at the number of packed tokens ({total}), got {cu[-1]}")
+        if max(lengths) > longest:
+            raise ValueError(f"max_seqlen_{name[-1]} ({longest}) is below the longest sequence of {name} "
+                             f"({max(lengths)})")
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                           softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                           deterministic=False, return_attn_probs=False):
+    """flash-attn 2's ``flash_attn_varlen_func``, same signature and argument order, on gptfast's kernels.
+
+    Args:
+        q: (total_q, Hq, D), the queries of every sequence one after another; k, v: (total_k, Hkv, D). Any
+            strides. Hq a multiple of Hkv, as in flash_attn_func.
+        cu_seqlens_q, cu_seqlens_k: int32 (num_seqs + 1,): sequence b's queries are rows [cu_seqlens_q[b],
+            cu_seqlens_q[b + 1]) of q, its keys rows [cu_seqlens_k[b], cu_seqlens_k[b + 1]) of k and v. Lengths
+            may be 0.
+        max_seqlen_q, max_seqlen_k: ints, at least the longest sequence's lengths (they size the grid).
+        The rest as flash_attn_func, per sequence: causal and window_size are aligned to each sequence's
+        bottom-right corner, alibi_slopes is (Hq,) or (num_seqs, Hq).
+    Returns:
+        out (total_q, Hq, D) in q's dtype; with return_attn_probs (out, lse (Hq, total_q) float32, S_dmask
+        (num_seqs, Hq, max_seqlen_q, max_seqlen_k): each sequence's weights, dropped ones negated, zero-padded).
+    """
+    _check_packed("q", q, "(total_q, nheads, head_dim)")
+    _check_packed("k", k, "(total_k, nheads_k, head_dim)")
+    _check_packed("v", v, "(total_k, nheads_k, head_dim)")
+    check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k, q.device)
+    num_seqs = cu_seqlens_q.numel() - 1
+    check_flash_options(num_seqs, q.shape[1], q.device, dropout_p, window_size, softcap, alibi_slopes)
+    packed = [t.transpose(0, 1).unsqueeze(0) for t in (q, k, v)]  # (1, H, total, D) views
+    check_inputs(*packed, enable_gqa=True)
+    softmax_scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    causal = CAUSAL_BOTTOM_RIGHT if causal else CAUSAL_NONE
+    options = dict(causal=causal, window=tuple(window_size), softcap=float(softcap), alibi_slopes=alibi_slopes,
+                   softmax_scale=softmax_scale)
+    sequences = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    if backend.use_triton("flash_attn_varlen_func", q.device, kernel_gap(packed[0], packed[2], softmax_scale)):
+        seed_offset = draw_dropout_seed(q.device) if dropout_p > 0 else None
+        out, lse = _flash_attention(*packed, None, alibi_slopes, seed_offset, *sequences, causal, window_size[0],
+                                    window_size[1], float(softcap), float(dropout_p), softmax_scale,
+                                    bool(deterministic))
+        kept = None
+        if return_attn_probs and dropout_p > 0:
+            from gptfast.kernels.attention import dropout_keep_mask
+            kept = dropout_keep_mask(seed_offset, num_seqs, q.shape[1], max_seqlen_q, max_seqlen_k, float(dropout_p))
+    else:
+        out, lse, kept = _per_sequence(*packed, sequences, options, dropout_p, return_attn_probs)
+    out = out[0].transpose(0, 1)
+    if return_attn_probs:
+        return out, lse[0], _attention_probs(*packed, sequences, options, kept)
+    return out
+
+
+def _slices(cu_seqlens_q, cu_seqlens_k):
+    """(b, query rows, key rows) of each sequence, as slices of the packed axis (reads the lengths)."""
+    bounds = torch.stack((cu_seqlens_q, cu_seqlens_k)).tolist()
+    return [(b, slice(bounds[0][b], bounds[0][b + 1]), slice(bounds[1][b], bounds[1][b + 1]))
+            for b in range(len(bounds[0]) - 1)]
+
+
+def _sequence_slopes(alibi_slopes, b):
+    return alibi_slopes if alibi_slopes is None or alibi_slopes.dim() == 1 else alibi_slopes[b]
+
+
+def _per_sequence(q, k, v, sequences, options, dropout_p, need_keep):
+    """PyTorch's path: each sequence attended alone, on (1, H, total, D) tensors; returns (out, lse, kept) as the
+    kernels' path does (kept: (num_seqs, Hq, max_seqlen_q, max_seqlen_k) or None)."""
+    cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k = sequences
+    outs, lses = [], []
+    kept = (torch.ones((cu_seqlens_q.numel() - 1, q.shape[1], max_seqlen_q, max_seqlen_k), dtype=torch.bool,
+                       device=q.device) if need_keep and dropout_p > 0 else None)
+    for b, rows, keys in _slices(cu_seqlens_q, cu_seqlens_k):
+        out, lse, keep = attend(q[:, :, rows], k[:, :, keys], v[:, :, keys],
+                                **{**options, "alibi_slopes": _sequence_slopes(options["alibi_slopes"], b)},
+                                dropout_p=dropout_p, need_lse=True, need_keep=kept is not None,
+                                op="flash_attn_varlen_func")
+        outs.append(out)
+        lses.append(lse)
+        if keep is not None:
+            kept[b, :, :rows.stop - rows.start, :keys.stop - keys.start] = keep[0]
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2), kept
+
+
+def _attention_probs(q, k, v, sequences, options, kept):
+    """flash-attn's S_dmask for return_attn_probs, computed in PyTorch: (num_seqs, Hq, max_seqlen_q,
+    max_seqlen_k) float32, each sequence's softmax weights (negated where dropout dropped them), zero-padded."""
+    cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k = sequences
+    probs = torch.zeros((cu_seqlens_q.numel() - 1, q.shape[1], max_seqlen_q, max_seqlen_k), device=q.device)
+    with torch.no_grad():
+        for b, rows, keys in _slices(cu_seqlens_q, cu_seqlens_k):
+            weights = torch_attention(q[:, :, rows], k[:, :, keys], v[:, :, keys], options["causal"],
+                                      options["window"], None, options["softcap"],
+                                      _sequence_slopes(options["alibi_slopes"], b), 0.0, options["softmax_scale"])[2]
+            probs[b, :, :weights.shape[2], :weights.shape[3]] = weights[0]
+    return probs if kept is None else torch.where(kept, probs, -probs)

@@ -1,0 +1,131 @@
+"""flash_attn_varlen_func against the float64 reference run on each sequence alone: forward and every gradient,
+lengths 0, 1 and mixes of short and long, Tq != Tk, GQA, odd head dims, every dtype, causal or not, with every
+feature; both backward variants; PyTorch's path; bad cu_seqlens."""
+import zlib
+
+import pytest
+import torch
+
+from gptfast import backend
+from gptfast.attention import flash_attn_varlen_func
+from gptfast.kernels import attention_tuning as tuning
+from test_attention import BOTTOM_RIGHT, NONE, kernel_keep_mask, reference_attention
+from tolerance import DEVICE, DTYPES, assert_accurate
+
+
+def cumulative(lengths):
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+
+
+def packed_inputs(lens_q, lens_k, heads, kv_heads, head_dim, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    make = lambda total, h: torch.randn(total, h, head_dim, generator=gen).to(DEVICE, dtype)
+    return make(sum(lens_q), heads), make(sum(lens_k), kv_heads), make(sum(lens_k), kv_heads)
+
+
+def sequence_slices(lens_q, lens_k):
+    cu_q, cu_k = cumulative(lens_q).tolist(), cumulative(lens_k).tolist()
+    return [(slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])) for b in range(len(lens_q))]
+
+
+def check_varlen(lens_q, lens_k, heads, kv_heads, head_dim, dtype, causal, seed=0, alibi=None, keep=None,
+                 **options):
+    """Runs flash_attn_varlen_func on fresh inputs and checks out, dq, dk, dv against reference_attention run on
+    each sequence alone (alibi: (num_seqs, Hq); keep: the kernels' (num_seqs, Hq, max_q, max_k) keep mask)."""
+    leaves = dict(zip("qkv", packed_inputs(lens_q, lens_k, heads, kv_heads, head_dim, dtype, seed)))
+    inputs = {n: t.clone().requires_grad_() for n, t in leaves.items()}
+    out = flash_attn_varlen_func(*inputs.values(), cumulative(lens_q), cumulative(lens_k), max(lens_q),
+                                 max(lens_k), causal=causal, alibi_slopes=alibi, **options)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(out)
+    out.backward(grad_out)
+    results = {"out": out, **{f"d{n}": t.grad for n, t in inputs.items()}}
+
+    def reference(work):
+        ins = {n: t.to(work).requires_grad_() for n, t in leaves.items()}
+        outs = []
+        for b, (rows, keys) in enumerate(sequence_slices(lens_q, lens_k)):
+            q, k, v = (ins[n][span].transpose(0, 1) for n, span in (("q", rows), ("k", keys), ("v", keys)))
+            kept = None if keep is None else keep[b, :, :q.shape[1], :k.shape[1]]
+            outs.append(reference_attention(
+                q, k, v, BOTTOM_RIGHT if causal else NONE, window=options.get("window_size", (-1, -1)),
+                softcap=options.get("softcap", 0.0), alibi=None if alibi is None else alibi[b], keep=kept,
+                dropout_p=options.get("dropout_p", 0.0)).transpose(0, 1))
+        ref = torch.cat(outs)
+        ref.backward(grad_out.to(work))
+        return {"out": ref, **{f"d{n}": t.grad for n, t in ins.items()}}
+
+    ref64, lowp = reference(torch.float64), reference(dtype)
+    for name, value in results.items():
+        assert value.dtype == dtype and value.shape == leaves["q" if name == "out" else name[-1]].shape
+        assert_accurate(name, value, ref64[name], lowp[name], terms=head_dim)
+
+
+MIXES = [  # (lengths of q, lengths of k, heads, kv heads, head dim)
+    ([1], [1], 1, 1, 16), ([7, 0, 1], [7, 3, 1], 2, 2, 24), ([100, 1, 37], [100, 57, 0], 4, 2, 40),
+    ([3, 257, 7], [30, 257, 7], 2, 1, 80), ([0, 0], [5, 0], 1, 1, 8),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("mix", MIXES, ids=lambda m: "q{}k{}H{}K{}D{}".format(*m))
+def test_varlen_matches_each_sequence_alone(mix, causal, dtype):
+    with backend.use_backend("triton") if sum(mix[0]) else backend.use_backend("auto"):
+        check_varlen(*mix, dtype, causal, seed=zlib.crc32(repr((mix, causal)).encode()))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_varlen_with_every_feature(dtype):
+    """A window, softcapping, per-sequence ALiBi slopes and dropout (the kernels' keep mask, drawn per sequence
+    as for a (num_seqs, Hq, max_q, max_k) batch)."""
+    lens_q, lens_k, heads = [19, 1, 40], [33, 6, 40], 4
+    alibi = torch.rand(3, heads, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    keep = kernel_keep_mask(11, (3, heads, max(lens_q), max(lens_k)), 0.25)
+    torch.manual_seed(11)
+    with backend.use_backend("triton"):
+        check_varlen(lens_q, lens_k, heads, 2, 24, dtype, True, alibi=alibi, keep=keep, window_size=(9, -1),
+                     softcap=4.0, dropout_p=0.25)
+
+
+def test_varlen_single_pass_backward():
+    with backend.use_backend("triton"), tuning.forced_variants(backward="single_pass"):
+        check_varlen([7, 50, 1], [9, 50, 20], 4, 2, 32, torch.float32, True)
+
+
+def test_varlen_torch_path():
+    """PyTorch's path (GPTFAST_BACKEND=torch, or a call the kernels cannot run) attends each sequence alone."""
+    with backend.use_backend("torch"):
+        check_varlen([7, 0, 20], [9, 4, 20], 2, 1, 24, torch.float32, True, window_size=(5, -1))
+
+
+def test_return_attn_probs():
+    q, k, v = packed_inputs([3, 5], [4, 5], 2, 2, 16, torch.float32, seed=1)
+    with backend.use_backend("triton"):
+        out, lse, probs = flash_attn_varlen_func(q, k, v, cumulative([3, 5]), cumulative([4, 5]), 5, 5,
+                                                 causal=True, return_attn_probs=True)
+    assert out.shape == q.shape and lse.shape == (2, 8) and probs.shape == (2, 2, 5, 5)
+    torch.testing.assert_close(probs[0, :, :3, :4].sum(-1), torch.ones(2, 3, device=DEVICE))
+    assert probs[0, :, 3:].abs().sum() == 0 and probs[0, :, :, 4:].abs().sum() == 0
+
+
+@pytest.mark.parametrize("cu_seqlens_q, max_seqlen_q, message", [
+    (torch.tensor([0, 3, 8]), 5, "int32"),
+    (torch.tensor([[0, 3, 8]], dtype=torch.int32), 5, "int32"),
+    (torch.tensor([0, 9, 8], dtype=torch.int32), 9, "never decrease"),
+    (torch.tensor([1, 3, 8], dtype=torch.int32), 5, "start at 0"),
+    (torch.tensor([0, 3, 7], dtype=torch.int32), 5, "end at the number of packed tokens"),
+    (torch.tensor([0, 3, 8], dtype=torch.int32), 4, r"max_seqlen_q \(4\) is below"),
+    (torch.tensor([0, 8], dtype=torch.int32), 8, "as many sequences"),
+])
+def test_bad_cu_seqlens_raise(cu_seqlens_q, max_seqlen_q, message):
+    q, k, v = packed_inputs([3, 5], [3, 5], 2, 2, 16, torch.float32, seed=0)
+    with pytest.raises(ValueError, match=message):
+        flash_attn_varlen_func(q, k, v, cu_seqlens_q.to(DEVICE), cumulative([3, 5]), max_seqlen_q, 5)
+
+
+def test_bad_shapes_raise():
+    q, k, v = packed_inputs([3], [3], 2, 2, 16, torch.float32, seed=0)
+    with pytest.raises(ValueError, match="q must be a 3-dim tensor"):
+        flash_attn_varlen_func(q[None], k, v, cumulative([3]), cumulative([3]), 3, 3)
+    with pytest.raises(ValueError, match="alibi_slopes must have shape"):
+        flash_attn_varlen_func(q, k, v, cumulative([3]), cumulative([3]), 3, 3, alibi_slopes=torch.ones(3))
