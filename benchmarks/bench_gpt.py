@@ -1,5 +1,6 @@
 """End to end: a GPT-2 124M training step and text generation with the KV cache, on gptfast's kernels against
-the same model on plain PyTorch (--kernels torch), each training step also under torch.compile.
+the same model on plain PyTorch (--kernels torch), each training step also under torch.compile, and generation
+also against transformers' GPT-2 on SDPA.
 
 tokens_per_s counts the tokens a step trains on (batch x block), or the new tokens generated (batch x new).
 tflops counts a training step as GPT.flops_per_token (6 * parameters + 12 * layers * width * block per token, PaLM's
@@ -59,15 +60,37 @@ def test_training_step_compiled(benchmark, kernels):
     _training_step(kernels, True, benchmark)
 
 
+def _transformers_model():
+    """transformers' GPT-2 of the same shape and weights, on its SDPA attention."""
+    import transformers
+    config = transformers.GPT2Config(vocab_size=CONFIG.vocab_size, n_positions=CONFIG.block_size,
+                                     n_embd=CONFIG.n_embd, n_layer=CONFIG.n_layer, n_head=CONFIG.n_head)
+    config._attn_implementation = "sdpa"
+    hf = transformers.GPT2LMHeadModel(config)
+    hf.load_state_dict(_model().hf_state_dict(), strict=False)  # lm_head.weight is tied to wte
+    return hf
+
+
+GENERATORS = ["gptfast", "gptfast-no-graph", "torch", "transformers-sdpa"]
+
+
 @pytest.mark.parametrize("batch", [1, 8])
-@pytest.mark.parametrize("kernels", list(KERNELS))
-def test_generation(benchmark, kernels, batch):
-    model = _model().to(torch.bfloat16 if DEVICE == "cuda" else torch.float32).eval()
+@pytest.mark.parametrize("impl", GENERATORS)
+def test_generation(benchmark, impl, batch):
+    """Greedy decoding of NEW_TOKENS after a PROMPT-token prompt: gptfast's static cache and split-KV kernel with
+    the decode step in a CUDA graph (on CUDA), the same without the graph, the model on PyTorch, and
+    transformers' own generate on SDPA."""
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    model = (_transformers_model() if impl == "transformers-sdpa" else _model()).to(DEVICE, dtype).eval()
     prompt = torch.randint(0, CONFIG.vocab_size, (batch, PROMPT), device=DEVICE)
 
     def generate():
-        with use_backend(KERNELS[kernels]):
-            return model.generate(prompt, NEW_TOKENS, do_sample=False)
+        if impl == "transformers-sdpa":
+            return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=NEW_TOKENS,
+                                  min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+        with use_backend("torch" if impl == "torch" else GPTFAST_BACKEND):
+            graph = DEVICE == "cuda" and impl == "gptfast"
+            return model.generate(prompt, NEW_TOKENS, do_sample=False, cuda_graph=graph)
 
-    measure(benchmark, generate, cpu_twin="torch", group=f"gpt2 generation batch={batch}", impl=kernels,
+    measure(benchmark, generate, cpu_twin="torch", group=f"gpt2 generation batch={batch}", impl=impl,
             op="generate", batch=batch, tokens=batch * NEW_TOKENS)

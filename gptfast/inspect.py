@@ -29,11 +29,11 @@ SHARED_LIMIT = {"sm_75": 65536, "sm_80": 166912, "sm_86": 101376, "sm_89": 10137
 TENSOR_CORE_OPS = re.compile(r"\b(UTC[A-Z]*MMA|HGMMA|HMMA)\b")
 TMA_OPS = re.compile(r"\b(UTMALDG|UTMASTG|UBLKCP)\b")
 FLOAT32_POINTERS = {"LSE", "DELTA", "GRAD_LSE", "MEAN", "RSTD", "PARTIAL", "DW", "DB", "ALIBI", "DBIAS", "LOSS",
-                    "ROW_SCALE", "DQ_ACC"}
-INT32_POINTERS = {"CU_SEQLENS_Q", "CU_SEQLENS_K"}
+                    "ROW_SCALE", "DQ_ACC", "O_PART", "LSE_PART"}
+INT32_POINTERS = {"CU_SEQLENS_Q", "CU_SEQLENS_K", "BLOCK_TABLE", "SEQLENS", "LEFTPAD"}
 FLOAT_SCALARS = {"qk_scale", "softmax_scale", "eps", "softcap", "dropout_p", "keep_scale", "label_smoothing"}
 INSPECTED_DTYPES = ("bf16", "fp32")
-KERNEL_MODULES = ("attention", "layernorm", "cross_entropy")
+KERNEL_MODULES = ("attention", "decode", "layernorm", "cross_entropy")
 # Attention's variants: the plain causal kernel, and every feature at once (the most registers any call needs):
 # a window, an additive mask and its gradient, ALiBi, softcapping, dropout and packed sequences.
 PLAIN = (("CAUSAL", True), ("WINDOW", False), ("MASK_KIND", 0), ("ALIBI_SLOPES", False), ("SOFTCAP", False),
@@ -59,7 +59,8 @@ class Job:
                  if k in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "ROW_FITS", "RMS", "BLOCK_V", "WRITE_GRAD")}
         config = " ".join(f"{k}={v}" for k, v in shown.items())
         flags = dict(self.constexprs)
-        marks = "".join(mark for mark, on in (("+features ", flags.get("DROPOUT")), ("+tma ", flags.get("TMA")),
+        marks = "".join(mark for mark, on in (("+features ", flags.get("DROPOUT") or flags.get("LEFTPAD_KEYS")),
+                                              ("+tma ", flags.get("TMA")),
                                               ("+persistent ", flags.get("PERSISTENT")),
                                               ("+single-pass ", flags.get("ATOMIC_DQ"))) if on)
         return f"{self.kernel} [{marks}{self.dtype} {config} warps={self.num_warps} stages={self.num_stages}]"
@@ -120,6 +121,36 @@ def attention_jobs(arch, dtypes=INSPECTED_DTYPES):
     return jobs
 
 
+def decode_jobs(arch, dtypes=INSPECTED_DTYPES):
+    """The split-KV decoding kernel's tiles at their largest query block, plain (writing float32 partials) and
+    with every feature (writing the result), and the merge; none where attention has no table."""
+    import torch
+
+    from gptfast.kernels import decode
+    if arch not in tuning().CONFIGS["forward"]:
+        return []
+    plain = (("CAUSAL", True), ("WINDOW", False), ("ALIBI_SLOPES", False), ("SOFTCAP", False),
+             ("LEFTPAD_KEYS", False), ("FINAL", False))
+    every = (("CAUSAL", True), ("WINDOW", True), ("ALIBI_SLOPES", True), ("SOFTCAP", True), ("LEFTPAD_KEYS", True),
+             ("FINAL", True))
+    jobs = []
+    for dtype in arch_dtypes(arch, dtypes):
+        precision = "ieee" if dtype == "fp32" else "tf32"
+        for block_n, warps, stages, dims in decode.TILES["fp32" if dtype == "fp32" else "16-bit"]:
+            for block_d in dims:
+                for features in (plain, every):
+                    block_m = decode.query_block(64, block_d, torch.float32 if dtype == "fp32" else torch.bfloat16)
+                    constexprs = (("HEAD_DIM", block_d), ("BLOCK_D", block_d), *features,
+                                  ("INPUT_PRECISION", precision), ("BLOCK_M", block_m),
+                                  ("BLOCK_N", block_n))
+                    jobs.append(Job("decode", "attention_decode_kernel", arch, dtype, constexprs, warps, stages,
+                                    tuning().MAX_REGISTERS))
+        for block_d in tuning().UP_TO_256:
+            constexprs = (("HEAD_DIM", block_d), ("BLOCK_D", block_d), ("BLOCK_S", decode.MAX_SPLITS))
+            jobs.append(Job("decode", "attention_combine_kernel", arch, dtype, constexprs, 4, 1))
+    return jobs
+
+
 def layernorm_jobs(arch, dtypes=INSPECTED_DTYPES):
     from gptfast.kernels import layernorm as ln
     jobs = []
@@ -161,7 +192,8 @@ def signature(fn, dtype, constexprs):
         elif name.startswith("stride_") and name[-1] == "d" and fn.__name__.startswith("attention"):
             sig[name], consts[name] = "constexpr", 1
         elif name.isupper():
-            sig[name] = ("*fp32" if name in FLOAT32_POINTERS else "*i64" if name in ("SEED", "TARGET") else
+            partial = name == "O" and consts.get("FINAL") is False  # a split's partial output: float32
+            sig[name] = ("*fp32" if name in FLOAT32_POINTERS or partial else "*i64" if name in ("SEED", "TARGET") else
                          "*i32" if name in INT32_POINTERS else
                          "*i1" if name == "KEEP" or name == "MASK" and consts.get("MASK_KIND") == 1 else f"*{dtype}")
             attrs[(index,)] = [["tt.divisibility", 16]]
@@ -244,6 +276,8 @@ def run(archs, kernels, dtypes, workers, out=sys.stdout):
     for arch in archs:
         if "attention" in kernels:
             jobs += attention_jobs(arch, dtypes)
+        if "decode" in kernels:
+            jobs += decode_jobs(arch, dtypes)
         if "layernorm" in kernels:
             jobs += layernorm_jobs(arch, dtypes)
         if "cross_entropy" in kernels:

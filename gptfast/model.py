@@ -13,8 +13,12 @@ import torch
 import torch.nn as nn
 
 from gptfast.attention import flash_attn_func
+from gptfast.decoder import GraphedDecodeStep, decode_step, prefill, prompts_of
+from gptfast.kvcache import cached_attention
 from gptfast.layernorm import LayerNorm, add_layer_norm
 from gptfast.loss import linear_cross_entropy
+from gptfast.packing import Packed
+from gptfast.varlen import varlen_attention
 
 # GPT-2's checkpoints store these weights as Conv1D, (in, out): the transpose of our Linear's.
 HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -47,24 +51,26 @@ class GPTConfig:
 
 
 class KVCache:
-    """Keys and values of every layer for one generate call, allocated once, at the first append, in the dtype
-    the keys come in (so it also serves under autocast): (n_layer, B, max_len, H, D) each. ``length`` tokens are
-    filled; ``append`` writes the next ones and returns views of everything so far."""
+    """The static cache of one generate call, in flash_attn_with_kvcache's layout: keys and values (n_layer, B,
+    max_len, H, D), allocated once, at the prefill, in the dtype the keys come in (so it also serves under
+    autocast); seqlens int32 (B,), the tokens each sequence holds (prompts of different lengths differ);
+    block_table int32 (B, 1), each sequence's cache row. A decode step writes its token's keys at seqlens and
+    then adds 1 in place, so a CUDA graph of the step replays with no input but the token."""
 
-    def __init__(self, config, batch, max_len):
+    def __init__(self, config, batch, max_len, device):
         self.shape = (config.n_layer, batch, max_len, config.n_head, config.n_embd // config.n_head)
         self.keys = self.values = None
-        self.length = 0
+        self.seqlens = torch.zeros(batch, dtype=torch.int32, device=device)
+        self.block_table = torch.arange(batch, dtype=torch.int32, device=device)[:, None]
 
-    def append(self, layer, k, v):
-        """k, v: (B, T, H, D) of the new tokens. Returns (B, length + T, H, D) views of this layer's cache."""
+    def write_prompts(self, layer, k, v, packed):
+        """k, v: (total, H, D) of the prompts packed as `packed` (gptfast.packing.Packed), written from position
+        0 of each sequence's row."""
         if self.keys is None:
-            self.keys = k.new_empty(self.shape)
-            self.values = v.new_empty(self.shape)
-        end = self.length + k.shape[1]
-        self.keys[layer, :, self.length:end] = k
-        self.values[layer, :, self.length:end] = v
-        return self.keys[layer, :, :end], self.values[layer, :, :end]
+            self.keys = k.new_zeros(self.shape)
+            self.values = v.new_zeros(self.shape)
+        self.keys[layer][packed.sequence, packed.positions] = k
+        self.values[layer][packed.sequence, packed.positions] = v
 
 
 class CausalSelfAttention(nn.Module):
@@ -77,13 +83,24 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.attn_dropout = config.dropout  # on the attention weights, inside the kernel
 
-    def forward(self, x, cache=None):
+    def forward(self, x, cache=None, packed=None):
+        """x (B, T, C). packed: x is (1, total, C), sequences packed as described (training on packed documents,
+        or a prefill of prompts, which also fills the cache). cache without packed: a decode step, T new tokens
+        per sequence after cache.seqlens."""
         batch, seqlen, width = x.shape
         q, k, v = self.c_attn(x).view(batch, seqlen, 3, self.n_head, width // self.n_head).unbind(dim=2)
-        if cache is not None:
-            k, v = cache.append(self.layer, k, v)
-        # Bottom-right causal: with a cache the new queries are the last ones, and see every cached key.
-        y = flash_attn_func(q, k, v, dropout_p=self.attn_dropout if self.training else 0.0, causal=True)
+        dropout_p = self.attn_dropout if self.training else 0.0
+        if packed is not None:
+            if cache is not None:
+                cache.write_prompts(self.layer, k[0], v[0], packed)
+            cu_seqlens, longest = packed.cu_seqlens, packed.max_seqlen
+            y = varlen_attention(q[0], k[0], v[0], cu_seqlens, cu_seqlens, longest, longest, dropout_p,
+                                 causal=True)[None]
+        elif cache is not None:  # writes k, v at cache.seqlens, attends to everything up to them (bottom-right)
+            y = cached_attention(q, cache.keys[self.layer], cache.values[self.layer], k, v, cache.seqlens,
+                                 cache.block_table, causal=True)[0]
+        else:
+            y = flash_attn_func(q, k, v, dropout_p=dropout_p, causal=True)
         return self.resid_dropout(self.c_proj(y.reshape(batch, seqlen, width)))
 
 
@@ -111,9 +128,9 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, hidden, residual, cache=None):
+    def forward(self, hidden, residual, cache=None, packed=None):
         normed, residual = _add_norm(hidden, residual, self.ln_1)
-        hidden = self.attn(normed, cache)
+        hidden = self.attn(normed, cache, packed)
         normed, residual = _add_norm(hidden, residual, self.ln_2)
         return self.mlp(normed), residual
 
@@ -162,36 +179,51 @@ class GPT(nn.Module):
         estimate_mfu). The place MFU and the benchmarks' TFLOP/s both count from."""
         return 6 * self.num_params() + 12 * self.config.n_layer * self.config.n_embd * seq_len
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, packed=None):
         """idx: (B, T) int64 token ids -> logits (B, T, vocab_size) in the model's dtype; with targets (B, T) int64
         (targets[b, t] the token after idx[b, t]) the mean next-token loss instead, float32, computed by the fused
-        linear cross-entropy so that the logits are never held (on PyTorch under the torch backend)."""
-        self._check_ids(idx, targets)
-        hidden = self._hidden_states(idx)
+        linear cross-entropy so that the logits are never held (on PyTorch under the torch backend).
+
+        packed: a gptfast.packing.Packed of documents packed into idx (1, total): each attends only within
+        itself and its positions restart at 0, so the loss equals that of the documents run one by one."""
+        self._check_ids(idx, targets, packed)
+        hidden = self._hidden_states(idx, packed=packed)
         if targets is None:
             return self.lm_head(hidden)
         return linear_cross_entropy(hidden, self.lm_head.weight, targets, check_classes=False)  # checked above
 
-    def loss(self, idx, targets):
-        """Mean next-token cross-entropy: idx and targets (B, T) int64, as forward(idx, targets)."""
-        return self(idx, targets)
+    def loss(self, idx, targets, packed=None):
+        """Mean next-token cross-entropy: idx and targets (B, T) int64, as forward(idx, targets, packed)."""
+        return self(idx, targets, packed)
 
-    def _hidden_states(self, idx, cache=None):
-        """The final LayerNorm's output (B, T, C) for checked ids. With a cache, idx holds the tokens after the
-        cached ones."""
-        start = 0 if cache is None else cache.length
-        positions = torch.arange(start, start + idx.shape[1], device=idx.device)
+    def _hidden_states(self, idx, cache=None, packed=None):
+        """The final LayerNorm's output (B, T, C) for checked ids. With packed, idx (1, total) holds packed
+        sequences (their prompts, with a cache, which they fill); with a cache alone, a decode step: idx (B, T)
+        holds the tokens after each sequence's cache.seqlens (the caller advances them)."""
+        if packed is not None:
+            positions = packed.positions
+        elif cache is not None:
+            positions = cache.seqlens[:, None].long() + torch.arange(idx.shape[1], device=idx.device)
+        else:
+            positions = torch.arange(idx.shape[1], device=idx.device)
         hidden = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
         residual = None
         for block in self.transformer.h:
-            hidden, residual = block(hidden, residual, cache)
-        if cache is not None:
-            cache.length += idx.shape[1]
+            hidden, residual = block(hidden, residual, cache, packed)
         ln_f = self.transformer.ln_f
         return _add_norm(hidden, residual, ln_f)[0]
 
-    def _check_ids(self, idx, targets=None):
-        """idx (and targets, where given: the same shape, ids or -100 to ignore) as the model can take them."""
+    def _check_ids(self, idx, targets=None, packed=None):
+        """idx (and targets, where given: the same shape, ids or -100 to ignore; and packed, where given) as the
+        model can take them."""
+        if packed is not None:
+            if not isinstance(packed, Packed) or getattr(idx, "shape", None) != (1, packed.total):
+                raise ValueError(f"packed must be a gptfast.packing.Packed whose lengths sum to idx's (1, total) "
+                                 f"shape, got {type(packed).__name__} for idx of shape "
+                                 f"{tuple(getattr(idx, 'shape', ()))}")
+            if packed.max_seqlen > self.config.block_size:
+                raise ValueError(f"a packed sequence of {packed.max_seqlen} tokens is longer than the model's "
+                                 f"block size ({self.config.block_size})")
         if targets is not None and (not isinstance(targets, torch.Tensor) or targets.dtype != torch.int64
                                     or targets.shape != getattr(idx, "shape", None)):
             raise ValueError(f"targets must be an int64 tensor of idx's shape, got "
@@ -202,7 +234,7 @@ class GPT(nn.Module):
                              f"{' ' + str(idx.dtype) if isinstance(idx, torch.Tensor) else ''}")
         if idx.shape[1] == 0:
             raise ValueError("idx is empty: give at least one token")
-        if idx.shape[1] > self.config.block_size:
+        if idx.shape[1] > self.config.block_size and packed is None:
             raise ValueError(f"sequence of {idx.shape[1]} tokens is longer than the model's block size "
                              f"({self.config.block_size})")
         # An id out of range would be a device-side assert on CUDA, which ends the process's CUDA context: check
@@ -220,46 +252,87 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, do_sample=True, temperature=1.0, top_k=None, top_p=None,
-                 eos_token_id=None, use_cache=True, generator=None, on_token=None):
+                 eos_token_id=None, use_cache=True, generator=None, on_token=None, cuda_graph=None):
         """Continue each prompt by up to max_new_tokens tokens.
 
         Args:
-            idx: (B, T) int64 prompts of equal length, 1 <= T <= block_size.
+            idx: (B, T) int64 prompts of equal length, or a list of prompts of any lengths (1-dim int64 tensors or
+                lists of ids), 1 <= T <= block_size. Prompts of different lengths need no padding: the prefill
+                packs them (flash_attn_varlen_func) and each keeps its own cache length.
             do_sample: sample from the (temperature, top_k, top_p filtered) distribution; False is greedy, token
                 for token what transformers' generate(do_sample=False) returns.
             eos_token_id: a sequence that emits it is finished and padded with it; all finished stops generation.
-            use_cache: keep keys and values in a preallocated KVCache and feed only the new token each step.
+            use_cache: keep keys and values in a static KVCache and run one token per step through
+                flash_attn_with_kvcache; False recomputes every step from the start (equal-length prompts only).
             generator: a torch.Generator for reproducible sampling.
             on_token: called with each new (B,) token tensor, for streaming.
+            cuda_graph: run the decode step as a captured CUDA graph (default: on CUDA, with the cache).
         Returns:
-            (B, T + n) int64, n <= max_new_tokens. Stops early, with a warning, at the block size.
+            (B, T + n) int64 for a tensor idx, else a list of 1-dim tensors (prompt and its n new tokens), n <=
+            max_new_tokens. Stops early, with a warning, at the block size.
         """
-        self._check_ids(idx)
+        prompts, batched = prompts_of(idx)
         _check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p)
-        room = self.config.block_size - idx.shape[1]
-        if max_new_tokens > room:
+        if not use_cache and not batched:
+            raise ValueError("generate(use_cache=False) takes a (batch, seq_len) tensor of equal-length prompts")
+        longest = max(len(p) for p in prompts)
+        if longest > self.config.block_size:
+            raise ValueError(f"a prompt of {longest} tokens is longer than the model's block size "
+                             f"({self.config.block_size})")
+        if max_new_tokens > self.config.block_size - longest:
             warnings.warn(f"generate: the model's block size is {self.config.block_size} tokens, so it stops after "
-                          f"{room} new tokens instead of {max_new_tokens}", stacklevel=2)
-            max_new_tokens = room
-        cache = KVCache(self.config, idx.shape[0], idx.shape[1] + max_new_tokens) if use_cache else None
-        finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+                          f"{self.config.block_size - longest} new tokens instead of {max_new_tokens}", stacklevel=2)
+            max_new_tokens = self.config.block_size - longest
+        device = self.lm_head.weight.device
+        if use_cache:
+            step, logits = self._cached_decoder(prompts, longest + max_new_tokens, device, cuda_graph)
+        else:
+            step, logits = self._uncached_decoder(idx)
+        new = self._decode(step, logits, max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id,
+                           generator, on_token)
+        if batched:
+            return torch.cat([idx, new], dim=1)
+        return [torch.cat([p.to(device), row]) for p, row in zip(prompts, new)]
+
+    def _cached_decoder(self, prompts, max_len, device, cuda_graph):
+        """(step, first logits): the prefill done, a function of the last tokens (B,) returning the next logits."""
+        cache = KVCache(self.config, len(prompts), max_len, device)
+        logits = prefill(self, prompts, cache)
+        if cuda_graph is None:
+            cuda_graph = device.type == "cuda"
+        if cuda_graph and device.type != "cuda":
+            raise ValueError(f"generate(cuda_graph=True) needs the model on a CUDA device, not {device}")
+        if cuda_graph:
+            return GraphedDecodeStep(self, cache, len(prompts)), logits
+        return (lambda token: decode_step(self, token, cache)), logits
+
+    def _uncached_decoder(self, idx):
+        """(step, first logits) recomputing every position each step: the reference the cached path must equal."""
+        self._check_ids(idx)
         tokens = [idx]
-        step_input = idx
-        for _ in range(max_new_tokens):
-            # Only the last position's logits are needed: the LM head runs on one row per sequence.
-            hidden = self._hidden_states(step_input if use_cache else torch.cat(tokens, 1), cache)
-            logits = self.lm_head(hidden[:, -1])
+
+        def step(token):
+            tokens.append(token[:, None])
+            return self.lm_head(self._hidden_states(torch.cat(tokens, 1))[:, -1])
+        return step, self.lm_head(self._hidden_states(idx)[:, -1])
+
+    def _decode(self, step, logits, max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id,
+                generator, on_token):
+        """The sampling loop: (B, n) int64 new tokens, n <= max_new_tokens (fewer when every sequence ended)."""
+        finished = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+        new = []
+        for i in range(max_new_tokens):
             token = _next_token(logits.float(), do_sample, temperature, top_k, top_p, generator)
             if eos_token_id is not None:
                 token = token.masked_fill(finished, eos_token_id)
                 finished |= token == eos_token_id
-            tokens.append(token[:, None])
-            step_input = token[:, None]
+            new.append(token[:, None])
             if on_token is not None:
                 on_token(token)
-            if eos_token_id is not None and finished.all():
+            if (eos_token_id is not None and finished.all()) or i == max_new_tokens - 1:
                 break
-        return torch.cat(tokens, dim=1)
+            logits = step(token)
+        return torch.cat(new, dim=1) if new else logits.new_zeros((logits.shape[0], 0), dtype=torch.int64)
 
     # ------------------------------------------------------------------------------------------------------------
     # Weights

@@ -37,7 +37,7 @@ from gptfast.tokenizer import ByteTokenizer, load_tokenizer
 MODEL_SHAPE = dict(n_layer=4, n_head=6, n_embd=192, block_size=256)
 DEFAULTS = dict(MODEL_SHAPE, dropout=0.0, data=None, tokenizer="bytes", batch_size=8, grad_accum=1, seed=1337,
                 dtype="auto", lr=2e-3, min_lr=None, warmup_iters=100, lr_decay_iters=None, weight_decay=0.1,
-                grad_clip=1.0)
+                grad_clip=1.0, pack=False)
 FIXED = (*MODEL_SHAPE, "tokenizer")
 # Dense bf16 tensor-core peaks (vendor datasheets), for model FLOPs utilisation.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -86,6 +86,9 @@ def add_arguments(parser):
     add("--kernels", choices=("auto", "triton", "torch"), default="auto",
         help="triton: gptfast's fused kernels (an error where they cannot run); torch: the plain PyTorch "
              "reference, to compare; auto: the kernels where they run, else PyTorch")
+    add("--pack", action="store_true", default=None,
+        help="pack documents: cut each window at the files (and end-of-text tokens) it crosses, so no token attends "
+             "across a document; off by default, as in nanoGPT and GPT-2's training, whose windows cross documents")
     add("--compile", action="store_true", help="torch.compile the model")
     add("--fsdp", action="store_true",
         help="under torchrun, shard the model, gradients and optimizer state over the ranks with FSDP2 (each block, "
@@ -146,6 +149,7 @@ def run_settings(args, saved, device):
         settings["min_lr"] = settings["lr"] / 10 if settings["min_lr"] is None else settings["min_lr"]
         settings["lr_decay_iters"] = settings["lr_decay_iters"] or args.max_iters
         return settings, {}
+    saved = {**DEFAULTS, **saved}  # a run saved before a setting existed ran with its default
     changes = {name: (saved[name], value) for name, value in given.items() if value != saved[name]}
     refused = [name for name in changes if name in FIXED or not args.allow_changes]
     if refused:
@@ -258,8 +262,7 @@ class Trainer:
         self.model, self.settings, self.splits, self.device = model, settings, splits, device
         self.rank, self.world, self.fsdp = rank, world, fsdp
         self.block_size = settings["block_size"]
-        self.batches = Batches(splits["train"], settings["batch_size"], self.block_size, seed=settings["seed"],
-                               shard=(rank, world))
+        self.batches = self.sampler("train", settings["seed"], shard=(rank, world))
         if fsdp:
             shard(model)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -274,6 +277,13 @@ class Trainer:
                 self.forward, device_ids=[device.index] if device.type == "cuda" else None)
         self.tokens_per_step = settings["batch_size"] * self.block_size * settings["grad_accum"] * world
 
+    def sampler(self, split, seed, shard=(0, 1)):
+        """Batches of a split; with --pack, cut at its documents (files, and end-of-text tokens where the
+        tokenizer has one)."""
+        corpus = self.splits[split]
+        starts = corpus.document_starts(self.model.config.eos_token_id) if self.settings["pack"] else None
+        return Batches(corpus.tokens, self.settings["batch_size"], self.block_size, seed, shard, starts)
+
     def autocast(self):  # a fresh context each use; float32 runs without autocast
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
@@ -284,14 +294,14 @@ class Trainer:
         accum = self.settings["grad_accum"]
         loss_sum = 0.0
         for micro in range(accum):
-            x, y = self.batches.next(self.device)
+            x, y, packed = self.batches.next(self.device)
             # Gradients are reduced across ranks on the last micro-batch only.
             last = micro == accum - 1
             if self.fsdp:
                 self.model.set_requires_gradient_sync(last)
             sync = nullcontext() if self.world == 1 or self.fsdp or last else self.forward.no_sync()
             with sync, self.autocast():
-                loss = self.forward(x, y) / accum  # the fused loss: no logits held
+                loss = self.forward(x, y, packed) / accum  # the fused loss: no logits held
             self.scaler.scale(loss).backward()
             loss_sum += loss.detach()
         if self.settings["grad_clip"] > 0:
@@ -315,15 +325,15 @@ class Trainer:
         """Mean loss over eval_iters batches of each split, the same batches every time: {split: loss}."""
         self.model.eval()
         losses = {}
-        for name, tokens in self.splits.items():
-            if len(tokens) < self.block_size + 2:
+        for name, corpus in self.splits.items():
+            if len(corpus.tokens) < self.block_size + 2:
                 continue
-            sampler = Batches(tokens, self.settings["batch_size"], self.block_size, seed=self.settings["seed"] + 999)
+            sampler = self.sampler(name, self.settings["seed"] + 999)
             total = 0.0
             for _ in range(eval_iters):
-                x, y = sampler.next(self.device)
+                x, y, packed = sampler.next(self.device)
                 with self.autocast():
-                    total += self.model(x, y).item()
+                    total += self.model(x, y, packed).item()
             losses[name] = total / eval_iters
         self.model.train()
         return losses
@@ -483,7 +493,8 @@ def main(args):
         trainer = Trainer(model, settings, splits, device, rank, world, args.compile, args.fsdp)
         start = continue_run(trainer, run, state, changes, say) if state else 0
         say(f"training {model.num_params() / 1e6:.2f}M parameters on {device} ({world} rank{'s' * (world > 1)}), "
-            f"{len(splits['train']):,} train tokens, {trainer.tokens_per_step:,} tokens per step, run folder {out}")
+            f"{len(splits['train'].tokens):,} train tokens, {trainer.tokens_per_step:,} tokens per step, run folder "
+            f"{out}")
         with backend.use_backend(args.kernels):
             model.train()
             stopped = train_loop(trainer, run, tokenizer, start, args, say)

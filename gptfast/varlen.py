@@ -74,10 +74,21 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     _check_packed("k", k, "(total_k, nheads_k, head_dim)")
     _check_packed("v", v, "(total_k, nheads_k, head_dim)")
     check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k, q.device)
+    check_flash_options(cu_seqlens_q.numel() - 1, q.shape[1], q.device, dropout_p, window_size, softcap,
+                        alibi_slopes)
+    check_inputs(*(t.transpose(0, 1) for t in (q, k, v)), enable_gqa=True)
+    return varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                            softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                            return_attn_probs)
+
+
+def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                     softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                     deterministic=False, return_attn_probs=False):
+    """flash_attn_varlen_func for checked arguments: on the kernels' path it reads no value of cu_seqlens, so a
+    model that checked its packing once calls it without a synchronisation per layer."""
     num_seqs = cu_seqlens_q.numel() - 1
-    check_flash_options(num_seqs, q.shape[1], q.device, dropout_p, window_size, softcap, alibi_slopes)
     packed = [t.transpose(0, 1).unsqueeze(0) for t in (q, k, v)]  # (1, H, total, D) views
-    check_inputs(*packed, enable_gqa=True)
     softmax_scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     causal = CAUSAL_BOTTOM_RIGHT if causal else CAUSAL_NONE
     options = dict(causal=causal, window=tuple(window_size), softcap=float(softcap), alibi_slopes=alibi_slopes,

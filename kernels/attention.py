@@ -235,6 +235,19 @@ def _row_source(base, seqlen, stride_t, stride_d, HEAD_DIM: tl.constexpr, BLOCK_
 
 
 @triton.jit
+def online_softmax(scores, scale, row_sum, row_max):
+    """One key block's step of the online softmax (Milakov and Gimelshein, 2018): (p, correction, row_sum, row_max)
+    for a block of logits scores * scale (log2 units) and the running sum and max of each row; the caller
+    rescales its accumulator by correction and adds p @ v."""
+    new_max = tl.maximum(row_max, tl.max(scores, 1) * scale)
+    # A row with nothing visible yet keeps a max of -inf; subtract 0 instead so exp2 gives 0, not NaN.
+    shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+    p = tl.exp2(scores * scale - shift[:, None])
+    correction = tl.exp2(row_max - shift)
+    return p, correction, row_sum * correction + tl.sum(p, 1), new_max
+
+
+@triton.jit
 def _forward_block_loop(acc, row_sum, row_max, q, k_source, v_source, stride_kt, stride_vt, offs_m, d_mask,
                         seqlen_q, seqlen_k, causal_offset, window_offset, qk_scale, start, stop,
                         MASK, stride_mt, stride_ms, slope, alibi_offset, softcap,
@@ -260,12 +273,7 @@ def _forward_block_loop(acc, row_sum, row_max, q, k_source, v_source, stride_kt,
             visible = _visible(offs_m[:, None], key_rows[None, :], seqlen_k, causal_offset, window_offset,
                                CAUSAL=CAUSAL, WINDOW=WINDOW)
             scores = tl.where(visible, scores, float("-inf"))
-        new_max = tl.maximum(row_max, tl.max(scores, 1) * scale)
-        # A row with nothing visible yet keeps a max of -inf; subtract 0 instead so exp2 gives 0, not NaN.
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        p = tl.exp2(scores * scale - shift[:, None])
-        correction = tl.exp2(row_max - shift)
-        row_sum = row_sum * correction + tl.sum(p, 1)
+        p, correction, row_sum, new_max = online_softmax(scores, scale, row_sum, row_max)
         if DROPOUT:  # the softmax sums every weight; the output keeps some, scaled by 1 / (1 - dropout_p)
             p = tl.where(_kept(seed, seed_offset, head_index, offs_m[:, None], key_rows[None, :], dropout_p),
                          p * keep_scale, 0.0)

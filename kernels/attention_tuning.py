@@ -109,24 +109,25 @@ CONFIGS = {name: {"sm_90": SM_90[name], "sm_100": SM_100[name], "sm_80": SM_80[n
                   "sm_89": SM_86[name], "sm_120": SM_86[name], "fp32": FP32[name], "interpreter": INTERPRETER}
            for name in KERNELS}
 
-# With a feature past the bounds (a mask, ALiBi, softcapping, dropout) a tile holds more per score: these compile
-# without spills with all of them on at once (`gptfast inspect`'s EVERY_FEATURE).
+# With a feature past the bounds (a mask, ALiBi, softcapping, dropout, packed sequences) a tile holds more per
+# score: these compile without spills with all of them on at once (`gptfast inspect`'s EVERY_FEATURE).
 FEATURES_SM_90 = {
-    "forward": [Tile(128, 32, 8, 2, UP_TO_256), Tile(64, 16, 4, 2, UP_TO_256), Tile(64, 32, 4, 2, UP_TO_128)],
-    "backward_dkdv": [Tile(32, 16, 4, 1, UP_TO_256), Tile(16, 32, 4, 1, UP_TO_128), Tile(32, 32, 4, 1, UP_TO_64),
-                      Tile(16, 16, 4, 1, UP_TO_256)],
+    "forward": [Tile(128, 32, 8, 2, UP_TO_256), Tile(64, 16, 4, 2, UP_TO_128), Tile(64, 32, 4, 2, UP_TO_128),
+                Tile(32, 32, 4, 2, ONLY_256)],
+    "backward_dkdv": [Tile(32, 16, 4, 1, UP_TO_128), Tile(16, 32, 4, 1, UP_TO_128), Tile(32, 32, 4, 1, UP_TO_64),
+                      Tile(16, 16, 4, 1, UP_TO_256), Tile(16, 16, 8, 1, ONLY_256)],
     "backward_dq": [Tile(32, 16, 4, 1, UP_TO_256), Tile(32, 32, 4, 1, UP_TO_256), Tile(64, 16, 4, 1, UP_TO_128)],
     "backward_single_pass": [Tile(32, 16, 4, 1, UP_TO_128), Tile(16, 16, 4, 1, UP_TO_128)],
 }
 FEATURES_SM_100 = {
     **FEATURES_SM_90,
-    "forward": [Tile(128, 32, 8, 2, UP_TO_128), Tile(64, 16, 4, 2, UP_TO_256), Tile(64, 32, 4, 2, UP_TO_128),
-                Tile(32, 32, 4, 2, ONLY_256)],
+    "forward": [Tile(128, 32, 8, 2, UP_TO_128), Tile(64, 16, 4, 2, UP_TO_128), Tile(64, 32, 4, 2, UP_TO_128),
+                Tile(32, 32, 4, 2, ONLY_256), Tile(32, 16, 4, 2, ONLY_256)],
 }
 FEATURES_SM_80 = {  # also sm_86's, sm_89's and sm_120's
     "forward": [Tile(32, 32, 4, 2, UP_TO_256), Tile(128, 32, 8, 2, UP_TO_64), Tile(64, 16, 4, 2, UP_TO_64),
                 Tile(32, 16, 4, 1, UP_TO_256)],
-    "backward_dkdv": [Tile(32, 16, 4, 1, UP_TO_128), Tile(16, 32, 4, 1, UP_TO_128), Tile(16, 16, 8, 1, ONLY_256),
+    "backward_dkdv": [Tile(32, 16, 4, 1, UP_TO_128), Tile(16, 32, 4, 1, UP_TO_64), Tile(16, 16, 8, 1, (128, 256)),
                       Tile(32, 16, 8, 1, ONLY_256)],
     "backward_dq": [Tile(32, 16, 4, 1, UP_TO_256), Tile(32, 32, 4, 1, UP_TO_128), Tile(64, 32, 8, 1, UP_TO_128),
                     Tile(16, 16, 4, 1, UP_TO_256)],
@@ -137,7 +138,7 @@ FEATURES_FP32 = {
     "forward": [Tile(16, 16, 4, 1, UP_TO_128), Tile(32, 16, 4, 1, UP_TO_64), Tile(16, 32, 4, 1, UP_TO_64),
                 Tile(16, 16, 8, 1, UP_TO_256), Tile(32, 16, 8, 1, (128,)), Tile(16, 16, 16, 1, ONLY_256)],
     "backward_dkdv": [Tile(16, 16, 4, 1, UP_TO_64), Tile(32, 16, 4, 1, (16, 32)), Tile(16, 16, 8, 1, UP_TO_256),
-                      Tile(32, 16, 8, 1, (64, 128)), Tile(16, 16, 16, 1, ONLY_256)],
+                      Tile(32, 16, 8, 1, (64,)), Tile(16, 16, 16, 1, (128, 256))],
     "backward_dq": [Tile(16, 16, 4, 1, UP_TO_128), Tile(32, 16, 4, 1, UP_TO_64), Tile(16, 16, 8, 1, UP_TO_256),
                     Tile(32, 16, 8, 1, (128,)), Tile(16, 16, 16, 1, ONLY_256)],
     "backward_single_pass": [Tile(16, 16, 4, 1, UP_TO_64), Tile(16, 16, 8, 1, UP_TO_128),

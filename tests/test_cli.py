@@ -36,12 +36,6 @@ def trained(tmp_path_factory):
     return run, corpus
 
 
-@pytest.fixture
-def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("GPTFAST_HOME", str(tmp_path / "home"))
-    return tmp_path
-
-
 def test_generate_continues_the_newest_run(home, trained):
     runs = home / "home" / "runs"
     runs.mkdir(parents=True)

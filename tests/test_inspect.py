@@ -10,7 +10,7 @@ import pytest
 import triton
 
 from gptfast import inspect
-from gptfast.kernels import attention, attention_tuning, cross_entropy, layernorm
+from gptfast.kernels import attention, attention_tuning, cross_entropy, decode, layernorm
 
 
 def _kernels(module):
@@ -20,8 +20,10 @@ def _kernels(module):
 
 
 def test_every_kernel_is_inspected():
-    jobs = inspect.attention_jobs("sm_90") + inspect.layernorm_jobs("sm_90") + inspect.cross_entropy_jobs("sm_90")
-    assert {job.kernel for job in jobs} == _kernels(attention) | _kernels(layernorm) | _kernels(cross_entropy)
+    jobs = [job for make in (inspect.attention_jobs, inspect.decode_jobs, inspect.layernorm_jobs,
+                             inspect.cross_entropy_jobs) for job in make("sm_90")]
+    assert {job.kernel for job in jobs} == {name for module in (attention, decode, layernorm, cross_entropy)
+                                            for name in _kernels(module)}
 
 
 @pytest.mark.parametrize("features", [False, True], ids=["plain", "features"])

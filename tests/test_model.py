@@ -9,6 +9,7 @@ import transformers
 from gptfast import GPT, GPTConfig, backend
 from gptfast.hf import patch_hf, register
 from gptfast.layernorm import LayerNorm
+from gptfast.decoder import decode_step, prefill
 from gptfast.model import KVCache
 from tolerance import DEVICE
 
@@ -111,12 +112,49 @@ def test_generation_under_autocast(checkpoint):
     assert (cached == uncached).float().mean() > 0.5  # bf16 rounding may flip a near-tie, not most tokens
 
 
-def test_kv_cache_returns_views_of_one_buffer():
-    config = GPTConfig(vocab_size=10, block_size=8, n_layer=2, n_head=2, n_embd=16)
-    cache = KVCache(config, batch=1, max_len=8)
-    k, v = cache.append(1, torch.randn(1, 3, 2, 8, dtype=torch.bfloat16), torch.randn(1, 3, 2, 8))
-    assert k.shape == (1, 3, 2, 8) and k.data_ptr() == cache.keys[1].data_ptr()
-    assert cache.keys.dtype == torch.bfloat16 and cache.keys.shape == (2, 1, 8, 2, 8)
+def test_prompts_of_different_lengths_generate_as_if_alone(checkpoint):
+    """A batch of prompts of lengths 1 to 17, no padding: each sequence's greedy tokens equal transformers' for that
+    prompt alone (the prefill packs them, each decode step reads each sequence's own cache length)."""
+    folder, hf_model = checkpoint
+    model = GPT.from_pretrained(folder).eval().to(DEVICE)
+    prompts = [prompt(1, length, seed=length)[0] for length in (5, 1, 17)]
+    with backend.use_backend("triton"):
+        batched = model.generate(prompts, max_new_tokens=6, do_sample=False)
+    for ids, got in zip(prompts, batched):
+        theirs = hf_model.generate(ids[None], attention_mask=torch.ones_like(ids[None]), max_new_tokens=6,
+                                   do_sample=False, pad_token_id=100)
+        assert torch.equal(got.cpu(), theirs[0])
+
+
+def test_the_static_cache_holds_each_sequence_at_its_length(checkpoint):
+    model = GPT.from_pretrained(checkpoint[0]).eval().to(DEVICE)
+    cache = KVCache(model.config, 2, 12, torch.device(DEVICE))
+    prompts = [prompt(1, 3)[0].to(DEVICE), prompt(1, 7)[0].to(DEVICE)]
+    with torch.no_grad():
+        prefill(model, prompts, cache)
+        assert cache.seqlens.tolist() == [3, 7] and cache.keys.shape == (2, 2, 12, 3, 24)
+        decode_step(model, torch.tensor([1, 2], device=DEVICE), cache)
+    assert cache.seqlens.tolist() == [4, 8]
+    assert cache.keys[:, 0, 4:].abs().sum() == 0 and cache.keys[:, 0, 3].abs().sum() > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (benchmarks/gpu_check.sh)")
+def test_cuda_graph_decoding_matches_eager(checkpoint):
+    model = GPT.from_pretrained(checkpoint[0]).eval().to("cuda")
+    prompts = [prompt(1, length, seed=length)[0] for length in (5, 1, 17)]
+    graphed = model.generate(prompts, 8, do_sample=False, cuda_graph=True)
+    eager = model.generate(prompts, 8, do_sample=False, cuda_graph=False)
+    assert all(torch.equal(a, b) for a, b in zip(graphed, eager))
+
+
+def test_generate_rejects_bad_prompts(checkpoint):
+    model = GPT.from_pretrained(checkpoint[0]).eval()
+    with pytest.raises(ValueError, match="prompt 1 must be a non-empty"):
+        model.generate([[1, 2], []], 2)
+    with pytest.raises(ValueError, match=r"use_cache=False\) takes"):
+        model.generate([[1, 2], [3]], 2, use_cache=False)
+    with pytest.raises(ValueError, match=r"cuda_graph=True\) needs"):
+        model.generate([[1, 2]], 2, cuda_graph=True)
 
 
 def test_hf_attention_implementation_and_patch(checkpoint):

@@ -27,23 +27,6 @@ TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32
 QUICK = ["--eval-iters", "1", "--kernels", "torch", *TINY]
 
 
-@pytest.fixture
-def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("GPTFAST_HOME", str(tmp_path / "home"))
-    return tmp_path
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    """A small text corpus made by the test: a few Python-like files."""
-    folder = tmp_path / "corpus"
-    folder.mkdir()
-    for i in range(12):
-        body = "".join(f"def function_{i}_{j}(x):\n    return x * {j} + {i}\n\n" for j in range(40))
-        (folder / f"module_{i}.py").write_text(body)
-    return str(folder)
-
-
 def read_log(folder):
     with open(os.path.join(folder, "log.jsonl")) as f:
         return [json.loads(line) for line in f]

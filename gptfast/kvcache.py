@@ -1,0 +1,229 @@
+"""flash-attn 2's ``flash_attn_with_kvcache`` on gptfast's split-KV decoding kernel (gptfast.kernels.decode): new
+keys and values written into a preallocated cache in place, rotary embedding of the new queries and keys, plain
+or paged caches, per-sequence lengths, and attention over the cache, all in one call.
+
+The cache update and the rotary embedding run in PyTorch (a gather and an index_put, each one kernel launch);
+the attention runs the split-KV kernel. Where the kernels cannot run (float64, the CPU without TRITON_INTERPRET)
+each sequence is attended alone in PyTorch.
+"""
+import math
+
+import torch
+
+from gptfast import backend
+from gptfast.attention import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, attend, check_flash_options, kernel_gap
+
+MIN_PAGE_SIZE = 16
+
+
+def _shape(t):
+    return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def _check_int32(name, t, shape):
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or tuple(t.shape) != shape:
+        raise ValueError(f"{name} must be an int32 tensor of shape {shape}, got "
+                         f"{(t.dtype, tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__}")
+
+
+def _check_tensors(q, k_cache, v_cache, k, v, block_table, cache_batch_idx):
+    """Shapes and dtypes that need no values."""
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-dim tensor, got {_shape(t)}")
+        if t.dtype != q.dtype or t.device != q.device:
+            raise ValueError(f"{name} must share q's dtype and device ({q.dtype}, {q.device}), got {t.dtype}, "
+                             f"{t.device}")
+    batch, _, heads, head_dim = q.shape
+    if k_cache.shape != v_cache.shape or k_cache.shape[3] != head_dim or heads % k_cache.shape[2]:
+        raise ValueError(f"k_cache and v_cache must have one shape (.., .., nheads_k, {head_dim}) with nheads_k "
+                         f"dividing q's {heads} heads, got {_shape(k_cache)} and {_shape(v_cache)}")
+    if (k is None) != (v is None):
+        raise ValueError("pass k and v together, or neither")
+    if k is not None:
+        wanted = (batch, k.shape[1] if isinstance(k, torch.Tensor) else 0, *k_cache.shape[2:])
+        for name, t in (("k", k), ("v", v)):
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != wanted or t.dtype != q.dtype:
+                raise ValueError(f"{name} must be a {q.dtype} tensor of shape (batch, seqlen_new, nheads_k, "
+                                 f"head_dim) = {wanted}, got {_shape(t)}")
+    if block_table is not None:
+        if cache_batch_idx is not None:
+            raise ValueError("cache_batch_idx cannot be combined with block_table (a paged cache); index the "
+                             "block_table rows instead")
+        _check_int32("block_table", block_table, (batch, block_table.shape[1] if block_table.dim() == 2 else -1))
+        page = k_cache.shape[1]
+        if page < MIN_PAGE_SIZE or page & (page - 1):
+            raise ValueError(f"a paged cache's page size (k_cache.shape[1]) must be a power of two from "
+                             f"{MIN_PAGE_SIZE}, got {page}")
+    elif cache_batch_idx is not None:
+        _check_int32("cache_batch_idx", cache_batch_idx, (batch,))
+    elif k_cache.shape[0] != batch:
+        raise ValueError(f"k_cache holds {k_cache.shape[0]} sequences but q has batch {batch}; pass "
+                         f"cache_batch_idx to pick cache rows")
+
+
+def _check_rotary(rotary_cos, rotary_sin, head_dim):
+    if (rotary_cos is None) != (rotary_sin is None):
+        raise ValueError("pass rotary_cos and rotary_sin together, or neither")
+    if rotary_cos is None:
+        return
+    shape = _shape(rotary_cos)
+    if (not isinstance(rotary_cos, torch.Tensor) or rotary_cos.dim() != 2 or _shape(rotary_sin) != shape
+            or not 0 < 2 * shape[1] <= head_dim):
+        raise ValueError(f"rotary_cos and rotary_sin must both be (seqlen_ro, rotary_dim / 2) with rotary_dim <= "
+                         f"head_dim ({head_dim}), got {shape} and {_shape(rotary_sin)}")
+
+
+def _capturing(device):
+    return torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
+def _check_values(seqlens, new_tokens, capacity, block_table, num_pages, cache_batch_idx, cache_rows, leftpad,
+                  rotary_rows, rotary_positions):
+    """The values no shape shows, read with one synchronisation (skipped under torch.compile and CUDA-graph
+    capture, where a read would break the graph)."""
+    if _capturing(seqlens.device):
+        return
+    parts = [seqlens, *(t.flatten() for t in (block_table, cache_batch_idx, leftpad) if t is not None)]
+    values = torch.cat(parts).tolist()
+    lengths, rest = values[:seqlens.numel()], values[seqlens.numel():]
+    if min(lengths) < 0 or max(lengths) + new_tokens > capacity:
+        raise ValueError(f"cache_seqlens must be in [0, {capacity - new_tokens}] so that the {new_tokens} new "
+                         f"tokens fit in the cache's {capacity} slots, got {min(lengths)} to {max(lengths)}")
+    for name, t, bound in (("block_table", block_table, num_pages), ("cache_batch_idx", cache_batch_idx,
+                                                                     cache_rows)):
+        if t is not None:
+            chunk, rest = rest[:t.numel()], rest[t.numel():]
+            if min(chunk) < 0 or max(chunk) >= bound:
+                raise ValueError(f"{name} must index the cache's {bound} {'pages' if t is block_table else 'rows'}"
+                                 f" (0 to {bound - 1}), got values from {min(chunk)} to {max(chunk)}")
+    if leftpad is not None and any(not 0 <= pad <= length + new_tokens for pad, length in zip(rest, lengths)):
+        raise ValueError("cache_leftpad must lie in [0, cache_seqlens + seqlen_new] for every sequence")
+    if rotary_rows is not None and max(lengths) + rotary_positions > rotary_rows:
+        raise ValueError(f"rotary_cos has {rotary_rows} positions but the tokens reach position "
+                         f"{max(lengths) + rotary_positions - 1}")
+
+
+def apply_rotary(x, cos, sin, positions, interleaved):
+    """Rotary embedding (Su et al., 2021) of the first rotary_dim = 2 * cos.shape[1] features of x (B, T, H, D)
+    at positions (B, T) int64; interleaved rotates pairs (x0, x1), (x2, x3), ... (GPT-J), else the halves
+    (x_i, x_{i + rotary_dim / 2}) (GPT-NeoX, Llama). Computed in float32, returned in x's dtype."""
+    half = cos.shape[1]
+    cos, sin = cos[positions][:, :, None].float(), sin[positions][:, :, None].float()
+    rotated = x[..., :2 * half].float()
+    if interleaved:
+        first, second = rotated[..., 0::2], rotated[..., 1::2]
+        rotated = torch.stack((first * cos - second * sin, first * sin + second * cos), dim=-1).flatten(-2)
+    else:
+        first, second = rotated[..., :half], rotated[..., half:]
+        rotated = torch.cat((first * cos - second * sin, first * sin + second * cos), dim=-1)
+    return torch.cat((rotated.to(x.dtype), x[..., 2 * half:]), dim=-1)
+
+
+def _write_cache(cache, new, seqlens, block_table):
+    """cache[b, seqlens[b] + i] = new[b, i] in place, through block_table (B, pages) into the (pages, page_size,
+    H, D) pool."""
+    page_size = cache.shape[1]
+    positions = seqlens[:, None].long() + torch.arange(new.shape[1], device=new.device)
+    pages = torch.gather(block_table.long(), 1, positions // page_size)
+    cache[pages, positions % page_size] = new
+
+
+def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
+                            cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
+                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                            rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False):
+    """flash-attn 2's ``flash_attn_with_kvcache``, same signature and argument order, on gptfast's kernels.
+
+    Args:
+        q: (B, Tq, Hq, D). k_cache, v_cache: (B_cache, T_cache, Hkv, D), or with block_table a paged pool
+            (num_pages, page_size, Hkv, D), page_size a power of two from 16 (flash-attn requires 256).
+        k, v: None, or (B, T_new, Hkv, D): written into the cache in place at positions cache_seqlens[b],
+            cache_seqlens[b] + 1, ... before the attention (cache_seqlens itself is not updated: the caller adds
+            T_new, as with flash-attn).
+        rotary_cos, rotary_sin: None, or (seqlen_ro, rotary_dim / 2): k is rotated at positions cache_seqlens,
+            cache_seqlens + 1, ...; q too when causal or windowed, else every query at cache_seqlens.
+            rotary_interleaved: rotate pairs (GPT-J) rather than halves (GPT-NeoX).
+        cache_seqlens: int or int32 (B,): tokens already in each sequence's cache (default: all of it).
+        cache_batch_idx: int32 (B,): the cache row of each sequence (plain caches only).
+        cache_leftpad: int32 (B,): keys before it are padding, never attended.
+        block_table: int32 (B, pages per sequence): the pool pages of each sequence, in order.
+        softmax_scale, causal, window_size, softcap, alibi_slopes: as flash_attn_func, aligned to each sequence's
+            bottom-right corner (query t sits at position cache_seqlens + T_new - Tq + t).
+        num_splits: how many programs share a sequence's keys (split-KV); 0 chooses from the GPU's size.
+        return_softmax_lse: also return lse (B, Hq, Tq) float32.
+    Returns:
+        out (B, Tq, Hq, D) in q's dtype, or (out, lse).
+    """
+    _check_tensors(q, k_cache, v_cache, k, v, block_table, cache_batch_idx)
+    _check_rotary(rotary_cos, rotary_sin, q.shape[3])
+    batch = q.shape[0]
+    check_flash_options(batch, q.shape[2], q.device, 0.0, window_size, softcap, alibi_slopes)
+    if not isinstance(num_splits, int) or num_splits < 0:
+        raise ValueError(f"num_splits must be an int >= 0 (0 chooses), got {num_splits!r}")
+    if cache_leftpad is not None:
+        _check_int32("cache_leftpad", cache_leftpad, (batch,))
+    rows = cache_batch_idx if cache_batch_idx is not None else torch.arange(batch, dtype=torch.int32,
+                                                                            device=q.device)
+    table = block_table if block_table is not None else rows[:, None]
+    capacity = table.shape[1] * k_cache.shape[1]
+    if cache_seqlens is None or isinstance(cache_seqlens, int):
+        cache_seqlens = torch.full((batch,), capacity if cache_seqlens is None else cache_seqlens,
+                                   dtype=torch.int32, device=q.device)
+    _check_int32("cache_seqlens", cache_seqlens, (batch,))
+    local = causal or tuple(window_size) != (-1, -1)
+    new_tokens = 0 if k is None else k.shape[1]
+    _check_values(cache_seqlens, new_tokens, capacity, block_table, k_cache.shape[0], cache_batch_idx,
+                  k_cache.shape[0], cache_leftpad, None if rotary_cos is None else rotary_cos.shape[0],
+                  max(new_tokens, q.shape[1] if local else 1))
+    rotary = None if rotary_cos is None else (rotary_cos, rotary_sin, rotary_interleaved)
+    out, lse = cached_attention(q, k_cache, v_cache, k, v, cache_seqlens, table, cache_leftpad, rotary,
+                                softmax_scale, causal, tuple(window_size), softcap, alibi_slopes, num_splits)
+    return (out, lse) if return_softmax_lse else out
+
+
+def cached_attention(q, k_cache, v_cache, k, v, seqlens, block_table, leftpad=None, rotary=None,
+                     softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                     num_splits=0):
+    """flash_attn_with_kvcache for checked arguments, without reading any value (so a CUDA graph can capture it):
+    block_table (B, pages) int32 (a plain cache's rows as (B, 1)), seqlens int32 (B,), rotary None or (cos, sin,
+    interleaved). Returns (out (B, Tq, Hq, D), lse (B, Hq, Tq))."""
+    if rotary is not None:
+        cos, sin, interleaved = rotary
+        start = seqlens[:, None].long()
+        if causal or window_size != (-1, -1):
+            q = apply_rotary(q, cos, sin, start + torch.arange(q.shape[1], device=q.device), interleaved)
+        else:  # every query sits at cache_seqlens
+            q = apply_rotary(q, cos, sin, start.expand(-1, q.shape[1]), interleaved)
+        if k is not None:
+            k = apply_rotary(k, cos, sin, start + torch.arange(k.shape[1], device=q.device), interleaved)
+    if k is not None:
+        _write_cache(k_cache, k, seqlens, block_table)
+        _write_cache(v_cache, v, seqlens, block_table)
+        seqlens = seqlens + k.shape[1]
+    softmax_scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    if backend.use_triton("flash_attn_with_kvcache", q.device, kernel_gap(q, v_cache, softmax_scale)):
+        from gptfast.kernels.decode import decode_attention
+        return decode_attention(q, k_cache, v_cache, block_table, seqlens, leftpad, softmax_scale,
+                                0 if causal else window_size[1], window_size[0], float(softcap), alibi_slopes,
+                                num_splits)
+    return _per_sequence(q, k_cache, v_cache, seqlens, block_table, leftpad, softmax_scale, causal, window_size,
+                         softcap, alibi_slopes)
+
+
+def _per_sequence(q, k_cache, v_cache, seqlens, block_table, leftpad, softmax_scale, causal, window_size, softcap,
+                  alibi_slopes):
+    """PyTorch's path: each sequence's visible keys gathered and attended alone. Returns (out, lse)."""
+    lengths = seqlens.tolist()
+    pads = [0] * len(lengths) if leftpad is None else leftpad.tolist()
+    outs, lses = [], []
+    for b, (pad, length) in enumerate(zip(pads, lengths)):
+        keys, values = (cache[block_table[b].long()].flatten(0, 1)[pad:length].transpose(0, 1)[None]
+                        for cache in (k_cache, v_cache))
+        slopes = alibi_slopes if alibi_slopes is None or alibi_slopes.dim() == 1 else alibi_slopes[b]
+        out, lse, _ = attend(q[b:b + 1].transpose(1, 2), keys, values, CAUSAL_BOTTOM_RIGHT if causal else CAUSAL_NONE,
+                             window_size, None, softcap, slopes, 0.0, softmax_scale, need_lse=True,
+                             op="flash_attn_with_kvcache")
+        outs.append(out.transpose(1, 2))
+        lses.append(lse)
+    return torch.cat(outs), torch.cat(lses)

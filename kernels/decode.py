@@ -1,0 +1,236 @@
+"""Attention over a KV cache, split along the keys (flash-decoding), and the kernel that merges the splits.
+
+Decoding runs a few query rows against a long cache: one program per block of query rows would leave most of the
+GPU idle (a batch-1 step of a 12-head model: 12 programs for 132 multiprocessors). Flash-decoding (Dao, Haziza,
+Massa and Sizov, 2023, "Flash-Decoding for long-context inference") splits each sequence's keys over programs;
+each writes its rows' partial output and log-sum-exp, and a second kernel merges them exactly: with m = max_s
+lse_s, out = sum_s exp(lse_s - m) out_s / sum_s exp(lse_s - m) and lse = m + log sum_s exp(lse_s - m).
+
+Grouped-query heads are packed into one program's rows (the rows of a block are (query, head of the group)
+pairs, query-major), so each key is loaded once per kv head, not once per query head.
+
+Layouts:
+    q: (B, Tq, Hq, D), any strides. k_cache, v_cache: (pages, page_size, Hkv, D), any strides: a paged pool
+    addressed through block_table (B, pages per sequence) int32, key j of sequence b at page
+    block_table[b, j // page_size], slot j % page_size; a plain cache (B_cache, T_cache, Hkv, D) is the pool of
+    one page per sequence (page_size = T_cache, block_table = the cache row of each sequence, (B, 1)).
+    seqlens: (B,) int32, keys [first, seqlens[b]) are visible, first = leftpad[b] with LEFTPAD else 0.
+    Query t of sequence b sits at key position seqlens[b] - Tq + t (bottom-right, as flash-attn's KV cache).
+    out: (B, Tq, Hq, D) in q's dtype; lse: (B, Hq, Tq) float32, +inf for a row that sees no key.
+"""
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from gptfast.kernels import device_arch, tuned
+from gptfast.kernels.attention import _scores, _visible, online_softmax
+from gptfast.kernels.attention_tuning import MAX_REGISTERS, length_bucket
+from gptfast.kernels.math import LOG2E
+
+MAX_SPLITS = 64
+MIN_KEYS_PER_SPLIT = 256  # below this a split's loads no longer hide the merge's cost
+
+
+@triton.jit
+def _key_span(row_block, seqlen_q, seqlen_k, first_key, group_size, causal_right, window_left, num_splits, split,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """[start, stop) of the keys that split `split` of a row block visits: the keys any of its rows may see,
+    from a multiple of BLOCK_N (a block never crosses a page: pages are multiples of BLOCK_N), cut into
+    num_splits runs of whole blocks."""
+    first_query = row_block * BLOCK_M // group_size
+    last_query = tl.minimum((row_block * BLOCK_M + BLOCK_M - 1) // group_size, seqlen_q - 1)
+    lo = first_key
+    hi = seqlen_k
+    if CAUSAL:
+        hi = tl.minimum(hi, seqlen_k - seqlen_q + last_query + causal_right + 1)
+    if WINDOW:
+        lo = tl.maximum(lo, seqlen_k - seqlen_q + first_query - window_left)
+    lo = tl.maximum(lo, 0) // BLOCK_N * BLOCK_N
+    hi = tl.maximum(hi, lo)
+    per_split = tl.cdiv(tl.cdiv(hi - lo, BLOCK_N), num_splits) * BLOCK_N
+    start = tl.minimum(lo + split * per_split, hi)
+    return start, tl.minimum(start + per_split, hi)
+
+
+@triton.jit
+def attention_decode_kernel(
+        Q, K, V, O, LSE, BLOCK_TABLE, SEQLENS, LEFTPAD, ALIBI,
+        stride_qb, stride_qt, stride_qh, stride_qd,
+        stride_kp, stride_kt, stride_kh, stride_kd,
+        stride_vp, stride_vt, stride_vh, stride_vd,
+        stride_os, stride_ob, stride_ot, stride_oh, stride_od,
+        stride_ls, stride_lb, stride_lh, stride_lt,
+        stride_tb, stride_ab, stride_ah,
+        num_kv_heads, group_size, seqlen_q, page_size, causal_right, window_left, qk_scale, softcap,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+        ALIBI_SLOPES: tl.constexpr, SOFTCAP: tl.constexpr, LEFTPAD_KEYS: tl.constexpr, FINAL: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program: BLOCK_M (query, group head) rows of one (batch, kv head), over one split of the keys. It
+    writes the rows' partial output and lse at O[split], LSE[split] (float32; lse -inf for a split that sees no
+    key), or with FINAL (a single split) the result itself (out in O's dtype, lse +inf for no key). causal_right
+    and window_left are flash-attn's window sizes (causal: right = 0). Grid: (cdiv(Tq * group, BLOCK_M),
+    B * Hkv, splits)."""
+    row_block, split = tl.program_id(0), tl.program_id(2)
+    batch = (tl.program_id(1) // num_kv_heads).to(tl.int64)
+    kv_head = tl.program_id(1) % num_kv_heads
+    rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    query = rows // group_size
+    head = (kv_head * group_size + rows % group_size).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    q_mask = (query < seqlen_q)[:, None] & d_mask[None, :]
+    q = tl.load(Q + batch * stride_qb + query[:, None] * stride_qt + head[:, None] * stride_qh
+                + offs_d[None, :] * stride_qd, mask=q_mask, other=0.0)
+    seqlen_k = tl.load(SEQLENS + batch)
+    first_key = 0
+    if LEFTPAD_KEYS:
+        first_key = tl.load(LEFTPAD + batch)
+    slope = 0.0
+    if ALIBI_SLOPES:
+        slope = tl.load(ALIBI + batch * stride_ab + head * stride_ah)[:, None]
+    start, stop = _key_span(row_block, seqlen_q, seqlen_k, first_key, group_size, causal_right, window_left,
+                            tl.num_programs(2), split, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
+    K += kv_head * stride_kh
+    V += kv_head * stride_vh
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    diagonal = seqlen_k - seqlen_q  # query t's position is t + diagonal
+    for start_n in range(start, stop, BLOCK_N):
+        keys = start_n + tl.arange(0, BLOCK_N)
+        page = tl.load(BLOCK_TABLE + batch * stride_tb + start_n // page_size).to(tl.int64)
+        slots = start_n % page_size + tl.arange(0, BLOCK_N)
+        kv_mask = (keys < seqlen_k)[:, None] & d_mask[None, :]
+        k = tl.load(K + page * stride_kp + slots[:, None] * stride_kt + offs_d[None, :] * stride_kd, mask=kv_mask,
+                    other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
+        scores, scale, _ = _scores(qk, query[:, None], keys[None, :], seqlen_q, seqlen_k, Q, slope, diagonal,
+                                   qk_scale, softcap, MASK_KIND=0, ALIBI=ALIBI_SLOPES, SOFTCAP=SOFTCAP)
+        visible = _visible(query[:, None], keys[None, :], seqlen_k, diagonal + causal_right,
+                           diagonal - window_left, CAUSAL=CAUSAL, WINDOW=WINDOW) & (keys >= first_key)[None, :]
+        p, correction, row_sum, row_max = online_softmax(tl.where(visible, scores, float("-inf")), scale, row_sum,
+                                                         row_max)
+        v = tl.load(V + page * stride_vp + slots[:, None] * stride_vt + offs_d[None, :] * stride_vd, mask=kv_mask,
+                    other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc * correction[:, None], input_precision=INPUT_PRECISION)
+    empty = row_sum == 0.0
+    row_sum = tl.where(empty, 1.0, row_sum)
+    out = acc / row_sum[:, None]
+    lse = tl.where(empty, float("inf") if FINAL else float("-inf"), (row_max + tl.log2(row_sum)) / LOG2E)
+    O += split * stride_os + batch * stride_ob
+    LSE += split * stride_ls + batch * stride_lb
+    tl.store(O + query[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :] * stride_od,
+             out.to(O.dtype.element_ty), mask=q_mask)
+    tl.store(LSE + head * stride_lh + query * stride_lt, lse, mask=query < seqlen_q)
+
+
+@triton.jit
+def attention_combine_kernel(O_PART, LSE_PART, O, LSE, num_splits, rows,
+                             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Merges the splits of one (b, t, h) row: O_PART (splits, B, Tq, Hq, D) and LSE_PART (splits, B, Tq, Hq)
+    float32, contiguous, into O (B, Tq, Hq, D) in its dtype and LSE (B, Tq, Hq) float32, contiguous (rows =
+    B * Tq * Hq). Grid: (rows,)."""
+    row = tl.program_id(0).to(tl.int64)
+    splits = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    lse = tl.load(LSE_PART + splits * rows + row, mask=splits < num_splits, other=float("-inf"))
+    top = tl.max(lse, 0)
+    weight = tl.where(lse == float("-inf"), 0.0, tl.exp2((lse - top) * LOG2E))
+    total = tl.sum(weight, 0)
+    parts = tl.load(O_PART + (splits[:, None] * rows + row) * HEAD_DIM + offs_d[None, :],
+                    mask=(splits < num_splits)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    out = tl.sum(parts * weight[:, None], 0) / tl.where(total == 0.0, 1.0, total)
+    tl.store(O + row * HEAD_DIM + offs_d, out.to(O.dtype.element_ty), mask=offs_d < HEAD_DIM)
+    tl.store(LSE + row, tl.where(total == 0.0, float("inf"), top + tl.log(tl.where(total == 0.0, 1.0, total))))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launchers. They trust their caller (gptfast.kvcache checks every argument).
+
+# (BLOCK_N, num_warps, num_stages, padded head dims), for 16-bit and float32 inputs; every entry compiles without
+# spills on every listed architecture at its largest query block (`gptfast inspect`): 64 rows (32 at head dim
+# 256) for 16-bit inputs, 16 for float32, whose full-precision dots hold far more registers.
+TILES = {"16-bit": [(64, 4, 2, (16, 32, 64)), (128, 8, 2, (16, 32, 64)), (32, 4, 3, (16, 32, 64, 128, 256)),
+                    (64, 8, 2, (128, 256))],
+         "fp32": [(32, 8, 1, (16, 32, 64, 128)), (16, 8, 1, (16, 32, 64, 128, 256)), (16, 4, 1, (16, 32, 64, 128)),
+                  (16, 16, 1, (256,))],
+         "interpreter": [(16, 1, 1, (16, 32, 64, 128, 256))]}
+
+
+def query_block(rows, block_d, dtype):
+    """Query rows per program for rows = Tq * group (query, head) pairs: 16 (tl.dot's least) up to the largest
+    block TILES compile for."""
+    largest = 16 if dtype == torch.float32 else 64 if block_d <= 128 else 32
+    return max(16, min(largest, triton.next_power_of_2(rows)))
+
+
+@functools.cache
+def _autotuner(table, block_d, page_size, bucket_k):
+    """An autotuner over the tiles of TILES[table] that serve block_d, with key blocks no longer than a page (a
+    block must not cross one) nor the cache's length bucket; the smallest one if none fits."""
+    interpreted = table == "interpreter"
+    tiles = [t for t in TILES[table] if block_d in t[3]]
+    fitting = [t for t in tiles if t[0] <= page_size and t[0] <= max(bucket_k, 16)] or [min(tiles)]
+    cap = {} if interpreted else {"maxnreg": MAX_REGISTERS}
+    configs = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s, **cap) for n, w, s, _ in fitting]
+    return triton.autotune(configs=tuned(configs), key=["HEAD_DIM", "BLOCK_M", "CAUSAL", "WINDOW", "ALIBI_SLOPES",
+                                                        "SOFTCAP", "LEFTPAD_KEYS", "FINAL"])(attention_decode_kernel)
+
+
+@functools.cache
+def _multiprocessors(device):
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 3
+
+
+def auto_splits(programs, capacity, device):
+    """Splits per row block: enough programs to fill the GPU once (flash-decoding's aim), each with at least
+    MIN_KEYS_PER_SPLIT keys of the cache's capacity, at most MAX_SPLITS. A rule on shapes only, so a CUDA graph
+    captures a fixed grid."""
+    wanted = triton.cdiv(_multiprocessors(device), programs)
+    return max(1, min(wanted, triton.cdiv(capacity, MIN_KEYS_PER_SPLIT), MAX_SPLITS))
+
+
+def decode_attention(q, k_cache, v_cache, block_table, seqlens, leftpad, softmax_scale, causal_right=-1,
+                     window_left=-1, softcap=0.0, alibi_slopes=None, num_splits=0):
+    """Returns (out (B, Tq, Hq, D) in q's dtype, lse (B, Hq, Tq) float32) for the layouts of the module docstring.
+    causal_right: -1 for no causal bound, else flash-attn's right window size (0 when causal); window_left: -1 or
+    the left window size. alibi_slopes: None or float32 broadcastable to (B, Hq). num_splits: 0 chooses
+    (auto_splits); more than MAX_SPLITS is capped there."""
+    batch, seqlen_q, num_heads, head_dim = q.shape
+    num_kv_heads, page_size = k_cache.shape[2], k_cache.shape[1]
+    group = num_heads // num_kv_heads
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_m = query_block(seqlen_q * group, block_d, q.dtype)
+    row_blocks = triton.cdiv(seqlen_q * group, block_m)
+    capacity = block_table.shape[1] * page_size
+    splits = min(num_splits or auto_splits(row_blocks * batch * num_kv_heads, capacity, q.device), MAX_SPLITS)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty((batch, num_heads, seqlen_q), dtype=torch.float32, device=q.device)
+    if splits == 1:
+        out_part, lse_part = out[None], lse[None]
+    else:
+        out_part = torch.empty((splits, *q.shape), dtype=torch.float32, device=q.device)
+        lse_part = torch.empty((splits, batch, seqlen_q, num_heads), dtype=torch.float32, device=q.device)
+    slopes = alibi_slopes.expand(batch, num_heads) if alibi_slopes is not None else None
+    lse_strides = lse_part.stride() if splits == 1 else lse_part.permute(0, 1, 3, 2).stride()  # (s, b, h, t)
+    allow_tf32 = q.dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32
+    arch = device_arch(q.device)
+    table = "interpreter" if arch == "interpreter" else "fp32" if q.dtype == torch.float32 else "16-bit"
+    kernel = _autotuner(table, block_d, page_size, length_bucket(capacity))
+    kernel[(row_blocks, batch * num_kv_heads, splits)](
+        q, k_cache, v_cache, out_part, lse_part, block_table, seqlens, q if leftpad is None else leftpad,
+        q if slopes is None else slopes, *q.stride(), *k_cache.stride(), *v_cache.stride(), *out_part.stride(),
+        *lse_strides, block_table.stride(0), *(slopes.stride() if slopes is not None else (0, 0)), num_kv_heads,
+        group, seqlen_q, page_size, causal_right, window_left, softmax_scale * LOG2E.value, softcap,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal_right >= 0, WINDOW=window_left >= 0,
+        ALIBI_SLOPES=slopes is not None, SOFTCAP=softcap > 0, LEFTPAD_KEYS=leftpad is not None, FINAL=splits == 1,
+        INPUT_PRECISION="tf32" if allow_tf32 else "ieee", BLOCK_M=block_m)
+    if splits > 1:
+        lse_rows = torch.empty((batch, seqlen_q, num_heads), dtype=torch.float32, device=q.device)
+        attention_combine_kernel[(batch * seqlen_q * num_heads,)](
+            out_part, lse_part, out, lse_rows, splits, batch * seqlen_q * num_heads, HEAD_DIM=head_dim,
+            BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(splits))
+        lse = lse_rows.transpose(1, 2)
+    return out, lse

@@ -1,0 +1,180 @@
+"""flash_attn_with_kvcache and the split-KV decoding kernel against a float64 reference built from each sequence's
+keys: every split count, plain and paged caches (pages of 16 and 32, scattered), new keys written in place,
+rotary embedding (interleaved or not), left padding, GQA, Tq > 1, every feature, every dtype; bad input."""
+import zlib
+
+import pytest
+import torch
+
+from gptfast import backend
+from gptfast.kvcache import flash_attn_with_kvcache
+from test_attention import BOTTOM_RIGHT, NONE, reference_attention
+from tolerance import DEVICE, DTYPES, assert_accurate
+
+
+def rotate(x, cos, sin, positions, interleaved):
+    """Rotary embedding through complex numbers (independent of gptfast.kvcache.apply_rotary): x (T, H, D)."""
+    half = cos.shape[1]
+    rot = x[..., :2 * half].double()
+    pairs = rot.unflatten(-1, (half, 2)) if interleaved else torch.stack((rot[..., :half], rot[..., half:]), -1)
+    turned = torch.view_as_complex(pairs.contiguous()) * torch.polar(torch.ones_like(cos[positions]).double(),
+                                                                     torch.atan2(sin, cos)[positions].double())[:, None]
+    out = torch.view_as_real(turned)
+    out = out.flatten(-2) if interleaved else torch.cat((out[..., 0], out[..., 1]), -1)
+    return torch.cat((out.to(x.dtype), x[..., 2 * half:]), -1)
+
+
+class Case:
+    """Random sequences of keys laid into a plain or paged cache, new tokens, and the reference of a call."""
+
+    def __init__(self, lengths, new, seqlen_q, heads, kv_heads, head_dim, dtype, page_size=None, seed=0):
+        gen = torch.Generator().manual_seed(seed)
+        rand = lambda *shape: torch.randn(*shape, generator=gen).to(DEVICE, dtype)
+        self.lengths, self.dtype, self.page_size = lengths, dtype, page_size
+        capacity = max(lengths) + new + 3
+        self.q = rand(len(lengths), seqlen_q, heads, head_dim)
+        self.keys, self.values = rand(len(lengths), capacity, kv_heads, head_dim), rand(len(lengths), capacity,
+                                                                                        kv_heads, head_dim)
+        self.k, self.v = (rand(len(lengths), new, kv_heads, head_dim) if new else None for _ in range(2))
+        self.seqlens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+        self.block_table = None
+        if page_size:  # scatter each sequence's pages over a shuffled pool
+            pages = -(-capacity // page_size)
+            order = torch.randperm(len(lengths) * pages, generator=gen).to(DEVICE)
+            self.block_table = order.view(len(lengths), pages).to(torch.int32)
+        self.angles = torch.rand(capacity + seqlen_q, 6, generator=gen).to(DEVICE) * 3
+
+    def caches(self):
+        if self.page_size is None:
+            return self.keys.clone(), self.values.clone()
+        pools = []
+        for logical in (self.keys, self.values):
+            padded = torch.zeros(len(self.lengths), self.block_table.shape[1] * self.page_size, *logical.shape[2:],
+                                 dtype=self.dtype, device=DEVICE)
+            padded[:, :logical.shape[1]] = logical
+            pool = torch.zeros(self.block_table.numel(), self.page_size, *logical.shape[2:], dtype=self.dtype,
+                               device=DEVICE)
+            pool[self.block_table.long().flatten()] = padded.unflatten(1, (-1, self.page_size)).flatten(0, 1)
+            pools.append(pool)
+        return pools
+
+    def reference(self, work, causal=False, window=(-1, -1), softcap=0.0, alibi=None, leftpad=None, rotary=None):
+        out = []
+        for b, length in enumerate(self.lengths):
+            keys, values, q = self.keys[b, :length], self.values[b, :length], self.q[b]
+            if self.k is not None:
+                k = self.k[b]
+                if rotary is not None:
+                    k = rotate(k, *rotary[:2], length + torch.arange(k.shape[0], device=DEVICE), rotary[2])
+                keys, values = torch.cat((keys, k)), torch.cat((values, self.v[b]))
+            if rotary is not None:
+                steps = torch.arange(q.shape[0], device=DEVICE) if causal or window != (-1, -1) else 0
+                q = rotate(q, *rotary[:2], length + steps * torch.ones(q.shape[0], dtype=torch.long,
+                                                                        device=DEVICE), rotary[2])
+            pad = 0 if leftpad is None else leftpad[b]
+            slopes = None if alibi is None else alibi[b].to(work)
+            out.append(reference_attention(q.transpose(0, 1).to(work), keys[pad:].transpose(0, 1).to(work),
+                                           values[pad:].transpose(0, 1).to(work), BOTTOM_RIGHT if causal else NONE,
+                                           window=window, softcap=softcap, alibi=slopes).transpose(0, 1))
+        return torch.stack(out)
+
+
+def check(case, num_splits=0, rotary_interleaved=None, leftpad=None, **options):
+    k_cache, v_cache = case.caches()
+    rotary = None
+    kwargs = {}
+    if rotary_interleaved is not None:
+        cos, sin = case.angles.cos(), case.angles.sin()
+        rotary = (cos, sin, rotary_interleaved)
+        kwargs = dict(rotary_cos=cos, rotary_sin=sin, rotary_interleaved=rotary_interleaved)
+    pads = None if leftpad is None else torch.tensor(leftpad, dtype=torch.int32, device=DEVICE)
+    out = flash_attn_with_kvcache(case.q, k_cache, v_cache, case.k, case.v, cache_seqlens=case.seqlens,
+                                  block_table=case.block_table, cache_leftpad=pads, num_splits=num_splits,
+                                  **kwargs, **options)
+    spec = dict(causal=options.get("causal", False), window=options.get("window_size", (-1, -1)),
+                softcap=options.get("softcap", 0.0), alibi=options.get("alibi_slopes"), leftpad=leftpad,
+                rotary=rotary)
+    assert_accurate("out", out, case.reference(torch.float64, **spec), case.reference(case.dtype, **spec),
+                    terms=case.q.shape[-1])
+    return k_cache, v_cache
+
+
+SHAPES = [  # (cache lengths, new tokens, Tq, heads, kv heads, head dim)
+    ([1], 0, 1, 1, 1, 16), ([0, 7, 100], 1, 1, 4, 2, 24), ([257, 33], 0, 1, 12, 12, 64), ([37, 5], 5, 5, 6, 2, 80),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "L{}new{}Tq{}H{}K{}D{}".format(*s))
+def test_every_split_count_matches_the_reference(shape, causal, dtype):
+    case = Case(*shape, dtype, seed=zlib.crc32(repr((shape, causal)).encode()))
+    with backend.use_backend("triton"):
+        for splits in (1, 2, 3, 7, 0):
+            check(case, num_splits=splits, causal=causal)
+
+
+@pytest.mark.parametrize("page_size", [16, 32])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_paged_cache_with_new_tokens(page_size, dtype):
+    """New k, v land in the right slots of scattered pages, and the attention reads them back."""
+    case = Case([20, 0, 45], 3, 3, 4, 1, 40, dtype, page_size=page_size, seed=page_size)
+    with backend.use_backend("triton"):
+        k_cache, _ = check(case, num_splits=2, causal=True)
+    for b, length in enumerate(case.lengths):
+        for i in range(3):
+            position = length + i
+            page = case.block_table[b, position // page_size].item()
+            assert torch.equal(k_cache[page, position % page_size], case.k[b, i])
+
+
+@pytest.mark.parametrize("interleaved", [True, False])
+@pytest.mark.parametrize("causal", [False, True])
+def test_rotary_and_leftpad(interleaved, causal):
+    case = Case([30, 12], 2, 2, 4, 2, 32, torch.float32, seed=5)
+    with backend.use_backend("triton"):
+        check(case, num_splits=3, rotary_interleaved=interleaved, leftpad=[4, 0], causal=causal)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_every_feature(dtype):
+    case = Case([50, 9], 1, 1, 4, 2, 24, dtype, page_size=16, seed=9)
+    alibi = torch.rand(2, 4, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    with backend.use_backend("triton"):
+        check(case, num_splits=4, causal=True, window_size=(20, -1), softcap=5.0, alibi_slopes=alibi)
+
+
+def test_torch_path_matches_the_reference():
+    case = Case([30, 3], 2, 2, 4, 2, 32, torch.float32, page_size=16, seed=2)
+    with backend.use_backend("torch"):
+        check(case, rotary_interleaved=False, causal=True, window_size=(8, -1))
+
+
+def test_bad_input_raises():
+    case = Case([10, 4], 2, 1, 2, 2, 16, torch.float32)
+    k_cache, v_cache = case.caches()
+    call = lambda **kw: flash_attn_with_kvcache(case.q, **{"k_cache": k_cache, "v_cache": v_cache,
+                                                           "cache_seqlens": case.seqlens, **kw})
+    with pytest.raises(ValueError, match="new tokens fit"):
+        call(k=case.k, v=case.v, cache_seqlens=torch.tensor([14, 0], dtype=torch.int32, device=DEVICE))
+    with pytest.raises(ValueError, match="cache_seqlens must be in"):
+        call(cache_seqlens=torch.tensor([99, 0], dtype=torch.int32, device=DEVICE))
+    with pytest.raises(ValueError, match="cache_seqlens must be an int32"):
+        call(cache_seqlens=case.seqlens.long())
+    with pytest.raises(ValueError, match="pass k and v together"):
+        call(k=case.k)
+    with pytest.raises(ValueError, match="cache_batch_idx must index"):
+        call(cache_batch_idx=torch.tensor([0, 5], dtype=torch.int32, device=DEVICE))
+    with pytest.raises(ValueError, match="power of two"):
+        pool = torch.zeros(4, 24, 2, 16, device=DEVICE)
+        call(k_cache=pool, v_cache=pool, block_table=torch.zeros(2, 1, dtype=torch.int32, device=DEVICE))
+    pool = torch.zeros(4, 16, 2, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="block_table must index the cache's 4 pages"):
+        call(k_cache=pool, v_cache=pool, block_table=torch.tensor([[0], [4]], dtype=torch.int32, device=DEVICE))
+    with pytest.raises(ValueError, match="cannot be combined"):
+        call(k_cache=pool, v_cache=pool, block_table=torch.zeros(2, 1, dtype=torch.int32, device=DEVICE),
+             cache_batch_idx=torch.zeros(2, dtype=torch.int32, device=DEVICE))
+    with pytest.raises(ValueError, match="rotary_cos and rotary_sin must both be"):
+        call(rotary_cos=torch.ones(20, 9, device=DEVICE), rotary_sin=torch.ones(20, 9, device=DEVICE))
+    with pytest.raises(ValueError, match="num_splits"):
+        call(num_splits=-1)
