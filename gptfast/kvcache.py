@@ -20,10 +20,12 @@ def _shape(t):
     return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
 
 
-def _check_int32(name, t, shape):
+def _check_int32(name, t, shape, device):
     if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or tuple(t.shape) != shape:
         raise ValueError(f"{name} must be an int32 tensor of shape {shape}, got "
                          f"{(t.dtype, tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but q is on {device}")
 
 
 def _check_tensors(q, k_cache, v_cache, k, v, block_table, cache_batch_idx):
@@ -50,19 +52,20 @@ def _check_tensors(q, k_cache, v_cache, k, v, block_table, cache_batch_idx):
         if cache_batch_idx is not None:
             raise ValueError("cache_batch_idx cannot be combined with block_table (a paged cache); index the "
                              "block_table rows instead")
-        _check_int32("block_table", block_table, (batch, block_table.shape[1] if block_table.dim() == 2 else -1))
+        pages = block_table.shape[1] if isinstance(block_table, torch.Tensor) and block_table.dim() == 2 else 0
+        _check_int32("block_table", block_table, (batch, max(pages, 1)), q.device)
         page = k_cache.shape[1]
         if page < MIN_PAGE_SIZE or page & (page - 1):
             raise ValueError(f"a paged cache's page size (k_cache.shape[1]) must be a power of two from "
                              f"{MIN_PAGE_SIZE}, got {page}")
     elif cache_batch_idx is not None:
-        _check_int32("cache_batch_idx", cache_batch_idx, (batch,))
+        _check_int32("cache_batch_idx", cache_batch_idx, (batch,), q.device)
     elif k_cache.shape[0] != batch:
         raise ValueError(f"k_cache holds {k_cache.shape[0]} sequences but q has batch {batch}; pass "
                          f"cache_batch_idx to pick cache rows")
 
 
-def _check_rotary(rotary_cos, rotary_sin, head_dim):
+def _check_rotary(rotary_cos, rotary_sin, head_dim, device):
     if (rotary_cos is None) != (rotary_sin is None):
         raise ValueError("pass rotary_cos and rotary_sin together, or neither")
     if rotary_cos is None:
@@ -72,6 +75,9 @@ def _check_rotary(rotary_cos, rotary_sin, head_dim):
             or not 0 < 2 * shape[1] <= head_dim):
         raise ValueError(f"rotary_cos and rotary_sin must both be (seqlen_ro, rotary_dim / 2) with rotary_dim <= "
                          f"head_dim ({head_dim}), got {shape} and {_shape(rotary_sin)}")
+    if rotary_cos.device != device or rotary_sin.device != device:
+        raise ValueError(f"rotary_cos and rotary_sin must be on q's device ({device}), got {rotary_cos.device} and "
+                         f"{rotary_sin.device}")
 
 
 def _capturing(device):
@@ -156,13 +162,13 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         out (B, Tq, Hq, D) in q's dtype, or (out, lse).
     """
     _check_tensors(q, k_cache, v_cache, k, v, block_table, cache_batch_idx)
-    _check_rotary(rotary_cos, rotary_sin, q.shape[3])
+    _check_rotary(rotary_cos, rotary_sin, q.shape[3], q.device)
     batch = q.shape[0]
     check_flash_options(batch, q.shape[2], q.device, 0.0, window_size, softcap, alibi_slopes)
     if not isinstance(num_splits, int) or num_splits < 0:
         raise ValueError(f"num_splits must be an int >= 0 (0 chooses), got {num_splits!r}")
     if cache_leftpad is not None:
-        _check_int32("cache_leftpad", cache_leftpad, (batch,))
+        _check_int32("cache_leftpad", cache_leftpad, (batch,), q.device)
     rows = cache_batch_idx if cache_batch_idx is not None else torch.arange(batch, dtype=torch.int32,
                                                                             device=q.device)
     table = block_table if block_table is not None else rows[:, None]
@@ -170,7 +176,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if cache_seqlens is None or isinstance(cache_seqlens, int):
         cache_seqlens = torch.full((batch,), capacity if cache_seqlens is None else cache_seqlens,
                                    dtype=torch.int32, device=q.device)
-    _check_int32("cache_seqlens", cache_seqlens, (batch,))
+    _check_int32("cache_seqlens", cache_seqlens, (batch,), q.device)
     local = causal or tuple(window_size) != (-1, -1)
     new_tokens = 0 if k is None else k.shape[1]
     _check_values(cache_seqlens, new_tokens, capacity, block_table, k_cache.shape[0], cache_batch_idx,

@@ -235,7 +235,7 @@ def _row_source(base, seqlen, stride_t, stride_d, HEAD_DIM: tl.constexpr, BLOCK_
 
 
 @triton.jit
-def online_softmax(scores, scale, row_sum, row_max):
+def _online_softmax(scores, scale, row_sum, row_max):
     """One key block's step of the online softmax (Milakov and Gimelshein, 2018): (p, correction, row_sum, row_max)
     for a block of logits scores * scale (log2 units) and the running sum and max of each row; the caller
     rescales its accumulator by correction and adds p @ v."""
@@ -273,7 +273,7 @@ def _forward_block_loop(acc, row_sum, row_max, q, k_source, v_source, stride_kt,
             visible = _visible(offs_m[:, None], key_rows[None, :], seqlen_k, causal_offset, window_offset,
                                CAUSAL=CAUSAL, WINDOW=WINDOW)
             scores = tl.where(visible, scores, float("-inf"))
-        p, correction, row_sum, new_max = online_softmax(scores, scale, row_sum, row_max)
+        p, correction, row_sum, new_max = _online_softmax(scores, scale, row_sum, row_max)
         if DROPOUT:  # the softmax sums every weight; the output keeps some, scaled by 1 / (1 - dropout_p)
             p = tl.where(_kept(seed, seed_offset, head_index, offs_m[:, None], key_rows[None, :], dropout_p),
                          p * keep_scale, 0.0)

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from gptfast.kernels import device_arch, tuned
-from gptfast.kernels.attention import _scores, _visible, online_softmax
+from gptfast.kernels.attention import _online_softmax, _scores, _visible
 from gptfast.kernels.attention_tuning import MAX_REGISTERS, length_bucket
 from gptfast.kernels.math import LOG2E
 
@@ -110,20 +110,26 @@ def attention_decode_kernel(
                                    qk_scale, softcap, MASK_KIND=0, ALIBI=ALIBI_SLOPES, SOFTCAP=SOFTCAP)
         visible = _visible(query[:, None], keys[None, :], seqlen_k, diagonal + causal_right,
                            diagonal - window_left, CAUSAL=CAUSAL, WINDOW=WINDOW) & (keys >= first_key)[None, :]
-        p, correction, row_sum, row_max = online_softmax(tl.where(visible, scores, float("-inf")), scale, row_sum,
-                                                         row_max)
+        scores = tl.where(visible, scores, float("-inf"))
+        p, correction, row_sum, row_max = _online_softmax(scores, scale, row_sum, row_max)
         v = tl.load(V + page * stride_vp + slots[:, None] * stride_vt + offs_d[None, :] * stride_vd, mask=kv_mask,
                     other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc * correction[:, None], input_precision=INPUT_PRECISION)
+    _store_rows(acc, row_sum, row_max, O + split * stride_os + batch * stride_ob + query[:, None] * stride_ot
+                + head[:, None] * stride_oh + offs_d[None, :] * stride_od,
+                LSE + split * stride_ls + batch * stride_lb + head * stride_lh + query * stride_lt, q_mask,
+                query < seqlen_q, FINAL)
+
+
+@triton.jit
+def _store_rows(acc, row_sum, row_max, out_tile, lse_rows, out_mask, row_mask, FINAL: tl.constexpr):
+    """Normalises the rows' accumulator and stores it and their lse (natural log): for a row that saw no key, out
+    0 and lse +inf with FINAL (as the attention forward gives it), -inf in a partial (weight 0 in the merge)."""
     empty = row_sum == 0.0
     row_sum = tl.where(empty, 1.0, row_sum)
-    out = acc / row_sum[:, None]
     lse = tl.where(empty, float("inf") if FINAL else float("-inf"), (row_max + tl.log2(row_sum)) / LOG2E)
-    O += split * stride_os + batch * stride_ob
-    LSE += split * stride_ls + batch * stride_lb
-    tl.store(O + query[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :] * stride_od,
-             out.to(O.dtype.element_ty), mask=q_mask)
-    tl.store(LSE + head * stride_lh + query * stride_lt, lse, mask=query < seqlen_q)
+    tl.store(out_tile, (acc / row_sum[:, None]).to(out_tile.dtype.element_ty), mask=out_mask)
+    tl.store(lse_rows, lse, mask=row_mask)
 
 
 @triton.jit

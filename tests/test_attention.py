@@ -340,6 +340,10 @@ def test_custom_ops_pass_opcheck():
     for args in [(None, None, None, None, None, 0, 0, 2, -1, -1, 0.0, 0.0, 0.25, False),
                  (mask, slopes, None, None, None, 0, 0, 0, 3, 2, 5.0, 0.0, 0.25, True)]:
         torch.library.opcheck(torch.ops.gptfast.flash_attention.default, (q, k, v, *args))
+    # varlen: batch 1 read as two packed sequences of 4 and 5 queries, 4 and 9 keys
+    cu_seqlens_q, cu_seqlens_k = (torch.tensor([0, 4, n], dtype=torch.int32, device=DEVICE) for n in (9, 13))
+    varlen = (None, None, None, cu_seqlens_q, cu_seqlens_k, 5, 9, 2, -1, -1, 0.0, 0.0, 0.25, False)
+    torch.library.opcheck(torch.ops.gptfast.flash_attention.default, (q, k, v, *varlen))
 
 
 def test_torch_compile_fullgraph():
@@ -574,8 +578,8 @@ def test_every_feature_at_once():
 
     def run(q, k, v, mask):
         torch.manual_seed(9)
-        return torch.ops.gptfast.flash_attention(q, k, v, mask, slopes, draw_dropout_seed(q.device), 0, 20, 6, 3.0,
-                                                 0.2, 1 / math.sqrt(40), False)[0]
+        return torch.ops.gptfast.flash_attention(q, k, v, mask, slopes, draw_dropout_seed(q.device), None, None, 0,
+                                                 0, 0, 20, 6, 3.0, 0.2, 1 / math.sqrt(40), False)[0]
 
     with backend.use_backend("triton"):
         check_against_reference(q, k, v, NONE, run, mask=mask, window=(20, 6), softcap=3.0,
