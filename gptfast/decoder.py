@@ -54,9 +54,10 @@ class GraphedDecodeStep:
     """decode_step captured in a CUDA graph (torch.cuda.CUDAGraph): calling it copies the token into the graph's
     static input and replays; the logits it returns live in the graph's static output until the next call.
 
-    The capture needs the kernels already compiled and tuned, so the step runs twice first on a side stream (as
-    torch's CUDA-graph notes prescribe); those runs write one token's keys at cache.seqlens, which the real
-    steps overwrite, and cache.seqlens is restored after them."""
+    The capture needs the kernels already compiled and tuned, so the step runs once first on a side stream (as
+    torch's CUDA-graph notes prescribe). That run writes a token's keys at cache.seqlens, a slot no step reads
+    before the first real step overwrites it, at a position the model has (generate captures only when a step
+    will run); cache.seqlens is then restored."""
 
     def __init__(self, model, cache, batch):
         self.token = torch.zeros(batch, dtype=torch.int64, device=cache.seqlens.device)
@@ -64,8 +65,7 @@ class GraphedDecodeStep:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(2):
-                decode_step(model, self.token, cache)
+            decode_step(model, self.token, cache)
         torch.cuda.current_stream().wait_stream(stream)
         cache.seqlens.copy_(seqlens)
         self.graph = torch.cuda.CUDAGraph()

@@ -285,7 +285,7 @@ class GPT(nn.Module):
             max_new_tokens = self.config.block_size - longest
         device = self.lm_head.weight.device
         if use_cache:
-            step, logits = self._cached_decoder(prompts, longest + max_new_tokens, device, cuda_graph)
+            step, logits = self._cached_decoder(prompts, max_new_tokens, device, cuda_graph)
         else:
             step, logits = self._uncached_decoder(idx)
         new = self._decode(step, logits, max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id,
@@ -294,15 +294,15 @@ class GPT(nn.Module):
             return torch.cat([idx, new], dim=1)
         return [torch.cat([p.to(device), row]) for p, row in zip(prompts, new)]
 
-    def _cached_decoder(self, prompts, max_len, device, cuda_graph):
+    def _cached_decoder(self, prompts, max_new_tokens, device, cuda_graph):
         """(step, first logits): the prefill done, a function of the last tokens (B,) returning the next logits."""
-        cache = KVCache(self.config, len(prompts), max_len, device)
+        if cuda_graph and device.type != "cuda":
+            raise ValueError(f"generate(cuda_graph=True) needs the model on a CUDA device, not {device}")
+        cache = KVCache(self.config, len(prompts), max(len(p) for p in prompts) + max_new_tokens, device)
         logits = prefill(self, prompts, cache)
         if cuda_graph is None:
             cuda_graph = device.type == "cuda"
-        if cuda_graph and device.type != "cuda":
-            raise ValueError(f"generate(cuda_graph=True) needs the model on a CUDA device, not {device}")
-        if cuda_graph:
+        if cuda_graph and max_new_tokens > 1:  # the first new token comes from the prefill: no step runs for it
             return GraphedDecodeStep(self, cache, len(prompts)), logits
         return (lambda token: decode_step(self, token, cache)), logits
 

@@ -262,6 +262,9 @@ class Trainer:
         self.model, self.settings, self.splits, self.device = model, settings, splits, device
         self.rank, self.world, self.fsdp = rank, world, fsdp
         self.block_size = settings["block_size"]
+        # Where documents begin, found once per split (a scan of the tokens when the tokenizer has an end-of-text).
+        self.document_starts = ({name: corpus.document_starts(model.config.eos_token_id)
+                                 for name, corpus in splits.items()} if settings["pack"] else {})
         self.batches = self.sampler("train", settings["seed"], shard=(rank, world))
         if fsdp:
             shard(model)
@@ -280,9 +283,8 @@ class Trainer:
     def sampler(self, split, seed, shard=(0, 1)):
         """Batches of a split; with --pack, cut at its documents (files, and end-of-text tokens where the
         tokenizer has one)."""
-        corpus = self.splits[split]
-        starts = corpus.document_starts(self.model.config.eos_token_id) if self.settings["pack"] else None
-        return Batches(corpus.tokens, self.settings["batch_size"], self.block_size, seed, shard, starts)
+        return Batches(self.splits[split].tokens, self.settings["batch_size"], self.block_size, seed, shard,
+                       self.document_starts.get(split))
 
     def autocast(self):  # a fresh context each use; float32 runs without autocast
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)

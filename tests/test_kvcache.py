@@ -109,8 +109,8 @@ SHAPES = [  # (cache lengths, new tokens, Tq, heads, kv heads, head dim)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "L{}new{}Tq{}H{}K{}D{}".format(*s))
 def test_every_split_count_matches_the_reference(shape, causal, dtype):
     case = Case(*shape, dtype, seed=zlib.crc32(repr((shape, causal)).encode()))
-    with backend.use_backend("triton"):
-        for splits in (1, 2, 3, 7, 0):
+    with backend.use_backend("triton"):  # every split count in float32; one split and several in 16-bit
+        for splits in (1, 2, 3, 7, 0) if dtype == torch.float32 else (1, 3):
             check(case, num_splits=splits, causal=causal)
 
 
