@@ -126,13 +126,11 @@ def apply_rotary(x, cos, sin, positions, interleaved):
     return torch.cat((rotated.to(x.dtype), x[..., 2 * half:]), dim=-1)
 
 
-def _write_cache(cache, new, seqlens, block_table):
-    """cache[b, seqlens[b] + i] = new[b, i] in place, through block_table (B, pages) into the (pages, page_size,
-    H, D) pool."""
-    page_size = cache.shape[1]
-    positions = seqlens[:, None].long() + torch.arange(new.shape[1], device=new.device)
-    pages = torch.gather(block_table.long(), 1, positions // page_size)
-    cache[pages, positions % page_size] = new
+def _cache_slots(seqlens, block_table, new_tokens, page_size):
+    """(pages, slots) (B, new_tokens) int64 where positions seqlens[b] + i of each sequence live in the (pages,
+    page_size, H, D) pool that block_table (B, pages) addresses: computed once for both k and v."""
+    positions = seqlens[:, None].long() + torch.arange(new_tokens, device=seqlens.device)
+    return torch.gather(block_table.long(), 1, positions // page_size), positions % page_size
 
 
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
@@ -204,8 +202,9 @@ def cached_attention(q, k_cache, v_cache, k, v, seqlens, block_table, leftpad=No
         if k is not None:
             k = apply_rotary(k, cos, sin, start + torch.arange(k.shape[1], device=q.device), interleaved)
     if k is not None:
-        _write_cache(k_cache, k, seqlens, block_table)
-        _write_cache(v_cache, v, seqlens, block_table)
+        pages, slots = _cache_slots(seqlens, block_table, k.shape[1], k_cache.shape[1])
+        k_cache[pages, slots] = k
+        v_cache[pages, slots] = v
         seqlens = seqlens + k.shape[1]
     softmax_scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     if backend.use_triton("flash_attn_with_kvcache", q.device, kernel_gap(q, v_cache, softmax_scale)):
