@@ -49,8 +49,14 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,c
     --format=csv,noheader 2>&1 | tee -a "$LOG"
 
 # limit SECONDS COMMAND...: SIGINT at the limit, SIGKILL 5 s later if that was not enough; works even where this
-# script was started with SIGINT ignored (in the background), see benchmarks/limit.py.
-limit() { "$PY" "$REPO/benchmarks/limit.py" "$@"; }
+# script was started with SIGINT ignored (in the background), see benchmarks/limit.py. The limits are the GPU
+# run's: a CPU dry run checks that every phase runs and reports, not how fast a CPU shared with other tests is,
+# so it runs each command to its end (tests/test_gpu_check.py tests limit.py itself).
+if [ "$SMALL" = 1 ]; then
+    limit() { shift; "$@"; }
+else
+    limit() { "$PY" "$REPO/benchmarks/limit.py" "$@"; }
+fi
 
 say "== 1/4 ceilings"
 limit 30 "$PY" "$REPO/benchmarks/ceilings.py" --output "$OUT/ceilings.json" $([ "$SMALL" = 1 ] && echo --small) \

@@ -290,24 +290,12 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                        softmax_scale)[0]
 
 
-def torch_attention(q, k, v, causal, window, mask, softcap, alibi_slopes, dropout_p, softmax_scale):
-    """PyTorch for what F.scaled_dot_product_attention cannot do (windows, softcapping, ALiBi, the lse), with the
-    kernels' semantics, on (B, H, T, D) inputs: (out, lse, probs, kept), probs (B, Hq, Tq, Tk) being the softmax
-    before dropout and kept its keep mask (None without dropout; torch's random numbers, not the kernels')."""
-    group = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    work = torch.float64 if q.dtype == torch.float64 else torch.float32
-    scores = (q.to(work) @ k.to(work).transpose(-1, -2)) * softmax_scale
-    if softcap > 0:
-        scores = softcap * torch.tanh(scores / softcap)
-    seqlen_q, seqlen_k = q.shape[-2], k.shape[-2]
-    diagonal = (torch.arange(seqlen_k, device=q.device)[None, :] - torch.arange(seqlen_q, device=q.device)[:, None]
-                - (seqlen_k - seqlen_q))  # j - (i + Tk - Tq): 0 on the bottom-right diagonal
-    if alibi_slopes is not None:
-        slopes = alibi_slopes.expand(q.shape[0], q.shape[1]).to(work)
-        scores = scores - slopes[:, :, None, None] * diagonal.abs().to(work)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.to(work)
+def flag_pattern(seqlen_q, seqlen_k, causal, window, device):
+    """(diagonal, hidden), both (Tq, Tk): diagonal[i, j] = j - (i + Tk - Tq), 0 on the bottom-right diagonal
+    (ALiBi's distance); hidden[i, j] whether the causal mode and the window (left, right) hide key j from query
+    i."""
+    diagonal = (torch.arange(seqlen_k, device=device)[None, :] - torch.arange(seqlen_q, device=device)[:, None]
+                - (seqlen_k - seqlen_q))
     left, right = window
     if causal != CAUSAL_NONE:
         right = 0
@@ -317,8 +305,33 @@ def torch_attention(q, k, v, causal, window, mask, softcap, alibi_slopes, dropou
         hidden |= diagonal + offset > right
     if left >= 0:
         hidden |= diagonal + offset < -left
+    return diagonal, hidden
+
+
+def torch_attention(q, k, v, causal, window, mask, softcap, alibi_slopes, dropout_p, softmax_scale, sinks=None):
+    """PyTorch for what F.scaled_dot_product_attention cannot do (windows, softcapping, ALiBi, sinks, the lse),
+    with the kernels' semantics, on (B, H, T, D) inputs: (out, lse, probs, kept), probs (B, Hq, Tq, Tk) being the
+    softmax before dropout and kept its keep mask (None without dropout; torch's random numbers, not the
+    kernels'). sinks: None or (Hq,), one learned logit per query head that joins every row's softmax denominator
+    and takes no value (gpt-oss's s_aux); the lse then includes it."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scores = (q.to(work) @ k.to(work).transpose(-1, -2)) * softmax_scale
+    if softcap > 0:
+        scores = softcap * torch.tanh(scores / softcap)
+    diagonal, hidden = flag_pattern(q.shape[-2], k.shape[-2], causal, window, q.device)
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.expand(q.shape[0], q.shape[1]).to(work)
+        scores = scores - slopes[:, :, None, None] * diagonal.abs().to(work)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.to(work)
     scores = scores.masked_fill(hidden, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)
+    if sinks is None:
+        lse = torch.logsumexp(scores, dim=-1)
+    else:
+        sink_column = sinks.to(work).reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+        lse = torch.logsumexp(torch.cat([scores, sink_column], dim=-1), dim=-1)
     sees_no_key = lse == float("-inf")  # exp(-inf - -inf) is NaN: such rows are 0 instead, as the kernel's
     probs = torch.exp(scores - lse[..., None]).masked_fill(sees_no_key[..., None], 0.0)  # NaN inputs stay NaN
     kept = None
@@ -378,14 +391,19 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
 
 
 def attend(q, k, v, causal=CAUSAL_NONE, window=(-1, -1), mask=None, softcap=0.0, alibi_slopes=None, dropout_p=0.0,
-           softmax_scale=None, need_lse=False, need_keep=False, op="flash_attn_func", deterministic=False):
+           softmax_scale=None, need_lse=False, need_keep=False, op="flash_attn_func", deterministic=False,
+           sinks=None):
     """The path behind the flash-attn functions and the Hugging Face integration, for checked (B, H, T, D)
     inputs: the kernels, or PyTorch where they cannot run (F.scaled_dot_product_attention when it can express the
-    call and no lse is needed). mask: None or bool/additive, broadcastable to (B, Hq, Tq, Tk). Returns (out
-    (B, Hq, Tq, D), lse (B, Hq, Tq) float32 or None, kept): kept is the dropout's keep mask (B, Hq, Tq, Tk) when
-    need_keep and dropout_p > 0, else None."""
+    call and no lse is needed). mask: None or bool/additive, broadcastable to (B, Hq, Tq, Tk). sinks: None or
+    (Hq,) learned logits (see torch_attention); the kernels do not take them yet, so such a call runs PyTorch.
+    Returns (out (B, Hq, Tq, D), lse (B, Hq, Tq) float32 or None, kept): kept is the dropout's keep mask
+    (B, Hq, Tq, Tk) when need_keep and dropout_p > 0, else None."""
     softmax_scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
-    if backend.use_triton(op, q.device, kernel_gap(q, v, softmax_scale)):
+    gap = kernel_gap(q, v, softmax_scale)
+    if sinks is not None:
+        gap = gap or "learnable attention sinks (s_aux)"
+    if backend.use_triton(op, q.device, gap):
         out, lse, seed_offset = _run_kernel(q, k, v, mask, alibi_slopes, causal, window, softcap, dropout_p,
                                             softmax_scale, deterministic)
         kept = None
@@ -394,9 +412,9 @@ def attend(q, k, v, causal=CAUSAL_NONE, window=(-1, -1), mask=None, softcap=0.0,
             kept = dropout_keep_mask(seed_offset, *q.shape[:3], k.shape[2], float(dropout_p))
         return out, lse, kept
     if need_lse or need_keep or window != (-1, -1) or softcap > 0 or alibi_slopes is not None or (
-            mask is not None and causal != CAUSAL_NONE):
+            sinks is not None) or (mask is not None and causal != CAUSAL_NONE):
         out, lse, _, kept = torch_attention(q, k, v, causal, window, mask, softcap, alibi_slopes, dropout_p,
-                                             softmax_scale)
+                                             softmax_scale, sinks)
         return out, lse, kept
     if causal == CAUSAL_BOTTOM_RIGHT:
         from torch.nn.attention.bias import causal_lower_right

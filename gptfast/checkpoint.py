@@ -7,6 +7,7 @@ config's is here.
 import json
 import os
 import re
+import warnings
 
 import torch
 
@@ -104,11 +105,24 @@ def config_from_hf(hf_config, source="config.json"):
         return GPTConfig(vocab_size=hf_config["vocab_size"], block_size=hf_config["n_positions"],
                          n_layer=hf_config["n_layer"], n_head=hf_config["n_head"], n_embd=hf_config["n_embd"],
                          layer_norm_epsilon=hf_config.get("layer_norm_epsilon", 1e-5), bias=True,
-                         eos_token_id=hf_config.get("eos_token_id"))
+                         eos_token_id=_checkpoint_eos(hf_config, source))
     except KeyError as error:
         raise ValueError(f"{source} lacks {error.args[0]!r}") from None
     except ValueError as error:
         raise ValueError(f"{source}: {error}") from None
+
+
+def _checkpoint_eos(hf_config, source):
+    """The checkpoint's eos_token_id, or None where it names no token of the vocabulary: transformers' GPT2Config
+    keeps GPT-2's 50256 as its default bos/eos whatever vocab_size is, and transformers loads such a folder. (A
+    GPTConfig built by hand with such an id is still refused.)"""
+    eos, vocab_size = hf_config.get("eos_token_id"), hf_config.get("vocab_size")
+    if isinstance(eos, int) and isinstance(vocab_size, int) and not 0 <= eos < vocab_size:
+        warnings.warn(f"{source}: eos_token_id {eos} is not a token id below vocab_size ({vocab_size}), as "
+                      f"transformers' GPT2Config default leaves it for small vocabularies; loaded as no "
+                      f"end-of-text token")
+        return None
+    return eos
 
 
 def config_to_hf(config):

@@ -10,18 +10,31 @@ Masks: where the kernels' own flags say everything (a causal pattern, a window t
 queries being the last of the keys), transformers is told to build no mask at all; otherwise (padding, a static
 cache's empty slots, packed sequences) it builds its dense boolean mask, which the kernels read as it is.
 """
+import sys
+
 import torch
 
-from gptfast.attention import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, attend
+from gptfast import backend
+from gptfast.attention import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, attend, flag_pattern
 from gptfast.layernorm import LayerNorm, rms_norm
+
+# Keywords transformers passes to an attention function that do not change its result: the rotary embedding is
+# applied before the call, and packed position_ids reach the attention as the mask transformers builds from them;
+# the rest are about other layers or the outputs. output_attentions is harmless only when false.
+HARMLESS_KEYWORDS = frozenset({"position_ids", "use_cache", "cache_position", "output_attentions",
+                               "output_hidden_states", "output_router_logits", "num_items_in_batch",
+                               "return_dict"})
 
 
 def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
-                      sliding_window=None, softcap=None, **kwargs):
+                      sliding_window=None, softcap=None, s_aux=None, **kwargs):
     """transformers' attention-interface signature: query (B, Hq, Tq, D), key and value (B, Hkv, Tk, D);
     returns ((B, Tq, Hq, D), None). attention_mask is None when attention_mask_for_kernels below found the flags
     enough, else transformers' dense mask (B, 1, Tq, Tk) holding causality, the window and padding already.
-    sliding_window W lets query i see keys j > i - W, as transformers' own masks (flash-attn's left = W - 1)."""
+    sliding_window W lets query i see keys j > i - W, as transformers' own masks (flash-attn's left = W - 1).
+    s_aux: gpt-oss's learned sinks (Hq,), honoured on PyTorch's path until the kernels take them. Any other
+    keyword that is not None and not in HARMLESS_KEYWORDS (or output_attentions=True) runs the model's own eager
+    attention instead, with a warning once per keyword (an error under GPTFAST_BACKEND=triton)."""
     causal = CAUSAL_NONE
     window = (-1, -1)
     if attention_mask is None:
@@ -29,9 +42,37 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
             causal = CAUSAL_BOTTOM_RIGHT
         if sliding_window:
             window = (sliding_window - 1, -1)
+    unknown = sorted(name for name, value in kwargs.items() if (value is not None and name not in HARMLESS_KEYWORDS)
+                     or (name == "output_attentions" and value))
+    if unknown:
+        backend.use_triton("hf.attention_forward", query.device,
+                           f"the keyword argument {unknown[0]} (the model's own eager attention runs instead)")
+        if attention_mask is None:
+            attention_mask = ~flag_pattern(query.shape[-2], key.shape[-2], causal, window, query.device)[1]
+        mask = _additive(attention_mask, query.dtype)
+        return _eager_attention(module)(module, query, key, value, mask, dropout=dropout,
+                                        scaling=scaling, sliding_window=sliding_window, softcap=softcap,
+                                        s_aux=s_aux, **kwargs)
     out = attend(query, key, value, causal=causal, window=window, mask=attention_mask, softcap=softcap or 0.0,
-                 dropout_p=dropout, softmax_scale=scaling, op="hf.attention_forward")[0]
+                 dropout_p=dropout, softmax_scale=scaling, op="hf.attention_forward", sinks=s_aux)[0]
     return out.transpose(1, 2), None
+
+
+def _additive(mask, dtype):
+    """A boolean mask as the additive one transformers' eager attention functions add to the scores."""
+    if mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+
+
+def _eager_attention(module):
+    """The eager attention function of the module's own model file (gpt-oss's handles s_aux, Gemma 2's softcap),
+    else transformers' generic one."""
+    model_file = sys.modules.get(type(module).__module__)
+    eager = getattr(model_file, "eager_attention_forward", None)
+    if eager is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward as eager
+    return eager
 
 
 def attention_mask_for_kernels(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, attention_mask=None,

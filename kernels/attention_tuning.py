@@ -180,11 +180,15 @@ BACKWARD_VARIANTS = ("two_kernel", "single_pass")
 _forced = {"forward": None, "backward": None}
 
 
+class VariantUnavailable(ValueError):
+    """A forced variant that cannot run the call at hand (its documented limits), as distinct from a failure."""
+
+
 @contextlib.contextmanager
 def forced_variants(forward=None, backward=None):
     """Inside the block every attention call runs the named variants (None leaves that choice to the tuner): for
     tests, which must cover each variant, and benchmarks, which time each. A forced variant that cannot run a
-    call raises ValueError."""
+    call raises VariantUnavailable."""
     for name, value, choices in (("forward", forward, FORWARD_VARIANTS), ("backward", backward, BACKWARD_VARIANTS)):
         if value not in (None, *choices):
             raise ValueError(f"{name} variant must be one of {', '.join(choices)} or None, got {value!r}")
@@ -202,8 +206,8 @@ def forward_variants(arch, features, tma_ready):
     pointers unless forced."""
     forced = _forced["forward"]
     if forced not in (None, "pointers") and not (tma_ready and not features):
-        raise ValueError(f"the forward variant {forced!r} needs plain attention (no mask, ALiBi, softcap or "
-                         f"dropout) on 16-bit K and V, 16-byte aligned, their last dim contiguous")
+        raise VariantUnavailable(f"the forward variant {forced!r} needs plain attention (no mask, ALiBi, softcap "
+                                 f"or dropout) on 16-bit K and V, 16-byte aligned, their last dim contiguous")
     if forced is not None:
         return (forced,)
     return FORWARD_VARIANTS if arch in TMA_ARCHS and tma_ready and not features else ("pointers",)
@@ -222,8 +226,8 @@ def backward_choices(arch, block_d, deterministic, mask_grad):
     SINGLE_PASS_MAX_HEAD_DIM or runs in the interpreter (where nothing is timed), else both, for `fastest`."""
     forced = _forced["backward"]
     if forced == "single_pass" and (mask_grad or block_d > SINGLE_PASS_MAX_HEAD_DIM):
-        raise ValueError(f"the backward variant 'single_pass' cannot give an additive mask its gradient nor run "
-                         f"head dims past {SINGLE_PASS_MAX_HEAD_DIM}")
+        raise VariantUnavailable(f"the backward variant 'single_pass' cannot give an additive mask its gradient "
+                                 f"nor run head dims past {SINGLE_PASS_MAX_HEAD_DIM}")
     if forced is not None:
         return (forced,)
     if (deterministic or torch.are_deterministic_algorithms_enabled() or mask_grad or arch == "interpreter"

@@ -11,6 +11,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("GPTFAST_BACKEND", "auto")
 
+pytest_plugins = ("support",)  # its fixtures (kernels_only) for every test module
+
 
 @pytest.fixture
 def home(tmp_path, monkeypatch):

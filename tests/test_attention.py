@@ -2,7 +2,6 @@
 dtype, causal variants, grouped heads, strided views; bad input; backend choice; torch.compile."""
 import math
 import warnings
-import zlib
 
 import pytest
 import torch
@@ -15,83 +14,9 @@ from torch.nn.attention.bias import causal_lower_right, causal_upper_left
 from gptfast import backend
 from gptfast.attention import _as_bhtd, draw_dropout_seed, flash_attn_func, scaled_dot_product_attention
 from gptfast.kernels.attention import Features, _key_range, _query_range
-from tolerance import DEVICE, DTYPES, assert_accurate
-
-NONE, TOP_LEFT, BOTTOM_RIGHT = "none", "top_left", "bottom_right"
-
-
-def reference_attention(q, k, v, causal=NONE, scale=None, window=(-1, -1), softcap=0.0, alibi=None, mask=None,
-                        keep=None, dropout_p=0.0):
-    """Plain attention in q's dtype: scores, masked softmax in float32 (as torch's math backend), weighted sum.
-    q: (..., Hq, Tq, D), k and v: (..., Hkv, Tk, D). A row that sees no key gives 0. window is flash-attn's
-    (bottom-right aligned; causal sets its right side to 0), alibi float32 (B, Hq), mask bool or additive and
-    broadcastable to the scores, keep the dropout's keep mask (B, Hq, Tq, Tk)."""
-    group = q.shape[-3] // k.shape[-3]
-    k, v = k.repeat_interleave(group, dim=-3), v.repeat_interleave(group, dim=-3)
-    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
-    work = torch.promote_types(q.dtype, torch.float32)
-    scores = ((q @ k.transpose(-1, -2)) * scale).to(work)
-    if softcap:
-        scores = softcap * torch.tanh(scores / softcap)
-    tq, tk = q.shape[-2], k.shape[-2]
-    j_minus_i = torch.arange(tk, device=q.device)[None, :] - torch.arange(tq, device=q.device)[:, None]
-    if alibi is not None:
-        scores = scores - alibi[..., None, None].to(work) * (j_minus_i - (tk - tq)).abs().to(work)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.to(work)
-    left, right = window
-    if causal != NONE:
-        right = 0
-    diagonal = tk - tq if causal != TOP_LEFT else 0
-    if right >= 0:
-        scores = scores.masked_fill(j_minus_i > diagonal + right, float("-inf"))
-    if left >= 0:
-        scores = scores.masked_fill(j_minus_i < diagonal - left, float("-inf"))
-    weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)
-    if keep is not None:
-        weights = weights * keep / (1 - dropout_p)
-    return weights.to(q.dtype) @ v
-
-
-def random_qkv(batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim, dtype, seed):
-    gen = torch.Generator().manual_seed(seed)
-    make = lambda h, t: torch.randn(batch, h, t, head_dim, generator=gen).to(DEVICE, dtype)
-    return make(heads, seqlen_q), make(kv_heads, seqlen_k), make(kv_heads, seqlen_k)
-
-
-def mask_args(causal, seqlen_q, seqlen_k):
-    if causal == TOP_LEFT:
-        return dict(is_causal=True)
-    if causal == BOTTOM_RIGHT:
-        return dict(attn_mask=causal_lower_right(seqlen_q, seqlen_k))
-    return {}
-
-
-def check_against_reference(q, k, v, causal, run, seed=0, mask=None, **spec):
-    """run(q, k, v[, mask]) -> out with q's layout (..., Hq, Tq, D). Checks the output and dq, dk, dv, and the
-    gradient of an additive mask that requires grad (passed to run as a fourth argument); spec goes to
-    reference_attention."""
-    leaves = {"q": q, "k": k, "v": v}
-    if mask is not None and mask.requires_grad:
-        leaves["mask"] = mask
-    inputs = {n: t.detach().clone().requires_grad_() for n, t in leaves.items()}
-    out = run(*inputs.values())
-    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(out)
-    out.backward(grad_out)
-    results = {"out": out, **{f"d{n}": t.grad for n, t in inputs.items()}}
-
-    def reference(dtype):
-        ins = {n: t.detach().to(dtype).requires_grad_() for n, t in leaves.items()}
-        fixed_mask = ins.get("mask", mask if mask is None or mask.dtype == torch.bool else mask.to(dtype))
-        ref = reference_attention(ins["q"], ins["k"], ins["v"], causal, mask=fixed_mask, **spec)
-        ref.backward(grad_out.to(dtype))
-        return {"out": ref, **{f"d{n}": t.grad for n, t in ins.items()}}
-
-    ref64, lowp = reference(torch.float64), reference(q.dtype)
-    for name, value in results.items():
-        assert value.dtype == q.dtype
-        assert_accurate(name, value, ref64[name], lowp[name], terms=q.shape[-1])
-
+from support import (BOTTOM_RIGHT, NONE, TOP_LEFT, bthd, check_against_reference, kernel_keep_mask, mask_args,
+                     random_qkv, reference_attention, seed_of, shape_id)
+from tolerance import DEVICE, DTYPES
 
 # Every sequence length, head dim, dtype and mask appears, crossed so that each T meets several D and masks.
 SHAPES = [  # (batch, heads, kv_heads, Tq, Tk, head_dim)
@@ -103,10 +28,10 @@ SHAPES = [  # (batch, heads, kv_heads, Tq, Tk, head_dim)
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("causal", [NONE, TOP_LEFT, BOTTOM_RIGHT])
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}H{}K{}Tq{}Tk{}D{}".format(*s))
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 def test_sdpa_matches_float64_reference(shape, causal, dtype):
     batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim = shape
-    q, k, v = random_qkv(*shape, dtype, seed=zlib.crc32(repr((shape, causal)).encode()))
+    q, k, v = random_qkv(*shape, dtype, seed=seed_of(shape, causal))
     kwargs = mask_args(causal, seqlen_q, seqlen_k)
     with backend.use_backend("triton"):
         check_against_reference(
@@ -421,41 +346,36 @@ def test_loops_skip_hidden_blocks_and_mask_only_the_edges(seqlen_q, seqlen_k, ca
 # ----------------------------------------------------------------------------------------------------------------
 # The features real models pass: windows, softcapping, ALiBi, dense masks and biases, dropout (issue #12)
 
-def bthd(*tensors):
-    """(B, H, T, D) -> flash-attn's (B, T, H, D) views."""
-    return [t.transpose(1, 2) for t in tensors]
-
-
 FEATURE_SHAPES = [(1, 2, 2, 7, 7, 24), (1, 4, 2, 100, 57, 40), (2, 2, 1, 33, 100, 64), (1, 1, 1, 1, 40, 16)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", FEATURE_SHAPES, ids=lambda s: "B{}H{}K{}Tq{}Tk{}D{}".format(*s))
+@pytest.mark.parametrize("shape", FEATURE_SHAPES, ids=shape_id)
 @pytest.mark.parametrize("causal, window", [(False, (9, 3)), (True, (5, -1)), (False, (0, 0)), (False, (-1, 2))])
 def test_sliding_window(shape, dtype, causal, window):
-    q, k, v = random_qkv(*shape, dtype, seed=zlib.crc32(repr((shape, window)).encode()))
+    q, k, v = random_qkv(*shape, dtype, seed=seed_of(shape, window))
     with backend.use_backend("triton"):
         check_against_reference(q, k, v, BOTTOM_RIGHT if causal else NONE, lambda q, k, v: flash_attn_func(
             *bthd(q, k, v), causal=causal, window_size=window).transpose(1, 2), window=window)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", FEATURE_SHAPES[:3], ids=lambda s: "B{}H{}K{}Tq{}Tk{}D{}".format(*s))
+@pytest.mark.parametrize("shape", FEATURE_SHAPES[:3], ids=shape_id)
 @pytest.mark.parametrize("softcap", [0.5, 30.0])
 def test_softcapping(shape, dtype, softcap):
     """softcap * tanh(scores / softcap): 0.5 saturates most scores, 30 (Gemma 2's 50 scaled to these inputs)
     barely bends them."""
-    q, k, v = random_qkv(*shape, dtype, seed=zlib.crc32(repr((shape, softcap)).encode()))
+    q, k, v = random_qkv(*shape, dtype, seed=seed_of(shape, softcap))
     with backend.use_backend("triton"):
         check_against_reference(q, k, v, BOTTOM_RIGHT, lambda q, k, v: flash_attn_func(
             *bthd(q, k, v), causal=True, softcap=softcap).transpose(1, 2), softcap=softcap)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", FEATURE_SHAPES[1:3], ids=lambda s: "B{}H{}K{}Tq{}Tk{}D{}".format(*s))
+@pytest.mark.parametrize("shape", FEATURE_SHAPES[1:3], ids=shape_id)
 @pytest.mark.parametrize("per_batch, causal", [(False, True), (True, False)])
 def test_alibi(shape, dtype, per_batch, causal):
-    q, k, v = random_qkv(*shape, dtype, seed=zlib.crc32(repr((shape, per_batch)).encode()))
+    q, k, v = random_qkv(*shape, dtype, seed=seed_of(shape, per_batch))
     batch, heads = shape[0], shape[1]
     slopes = torch.rand(batch, heads) if per_batch else 2.0 ** -torch.arange(1, heads + 1.0)  # BLOOM's
     slopes = slopes.to(DEVICE)
@@ -503,20 +423,13 @@ def test_a_mask_that_hides_a_whole_row_gives_zeros():
     torch.testing.assert_close(out.detach(), expected)
 
 
-def kernel_keep_mask(seed, shape, dropout_p):
-    """The keep mask the kernels drew in a call made right after torch.manual_seed(seed)."""
-    from gptfast.kernels.attention import dropout_keep_mask
-    torch.manual_seed(seed)
-    return dropout_keep_mask(draw_dropout_seed(torch.device(DEVICE)), *shape, dropout_p)
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", FEATURE_SHAPES[:3], ids=lambda s: "B{}H{}K{}Tq{}Tk{}D{}".format(*s))
+@pytest.mark.parametrize("shape", FEATURE_SHAPES[:3], ids=shape_id)
 def test_dropout_matches_the_reference_with_the_same_mask(shape, dtype):
     """The backward regenerates the forward's mask: forward and every gradient equal the float64 reference that
     applies the keep mask rebuilt from the same seed and offset."""
     batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim = shape
-    q, k, v = random_qkv(*shape, dtype, seed=zlib.crc32(repr(shape).encode()))
+    q, k, v = random_qkv(*shape, dtype, seed=seed_of(shape))
     p = 0.17
     keep = kernel_keep_mask(5, (batch, heads, seqlen_q, seqlen_k), p)
 

@@ -9,7 +9,7 @@ import torch
 import transformers
 
 from gptfast import backend
-from gptfast.hf import patch_hf, register
+from gptfast.hf import attention_forward, patch_hf, register
 from gptfast.kernels import attention as kernels
 from tolerance import DEVICE, assert_accurate
 
@@ -32,15 +32,31 @@ MODELS = {
 }
 
 
+def gpt_oss():
+    """gpt-oss: learned sinks (s_aux), which the kernels do not take yet, so its attention runs PyTorch; its experts
+    on the eager loop (grouped_mm has no float64)."""
+    model = transformers.GptOssForCausalLM(transformers.GptOssConfig(
+        **COMMON, num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=5,
+        layer_types=["sliding_attention", "full_attention"], rope_parameters={"rope_type": "default",
+                                                                              "rope_theta": 10000.0}))
+    model.set_experts_implementation("eager")
+    return model
+
+
+SINK_MODELS = {"gpt_oss": gpt_oss}
+
+
 def build(name, implementation, dtype=torch.float32, patched=False):
     """The model with random norm weights too (transformers starts them at one, or Gemma's at zero); patched:
     through patch_hf, so its LayerNorms or RMSNorms run gptfast's kernel as well."""
     torch.manual_seed(0)
-    model = MODELS[name]()
+    model = (MODELS | SINK_MODELS)[name]()
     with torch.no_grad():
         for param_name, param in model.named_parameters():
             if "norm" in param_name or ".ln_" in param_name:
                 param.add_(torch.randn_like(param) * 0.1)
+            if param_name.endswith("sinks"):  # large enough to take most of a row's weight
+                param.copy_(torch.randn_like(param) * 2)
     if patched:
         patch_hf(model)
         assert not any(type(m).__name__.endswith(("RMSNorm", "LayerNorm")) and type(m).__module__.startswith(
@@ -74,13 +90,12 @@ def forward_backward(model, ids, grad_seed=1):
 
 @pytest.mark.parametrize("patched", [False, True], ids=["attention", "attention+norms"])
 @pytest.mark.parametrize("name", list(MODELS))
-def test_training_forward_and_backward_match_eager(name, patched, launches):
+def test_training_forward_and_backward_match_eager(name, patched, launches, kernels_only):
     """Train mode (dropout 0, so results can be compared): logits and every parameter's gradient, with the
     attention on gptfast, and with patch_hf also its norms."""
     register()
     ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(2)).to(DEVICE)
-    with backend.use_backend("triton"):
-        got = forward_backward(build(name, "gptfast", patched=patched).train(), ids)
+    got = forward_backward(build(name, "gptfast", patched=patched).train(), ids)
     assert launches["forward"] == 2  # one per layer
     ref64 = forward_backward(build(name, "eager", torch.float64).train(), ids)
     lowp = forward_backward(build(name, "eager").train(), ids)
@@ -143,3 +158,41 @@ def test_gpt2_attention_dropout_runs_in_the_kernel(launches):
     assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2]) and not torch.equal(outs[0], plain)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     assert launches["forward"] == 2 * 4
+
+
+def test_gpt_oss_runs_its_sinks_on_pytorch_visibly(monkeypatch):
+    """gpt-oss passes its sinks as s_aux: under auto they are honoured on PyTorch's path with a warning (logits and
+    every gradient, the sinks' included, as eager attention's); under triton the call raises."""
+    register()
+    monkeypatch.setattr(backend, "_warned", set())
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    with pytest.warns(UserWarning, match="sinks"):
+        got = forward_backward(build("gpt_oss", "gptfast").train(), ids)
+    ref64 = forward_backward(build("gpt_oss", "eager", torch.float64).train(), ids)
+    lowp = forward_backward(build("gpt_oss", "eager").train(), ids)
+    assert any(key.endswith("sinks") for key in got)
+    for key, value in got.items():
+        assert_accurate(f"gpt_oss {key}", value, ref64[key], lowp[key], terms=16)
+    with backend.use_backend("triton"), pytest.raises(NotImplementedError, match="sinks"):
+        build("gpt_oss", "gptfast")(ids)
+
+
+@pytest.mark.parametrize("keyword", [{"output_attentions": True}, {"relative_bias": torch.zeros(1)}],
+                         ids=["output_attentions", "unknown"])
+def test_a_keyword_it_does_not_handle_runs_the_models_eager_attention(keyword, monkeypatch):
+    """A keyword that attention_forward neither honours nor knows to be harmless is never dropped: the model's own
+    eager attention runs the call (with the causal mask the flags described), with a warning; under triton it
+    raises."""
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+    monkeypatch.setattr(backend, "_warned", set())
+    module = build("llama", "gptfast").model.layers[0].self_attn
+    generator = torch.Generator().manual_seed(7)
+    q = torch.randn(1, 4, 6, 16, generator=generator).to(DEVICE)
+    k, v = (torch.randn(1, 2, 6, 16, generator=generator).to(DEVICE) for _ in range(2))
+    with pytest.warns(UserWarning, match=next(iter(keyword))):
+        out, weights = attention_forward(module, q, k, v, None, scaling=0.25, **keyword)
+    causal = torch.zeros(6, 6).masked_fill(torch.ones(6, 6, dtype=torch.bool).triu(1), torch.finfo(q.dtype).min)
+    expected, expected_weights = eager_attention_forward(module, q, k, v, causal.to(DEVICE), scaling=0.25)
+    assert torch.equal(out, expected) and torch.equal(weights, expected_weights)
+    with backend.use_backend("triton"), pytest.raises(NotImplementedError, match=next(iter(keyword))):
+        attention_forward(module, q, k, v, None, scaling=0.25, **keyword)

@@ -10,7 +10,7 @@ from gptfast.cli import main as cli
 from gptfast.data import Batches, Corpus, prepare
 from gptfast.packing import Packed
 from gptfast.tokenizer import ByteTokenizer
-from test_train import QUICK, read_log, step_records
+from support import QUICK, read_log, step_records
 from tolerance import DEVICE
 
 

@@ -3,7 +3,6 @@ logs each step once, resumes refuse changed settings, one trainer per run folder
 leave `latest` dangling, two data-parallel ranks on CPU, the kernels train like the PyTorch reference, signals
 save a checkpoint, progress with elapsed time and ETA, checkpoints that transformers reads cleanly."""
 import contextlib
-import json
 import os
 import re
 import shutil
@@ -14,6 +13,7 @@ import sys
 import pytest
 import torch
 import transformers
+from support import QUICK, TINY, read_log, step_records
 
 import gptfast
 from gptfast import checkpoint
@@ -21,19 +21,6 @@ from gptfast.cli import main as cli
 from gptfast.model import GPT, GPTConfig
 from gptfast.runs import RunFolder, load_train_state
 from gptfast.tokenizer import ByteTokenizer, load_tokenizer
-
-TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "4",
-        "--device", "cpu", "--warmup-iters", "2"]
-QUICK = ["--eval-iters", "1", "--kernels", "torch", *TINY]
-
-
-def read_log(folder):
-    with open(os.path.join(folder, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def step_records(folder):
-    return [r for r in read_log(folder) if "train_loss" in r]
 
 
 def train_process(*args):

@@ -1,0 +1,128 @@
+"""What the test modules share, beside tests/tolerance.py's accuracy rule: the float64 attention oracle and the
+inputs it is fed, parametrize ids and seeds, the backend fixture, and the training tests' settings and logs."""
+import json
+import math
+import os
+import zlib
+
+import pytest
+import torch
+from torch.nn.attention.bias import causal_lower_right
+
+from gptfast import backend
+from gptfast.attention import draw_dropout_seed
+from tolerance import DEVICE, assert_accurate
+
+NONE, TOP_LEFT, BOTTOM_RIGHT = "none", "top_left", "bottom_right"
+
+
+def shape_id(shape):
+    """The parametrize id of an attention shape (batch, heads, kv_heads, Tq, Tk, head_dim)."""
+    return "B{}H{}K{}Tq{}Tk{}D{}".format(*shape)
+
+
+def seed_of(*case):
+    """A seed of its own for each parametrized case, stable across runs and processes (unlike hash())."""
+    return zlib.crc32(repr(case).encode())
+
+
+@pytest.fixture
+def kernels_only():
+    """The test's calls run gptfast's kernels or raise: no silent fallback to PyTorch (GPTFAST_BACKEND=triton)."""
+    with backend.use_backend("triton"):
+        yield
+
+
+def reference_attention(q, k, v, causal=NONE, scale=None, window=(-1, -1), softcap=0.0, alibi=None, mask=None,
+                        keep=None, dropout_p=0.0):
+    """Plain attention in q's dtype: scores, masked softmax in float32 (as torch's math backend), weighted sum.
+    q: (..., Hq, Tq, D), k and v: (..., Hkv, Tk, D). A row that sees no key gives 0. window is flash-attn's
+    (bottom-right aligned; causal sets its right side to 0), alibi float32 (B, Hq), mask bool or additive and
+    broadcastable to the scores, keep the dropout's keep mask (B, Hq, Tq, Tk)."""
+    group = q.shape[-3] // k.shape[-3]
+    k, v = k.repeat_interleave(group, dim=-3), v.repeat_interleave(group, dim=-3)
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+    work = torch.promote_types(q.dtype, torch.float32)
+    scores = ((q @ k.transpose(-1, -2)) * scale).to(work)
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    tq, tk = q.shape[-2], k.shape[-2]
+    j_minus_i = torch.arange(tk, device=q.device)[None, :] - torch.arange(tq, device=q.device)[:, None]
+    if alibi is not None:
+        scores = scores - alibi[..., None, None].to(work) * (j_minus_i - (tk - tq)).abs().to(work)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.to(work)
+    left, right = window
+    if causal != NONE:
+        right = 0
+    diagonal = tk - tq if causal != TOP_LEFT else 0
+    if right >= 0:
+        scores = scores.masked_fill(j_minus_i > diagonal + right, float("-inf"))
+    if left >= 0:
+        scores = scores.masked_fill(j_minus_i < diagonal - left, float("-inf"))
+    weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    if keep is not None:
+        weights = weights * keep / (1 - dropout_p)
+    return weights.to(q.dtype) @ v
+
+def random_qkv(batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    make = lambda h, t: torch.randn(batch, h, t, head_dim, generator=gen).to(DEVICE, dtype)
+    return make(heads, seqlen_q), make(kv_heads, seqlen_k), make(kv_heads, seqlen_k)
+
+def mask_args(causal, seqlen_q, seqlen_k):
+    if causal == TOP_LEFT:
+        return dict(is_causal=True)
+    if causal == BOTTOM_RIGHT:
+        return dict(attn_mask=causal_lower_right(seqlen_q, seqlen_k))
+    return {}
+
+def check_against_reference(q, k, v, causal, run, seed=0, mask=None, **spec):
+    """run(q, k, v[, mask]) -> out with q's layout (..., Hq, Tq, D). Checks the output and dq, dk, dv, and the
+    gradient of an additive mask that requires grad (passed to run as a fourth argument); spec goes to
+    reference_attention."""
+    leaves = {"q": q, "k": k, "v": v}
+    if mask is not None and mask.requires_grad:
+        leaves["mask"] = mask
+    inputs = {n: t.detach().clone().requires_grad_() for n, t in leaves.items()}
+    out = run(*inputs.values())
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(out)
+    out.backward(grad_out)
+    results = {"out": out, **{f"d{n}": t.grad for n, t in inputs.items()}}
+
+    def reference(dtype):
+        ins = {n: t.detach().to(dtype).requires_grad_() for n, t in leaves.items()}
+        fixed_mask = ins.get("mask", mask if mask is None or mask.dtype == torch.bool else mask.to(dtype))
+        ref = reference_attention(ins["q"], ins["k"], ins["v"], causal, mask=fixed_mask, **spec)
+        ref.backward(grad_out.to(dtype))
+        return {"out": ref, **{f"d{n}": t.grad for n, t in ins.items()}}
+
+    ref64, lowp = reference(torch.float64), reference(q.dtype)
+    for name, value in results.items():
+        assert value.dtype == q.dtype
+        assert_accurate(name, value, ref64[name], lowp[name], terms=q.shape[-1])
+
+def bthd(*tensors):
+    """(B, H, T, D) -> flash-attn's (B, T, H, D) views."""
+    return [t.transpose(1, 2) for t in tensors]
+
+def kernel_keep_mask(seed, shape, dropout_p):
+    """The keep mask the kernels drew in a call made right after torch.manual_seed(seed)."""
+    from gptfast.kernels.attention import dropout_keep_mask
+    torch.manual_seed(seed)
+    return dropout_keep_mask(draw_dropout_seed(torch.device(DEVICE)), *shape, dropout_p)
+
+
+# `gptfast train` in the tests: a tiny model on the CPU, and what its run folder logs.
+TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "4",
+        "--device", "cpu", "--warmup-iters", "2"]
+QUICK = ["--eval-iters", "1", "--kernels", "torch", *TINY]
+
+
+def read_log(folder):
+    with open(os.path.join(folder, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def step_records(folder):
+    return [r for r in read_log(folder) if "train_loss" in r]
