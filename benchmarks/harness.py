@@ -33,8 +33,15 @@ def synchronized_clock():
     return time.perf_counter()
 
 
+# The GPU check's CPU dry run (GPU_CHECK_SMALL=1) checks that every case runs and reports, not what it measures:
+# one round each, no warm-up.
+DRY_RUN = os.environ.get("GPU_CHECK_SMALL") == "1"
+
+
 def benchmark_marker():
     """pytest-benchmark's settings for every benchmark here: the synchronising clock, warm-up, enough rounds."""
+    if DRY_RUN:
+        return pytest.mark.benchmark(timer=synchronized_clock, warmup=False, min_rounds=1, max_time=0.0)
     return pytest.mark.benchmark(timer=synchronized_clock, warmup=True, warmup_iterations=2, min_rounds=5,
                                  min_time=1e-3 if FULL else 5e-6, max_time=0.15 if FULL else 0.05)
 

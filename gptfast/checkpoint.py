@@ -1,8 +1,7 @@
 """A Hugging Face GPT-2 checkpoint folder as gptfast reads and writes it: config.json, model.safetensors (or the
 older pytorch_model.bin) and the tokenizer's files. Finding one (a local folder, or a hub name from the Hugging
 Face cache or the hub), reading its config and weights with errors that name the file, writing one file by file
-atomically. Which weight is which is the model's mapping (GPT.load_hf_state_dict and GPT.hf_state_dict); the
-config's is here.
+atomically; and the format itself, which weight is which (names and transposes) and the config's fields.
 """
 import json
 import os
@@ -11,9 +10,11 @@ import warnings
 
 import torch
 
+from gptfast.config import GPTConfig
 from gptfast.files import atomic_write_text, read_json_object
-from gptfast.model import GPT, GPTConfig
 
+# GPT-2's checkpoints store these weights as Conv1D, (in, out): the transpose of our Linear's.
+HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 HUB_FILES = ["config.json", "*.safetensors", "tokenizer.json", "vocab.json", "merges.txt"]
 HUB_NAME = re.compile(r"[A-Za-z0-9_-][\w.-]*(/[\w.-]+)?")  # "gpt2", "openai-community/gpt2"
 
@@ -69,19 +70,11 @@ def load_weights(folder):
                          "checkpoint again") from None
 
 
-def load_model(name_or_path, device=None, dtype=None):
-    """A GPT with a checkpoint's weights; name_or_path as for resolve()."""
-    folder = resolve(name_or_path)
-    model = GPT(read_config(folder))
-    load_state(model, folder)
-    return model.to(device=device, dtype=dtype)
-
-
 def load_state(model, folder):
     """Copy a checkpoint folder's weights into model, naming the folder when they do not fit its config."""
     weights = load_weights(folder)
     try:
-        model.load_hf_state_dict(weights)
+        load_hf_state_dict(model, weights)
     except ValueError as error:
         raise ValueError(f"{folder}: {error}") from None
 
@@ -93,9 +86,40 @@ def save(model, folder, state_dict=None):
     os.makedirs(folder, exist_ok=True)
     atomic_write_text(os.path.join(folder, "config.json"), json.dumps(config_to_hf(model.config), indent=2))
     tmp = os.path.join(folder, f"model.safetensors.{os.getpid()}.tmp")
-    weights = model.hf_state_dict(state_dict)
+    weights = hf_state_dict(model.state_dict() if state_dict is None else state_dict)
     save_file({k: v.detach().cpu() for k, v in weights.items()}, tmp, metadata={"format": "pt"})
     os.replace(tmp, os.path.join(folder, "model.safetensors"))
+
+
+def load_hf_state_dict(model, hf_state):
+    """Copy a transformers GPT2LMHeadModel state_dict into a GPT. The mapping is explicit: every name is ours with
+    an optional 'transformer.' prefix; the HF_TRANSPOSED weights need a transpose."""
+    ours = model.state_dict()
+    theirs = {}
+    for name, tensor in hf_state.items():
+        if name.endswith((".attn.bias", ".attn.masked_bias")):  # causal-mask buffers of old checkpoints
+            continue
+        key = name if name.startswith(("transformer.", "lm_head.")) else f"transformer.{name}"
+        theirs[key] = tensor.t() if key.endswith(HF_TRANSPOSED) else tensor
+    theirs.setdefault("lm_head.weight", theirs.get("transformer.wte.weight"))
+    missing = sorted(k for k in ours if theirs.get(k) is None)
+    unexpected = sorted(k for k in theirs if k not in ours)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint does not match the GPT-2 layout: missing {missing[:5]}"
+                         f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+                         f"{'...' if len(unexpected) > 5 else ''}")
+    for key, tensor in ours.items():
+        if theirs[key].shape != tensor.shape:
+            raise ValueError(f"checkpoint weight {key} has shape {tuple(theirs[key].shape)}, the config "
+                             f"needs {tuple(tensor.shape)}")
+    with torch.no_grad():
+        for key, tensor in ours.items():
+            tensor.copy_(theirs[key])
+
+def hf_state_dict(state_dict):
+    """A GPT's state_dict under transformers GPT2LMHeadModel's names and layouts."""
+    return {name: (t.t() if name.endswith(HF_TRANSPOSED) else t).contiguous()
+            for name, t in state_dict.items() if name != "lm_head.weight"}
 
 
 def config_from_hf(hf_config, source="config.json"):

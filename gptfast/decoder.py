@@ -36,8 +36,8 @@ def prefill(model, prompts, cache):
     device = cache.seqlens.device
     packed = Packed.from_lengths([len(p) for p in prompts], device)
     ids = torch.cat([p.to(device) for p in prompts])[None]
-    model._check_ids(ids, packed=packed)
-    hidden = model._hidden_states(ids, cache, packed)
+    model.check_ids(ids, packed=packed)
+    hidden = model.hidden_states(ids, cache, packed)
     cache.seqlens.copy_(packed.lengths())
     return model.lm_head(hidden[0, packed.last_tokens()])
 
@@ -45,7 +45,7 @@ def prefill(model, prompts, cache):
 def decode_step(model, token, cache):
     """One token per sequence: token (B,) int64 -> logits (B, vocab_size); its keys and values are written at
     cache.seqlens, which then advance by 1."""
-    hidden = model._hidden_states(token[:, None], cache)
+    hidden = model.hidden_states(token[:, None], cache)
     cache.seqlens.add_(1)
     return model.lm_head(hidden[:, -1])
 

@@ -8,9 +8,10 @@ import time
 
 import torch
 
-from gptfast.checkpoint import load_model, resolve
+from gptfast.checkpoint import resolve
 from gptfast.data import gptfast_home
 from gptfast.devices import DTYPE_NAMES, device_named, dtype_named
+from gptfast.model import GPT
 from gptfast.runs import latest_checkpoint, newest_run_checkpoint
 from gptfast.tokenizer import load_tokenizer
 
@@ -61,7 +62,7 @@ def main(args):
     if not ids:
         raise ValueError("the prompt encodes to no tokens; give a non-empty --prompt")
     dtype = dtype_named(args.dtype, device)
-    model = load_model(folder, device=device, dtype=dtype).eval()
+    model = GPT.from_pretrained(folder, device=device, dtype=dtype).eval()
     print(f"[model {folder} on {device}, {dtype}]", file=sys.stderr, flush=True)
     room = model.config.block_size - len(ids)
     if room < 0:

@@ -15,7 +15,7 @@ import sys
 import torch
 
 from gptfast import backend
-from gptfast.attention import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, attend, flag_pattern
+from gptfast.attention_core import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, attend, flag_pattern
 from gptfast.layernorm import LayerNorm, rms_norm
 
 # Keywords transformers passes to an attention function that do not change its result: the rotary embedding is

@@ -6,12 +6,11 @@ The cache update and the rotary embedding run in PyTorch (a gather and an index_
 the attention runs the split-KV kernel. Where the kernels cannot run (float64, the CPU without TRITON_INTERPRET)
 each sequence is attended alone in PyTorch.
 """
-import math
-
 import torch
 
 from gptfast import backend
-from gptfast.attention import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, attend, check_flash_options, kernel_gap
+from gptfast.attention_core import (CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, attend, check_flash_options, kernel_gap,
+                                    softmax_scale_for)
 
 MIN_PAGE_SIZE = 16
 
@@ -206,7 +205,7 @@ def cached_attention(q, k_cache, v_cache, k, v, seqlens, block_table, leftpad=No
         k_cache[pages, slots] = k
         v_cache[pages, slots] = v
         seqlens = seqlens + k.shape[1]
-    softmax_scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    softmax_scale = softmax_scale_for(q.shape[-1], softmax_scale)
     if backend.use_triton("flash_attn_with_kvcache", q.device, kernel_gap(q, v_cache, softmax_scale)):
         from gptfast.kernels.decode import decode_attention
         return decode_attention(q, k_cache, v_cache, block_table, seqlens, leftpad, softmax_scale,

@@ -14,8 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from gptfast import backend
-
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from gptfast.dtypes import dtype_gap
 
 
 @torch.library.custom_op("gptfast::layer_norm", mutates_args=())
@@ -107,9 +106,8 @@ def _check(op, input, normalized_shape, weight, bias, extra=()):
 
 
 def _kernel_gap(input, weight, bias, *others):
-    for name, t in (("input", input), ("weight", weight), ("bias", bias), *others):
-        if t is not None and t.dtype not in KERNEL_DTYPES:
-            return f"{name} of dtype {t.dtype} (only float16, bfloat16, float32)"
+    if (gap := dtype_gap(("input", input), ("weight", weight), ("bias", bias), *others)) is not None:
+        return gap
     if input.numel() == 0:
         return "empty tensors"
     return None

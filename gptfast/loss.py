@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from gptfast import backend
+from gptfast.dtypes import dtype_gap
 
 REDUCTIONS = ("mean", "sum", "none")
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _chunk_rows(n_rows, vocab, width):
@@ -199,13 +199,6 @@ def _check_classes(op, target, ignore_index, vocab):
                          f"ignore_index ({ignore_index})")
 
 
-def _kernel_gap(*tensors):
-    for t in tensors:
-        if t is not None and t.dtype not in KERNEL_DTYPES:
-            return f"dtype {t.dtype} (only float16, bfloat16, float32)"
-    return None
-
-
 def _autocast(*tensors):
     """The tensors in autocast's dtype where autocast is on (the custom op runs below autocast, as F.linear would
     run under it), else as they are."""
@@ -245,7 +238,7 @@ def linear_cross_entropy(hidden, weight, target, bias=None, ignore_index=-100, r
         _check_classes(op, target, ignore_index, weight.shape[0])
     hidden, weight, bias = _autocast(hidden, weight, bias)
     rows, flat_target = hidden.reshape(-1, hidden.shape[-1]), target.reshape(-1)
-    if not backend.use_triton(op, hidden.device, _kernel_gap(hidden, weight, bias)):
+    if not backend.use_triton(op, hidden.device, dtype_gap(("hidden", hidden), ("weight", weight), ("bias", bias))):
         logits = F.linear(rows, weight, bias)
         if softcap:
             logits = softcap * torch.tanh(logits / softcap)
@@ -265,7 +258,7 @@ def cross_entropy(logits, target, ignore_index=-100, reduction="mean", label_smo
     _check(op, logits, target, ignore_index, reduction, label_smoothing, softcap, "logits", "vocab")
     _check_classes(op, target, ignore_index, logits.shape[-1])
     rows, flat_target = logits.reshape(-1, logits.shape[-1]), target.reshape(-1)
-    if not backend.use_triton(op, logits.device, _kernel_gap(logits)):
+    if not backend.use_triton(op, logits.device, dtype_gap(("logits", logits))):
         if softcap:
             rows = softcap * torch.tanh(rows / softcap)
         loss_rows = F.cross_entropy(rows.float(), flat_target, ignore_index=ignore_index, reduction="none",

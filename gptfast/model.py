@@ -1,18 +1,19 @@
-"""A GPT-2 model on gptfast's kernels: configuration, modules in the order data flows through them, the mapping
-to Hugging Face's GPT-2 weights, and generation with a KV cache. Structured after nanoGPT's model.py; reading and
-writing checkpoint folders is gptfast.checkpoint's.
+"""A GPT-2 model on gptfast's kernels: modules in the order data flows through them, and generation with a KV
+cache. Structured after nanoGPT's model.py; its configuration is gptfast.config's, Hugging Face's GPT-2 format
+(weight names and layouts, config.json, checkpoint folders) gptfast.checkpoint's.
 
 Shapes: token ids (B, T) int64; hidden states (B, T, C) with C = n_embd; per-head tensors (B, T, H, D), the layout
 of the fused QKV projection, which reaches the attention kernel as strided views with no copy.
 """
 import math
 import warnings
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
+from gptfast import checkpoint
 from gptfast.attention import flash_attn_func
+from gptfast.config import GPTConfig
 from gptfast.decoder import GraphedDecodeStep, decode_step, prefill, prompts_of
 from gptfast.kvcache import cached_attention
 from gptfast.layernorm import LayerNorm, add_layer_norm
@@ -20,34 +21,7 @@ from gptfast.loss import linear_cross_entropy
 from gptfast.packing import Packed
 from gptfast.varlen import varlen_attention
 
-# GPT-2's checkpoints store these weights as Conv1D, (in, out): the transpose of our Linear's.
-HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-
-
-@dataclass
-class GPTConfig:
-    vocab_size: int = 50257
-    block_size: int = 1024  # longest sequence: the number of learned positions
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    bias: bool = True  # biases in the Linear layers and LayerNorms, as GPT-2
-    dropout: float = 0.0  # on embeddings, residual branches and attention weights (GPT-2's three pdrops)
-    layer_norm_epsilon: float = 1e-5
-    eos_token_id: int | None = None  # the tokenizer's end-of-text token (GPT-2's BPE: 50256; bytes: none)
-
-    def __post_init__(self):
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"GPTConfig.{name} must be a positive int, got {getattr(self, name)!r}")
-        if self.eos_token_id is not None and not (isinstance(self.eos_token_id, int)
-                                                  and 0 <= self.eos_token_id < self.vocab_size):
-            raise ValueError(f"GPTConfig.eos_token_id must be None or a token id below vocab_size "
-                             f"({self.vocab_size}), got {self.eos_token_id!r}")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"GPTConfig: n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
+__all__ = ["GPT", "GPTConfig", "KVCache"]  # GPTConfig lives in gptfast.config; importable from here as before
 
 
 class KVCache:
@@ -186,8 +160,8 @@ class GPT(nn.Module):
 
         packed: a gptfast.packing.Packed of documents packed into idx (1, total): each attends only within
         itself and its positions restart at 0, so the loss equals that of the documents run one by one."""
-        self._check_ids(idx, targets, packed)
-        hidden = self._hidden_states(idx, packed=packed)
+        self.check_ids(idx, targets, packed)
+        hidden = self.hidden_states(idx, packed=packed)
         if targets is None:
             return self.lm_head(hidden)
         return linear_cross_entropy(hidden, self.lm_head.weight, targets, check_classes=False)  # checked above
@@ -196,7 +170,7 @@ class GPT(nn.Module):
         """Mean next-token cross-entropy: idx and targets (B, T) int64, as forward(idx, targets, packed)."""
         return self(idx, targets, packed)
 
-    def _hidden_states(self, idx, cache=None, packed=None):
+    def hidden_states(self, idx, cache=None, packed=None):
         """The final LayerNorm's output (B, T, C) for checked ids. With packed, idx (1, total) holds packed
         sequences (their prompts, with a cache, which they fill); with a cache alone, a decode step: idx (B, T)
         holds the tokens after each sequence's cache.seqlens (the caller advances them)."""
@@ -213,7 +187,7 @@ class GPT(nn.Module):
         ln_f = self.transformer.ln_f
         return _add_norm(hidden, residual, ln_f)[0]
 
-    def _check_ids(self, idx, targets=None, packed=None):
+    def check_ids(self, idx, targets=None, packed=None):
         """idx (and targets, where given: the same shape, ids or -100 to ignore; and packed, where given) as the
         model can take them."""
         if packed is not None:
@@ -308,13 +282,13 @@ class GPT(nn.Module):
 
     def _uncached_decoder(self, idx):
         """(step, first logits) recomputing every position each step: the reference the cached path must equal."""
-        self._check_ids(idx)
+        self.check_ids(idx)
         tokens = [idx]
 
         def step(token):
             tokens.append(token[:, None])
-            return self.lm_head(self._hidden_states(torch.cat(tokens, 1))[:, -1])
-        return step, self.lm_head(self._hidden_states(idx)[:, -1])
+            return self.lm_head(self.hidden_states(torch.cat(tokens, 1))[:, -1])
+        return step, self.lm_head(self.hidden_states(idx)[:, -1])
 
     def _decode(self, step, logits, max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id,
                 generator, on_token):
@@ -341,43 +315,21 @@ class GPT(nn.Module):
     def from_pretrained(cls, name_or_path, device=None, dtype=None):
         """A GPT-2 checkpoint in Hugging Face's format: a local folder (config.json and model.safetensors or
         pytorch_model.bin) or a hub name (gpt2, gpt2-medium, ...) from the Hugging Face cache or the hub."""
-        from gptfast import checkpoint  # it imports this module
-        return checkpoint.load_model(name_or_path, device=device, dtype=dtype)
+        folder = checkpoint.resolve(name_or_path)
+        model = cls(checkpoint.read_config(folder))
+        checkpoint.load_state(model, folder)
+        return model.to(device=device, dtype=dtype)
 
     def load_hf_state_dict(self, hf_state):
-        """Copy a transformers GPT2LMHeadModel state_dict in. The mapping is explicit: every name is ours with an
-        optional 'transformer.' prefix; the HF_TRANSPOSED weights need a transpose."""
-        ours = self.state_dict()
-        theirs = {}
-        for name, tensor in hf_state.items():
-            if name.endswith((".attn.bias", ".attn.masked_bias")):  # causal-mask buffers of old checkpoints
-                continue
-            key = name if name.startswith(("transformer.", "lm_head.")) else f"transformer.{name}"
-            theirs[key] = tensor.t() if key.endswith(HF_TRANSPOSED) else tensor
-        theirs.setdefault("lm_head.weight", theirs.get("transformer.wte.weight"))
-        missing = sorted(k for k in ours if theirs.get(k) is None)
-        unexpected = sorted(k for k in theirs if k not in ours)
-        if missing or unexpected:
-            raise ValueError(f"checkpoint does not match the GPT-2 layout: missing {missing[:5]}"
-                             f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-                             f"{'...' if len(unexpected) > 5 else ''}")
-        for key, tensor in ours.items():
-            if theirs[key].shape != tensor.shape:
-                raise ValueError(f"checkpoint weight {key} has shape {tuple(theirs[key].shape)}, the config "
-                                 f"needs {tuple(tensor.shape)}")
-        with torch.no_grad():
-            for key, tensor in ours.items():
-                tensor.copy_(theirs[key])
+        """Copy a transformers GPT2LMHeadModel state_dict in (the mapping is gptfast.checkpoint's)."""
+        checkpoint.load_hf_state_dict(self, hf_state)
 
     def hf_state_dict(self, state_dict=None):
         """This model's weights (or a state_dict of it) under transformers GPT2LMHeadModel's names and layouts."""
-        state_dict = self.state_dict() if state_dict is None else state_dict
-        return {name: (t.t() if name.endswith(HF_TRANSPOSED) else t).contiguous()
-                for name, t in state_dict.items() if name != "lm_head.weight"}
+        return checkpoint.hf_state_dict(self.state_dict() if state_dict is None else state_dict)
 
     def save_pretrained(self, folder):
         """Writes config.json and model.safetensors in Hugging Face's GPT-2 format, atomically per file."""
-        from gptfast import checkpoint
         checkpoint.save(self, folder)
 
 

@@ -6,13 +6,12 @@ The kernels take the packed tensors as they are: each program reads its sequence
 cu_seqlens (the VARLEN switch of gptfast.kernels.attention), forward and backward, with every feature of
 flash_attn_func (dropout, sliding windows, softcapping, ALiBi).
 """
-import math
-
 import torch
 
 from gptfast import backend
-from gptfast.attention import (CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, _flash_attention, attend, check_flash_options,
-                               check_inputs, draw_dropout_seed, kernel_gap, torch_attention)
+from gptfast.attention_core import (CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, attend, check_flash_options, check_inputs,
+                                    draw_dropout_seed, flash_attention_op, kernel_gap, softmax_scale_for,
+                                    torch_attention)
 
 
 def _check_packed(name, t, dims):
@@ -89,16 +88,16 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     model that checked its packing once calls it without a synchronisation per layer."""
     num_seqs = cu_seqlens_q.numel() - 1
     packed = [t.transpose(0, 1).unsqueeze(0) for t in (q, k, v)]  # (1, H, total, D) views
-    softmax_scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    softmax_scale = softmax_scale_for(q.shape[-1], softmax_scale)
     causal = CAUSAL_BOTTOM_RIGHT if causal else CAUSAL_NONE
     options = dict(causal=causal, window=tuple(window_size), softcap=float(softcap), alibi_slopes=alibi_slopes,
                    softmax_scale=softmax_scale)
     sequences = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     if backend.use_triton("flash_attn_varlen_func", q.device, kernel_gap(packed[0], packed[2], softmax_scale)):
         seed_offset = draw_dropout_seed(q.device) if dropout_p > 0 else None
-        out, lse = _flash_attention(*packed, None, alibi_slopes, seed_offset, *sequences, causal, window_size[0],
-                                    window_size[1], float(softcap), float(dropout_p), softmax_scale,
-                                    bool(deterministic))
+        out, lse = flash_attention_op(*packed, None, alibi_slopes, seed_offset, *sequences, causal,
+                                      window_size[0], window_size[1], float(softcap), float(dropout_p),
+                                      softmax_scale, bool(deterministic))
         kept = None
         if return_attn_probs and dropout_p > 0:
             from gptfast.kernels.attention import dropout_keep_mask

@@ -44,3 +44,21 @@ def arch_of(capability):
     warnings.warn(f"gptfast.kernels: no tuning table for compute capability {capability[0]}.{capability[1]}; "
                   f"using {arch}'s (check it with `gptfast inspect --arch {arch}`)", stacklevel=3)
     return arch
+
+
+@functools.cache
+def multiprocessors(device):
+    """The device's streaming multiprocessors, or 3 in the interpreter, so that tests of grids sized from it
+    still cross program boundaries."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 3
+
+
+def input_precision(dtype):
+    """tl.dot's input_precision for tensors of dtype: float32 uses tf32 only where torch allows it for matmuls
+    (torch.backends.cuda.matmul.allow_tf32), as torch's own attention does."""
+    return "tf32" if dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def padded_head_dim(head_dim):
+    """The block a head dim is padded to: the next power of two, at least 16 (tl.dot's smallest K)."""
+    return max(16, 1 << (head_dim - 1).bit_length())

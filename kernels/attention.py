@@ -25,33 +25,20 @@ Every other feature is a tl.constexpr flag of the same kernels, compiled out whe
 read through its strides (MASK_KIND; the additive one's gradient with BIAS_GRAD), ALiBi slopes, Gemma 2's logit
 softcapping, and dropout on the attention weights from Philox numbers regenerated in the backward.
 """
-import functools
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from gptfast.kernels import device_arch
+from gptfast.kernels import device_arch, input_precision, multiprocessors, padded_head_dim
 from gptfast.kernels.attention_tuning import (MAX_REGISTERS, autotuned, backward_choices, backward_loads,
                                                delta_block, fastest, forward_variants, has_features, length_bucket)
-from gptfast.kernels.math import LOG2E, tanh_f32
+from gptfast.kernels.attention_blocks import (MASK_ADDITIVE, MASK_BOOLEAN, MASK_NONE, online_softmax, tile_scores,
+                                              visible_pairs)
+from gptfast.kernels.math import LOG2E
 
 CAUSAL_NONE, CAUSAL_TOP_LEFT, CAUSAL_BOTTOM_RIGHT = 0, 1, 2
-MASK_NONE, MASK_BOOLEAN, MASK_ADDITIVE = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
-
-
-@triton.jit
-def _visible(offs_m, offs_n, seqlen_k, causal_offset, window_offset, CAUSAL: tl.constexpr,
-             WINDOW: tl.constexpr):
-    """Which (query, key) pairs the bounds let attend: keys inside the sequence, not after i + causal_offset if
-    CAUSAL, not before i + window_offset if WINDOW. offs_m and offs_n come in broadcast to the tile's shape."""
-    mask = offs_n < seqlen_k
-    if CAUSAL:
-        mask = mask & (offs_n <= offs_m + causal_offset)
-    if WINDOW:
-        mask = mask & (offs_n >= offs_m + window_offset)
-    return mask
 
 
 @triton.jit
@@ -106,40 +93,6 @@ def _query_range(start_n, seqlen_q, causal_offset, window_offset, BLOCK_M: tl.co
         hi = seqlen_q
         full_end = seqlen_q
     return lo, full_start, full_end, hi
-
-
-@triton.jit
-def _scores(qk, rows, keys, seqlen_q, seqlen_k, mask_tile, slope, alibi_offset, qk_scale, softcap,
-            MASK_KIND: tl.constexpr, ALIBI: tl.constexpr, SOFTCAP: tl.constexpr):
-    """(scores, scale, tanh): a tile's logits in log2 units (for exp2) are scores * scale, from its dot products
-    qk; with SOFTCAP, tanh is the tanh behind them (for the backward's derivative; else a placeholder). The order
-    is flash-attn's and Gemma 2's: scale, softcap, then ALiBi and an additive mask, then a boolean mask. rows and
-    keys come broadcast to the tile's shape; mask_tile points at the tile of the mask. Bounds are the caller's to
-    apply.
-
-    Plain attention returns qk itself with scale = qk_scale, so that callers fold the scale into the exponent's
-    subtraction, one FFMA per score (qk * scale - max), as Triton's fused-attention tutorial does; that needs
-    qk_scale > 0 (the launchers' callers check it). With a feature the scale is applied here and is 1.0."""
-    scale = 1.0
-    if SOFTCAP:
-        tanh = tanh_f32(qk * (qk_scale / (softcap * LOG2E)))
-        scores = tanh * (softcap * LOG2E)
-    elif ALIBI or MASK_KIND != MASK_NONE:
-        scores = qk * qk_scale
-        tanh = scores
-    else:
-        scores = qk
-        scale = qk_scale
-        tanh = scores
-    if ALIBI:  # -slope * |i + Tk - Tq - j| (flash-attn 2's ALiBi)
-        scores -= (slope * LOG2E) * tl.abs(rows + alibi_offset - keys).to(tl.float32)
-    if MASK_KIND != MASK_NONE:
-        in_bounds = (rows < seqlen_q) & (keys < seqlen_k)
-        if MASK_KIND == MASK_ADDITIVE:
-            scores += tl.load(mask_tile, mask=in_bounds, other=0.0).to(tl.float32) * LOG2E
-        else:
-            scores = tl.where(tl.load(mask_tile, mask=in_bounds, other=0) != 0, scores, float("-inf"))
-    return scores, scale, tanh
 
 
 @triton.jit
@@ -235,19 +188,6 @@ def _row_source(base, seqlen, stride_t, stride_d, HEAD_DIM: tl.constexpr, BLOCK_
 
 
 @triton.jit
-def _online_softmax(scores, scale, row_sum, row_max):
-    """One key block's step of the online softmax (Milakov and Gimelshein, 2018): (p, correction, row_sum, row_max)
-    for a block of logits scores * scale (log2 units) and the running sum and max of each row; the caller
-    rescales its accumulator by correction and adds p @ v."""
-    new_max = tl.maximum(row_max, tl.max(scores, 1) * scale)
-    # A row with nothing visible yet keeps a max of -inf; subtract 0 instead so exp2 gives 0, not NaN.
-    shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-    p = tl.exp2(scores * scale - shift[:, None])
-    correction = tl.exp2(row_max - shift)
-    return p, correction, row_sum * correction + tl.sum(p, 1), new_max
-
-
-@triton.jit
 def _forward_block_loop(acc, row_sum, row_max, q, k_source, v_source, stride_kt, stride_vt, offs_m, d_mask,
                         seqlen_q, seqlen_k, causal_offset, window_offset, qk_scale, start, stop,
                         MASK, stride_mt, stride_ms, slope, alibi_offset, softcap,
@@ -265,15 +205,15 @@ def _forward_block_loop(acc, row_sum, row_max, q, k_source, v_source, stride_kt,
             kv_mask = kv_mask & (key_rows[:, None] < seqlen_k)
         k = _rows(k_source, start_n, stride_kt, kv_mask, TMA=TMA)
         qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
-        scores, scale, _ = _scores(qk, offs_m[:, None], key_rows[None, :], seqlen_q, seqlen_k,
-                                   MASK + offs_m[:, None] * stride_mt + key_rows[None, :] * stride_ms, slope,
-                                   alibi_offset, qk_scale, softcap, MASK_KIND=MASK_KIND, ALIBI=ALIBI,
-                                   SOFTCAP=SOFTCAP)
+        scores, scale, _ = tile_scores(qk, offs_m[:, None], key_rows[None, :], seqlen_q, seqlen_k,
+                                       MASK + offs_m[:, None] * stride_mt + key_rows[None, :] * stride_ms, slope,
+                                       alibi_offset, qk_scale, softcap, MASK_KIND=MASK_KIND, ALIBI=ALIBI,
+                                       SOFTCAP=SOFTCAP)
         if MASKED:
-            visible = _visible(offs_m[:, None], key_rows[None, :], seqlen_k, causal_offset, window_offset,
-                               CAUSAL=CAUSAL, WINDOW=WINDOW)
+            visible = visible_pairs(offs_m[:, None], key_rows[None, :], seqlen_k, causal_offset, window_offset,
+                                    CAUSAL=CAUSAL, WINDOW=WINDOW)
             scores = tl.where(visible, scores, float("-inf"))
-        p, correction, row_sum, new_max = _online_softmax(scores, scale, row_sum, row_max)
+        p, correction, row_sum, new_max = online_softmax(scores, scale, row_sum, row_max)
         if DROPOUT:  # the softmax sums every weight; the output keeps some, scaled by 1 / (1 - dropout_p)
             p = tl.where(_kept(seed, seed_offset, head_index, offs_m[:, None], key_rows[None, :], dropout_p),
                          p * keep_scale, 0.0)
@@ -462,14 +402,14 @@ def _dkdv_block_loop(dk, dv, k, v, q_source, do_source, LSE, DELTA, stride_qt, s
         q = _query_rows(q_source, start_m, offs_m, offs_d, stride_qt, stride_qd, q_mask, TMA=TMA)
         lse = tl.load(LSE + offs_m, mask=row_mask, other=float("inf")) * LOG2E
         qk_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION)
-        scores_t, scale, tanh_t = _scores(qk_t, offs_m[None, :], key_rows[:, None], seqlen_q, seqlen_k,
-                                          MASK + offs_m[None, :] * stride_mt + key_rows[:, None] * stride_ms, slope,
-                                          alibi_offset, qk_scale, softcap, MASK_KIND=MASK_KIND, ALIBI=ALIBI,
-                                          SOFTCAP=SOFTCAP)
+        scores_t, scale, tanh_t = tile_scores(qk_t, offs_m[None, :], key_rows[:, None], seqlen_q, seqlen_k,
+                                              MASK + offs_m[None, :] * stride_mt + key_rows[:, None] * stride_ms, slope,
+                                              alibi_offset, qk_scale, softcap, MASK_KIND=MASK_KIND, ALIBI=ALIBI,
+                                              SOFTCAP=SOFTCAP)
         p_t = tl.exp2(scores_t * scale - lse[None, :])
         if MASKED:
-            p_t = tl.where(_visible(offs_m[None, :], key_rows[:, None], seqlen_k, causal_offset, window_offset,
-                                    CAUSAL=CAUSAL, WINDOW=WINDOW), p_t, 0.0)
+            p_t = tl.where(visible_pairs(offs_m[None, :], key_rows[:, None], seqlen_k, causal_offset, window_offset,
+                                         CAUSAL=CAUSAL, WINDOW=WINDOW), p_t, 0.0)
         do = _query_rows(do_source, start_m, offs_m, offs_d, stride_dot, stride_dod, q_mask, TMA=TMA)
         keep_t = p_t > 0.0  # a placeholder unless DROPOUT
         dropped_p_t = p_t
@@ -598,14 +538,14 @@ def _dq_block_loop(dq, q, do, lse, delta, k_source, v_source, stride_kt, stride_
         k = _rows(k_source, start_n, stride_kt, kv_mask, TMA=TMA)
         v = _rows(v_source, start_n, stride_vt, kv_mask, TMA=TMA)
         qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
-        scores, scale, tanh = _scores(qk, offs_m[:, None], key_rows[None, :], seqlen_q, seqlen_k,
-                                      MASK + offs_m[:, None] * stride_mt + key_rows[None, :] * stride_ms, slope,
-                                      alibi_offset, qk_scale, softcap, MASK_KIND=MASK_KIND, ALIBI=ALIBI,
-                                      SOFTCAP=SOFTCAP)
+        scores, scale, tanh = tile_scores(qk, offs_m[:, None], key_rows[None, :], seqlen_q, seqlen_k,
+                                          MASK + offs_m[:, None] * stride_mt + key_rows[None, :] * stride_ms, slope,
+                                          alibi_offset, qk_scale, softcap, MASK_KIND=MASK_KIND, ALIBI=ALIBI,
+                                          SOFTCAP=SOFTCAP)
         p = tl.exp2(scores * scale - lse[:, None])
         if MASKED:
-            p = tl.where(_visible(offs_m[:, None], key_rows[None, :], seqlen_k, causal_offset, window_offset,
-                                  CAUSAL=CAUSAL, WINDOW=WINDOW), p, 0.0)
+            p = tl.where(visible_pairs(offs_m[:, None], key_rows[None, :], seqlen_k, causal_offset, window_offset,
+                                       CAUSAL=CAUSAL, WINDOW=WINDOW), p, 0.0)
         keep = p > 0.0  # a placeholder unless DROPOUT
         if DROPOUT:
             keep = _kept(seed, seed_offset, head_index, offs_m[:, None], key_rows[None, :], dropout_p)
@@ -762,7 +702,6 @@ def _feature_args(q, seqlen_k, features, softmax_scale):
     if slopes is not None:
         slopes = slopes.expand(batch, num_heads)
     mask_kind = (MASK_NONE if mask is None else MASK_BOOLEAN if mask.dtype == torch.bool else MASK_ADDITIVE).value
-    allow_tf32 = q.dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32
     cu_seqlens = features.varlen[:2] if features.varlen else (q, q)
     pointers = (q if mask is None else mask, q if slopes is None else slopes, q if seed is None else seed,
                 *cu_seqlens)
@@ -772,10 +711,10 @@ def _feature_args(q, seqlen_k, features, softmax_scale):
                    alibi_offset=0 if features.varlen else seqlen_k - seqlen_q, qk_scale=softmax_scale * LOG2E.value,
                    softcap=features.softcap, dropout_p=features.dropout_p,
                    keep_scale=1.0 / (1.0 - features.dropout_p))
-    constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), CAUSAL=right >= 0,
+    constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=padded_head_dim(head_dim), CAUSAL=right >= 0,
                       WINDOW=left >= 0, MASK_KIND=mask_kind, ALIBI_SLOPES=slopes is not None,
                       SOFTCAP=features.softcap > 0, DROPOUT=features.dropout_p > 0,
-                      INPUT_PRECISION="tf32" if allow_tf32 else "ieee", VARLEN=features.varlen is not None)
+                      INPUT_PRECISION=input_precision(q.dtype), VARLEN=features.varlen is not None)
     return pointers, strides, scalars, constexprs
 
 
@@ -790,13 +729,6 @@ def _tma_ready(t):
 def _allow_descriptors(device):
     """Tensor descriptors made inside a kernel live in global scratch memory that Triton asks its allocator for."""
     triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=device))
-
-
-@functools.cache
-def _resident_programs(device):
-    """Programs of a persistent grid: one per multiprocessor (an attention tile fills one), or 3 in the
-    interpreter, so that each program of a test loops over several tiles."""
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 3
 
 
 def attention_forward(q, k, v, softmax_scale, features=Features()):
@@ -816,7 +748,7 @@ def attention_forward(q, k, v, softmax_scale, features=Features()):
     def grid(meta):
         query_blocks = triton.cdiv(rows, meta["BLOCK_M"])
         if meta["PERSISTENT"]:
-            return (min(query_blocks * batch * num_heads, _resident_programs(q.device)),)
+            return (min(query_blocks * batch * num_heads, multiprocessors(q.device)),)
         return (query_blocks, batch * num_heads)
     kernel[grid](q, k, v, out, lse, *pointers, *_strides(q), *_strides(k), *_strides(v), *_strides(out), *strides,
                  batch * num_heads, num_heads, num_heads // num_kv_heads, seqlen_q, seqlen_k, **scalars,

@@ -24,8 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from gptfast.kernels import device_arch, tuned
-from gptfast.kernels.attention import _online_softmax, _scores, _visible
+from gptfast.kernels import device_arch, input_precision, multiprocessors, padded_head_dim, tuned
+from gptfast.kernels.attention_blocks import online_softmax, tile_scores, visible_pairs
 from gptfast.kernels.attention_tuning import MAX_REGISTERS, length_bucket
 from gptfast.kernels.math import LOG2E
 
@@ -106,12 +106,12 @@ def attention_decode_kernel(
         k = tl.load(K + page * stride_kp + slots[:, None] * stride_kt + offs_d[None, :] * stride_kd, mask=kv_mask,
                     other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
-        scores, scale, _ = _scores(qk, query[:, None], keys[None, :], seqlen_q, seqlen_k, Q, slope, diagonal,
-                                   qk_scale, softcap, MASK_KIND=0, ALIBI=ALIBI_SLOPES, SOFTCAP=SOFTCAP)
-        visible = _visible(query[:, None], keys[None, :], seqlen_k, diagonal + causal_right,
-                           diagonal - window_left, CAUSAL=CAUSAL, WINDOW=WINDOW) & (keys >= first_key)[None, :]
+        scores, scale, _ = tile_scores(qk, query[:, None], keys[None, :], seqlen_q, seqlen_k, Q, slope, diagonal,
+                                       qk_scale, softcap, MASK_KIND=0, ALIBI=ALIBI_SLOPES, SOFTCAP=SOFTCAP)
+        visible = visible_pairs(query[:, None], keys[None, :], seqlen_k, diagonal + causal_right,
+                                diagonal - window_left, CAUSAL=CAUSAL, WINDOW=WINDOW) & (keys >= first_key)[None, :]
         scores = tl.where(visible, scores, float("-inf"))
-        p, correction, row_sum, row_max = _online_softmax(scores, scale, row_sum, row_max)
+        p, correction, row_sum, row_max = online_softmax(scores, scale, row_sum, row_max)
         v = tl.load(V + page * stride_vp + slots[:, None] * stride_vt + offs_d[None, :] * stride_vd, mask=kv_mask,
                     other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc * correction[:, None], input_precision=INPUT_PRECISION)
@@ -185,16 +185,11 @@ def _autotuner(table, block_d, page_size, bucket_k):
                                                         "SOFTCAP", "LEFTPAD_KEYS", "FINAL"])(attention_decode_kernel)
 
 
-@functools.cache
-def _multiprocessors(device):
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 3
-
-
 def auto_splits(programs, capacity, device):
     """Splits per row block: enough programs to fill the GPU once (flash-decoding's aim), each with at least
     MIN_KEYS_PER_SPLIT keys of the cache's capacity, at most MAX_SPLITS. A rule on shapes only, so a CUDA graph
     captures a fixed grid."""
-    wanted = triton.cdiv(_multiprocessors(device), programs)
+    wanted = triton.cdiv(multiprocessors(device), programs)
     return max(1, min(wanted, triton.cdiv(capacity, MIN_KEYS_PER_SPLIT), MAX_SPLITS))
 
 
@@ -207,7 +202,7 @@ def decode_attention(q, k_cache, v_cache, block_table, seqlens, leftpad, softmax
     batch, seqlen_q, num_heads, head_dim = q.shape
     num_kv_heads, page_size = k_cache.shape[2], k_cache.shape[1]
     group = num_heads // num_kv_heads
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_d = padded_head_dim(head_dim)
     block_m = query_block(seqlen_q * group, block_d, q.dtype)
     row_blocks = triton.cdiv(seqlen_q * group, block_m)
     capacity = block_table.shape[1] * page_size
@@ -221,7 +216,6 @@ def decode_attention(q, k_cache, v_cache, block_table, seqlens, leftpad, softmax
         lse_part = torch.empty((splits, batch, seqlen_q, num_heads), dtype=torch.float32, device=q.device)
     slopes = alibi_slopes.expand(batch, num_heads) if alibi_slopes is not None else None
     lse_strides = lse_part.stride() if splits == 1 else lse_part.permute(0, 1, 3, 2).stride()  # (s, b, h, t)
-    allow_tf32 = q.dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32
     arch = device_arch(q.device)
     table = "interpreter" if arch == "interpreter" else "fp32" if q.dtype == torch.float32 else "16-bit"
     kernel = _autotuner(table, block_d, page_size, length_bucket(capacity))
@@ -232,7 +226,7 @@ def decode_attention(q, k_cache, v_cache, block_table, seqlens, leftpad, softmax
         group, seqlen_q, page_size, causal_right, window_left, softmax_scale * LOG2E.value, softcap,
         HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal_right >= 0, WINDOW=window_left >= 0,
         ALIBI_SLOPES=slopes is not None, SOFTCAP=softcap > 0, LEFTPAD_KEYS=leftpad is not None, FINAL=splits == 1,
-        INPUT_PRECISION="tf32" if allow_tf32 else "ieee", BLOCK_M=block_m)
+        INPUT_PRECISION=input_precision(q.dtype), BLOCK_M=block_m)
     if splits > 1:
         lse_rows = torch.empty((batch, seqlen_q, num_heads), dtype=torch.float32, device=q.device)
         attention_combine_kernel[(batch * seqlen_q * num_heads,)](

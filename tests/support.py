@@ -10,7 +10,7 @@ import torch
 from torch.nn.attention.bias import causal_lower_right
 
 from gptfast import backend
-from gptfast.attention import draw_dropout_seed
+from gptfast.attention_core import draw_dropout_seed
 from tolerance import DEVICE, assert_accurate
 
 NONE, TOP_LEFT, BOTTOM_RIGHT = "none", "top_left", "bottom_right"

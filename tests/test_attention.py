@@ -12,7 +12,8 @@ from hypothesis import given, settings, strategies as st
 from torch.nn.attention.bias import causal_lower_right, causal_upper_left
 
 from gptfast import backend
-from gptfast.attention import _as_bhtd, draw_dropout_seed, flash_attn_func, scaled_dot_product_attention
+from gptfast.attention import flash_attn_func, scaled_dot_product_attention
+from gptfast.attention_core import as_bhtd, draw_dropout_seed
 from gptfast.kernels.attention import Features, _key_range, _query_range
 from support import (BOTTOM_RIGHT, NONE, TOP_LEFT, bthd, check_against_reference, kernel_keep_mask, mask_args,
                      random_qkv, reference_attention, seed_of, shape_id)
@@ -57,7 +58,7 @@ def test_fused_qkv_views_need_no_copy(dtype):
     batch, seqlen, heads, head_dim = 2, 37, 3, 24
     qkv = torch.randn(batch, seqlen, 3, heads, head_dim).to(DEVICE, dtype)
     q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
-    assert not q.is_contiguous() and _as_bhtd(q).data_ptr() == q.data_ptr()
+    assert not q.is_contiguous() and as_bhtd(q).data_ptr() == q.data_ptr()
     with backend.use_backend("triton"):
         check_against_reference(q, k, v, TOP_LEFT,
                                 lambda q, k, v: scaled_dot_product_attention(q, k, v, is_causal=True))

@@ -7,7 +7,7 @@ import pytest
 import torch
 import triton
 
-from gptfast import attention as gptfast_attention, backend
+from gptfast import attention_core, backend
 from gptfast.attention import flash_attn_func, scaled_dot_product_attention
 from gptfast.kernels import arch_of, attention as kernels, attention_tuning as tuning
 from support import (BOTTOM_RIGHT, NONE, TOP_LEFT, bthd, check_against_reference, kernel_keep_mask, mask_args,
@@ -211,7 +211,7 @@ def test_decoding_and_prefill_are_tuned_apart():
 
 @pytest.mark.parametrize("mode", ["auto", "triton"])
 def test_turing_runs_pytorch_or_raises(monkeypatch, mode):
-    monkeypatch.setattr(gptfast_attention, "_compute_capability", lambda device: (7, 5))
+    monkeypatch.setattr(attention_core, "compute_capability", lambda device: (7, 5))
     q, k, v = random_qkv(1, 2, 2, 8, 8, 16, torch.float16, seed=1)
     backend._warned.clear()
     with backend.use_backend(mode):

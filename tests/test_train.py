@@ -16,7 +16,6 @@ import transformers
 from support import QUICK, TINY, read_log, step_records
 
 import gptfast
-from gptfast import checkpoint
 from gptfast.cli import main as cli
 from gptfast.model import GPT, GPTConfig
 from gptfast.runs import RunFolder, load_train_state
@@ -163,7 +162,7 @@ def test_a_save_interrupted_at_any_line_leaves_latest_complete(tmp_path, second_
             latest = run.latest()
             assert os.path.basename(latest) in ("checkpoint-1", "checkpoint-2")
             assert load_train_state(latest)["iter"] == int(latest[-1])
-            checkpoint.load_model(latest)
+            GPT.from_pretrained(latest)
             assert isinstance(load_tokenizer(latest), ByteTokenizer)
             run.save(model, tokenizer, {"iter": 3})
             assert sorted(os.listdir(folder)) == [".lock", "checkpoint-3", "latest"]
@@ -237,8 +236,8 @@ def test_fsdp_trains_like_one_process_and_resumes_exactly(home, corpus):
     assert len(losses[single]) == 6 and losses[split] == losses[straight]
     for sharded, one in zip(losses[straight], losses[single]):
         assert abs(sharded - one) <= 1e-5 * abs(one)
-    model = checkpoint.load_model(os.path.join(straight, "checkpoint-6"))
-    reference = checkpoint.load_model(os.path.join(single, "checkpoint-6"))
+    model = GPT.from_pretrained(os.path.join(straight, "checkpoint-6"))
+    reference = GPT.from_pretrained(os.path.join(single, "checkpoint-6"))
     for (name, weight), expected in zip(model.state_dict().items(), reference.state_dict().values()):
         torch.testing.assert_close(weight, expected, rtol=1e-4, atol=1e-5, msg=name)
 

@@ -1,0 +1,69 @@
+"""Device helpers that the attention kernels (gptfast.kernels.attention) and the split-KV decoding kernel
+(gptfast.kernels.decode) share: which (query, key) pairs the bounds let attend, a tile's scores with every
+feature, and one key block's step of the online softmax."""
+import triton
+import triton.language as tl
+
+from gptfast.kernels.math import LOG2E, tanh_f32
+
+MASK_NONE, MASK_BOOLEAN, MASK_ADDITIVE = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+
+
+@triton.jit
+def visible_pairs(offs_m, offs_n, seqlen_k, causal_offset, window_offset, CAUSAL: tl.constexpr,
+                  WINDOW: tl.constexpr):
+    """Which (query, key) pairs the bounds let attend: keys inside the sequence, not after i + causal_offset if
+    CAUSAL, not before i + window_offset if WINDOW. offs_m and offs_n come in broadcast to the tile's shape."""
+    mask = offs_n < seqlen_k
+    if CAUSAL:
+        mask = mask & (offs_n <= offs_m + causal_offset)
+    if WINDOW:
+        mask = mask & (offs_n >= offs_m + window_offset)
+    return mask
+
+
+@triton.jit
+def tile_scores(qk, rows, keys, seqlen_q, seqlen_k, mask_tile, slope, alibi_offset, qk_scale, softcap,
+                MASK_KIND: tl.constexpr, ALIBI: tl.constexpr, SOFTCAP: tl.constexpr):
+    """(scores, scale, tanh): a tile's logits in log2 units (for exp2) are scores * scale, from its dot products
+    qk; with SOFTCAP, tanh is the tanh behind them (for the backward's derivative; else a placeholder). The order
+    is flash-attn's and Gemma 2's: scale, softcap, then ALiBi and an additive mask, then a boolean mask. rows and
+    keys come broadcast to the tile's shape; mask_tile points at the tile of the mask. Bounds are the caller's to
+    apply.
+
+    Plain attention returns qk itself with scale = qk_scale, so that callers fold the scale into the exponent's
+    subtraction, one FFMA per score (qk * scale - max), as Triton's fused-attention tutorial does; that needs
+    qk_scale > 0 (the launchers' callers check it). With a feature the scale is applied here and is 1.0."""
+    scale = 1.0
+    if SOFTCAP:
+        tanh = tanh_f32(qk * (qk_scale / (softcap * LOG2E)))
+        scores = tanh * (softcap * LOG2E)
+    elif ALIBI or MASK_KIND != MASK_NONE:
+        scores = qk * qk_scale
+        tanh = scores
+    else:
+        scores = qk
+        scale = qk_scale
+        tanh = scores
+    if ALIBI:  # -slope * |i + Tk - Tq - j| (flash-attn 2's ALiBi)
+        scores -= (slope * LOG2E) * tl.abs(rows + alibi_offset - keys).to(tl.float32)
+    if MASK_KIND != MASK_NONE:
+        in_bounds = (rows < seqlen_q) & (keys < seqlen_k)
+        if MASK_KIND == MASK_ADDITIVE:
+            scores += tl.load(mask_tile, mask=in_bounds, other=0.0).to(tl.float32) * LOG2E
+        else:
+            scores = tl.where(tl.load(mask_tile, mask=in_bounds, other=0) != 0, scores, float("-inf"))
+    return scores, scale, tanh
+
+
+@triton.jit
+def online_softmax(scores, scale, row_sum, row_max):
+    """One key block's step of the online softmax (Milakov and Gimelshein, 2018): (p, correction, row_sum, row_max)
+    for a block of logits scores * scale (log2 units) and the running sum and max of each row; the caller
+    rescales its accumulator by correction and adds p @ v."""
+    new_max = tl.maximum(row_max, tl.max(scores, 1) * scale)
+    # A row with nothing visible yet keeps a max of -inf; subtract 0 instead so exp2 gives 0, not NaN.
+    shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+    p = tl.exp2(scores * scale - shift[:, None])
+    correction = tl.exp2(row_max - shift)
+    return p, correction, row_sum * correction + tl.sum(p, 1), new_max
