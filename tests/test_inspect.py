@@ -1,5 +1,5 @@
 """`gptfast inspect`: every kernel and tuning config compiles for every listed architecture with no spills and within
-its shared memory (sm_90 in every run; all seven under `pytest -m slow`, about half an hour on 2 cores), Hopper
+its shared memory (sm_90 with 16-bit inputs in every run; all seven, both dtypes under `pytest -m slow`), Hopper
 configs use its tensor cores (HGMMA) and its TMA variants TMA loads, every (kernel, head dim, dtype) has two configs
 or more on every architecture, and a bad config is caught."""
 import os
@@ -54,11 +54,12 @@ def test_a_spilling_config_is_caught():
     assert inspect.problems(row) == "spills"
 
 
-def inspect_rows(*archs):
-    """`gptfast inspect` as a user runs it, for archs: asserts exit 0 (every config of every variant compiles
-    without spills and within shared memory) and returns its table's rows."""
+def inspect_rows(*archs, dtypes=()):
+    """`gptfast inspect` as a user runs it, for archs (and dtypes; default both): asserts exit 0 (every config of
+    every variant compiles without spills and within shared memory) and returns its table's rows."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    command = [sys.executable, "-m", "gptfast", "inspect", *(f"--arch={arch}" for arch in archs)]
+    command = [sys.executable, "-m", "gptfast", "inspect", *(f"--arch={arch}" for arch in archs),
+               *(f"--dtype={dtype}" for dtype in dtypes)]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=3600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("sm_")]
@@ -69,9 +70,10 @@ def inspect_rows(*archs):
 def test_inspect_command_passes_for_h100():
     """Hopper's plain attention runs on HGMMA in every load variant (at head dim 256 the dk/dv kernel and one dq
     tile run HMMA), and its TMA variants issue TMA loads (UTMALDG). The single pass's extra product has BLOCK_M
-    rows: some of its tiles run HGMMA, the rest HMMA (at head dim 128 every 64-row tile spills). sm_80 and the
-    other archs compile under -m slow (CI's time: sm_80 doubled this test, the longest of the run)."""
-    rows = inspect_rows("sm_90")
+    rows: some of its tiles run HGMMA, the rest HMMA (at head dim 128 every 64-row tile spills). 16-bit inputs
+    only: float32's tiles, sm_80 and the other archs compile under -m slow (CI's time: this test was its longest,
+    17 minutes for sm_90 with both dtypes)."""
+    rows = inspect_rows("sm_90", dtypes=["bf16"])
     hopper = [line for line in rows if line.startswith("sm_90") and "bf16" in line and "+features" not in line
               and any(f"attention_{kernel}_kernel" in line for kernel in ("forward", "backward_dq", "backward_dkdv"))]
     two_kernel = [line for line in hopper if "+single-pass" not in line and (
