@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from gptfast import backend
 from gptfast.attention_core import (CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, CAUSAL_TOP_LEFT, attend, check_flash_options,
-                                    check_inputs, check_mask, kernel_gap, run_kernel, softmax_scale_for,
+                                    check_inputs, check_mask, check_sinks, kernel_gap, run_kernel, softmax_scale_for,
                                     torch_attention)
 from gptfast.kvcache import flash_attn_with_kvcache
 from gptfast.varlen import flash_attn_varlen_func
@@ -78,7 +78,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                    alibi_slopes=None, deterministic=False, return_attn_probs=False, *, return_lse=False):
+                    alibi_slopes=None, deterministic=False, return_attn_probs=False, *, return_lse=False, sinks=None):
     """flash-attn 2's ``flash_attn_func``, same signature and argument order, on gptfast's kernels.
 
     Args:
@@ -99,6 +99,9 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         return_attn_probs: also return the lse and S_dmask, (B, Hq, Tq, Tk) float32: the softmax weights with
             the dropped ones negated, as flash-attn returns them, for testing (computed in PyTorch from q and k).
         return_lse (keyword only, gptfast's): also return the lse, differentiable.
+        sinks (keyword only): None, or a floating (Hq,) tensor of learned logits, one per query head, that join
+            every row's softmax denominator and take no value (gpt-oss's attention sinks; the lse includes them);
+            differentiable. A row that sees no key then gives 0 and lse = the sink.
     Returns:
         out (B, Tq, Hq, D) in q's dtype; with return_attn_probs (out, lse, S_dmask), with return_lse (out, lse):
         lse (B, Hq, Tq) float32, natural log, +inf for a row that sees no key.
@@ -108,11 +111,12 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
             raise ValueError(f"{name} must be a 4-dim tensor (batch, seq_len, heads, head_dim), got "
                              f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
     check_flash_options(q.shape[0], q.shape[2], q.device, dropout_p, window_size, softcap, alibi_slopes)
+    check_sinks(sinks, q.shape[2], q.device)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     check_inputs(q, k, v, enable_gqa=True)
     causal = CAUSAL_BOTTOM_RIGHT if causal else CAUSAL_NONE
     softmax_scale = softmax_scale_for(q.shape[-1], softmax_scale)
-    options = dict(causal=causal, window=tuple(window_size), softcap=softcap, alibi_slopes=alibi_slopes)
+    options = dict(causal=causal, window=tuple(window_size), softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
     out, lse, kept = attend(q, k, v, **options, dropout_p=dropout_p, softmax_scale=softmax_scale,
                             need_lse=return_lse or return_attn_probs, need_keep=return_attn_probs,
                             deterministic=deterministic)

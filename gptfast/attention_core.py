@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from gptfast import backend
 from gptfast.dtypes import dtype_gap
 
-# The same constants as gptfast.kernels.attention, repeated so that the PyTorch path never imports Triton.
+# The same constants as gptfast.kernels.attention_spec, repeated so that the PyTorch path never imports Triton.
 CAUSAL_NONE, CAUSAL_TOP_LEFT, CAUSAL_BOTTOM_RIGHT = 0, 1, 2
 
 
@@ -20,33 +20,35 @@ def _empty_bthd(b, h, t, d, like):
     return torch.empty((b, t, h, d), dtype=like.dtype, device=like.device).transpose(1, 2)
 
 
-def _features(mask, alibi_slopes, seed_offset, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
-              window_left, window_right, softcap, dropout_p, deterministic=False):
-    from gptfast.kernels.attention import Features
+def _features(mask, alibi_slopes, sinks, seed_offset, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+              causal, window_left, window_right, softcap, dropout_p, deterministic=False):
+    from gptfast.kernels.attention_spec import Features
     varlen = None if cu_seqlens_q is None else (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     return Features(causal, (window_left, window_right), mask, alibi_slopes, softcap, dropout_p, seed_offset,
-                    deterministic, varlen)
+                    deterministic, varlen, sinks)
 
 
 @torch.library.custom_op("gptfast::flash_attention", mutates_args=())
 def flash_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                       alibi_slopes: torch.Tensor | None, seed_offset: torch.Tensor | None,
+                       alibi_slopes: torch.Tensor | None, sinks: torch.Tensor | None,
+                       seed_offset: torch.Tensor | None,
                        cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None, max_seqlen_q: int,
                        max_seqlen_k: int, causal: int, window_left: int, window_right: int, softcap: float,
                        dropout_p: float, softmax_scale: float,
                        deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """deterministic is for the backward (saved with the other flags): the forward has no atomics. With
+    """sinks: None or float32 (Hq,), contiguous (attention_spec.Features). deterministic is for the backward
+    (saved with the other flags): the forward has no atomics. With
     cu_seqlens (varlen) q, k, v are (1, H, total, D), the sequences packed along T; else the max lengths are
     unused."""
     from gptfast.kernels.attention import attention_forward
-    features = _features(mask, alibi_slopes, seed_offset, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                         causal, window_left, window_right, softcap, dropout_p)
+    features = _features(mask, alibi_slopes, sinks, seed_offset, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                         max_seqlen_k, causal, window_left, window_right, softcap, dropout_p)
     return attention_forward(q, k, v, softmax_scale, features)
 
 
 @flash_attention_op.register_fake
-def _(q, k, v, mask, alibi_slopes, seed_offset, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
-      window_left, window_right, softcap, dropout_p, softmax_scale, deterministic):
+def _(q, k, v, mask, alibi_slopes, sinks, seed_offset, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+      causal, window_left, window_right, softcap, dropout_p, softmax_scale, deterministic):
     b, h, t, d = q.shape
     return _empty_bthd(b, h, t, d, q), q.new_empty((b, h, t), dtype=torch.float32)
 
@@ -55,29 +57,33 @@ def _(q, k, v, mask, alibi_slopes, seed_offset, cu_seqlens_q, cu_seqlens_k, max_
 def flash_attention_backward_op(
         grad_out: torch.Tensor, grad_lse: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         out: torch.Tensor, lse: torch.Tensor, mask: torch.Tensor | None, alibi_slopes: torch.Tensor | None,
-        seed_offset: torch.Tensor | None, cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
+        sinks: torch.Tensor | None, seed_offset: torch.Tensor | None, cu_seqlens_q: torch.Tensor | None,
+        cu_seqlens_k: torch.Tensor | None,
         max_seqlen_q: int, max_seqlen_k: int, causal: int, window_left: int, window_right: int, softcap: float,
         dropout_p: float, softmax_scale: float, deterministic: bool, mask_grad: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv, dmask); dmask is (B, Hq, Tq, Tk) float32 with mask_grad, else empty."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, dmask, dsinks); dmask is (B, Hq, Tq, Tk) float32 with mask_grad, dsinks (Hq,) float32 with
+    sinks, else each empty."""
     from gptfast.kernels.attention import attention_backward
-    features = _features(mask, alibi_slopes, seed_offset, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                         causal, window_left, window_right, softcap, dropout_p, deterministic)
-    dq, dk, dv, dmask = attention_backward(grad_out, grad_lse, q, k, v, out, lse, softmax_scale, features,
-                                           mask_grad)
-    return dq, dk, dv, q.new_empty(0, dtype=torch.float32) if dmask is None else dmask
+    features = _features(mask, alibi_slopes, sinks, seed_offset, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                         max_seqlen_k, causal, window_left, window_right, softcap, dropout_p, deterministic)
+    dq, dk, dv, dmask, dsinks = attention_backward(grad_out, grad_lse, q, k, v, out, lse, softmax_scale, features,
+                                                   mask_grad)
+    empty = lambda: q.new_empty(0, dtype=torch.float32)  # one each: a custom op's outputs may not alias
+    return dq, dk, dv, empty() if dmask is None else dmask, empty() if dsinks is None else dsinks
 
 
 @flash_attention_backward_op.register_fake
-def _(grad_out, grad_lse, q, k, v, out, lse, mask, alibi_slopes, seed_offset, cu_seqlens_q, cu_seqlens_k,
+def _(grad_out, grad_lse, q, k, v, out, lse, mask, alibi_slopes, sinks, seed_offset, cu_seqlens_q, cu_seqlens_k,
       max_seqlen_q, max_seqlen_k, causal, window_left, window_right, softcap, dropout_p, softmax_scale,
       deterministic, mask_grad):
     b, h, t, d = q.shape
     dmask = q.new_empty((b, h, t, k.shape[2]) if mask_grad else (0,), dtype=torch.float32)
-    return _empty_bthd(*q.shape, q), _empty_bthd(*k.shape, k), _empty_bthd(*v.shape, v), dmask
+    dsinks = q.new_empty((h,) if sinks is not None else (0,), dtype=torch.float32)
+    return _empty_bthd(*q.shape, q), _empty_bthd(*k.shape, k), _empty_bthd(*v.shape, v), dmask, dsinks
 
 
-_SAVED_INPUTS = 8  # q, k, v, mask, alibi_slopes, seed_offset, cu_seqlens_q, cu_seqlens_k; then the flags
+_SAVED_INPUTS = 9  # q, k, v, mask, alibi_slopes, sinks, seed_offset, cu_seqlens_q, cu_seqlens_k; then the flags
 
 
 def _setup_context(ctx, inputs, output):
@@ -87,16 +93,18 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, mask, alibi_slopes, seed_offset, cu_seqlens_q, cu_seqlens_k, out, lse = ctx.saved_tensors
+    q, k, v, mask, alibi_slopes, sinks, seed_offset, cu_seqlens_q, cu_seqlens_k, out, lse = ctx.saved_tensors
     # lse is an output users may differentiate (flash_attn_func(return_lse=True)); d lse / d scores = p.
     grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.float().contiguous()
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     mask_grad = ctx.needs_input_grad[3]
-    dq, dk, dv, dmask = flash_attention_backward_op(grad_out, grad_lse, q, k, v, out, lse, mask, alibi_slopes,
-                                                    seed_offset, cu_seqlens_q, cu_seqlens_k, *ctx.flags, mask_grad)
+    dq, dk, dv, dmask, dsinks = flash_attention_backward_op(grad_out, grad_lse, q, k, v, out, lse, mask,
+                                                            alibi_slopes, sinks, seed_offset, cu_seqlens_q,
+                                                            cu_seqlens_k, *ctx.flags, mask_grad)
     dmask = dmask.sum_to_size(mask.shape).to(mask.dtype) if mask_grad else None  # over the broadcast dims
-    return dq, dk, dv, dmask, *([None] * (_SAVED_INPUTS - 4 + len(ctx.flags)))
+    dsinks = dsinks.to(sinks.dtype) if ctx.needs_input_grad[5] else None
+    return dq, dk, dv, dmask, None, dsinks, *([None] * (_SAVED_INPUTS - 6 + len(ctx.flags)))
 
 
 flash_attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -186,6 +194,19 @@ def check_flash_options(batch, heads, device, dropout_p, window_size, softcap, a
         raise ValueError(f"alibi_slopes is on {alibi_slopes.device} but q is on {device}")
 
 
+def check_sinks(sinks, heads, device):
+    """Attention sinks: None, or a floating (Hq,) tensor on the queries' device."""
+    if sinks is None:
+        return
+    if not isinstance(sinks, torch.Tensor) or not sinks.is_floating_point():
+        raise TypeError(f"sinks must be a floating tensor of one logit per query head, got "
+                        f"{sinks.dtype if isinstance(sinks, torch.Tensor) else type(sinks).__name__}")
+    if tuple(sinks.shape) != (heads,):
+        raise ValueError(f"sinks must have shape (nheads,) = ({heads},), got {tuple(sinks.shape)}")
+    if sinks.device != device:
+        raise ValueError(f"sinks is on {sinks.device} but q is on {device}")
+
+
 def compute_capability(device):
     """(major, minor) of a CUDA device, None for any other."""
     return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
@@ -221,17 +242,19 @@ def as_bhtd(t):
 
 
 def run_kernel(q, k, v, mask, alibi_slopes, causal, window, softcap, dropout_p, softmax_scale,
-               deterministic=False):
+               deterministic=False, sinks=None):
     """Kernel path for (..., H, T, D) inputs already checked; returns (out (..., Hq, Tq, D), lse (..., Hq, Tq),
     the dropout's seed_offset or None). The kernels read a mask broadcastable to (B, Hq, Tq, Tk) through its
-    strides; only inputs with more than one batch dim make it 4-dim by a reshape, which may copy."""
+    strides; only inputs with more than one batch dim make it 4-dim by a reshape, which may copy. sinks (Hq,) of
+    any float dtype are read as float32 (a differentiable cast)."""
     if mask is not None and q.dim() != 4:
         mask = as_bhtd(mask.expand(*q.shape[:-1], k.shape[-2]))
     elif mask is not None:
         mask = mask[(None,) * (4 - mask.dim())]
     seed_offset = draw_dropout_seed(q.device) if dropout_p > 0 else None
-    out, lse = flash_attention_op(as_bhtd(q), as_bhtd(k), as_bhtd(v), mask, alibi_slopes, seed_offset, None, None,
-                                  0, 0, causal, window[0], window[1], float(softcap), float(dropout_p),
+    sinks = None if sinks is None else sinks.float().contiguous()
+    out, lse = flash_attention_op(as_bhtd(q), as_bhtd(k), as_bhtd(v), mask, alibi_slopes, sinks, seed_offset, None,
+                                  None, 0, 0, causal, window[0], window[1], float(softcap), float(dropout_p),
                                   softmax_scale, bool(deterministic))
     return out.reshape(q.shape), lse.reshape(q.shape[:-1]), seed_offset
 
@@ -295,16 +318,13 @@ def attend(q, k, v, causal=CAUSAL_NONE, window=(-1, -1), mask=None, softcap=0.0,
     """The path behind the flash-attn functions and the Hugging Face integration, for checked (B, H, T, D)
     inputs: the kernels, or PyTorch where they cannot run (F.scaled_dot_product_attention when it can express the
     call and no lse is needed). mask: None or bool/additive, broadcastable to (B, Hq, Tq, Tk). sinks: None or
-    (Hq,) learned logits (see torch_attention); the kernels do not take them yet, so such a call runs PyTorch.
+    (Hq,) learned logits (see torch_attention).
     Returns (out (B, Hq, Tq, D), lse (B, Hq, Tq) float32 or None, kept): kept is the dropout's keep mask
     (B, Hq, Tq, Tk) when need_keep and dropout_p > 0, else None."""
     softmax_scale = softmax_scale_for(q.shape[-1], softmax_scale)
-    gap = kernel_gap(q, v, softmax_scale)
-    if sinks is not None:
-        gap = gap or "learnable attention sinks (s_aux)"
-    if backend.use_triton(op, q.device, gap):
+    if backend.use_triton(op, q.device, kernel_gap(q, v, softmax_scale)):
         out, lse, seed_offset = run_kernel(q, k, v, mask, alibi_slopes, causal, window, softcap, dropout_p,
-                                           softmax_scale, deterministic)
+                                           softmax_scale, deterministic, sinks)
         kept = None
         if need_keep and dropout_p > 0:
             from gptfast.kernels.attention import dropout_keep_mask

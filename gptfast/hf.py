@@ -32,7 +32,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     returns ((B, Tq, Hq, D), None). attention_mask is None when attention_mask_for_kernels below found the flags
     enough, else transformers' dense mask (B, 1, Tq, Tk) holding causality, the window and padding already.
     sliding_window W lets query i see keys j > i - W, as transformers' own masks (flash-attn's left = W - 1).
-    s_aux: gpt-oss's learned sinks (Hq,), honoured on PyTorch's path until the kernels take them. Any other
+    s_aux: gpt-oss's learned sinks (Hq,), run by the kernels (flash_attn_func's sinks). Any other
     keyword that is not None and not in HARMLESS_KEYWORDS (or output_attentions=True) runs the model's own eager
     attention instead, with a warning once per keyword (an error under GPTFAST_BACKEND=triton)."""
     causal = CAUSAL_NONE

@@ -28,18 +28,15 @@ SHARED_LIMIT = {"sm_75": 65536, "sm_80": 166912, "sm_86": 101376, "sm_89": 10137
 # Tensor-core instructions in SASS: Blackwell's tcgen05 (UTC*MMA), Hopper's wgmma (HGMMA), mma.sync (HMMA).
 TENSOR_CORE_OPS = re.compile(r"\b(UTC[A-Z]*MMA|HGMMA|HMMA)\b")
 TMA_OPS = re.compile(r"\b(UTMALDG|UTMASTG|UBLKCP)\b")
-FLOAT32_POINTERS = {"LSE", "DELTA", "GRAD_LSE", "MEAN", "RSTD", "PARTIAL", "DW", "DB", "ALIBI", "DBIAS", "LOSS",
-                    "ROW_SCALE", "DQ_ACC", "O_PART", "LSE_PART"}
+FLOAT32_POINTERS = {"LSE", "DELTA", "GRAD_LSE", "SINKS", "MEAN", "RSTD", "PARTIAL", "DW", "DB", "ALIBI", "DBIAS",
+                    "LOSS", "ROW_SCALE", "DQ_ACC", "O_PART", "LSE_PART"}
 INT32_POINTERS = {"CU_SEQLENS_Q", "CU_SEQLENS_K", "BLOCK_TABLE", "SEQLENS", "LEFTPAD"}
 FLOAT_SCALARS = {"qk_scale", "softmax_scale", "eps", "softcap", "dropout_p", "keep_scale", "label_smoothing"}
 INSPECTED_DTYPES = ("bf16", "fp32")
 KERNEL_MODULES = ("attention", "decode", "layernorm", "cross_entropy")
-# Attention's variants: the plain causal kernel, and every feature at once (the most registers any call needs):
-# a window, an additive mask and its gradient, ALiBi, softcapping, dropout and packed sequences.
-PLAIN = (("CAUSAL", True), ("WINDOW", False), ("MASK_KIND", 0), ("ALIBI_SLOPES", False), ("SOFTCAP", False),
-         ("DROPOUT", False), ("VARLEN", False))
-EVERY_FEATURE = (("CAUSAL", True), ("WINDOW", True), ("MASK_KIND", 2), ("ALIBI_SLOPES", True), ("SOFTCAP", True),
-                 ("DROPOUT", True), ("VARLEN", True))
+# The attention kernels' tuple arguments (attention_spec.describe) other than strides, which hold 4 ints (the last,
+# a unit head-dim stride, specialised to 1) except the slopes' 2.
+TUPLE_ARGS = {"alibi_strides": ("i32", "i32"), "dims": ("i32",) * 5, "bounds": ("i32",) * 3, "scales": ("fp32",) * 5}
 
 
 @dataclass(frozen=True)
@@ -54,12 +51,20 @@ class Job:
     num_stages: int
     maxnreg: int | None = None  # the config's register cap, where it sets one
 
+    def block_d(self):
+        """The padded head dim compiled for (None for kernels without one)."""
+        flags = dict(self.constexprs)
+        return flags["SPEC"].BLOCK_D if "SPEC" in flags else flags.get("BLOCK_D")
+
     def label(self):
         shown = {k: v for k, v in self.constexprs
                  if k in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "ROW_FITS", "RMS", "BLOCK_V", "WRITE_GRAD")}
+        if "SPEC" in dict(self.constexprs):
+            shown = {"BLOCK_D": self.block_d(), **shown}
         config = " ".join(f"{k}={v}" for k, v in shown.items())
         flags = dict(self.constexprs)
-        marks = "".join(mark for mark, on in (("+features ", flags.get("DROPOUT") or flags.get("LEFTPAD_KEYS")),
+        features = flags["SPEC"].has_features if "SPEC" in flags else flags.get("LEFTPAD_KEYS")
+        marks = "".join(mark for mark, on in (("+features ", features),
                                               ("+tma ", flags.get("TMA")),
                                               ("+persistent ", flags.get("PERSISTENT")),
                                               ("+single-pass ", flags.get("ATOMIC_DQ"))) if on)
@@ -76,21 +81,31 @@ def arch_dtypes(arch, dtypes):
     return ["fp16" if dtype == "bf16" and arch == "sm_75" else dtype for dtype in dtypes]
 
 
-def _variant_constexprs(name, arch, dtype, features):
-    """The constexpr sets that select each variant of one tuning list's kernel (attention_tuning's docstring)."""
-    tma = arch in tuning().TMA_ARCHS and dtype != "fp32" and features == PLAIN
+def _variant_constexprs(name, arch, dtype, spec):
+    """The constexpr sets that select each variant of one tuning list's kernel (attention_tuning's docstring), with
+    the tensors that variant does not read as None."""
+    tma = arch in tuning().TMA_ARCHS and dtype != "fp32" and not spec.has_features
+    absent = tuple((tensor, None) for tensor in spec.absent())
     if name == "forward":
         variants = tuning().FORWARD_VARIANTS if tma else ("pointers",)
-        return [tuple(tuning().FORWARD_SWITCHES[variant].items()) for variant in variants]
-    kernel_flag = (("BIAS_GRAD", features == EVERY_FEATURE) if name == "backward_dq" else
-                   ("ATOMIC_DQ", name == "backward_single_pass"))
-    return [(kernel_flag, *tuning().LOAD_SWITCHES[loads].items()) for loads in (("pointers", "tma") if tma else
-                                                                                ("pointers",))]
+        return [(*absent, *tuning().FORWARD_SWITCHES[variant].items()) for variant in variants]
+    if name == "backward_dq":  # an additive mask's gradient where the spec has one
+        flag, tensor, on = "BIAS_GRAD", "DBIAS", spec.MASK_KIND == 2
+    else:
+        flag, tensor, on = "ATOMIC_DQ", "DQ_ACC", name == "backward_single_pass"
+    absent += () if on else ((tensor, None),)
+    return [(*absent, (flag, on), *tuning().LOAD_SWITCHES[loads].items())
+            for loads in (("pointers", "tma") if tma else ("pointers",))]
 
 
 def tuning():
     from gptfast.kernels import attention_tuning
     return attention_tuning
+
+
+def spec_class():
+    from gptfast.kernels.attention_spec import Spec
+    return Spec
 
 
 def attention_jobs(arch, dtypes=INSPECTED_DTYPES):
@@ -103,12 +118,12 @@ def attention_jobs(arch, dtypes=INSPECTED_DTYPES):
         for dtype in arch_dtypes(arch, dtypes):
             table = "fp32" if dtype == "fp32" else arch
             precision = "ieee" if dtype == "fp32" else "tf32"  # fp32 runs ieee unless tf32 is allowed
-            for features, tables in ((PLAIN, tuning().CONFIGS), (EVERY_FEATURE, tuning().FEATURE_CONFIGS)):
-                for variant in _variant_constexprs(name, arch, dtype, features):
-                    for tile in tables[name][table]:
-                        for block_d in tile.dims:
-                            constexprs = (("HEAD_DIM", block_d), ("BLOCK_D", block_d), *features, *variant,
-                                          ("INPUT_PRECISION", precision), ("BLOCK_M", tile.block_m),
+            for every, tables in ((False, tuning().CONFIGS), (True, tuning().FEATURE_CONFIGS)):
+                for tile in tables[name][table]:
+                    for block_d in tile.dims:
+                        spec = (spec_class().every_feature if every else spec_class().plain)(block_d, precision)
+                        for variant in _variant_constexprs(name, arch, dtype, spec):
+                            constexprs = (("SPEC", spec), *variant, ("BLOCK_M", tile.block_m),
                                           ("BLOCK_N", tile.block_n))
                             jobs.append(Job("attention", kernel, arch, dtype, constexprs, tile.warps, tile.stages,
                                             tuning().MAX_REGISTERS))
@@ -187,15 +202,21 @@ def signature(fn, dtype, constexprs):
     sig, attrs, consts = {}, {}, dict(constexprs)
     for index, param in enumerate(fn.params):
         name = param.name
-        if param.is_constexpr:
+        if param.is_constexpr or name in consts:  # a constexpr, or an absent tensor (None)
             sig[name] = "constexpr"
+        elif name in TUPLE_ARGS:
+            sig[name] = TUPLE_ARGS[name]
+        elif name.endswith("_strides"):  # (batch, head, row, head dim) strides: 16-divisible, the last 1
+            sig[name] = ("i32", "i32", "i32", "constexpr")
+            consts[(index, 3)] = 1
+            attrs.update({(index, i): [["tt.divisibility", 16]] for i in range(3)})
         elif name.startswith("stride_") and name[-1] == "d" and fn.__name__.startswith("attention"):
             sig[name], consts[name] = "constexpr", 1
         elif name.isupper():
             partial = name == "O" and consts.get("FINAL") is False  # a split's partial output: float32
             sig[name] = ("*fp32" if name in FLOAT32_POINTERS or partial else "*i64" if name in ("SEED", "TARGET") else
                          "*i32" if name in INT32_POINTERS else
-                         "*i1" if name == "KEEP" or name == "MASK" and consts.get("MASK_KIND") == 1 else f"*{dtype}")
+                         "*i1" if name == "KEEP" or name == "MASK" and consts["SPEC"].MASK_KIND == 1 else f"*{dtype}")
             attrs[(index,)] = [["tt.divisibility", 16]]
         elif name[:9] in ("stride_m", "stride_a", "stride_g") and len(name) == 9 or name == "stride_scale":
             sig[name] = "i32"  # a mask's, the slopes' or the loss scale's strides: 0 along broadcast dims, often 1
@@ -271,7 +292,7 @@ def compile_jobs(jobs, workers):
         yield from pool.map(compile_job, jobs)
 
 
-def run(archs, kernels, dtypes, workers, out=sys.stdout):
+def run(archs, kernels, dtypes, workers, out=sys.stdout, head_dims=()):
     jobs = []
     for arch in archs:
         if "attention" in kernels:
@@ -282,6 +303,8 @@ def run(archs, kernels, dtypes, workers, out=sys.stdout):
             jobs += layernorm_jobs(arch, dtypes)
         if "cross_entropy" in kernels:
             jobs += cross_entropy_jobs(arch, dtypes)
+    if head_dims:  # kernels without a head dim (layernorm, the loss) stay
+        jobs = [job for job in jobs if job.block_d() in (None, *head_dims)]
     print(f"compiling {len(jobs)} kernel configs for {', '.join(archs)} with {workers} workers", file=out, flush=True)
     header = (f"{'arch':6} {'kernel and config':100} {'regs':>4} {'spill':>5} {'smem KiB':>8} {'tensor cores':>13} "
               f"{'TMA':>7} {'ws':>2}  verdict")
@@ -317,6 +340,8 @@ def add_arguments(parser):
     parser.add_argument("--dtype", choices=INSPECTED_DTYPES, action="append",
                         help="input dtype to compile for (repeatable; default: both; bf16 stands for 16-bit inputs: "
                              "fp16 compiles as bf16 would, and on sm_75 fp16 is compiled instead)")
+    parser.add_argument("--head-dim", type=int, choices=(16, 32, 64, 128, 256), action="append",
+                        help="padded head dim of the attention kernels to compile (repeatable; default: all)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel compiler processes")
 
 
@@ -324,5 +349,5 @@ def main(args):
     if args.workers < 1:
         raise SystemExit("gptfast inspect: --workers must be at least 1")
     return run(args.arch or sorted(ARCHS), args.kernel or KERNEL_MODULES, args.dtype or INSPECTED_DTYPES,
-               args.workers)
+               args.workers, head_dims=args.head_dim or ())
 

@@ -109,27 +109,25 @@ CONFIGS = {name: {"sm_90": SM_90[name], "sm_100": SM_100[name], "sm_80": SM_80[n
                   "sm_89": SM_86[name], "sm_120": SM_86[name], "fp32": FP32[name], "interpreter": INTERPRETER}
            for name in KERNELS}
 
-# With a feature past the bounds (a mask, ALiBi, softcapping, dropout, packed sequences) a tile holds more per
-# score: these compile without spills with all of them on at once (`gptfast inspect`'s EVERY_FEATURE).
-FEATURES_SM_90 = {
-    "forward": [Tile(128, 32, 8, 2, UP_TO_256), Tile(64, 16, 4, 2, UP_TO_128), Tile(64, 32, 4, 2, UP_TO_128),
-                Tile(32, 32, 4, 2, ONLY_256)],
+# With a feature past the bounds (a mask, ALiBi, softcapping, dropout, packed sequences, sinks) a tile holds more per
+# score: these compile without spills with all of them on at once (Spec.every_feature, `gptfast inspect`).
+FEATURES_SM_90 = {  # also sm_100's
+    # At head dim 256 a 128-row tile spills 8 bytes once the mask's key stride is 1 (a contiguous mask, what the
+    # JIT specialises): 32-row tiles there.
+    "forward": [Tile(128, 32, 8, 2, UP_TO_128), Tile(64, 16, 4, 2, UP_TO_128), Tile(64, 32, 4, 2, UP_TO_128),
+                Tile(32, 32, 4, 2, ONLY_256), Tile(32, 16, 4, 2, ONLY_256)],
     "backward_dkdv": [Tile(32, 16, 4, 1, UP_TO_128), Tile(16, 32, 4, 1, UP_TO_128), Tile(32, 32, 4, 1, UP_TO_64),
                       Tile(16, 16, 4, 1, UP_TO_256), Tile(16, 16, 8, 1, ONLY_256)],
     "backward_dq": [Tile(32, 16, 4, 1, UP_TO_256), Tile(32, 32, 4, 1, UP_TO_256), Tile(64, 16, 4, 1, UP_TO_128)],
     "backward_single_pass": [Tile(32, 16, 4, 1, UP_TO_128), Tile(16, 16, 4, 1, UP_TO_128)],
-}
-FEATURES_SM_100 = {
-    **FEATURES_SM_90,
-    "forward": [Tile(128, 32, 8, 2, UP_TO_128), Tile(64, 16, 4, 2, UP_TO_128), Tile(64, 32, 4, 2, UP_TO_128),
-                Tile(32, 32, 4, 2, ONLY_256), Tile(32, 16, 4, 2, ONLY_256)],
 }
 FEATURES_SM_80 = {  # also sm_86's, sm_89's and sm_120's
     "forward": [Tile(32, 32, 4, 2, UP_TO_256), Tile(128, 32, 8, 2, UP_TO_64), Tile(64, 16, 4, 2, UP_TO_64),
                 Tile(32, 16, 4, 1, UP_TO_256)],
     "backward_dkdv": [Tile(32, 16, 4, 1, UP_TO_128), Tile(16, 32, 4, 1, UP_TO_64), Tile(16, 16, 8, 1, (128, 256)),
                       Tile(32, 16, 8, 1, ONLY_256)],
-    "backward_dq": [Tile(32, 16, 4, 1, UP_TO_256), Tile(32, 32, 4, 1, UP_TO_128), Tile(64, 32, 8, 1, UP_TO_128),
+    # A 64-row tile spills 16 bytes on sm_86 at head dim 128 (sm_80 none).
+    "backward_dq": [Tile(32, 16, 4, 1, UP_TO_256), Tile(32, 32, 4, 1, UP_TO_128), Tile(64, 32, 8, 1, UP_TO_64),
                     Tile(16, 16, 4, 1, UP_TO_256)],
     "backward_single_pass": [Tile(32, 16, 4, 1, UP_TO_128), Tile(16, 16, 4, 1, UP_TO_128),
                              Tile(16, 16, 8, 1, UP_TO_128)],
@@ -144,7 +142,7 @@ FEATURES_FP32 = {
     "backward_single_pass": [Tile(16, 16, 4, 1, UP_TO_64), Tile(16, 16, 8, 1, UP_TO_128),
                              Tile(32, 16, 8, 1, UP_TO_64), Tile(16, 16, 16, 1, (128,))],
 }
-FEATURE_CONFIGS = {name: {"sm_90": FEATURES_SM_90[name], "sm_100": FEATURES_SM_100[name],
+FEATURE_CONFIGS = {name: {"sm_90": FEATURES_SM_90[name], "sm_100": FEATURES_SM_90[name],
                           "sm_80": FEATURES_SM_80[name], "sm_86": FEATURES_SM_80[name],
                           "sm_89": FEATURES_SM_80[name], "sm_120": FEATURES_SM_80[name],
                           "fp32": FEATURES_FP32[name], "interpreter": INTERPRETER}
@@ -262,31 +260,20 @@ def fitting(configs, bucket_q, bucket_k):
     return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_warps))]
 
 
-FLAGS = ["HEAD_DIM", "CAUSAL", "WINDOW", "MASK_KIND", "ALIBI_SLOPES", "SOFTCAP", "DROPOUT", "VARLEN"]
-
-
 @functools.cache
 def _autotuner(kernel, kernel_name, table, block_d, features, variants, bucket_q, bucket_k):
     configs = [config for variant in variants for config in configs_for(kernel_name, table, block_d, features,
                                                                          variant)]
-    # One autotuner per (length buckets, table, head dim) keyed on the feature flags, which change the work per
-    # program; the input dtype is in every autotuner's key. The single pass adds into DQ_ACC: zeroed between
-    # timing runs.
+    # One autotuner per (length buckets, table, head dim) keyed on the call's spec, whose switches change the
+    # work per program; the input dtype is in every autotuner's key. The single pass adds into DQ_ACC: zeroed
+    # between timing runs.
     reset = ["DQ_ACC"] if kernel_name == "backward_single_pass" else None
-    return triton.autotune(configs=tuned(fitting(configs, bucket_q, bucket_k)), key=FLAGS,
+    return triton.autotune(configs=tuned(fitting(configs, bucket_q, bucket_k)), key=["SPEC"],
                            reset_to_zero=reset)(kernel)
 
 
-def autotuned(kernel, kernel_name, arch, dtype, seqlen_q, seqlen_k, constexprs, variants=("pointers",)):
+def autotuned(kernel, kernel_name, arch, dtype, seqlen_q, seqlen_k, spec, variants=("pointers",)):
     """The kernel wrapped in an autotuner over the configs that serve the arch, input dtype, padded head dim,
-    features and length buckets, for each of the variants (configs_for)."""
-    return _autotuner(kernel, kernel_name, config_table(arch, dtype), constexprs["BLOCK_D"],
-                      has_features(constexprs), variants, length_bucket(seqlen_q), length_bucket(seqlen_k))
-
-
-def has_features(constexprs):
-    """Whether a call adds a feature past the bounds: a mask, ALiBi, softcapping, dropout, or packed sequences
-    (VARLEN: its per-sequence offsets cost registers, so it takes the feature tiles, which `gptfast inspect`
-    compiles with every feature at once)."""
-    return bool(constexprs["MASK_KIND"] or constexprs["ALIBI_SLOPES"] or constexprs["SOFTCAP"]
-                or constexprs["DROPOUT"] or constexprs["VARLEN"])
+    features (attention_spec.Spec.has_features) and length buckets, for each of the variants (configs_for)."""
+    return _autotuner(kernel, kernel_name, config_table(arch, dtype), spec.BLOCK_D, spec.has_features, variants,
+                      length_bucket(seqlen_q), length_bucket(seqlen_k))

@@ -34,11 +34,12 @@ def kernels_only():
 
 
 def reference_attention(q, k, v, causal=NONE, scale=None, window=(-1, -1), softcap=0.0, alibi=None, mask=None,
-                        keep=None, dropout_p=0.0):
+                        keep=None, dropout_p=0.0, sinks=None):
     """Plain attention in q's dtype: scores, masked softmax in float32 (as torch's math backend), weighted sum.
     q: (..., Hq, Tq, D), k and v: (..., Hkv, Tk, D). A row that sees no key gives 0. window is flash-attn's
     (bottom-right aligned; causal sets its right side to 0), alibi float32 (B, Hq), mask bool or additive and
-    broadcastable to the scores, keep the dropout's keep mask (B, Hq, Tq, Tk)."""
+    broadcastable to the scores, keep the dropout's keep mask (B, Hq, Tq, Tk), sinks (Hq,) a logit per head in
+    every row's softmax that takes no value."""
     group = q.shape[-3] // k.shape[-3]
     k, v = k.repeat_interleave(group, dim=-3), v.repeat_interleave(group, dim=-3)
     scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
@@ -60,7 +61,11 @@ def reference_attention(q, k, v, causal=NONE, scale=None, window=(-1, -1), softc
         scores = scores.masked_fill(j_minus_i > diagonal + right, float("-inf"))
     if left >= 0:
         scores = scores.masked_fill(j_minus_i < diagonal - left, float("-inf"))
-    weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    if sinks is None:
+        weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    else:
+        sink_column = sinks.to(work)[:, None, None].expand(*scores.shape[:-1], 1)
+        weights = torch.softmax(torch.cat([scores, sink_column], dim=-1), dim=-1)[..., :-1]
     if keep is not None:
         weights = weights * keep / (1 - dropout_p)
     return weights.to(q.dtype) @ v
@@ -77,13 +82,15 @@ def mask_args(causal, seqlen_q, seqlen_k):
         return dict(attn_mask=causal_lower_right(seqlen_q, seqlen_k))
     return {}
 
-def check_against_reference(q, k, v, causal, run, seed=0, mask=None, **spec):
-    """run(q, k, v[, mask]) -> out with q's layout (..., Hq, Tq, D). Checks the output and dq, dk, dv, and the
-    gradient of an additive mask that requires grad (passed to run as a fourth argument); spec goes to
-    reference_attention."""
+def check_against_reference(q, k, v, causal, run, seed=0, mask=None, sinks=None, **spec):
+    """run(q, k, v[, mask][, sinks]) -> out with q's layout (..., Hq, Tq, D). Checks the output and dq, dk, dv,
+    the gradient of an additive mask that requires grad and that of sinks (each passed to run after v when
+    given, in that order); spec goes to reference_attention."""
     leaves = {"q": q, "k": k, "v": v}
     if mask is not None and mask.requires_grad:
         leaves["mask"] = mask
+    if sinks is not None:
+        leaves["sinks"] = sinks
     inputs = {n: t.detach().clone().requires_grad_() for n, t in leaves.items()}
     out = run(*inputs.values())
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(out)
@@ -93,14 +100,15 @@ def check_against_reference(q, k, v, causal, run, seed=0, mask=None, **spec):
     def reference(dtype):
         ins = {n: t.detach().to(dtype).requires_grad_() for n, t in leaves.items()}
         fixed_mask = ins.get("mask", mask if mask is None or mask.dtype == torch.bool else mask.to(dtype))
-        ref = reference_attention(ins["q"], ins["k"], ins["v"], causal, mask=fixed_mask, **spec)
+        ref = reference_attention(ins["q"], ins["k"], ins["v"], causal, mask=fixed_mask, sinks=ins.get("sinks"),
+                                  **spec)
         ref.backward(grad_out.to(dtype))
         return {"out": ref, **{f"d{n}": t.grad for n, t in ins.items()}}
 
     ref64, lowp = reference(torch.float64), reference(q.dtype)
     for name, value in results.items():
-        assert value.dtype == q.dtype
-        assert_accurate(name, value, ref64[name], lowp[name], terms=q.shape[-1])
+        assert value.dtype == leaves.get(name[1:], q).dtype
+        assert_accurate(name, value, ref64[name], lowp[name], terms=q.shape[-1], dtype=q.dtype)
 
 def bthd(*tensors):
     """(B, H, T, D) -> flash-attn's (B, T, H, D) views."""

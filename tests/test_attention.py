@@ -14,7 +14,8 @@ from torch.nn.attention.bias import causal_lower_right, causal_upper_left
 from gptfast import backend
 from gptfast.attention import flash_attn_func, scaled_dot_product_attention
 from gptfast.attention_core import as_bhtd, draw_dropout_seed
-from gptfast.kernels.attention import Features, _key_range, _query_range
+from gptfast.kernels.attention import _key_range, _query_range
+from gptfast.kernels.attention_spec import Features, describe
 from support import (BOTTOM_RIGHT, NONE, TOP_LEFT, bthd, check_against_reference, kernel_keep_mask, mask_args,
                      random_qkv, reference_attention, seed_of, shape_id)
 from tolerance import DEVICE, DTYPES
@@ -174,9 +175,8 @@ def test_the_accuracy_rule_can_fail(dtype, factor):
 
 
 def test_tf32_follows_torch_flag():
-    from gptfast.kernels.attention import _feature_args
     q = torch.empty(1, 1, 1, 64)
-    precision = lambda q: _feature_args(q, 1, Features(), 1.0)[3]["INPUT_PRECISION"]
+    precision = lambda q: describe(q, q, Features(), 1.0).spec.INPUT_PRECISION
     saved = torch.backends.cuda.matmul.allow_tf32
     try:
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -263,12 +263,14 @@ def test_custom_ops_pass_opcheck():
     q, k, v = (t.requires_grad_() for t in random_qkv(1, 4, 2, 9, 13, 16, torch.float32, seed=4))
     mask = torch.randn(1, 1, 9, 13).to(DEVICE).requires_grad_()
     slopes = torch.rand(1, 4).to(DEVICE)
-    for args in [(None, None, None, None, None, 0, 0, 2, -1, -1, 0.0, 0.0, 0.25, False),
-                 (mask, slopes, None, None, None, 0, 0, 0, 3, 2, 5.0, 0.0, 0.25, True)]:
+    sinks = torch.randn(4).to(DEVICE).requires_grad_()
+    for args in [(None, None, None, None, None, None, 0, 0, 2, -1, -1, 0.0, 0.0, 0.25, False),
+                 (mask, slopes, None, None, None, None, 0, 0, 0, 3, 2, 5.0, 0.0, 0.25, True),
+                 (None, None, sinks, None, None, None, 0, 0, 2, 3, -1, 0.0, 0.0, 0.25, False)]:
         torch.library.opcheck(torch.ops.gptfast.flash_attention.default, (q, k, v, *args))
     # varlen: batch 1 read as two packed sequences of 4 and 5 queries, 4 and 9 keys
     cu_seqlens_q, cu_seqlens_k = (torch.tensor([0, 4, n], dtype=torch.int32, device=DEVICE) for n in (9, 13))
-    varlen = (None, None, None, cu_seqlens_q, cu_seqlens_k, 5, 9, 2, -1, -1, 0.0, 0.0, 0.25, False)
+    varlen = (None, None, None, None, cu_seqlens_q, cu_seqlens_k, 5, 9, 2, -1, -1, 0.0, 0.0, 0.25, False)
     torch.library.opcheck(torch.ops.gptfast.flash_attention.default, (q, k, v, *varlen))
 
 
@@ -492,8 +494,8 @@ def test_every_feature_at_once():
 
     def run(q, k, v, mask):
         torch.manual_seed(9)
-        return torch.ops.gptfast.flash_attention(q, k, v, mask, slopes, draw_dropout_seed(q.device), None, None, 0,
-                                                 0, 0, 20, 6, 3.0, 0.2, 1 / math.sqrt(40), False)[0]
+        return torch.ops.gptfast.flash_attention(q, k, v, mask, slopes, None, draw_dropout_seed(q.device), None,
+                                                 None, 0, 0, 0, 20, 6, 3.0, 0.2, 1 / math.sqrt(40), False)[0]
 
     with backend.use_backend("triton"):
         check_against_reference(q, k, v, NONE, run, mask=mask, window=(20, 6), softcap=3.0,

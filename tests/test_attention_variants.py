@@ -10,6 +10,7 @@ import triton
 from gptfast import attention_core, backend
 from gptfast.attention import flash_attn_func, scaled_dot_product_attention
 from gptfast.kernels import arch_of, attention as kernels, attention_tuning as tuning
+from gptfast.kernels.attention_spec import Spec
 from support import (BOTTOM_RIGHT, NONE, TOP_LEFT, bthd, check_against_reference, kernel_keep_mask, mask_args,
                      random_qkv, seed_of, shape_id)
 from tolerance import DEVICE, DTYPES
@@ -196,9 +197,8 @@ def test_every_compute_capability_finds_a_table():
 
 def test_decoding_and_prefill_are_tuned_apart():
     """Tq = 1 and Tq = 8192 get different autotuners; a single query row never gets a 128-row query block."""
-    constexprs = dict(BLOCK_D=128, MASK_KIND=0, ALIBI_SLOPES=False, SOFTCAP=False, DROPOUT=False, VARLEN=False)
     tuner = lambda seqlen_q: tuning.autotuned(kernels.attention_forward_kernel, "forward", "sm_90", torch.bfloat16,
-                                              seqlen_q, 8192, constexprs)
+                                              seqlen_q, 8192, Spec.plain(128, "ieee"))
     decode, prefill = tuner(1), tuner(8192)
     assert decode is not prefill
     assert {c.kwargs["BLOCK_M"] for c in decode.configs} == {64}  # the smallest the table has for D = 128

@@ -160,21 +160,17 @@ def test_gpt2_attention_dropout_runs_in_the_kernel(launches):
     assert launches["forward"] == 2 * 4
 
 
-def test_gpt_oss_runs_its_sinks_on_pytorch_visibly(monkeypatch):
-    """gpt-oss passes its sinks as s_aux: under auto they are honoured on PyTorch's path with a warning (logits and
-    every gradient, the sinks' included, as eager attention's); under triton the call raises."""
+def test_gpt_oss_runs_its_sinks_on_the_kernels(kernels_only):
+    """gpt-oss passes its sinks as s_aux: the kernels run them (under triton, so nothing falls back): logits and
+    every gradient, the sinks' included, as eager attention's."""
     register()
-    monkeypatch.setattr(backend, "_warned", set())
     ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(6)).to(DEVICE)
-    with pytest.warns(UserWarning, match="sinks"):
-        got = forward_backward(build("gpt_oss", "gptfast").train(), ids)
+    got = forward_backward(build("gpt_oss", "gptfast").train(), ids)
     ref64 = forward_backward(build("gpt_oss", "eager", torch.float64).train(), ids)
     lowp = forward_backward(build("gpt_oss", "eager").train(), ids)
     assert any(key.endswith("sinks") for key in got)
     for key, value in got.items():
         assert_accurate(f"gpt_oss {key}", value, ref64[key], lowp[key], terms=16)
-    with backend.use_backend("triton"), pytest.raises(NotImplementedError, match="sinks"):
-        build("gpt_oss", "gptfast")(ids)
 
 
 @pytest.mark.parametrize("keyword", [{"output_attentions": True}, {"relative_bias": torch.zeros(1)}],
