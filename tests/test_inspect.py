@@ -1,5 +1,5 @@
 """`gptfast inspect`: every kernel and tuning config compiles for every listed architecture with no spills and within
-its shared memory (in every run sm_90's 16-bit configs at head dims 64 and 128; all seven archs, every head dim and
+its shared memory (in every run sm_90's 16-bit configs at head dim 64; all seven archs, every head dim and
 both dtypes under `pytest -m slow`), Hopper configs use its tensor cores (HGMMA) and its TMA variants TMA loads,
 every (kernel, head dim, dtype) has two configs or more on every architecture, and a bad config is caught."""
 import os
@@ -75,16 +75,17 @@ def check_hopper(rows):
               and any(f"attention_{kernel}_kernel" in line for kernel in ("forward", "backward_dq", "backward_dkdv"))]
     two_kernel = [line for line in hopper if "+single-pass" not in line and (
         "attention_forward_kernel" in line or "BLOCK_D=256" not in line)]
-    assert len(two_kernel) > 40 and all("HGMMA" in line for line in two_kernel)
+    assert len(two_kernel) > 20 and all("HGMMA" in line for line in two_kernel)
     assert any("HGMMA" in line for line in hopper if "+single-pass" in line)
     tma = [line for line in rows if line.startswith("sm_90") and "+tma" in line]
     assert len(tma) > 10 and all("UTMALDG" in line for line in tma)
 
 
 def test_inspect_command_passes_for_h100():
-    """sm_90 with 16-bit inputs at GPT-2's and Llama's head dims (64, 128): CI's time (the whole of sm_90 with
-    both dtypes took 17 minutes of it). Every head dim, float32's tiles and the other archs run under -m slow."""
-    check_hopper(inspect_rows("sm_90", dtypes=["bf16"], head_dims=[64, 128]))
+    """sm_90 with 16-bit inputs at GPT-2's head dim (64): CI's time (the whole of sm_90 with both dtypes took 17
+    minutes of it, head dims 64 and 128 five). Every head dim, float32's tiles and the other archs run under
+    -m slow."""
+    check_hopper(inspect_rows("sm_90", dtypes=["bf16"], head_dims=[64]))
 
 
 @pytest.mark.slow
