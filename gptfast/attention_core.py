@@ -241,6 +241,11 @@ def as_bhtd(t):
     return t.flatten(0, -4) if t.dim() > 4 else t
 
 
+def kernel_sinks(sinks):
+    """Sinks as the kernels read them: float32, contiguous, through a differentiable cast (None stays None)."""
+    return None if sinks is None else sinks.float().contiguous()
+
+
 def run_kernel(q, k, v, mask, alibi_slopes, causal, window, softcap, dropout_p, softmax_scale,
                deterministic=False, sinks=None):
     """Kernel path for (..., H, T, D) inputs already checked; returns (out (..., Hq, Tq, D), lse (..., Hq, Tq),
@@ -252,10 +257,9 @@ def run_kernel(q, k, v, mask, alibi_slopes, causal, window, softcap, dropout_p, 
     elif mask is not None:
         mask = mask[(None,) * (4 - mask.dim())]
     seed_offset = draw_dropout_seed(q.device) if dropout_p > 0 else None
-    sinks = None if sinks is None else sinks.float().contiguous()
-    out, lse = flash_attention_op(as_bhtd(q), as_bhtd(k), as_bhtd(v), mask, alibi_slopes, sinks, seed_offset, None,
-                                  None, 0, 0, causal, window[0], window[1], float(softcap), float(dropout_p),
-                                  softmax_scale, bool(deterministic))
+    out, lse = flash_attention_op(as_bhtd(q), as_bhtd(k), as_bhtd(v), mask, alibi_slopes, kernel_sinks(sinks),
+                                  seed_offset, None, None, 0, 0, causal, window[0], window[1], float(softcap),
+                                  float(dropout_p), softmax_scale, bool(deterministic))
     return out.reshape(q.shape), lse.reshape(q.shape[:-1]), seed_offset
 
 

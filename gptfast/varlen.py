@@ -10,8 +10,8 @@ import torch
 
 from gptfast import backend
 from gptfast.attention_core import (CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, attend, check_flash_options, check_inputs,
-                                    check_sinks, draw_dropout_seed, flash_attention_op, kernel_gap, softmax_scale_for,
-                                    torch_attention)
+                                    check_sinks, draw_dropout_seed, flash_attention_op, kernel_gap, kernel_sinks,
+                                    softmax_scale_for, torch_attention)
 
 
 def _check_packed(name, t, dims):
@@ -97,9 +97,8 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     sequences = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     if backend.use_triton("flash_attn_varlen_func", q.device, kernel_gap(packed[0], packed[2], softmax_scale)):
         seed_offset = draw_dropout_seed(q.device) if dropout_p > 0 else None
-        sinks = None if sinks is None else sinks.float().contiguous()
-        out, lse = flash_attention_op(*packed, None, alibi_slopes, sinks, seed_offset, *sequences, causal,
-                                      window_size[0], window_size[1], float(softcap), float(dropout_p),
+        out, lse = flash_attention_op(*packed, None, alibi_slopes, kernel_sinks(sinks), seed_offset, *sequences,
+                                      causal, window_size[0], window_size[1], float(softcap), float(dropout_p),
                                       softmax_scale, bool(deterministic))
         kept = None
         if return_attn_probs and dropout_p > 0:

@@ -180,6 +180,7 @@ def test_a_keyword_it_does_not_handle_runs_the_models_eager_attention(keyword, m
     eager attention runs the call (with the causal mask the flags described), with a warning; under triton it
     raises."""
     from transformers.models.llama.modeling_llama import eager_attention_forward
+    register()  # build's "gptfast" implementation: registered here too, not only by a test that ran before
     monkeypatch.setattr(backend, "_warned", set())
     module = build("llama", "gptfast").model.layers[0].self_attn
     generator = torch.Generator().manual_seed(7)
