@@ -6,8 +6,8 @@
 # Everything lands in OUTDIR; a short table ends the output. It runs on the machine's own python3 and packages
 # (torch 2.11 and triton 3.6 expected, not our pins) and imports gptfast from a copy of this checkout, so nothing
 # is installed. Each phase has its own time limit, so one slow phase cannot take the others' results with it:
-# 30+120+150+30+40+20+25+15+30+45 s, about 9 minutes (the compiled baselines also get the time the others left
-# unused).
+# 30+120+150+30+40+20+25+15+20+30+30+45 s, about 9.5 minutes (the compiled baselines also get the time the others
+# left unused).
 # A limit sends SIGINT: pytest stops and still writes its summary and the benchmarks it finished.
 #
 # usage: benchmarks/gpu_check.sh OUTDIR
@@ -71,10 +71,10 @@ say "   build the benchmarks' kernels and compiled baselines, running each once,
 limit 120 "${PYTEST[@]}" -q -n "$([ "$SMALL" = 1 ] && echo 2 || echo 6)" --benchmark-disable -k "gptfast or compiled" \
     "$REPO/benchmarks/bench_attention.py" "$REPO/benchmarks/bench_layernorm.py" "$REPO/benchmarks/bench_gpt.py" \
     "$REPO/benchmarks/bench_loss.py" "$REPO/benchmarks/bench_decode.py" "$REPO/benchmarks/bench_varlen.py" \
-    > "$OUT/build.txt" 2>&1 &
+    "$REPO/benchmarks/bench_flex.py" > "$OUT/build.txt" 2>&1 &
 BUILD=$!
 TESTS=()
-for arg in ${GPU_CHECK_TESTS:-tests/test_attention.py tests/test_attention_variants.py tests/test_varlen.py tests/test_kvcache.py tests/test_layernorm.py tests/test_model.py tests/test_packing.py tests/test_hf.py -n 10}; do
+for arg in ${GPU_CHECK_TESTS:-tests/test_attention.py tests/test_attention_variants.py tests/test_varlen.py tests/test_kvcache.py tests/test_layernorm.py tests/test_model.py tests/test_packing.py tests/test_hf.py tests/test_flex.py -n 10}; do
     if [ -e "$REPO/${arg%%::*}" ]; then TESTS+=("$REPO/$arg"); else TESTS+=("$arg"); fi  # paths are the repo's
 done
 # The whole output goes to the log, its end to the screen; up to 10 failures, so one does not hide the rest.
@@ -104,11 +104,13 @@ run_suite gpt 40 "$REPO/benchmarks/bench_gpt.py" -m "not compiled"
 run_suite loss 20 "$REPO/benchmarks/bench_loss.py"
 run_suite decode 25 "$REPO/benchmarks/bench_decode.py"
 run_suite varlen 15 "$REPO/benchmarks/bench_varlen.py"
+run_suite flex 20 "$REPO/benchmarks/bench_flex.py" -m "not compiled"
 # torch.compile baselines last: building them takes most of their time, and a run cut short loses only itself.
-# They also share what the phases before them left unused of their limits, the whole check ending by 525 s.
-SPARE=$((525 - SECONDS - 75)); [ "$SPARE" -lt 0 ] && SPARE=0
-run_suite layernorm_compiled $((30 + SPARE / 3)) "$REPO/benchmarks/bench_layernorm.py" -m compiled
-LAST=$((525 - SECONDS)); [ "$LAST" -lt 45 ] && LAST=45
+# They also share what the phases before them left unused of their limits, the whole check ending by 555 s.
+SPARE=$((555 - SECONDS - 105)); [ "$SPARE" -lt 0 ] && SPARE=0
+run_suite layernorm_compiled $((30 + SPARE / 4)) "$REPO/benchmarks/bench_layernorm.py" -m compiled
+run_suite flex_compiled $((30 + SPARE / 4)) "$REPO/benchmarks/bench_flex.py" -m compiled
+LAST=$((555 - SECONDS)); [ "$LAST" -lt 45 ] && LAST=45
 run_suite gpt_compiled "$LAST" "$REPO/benchmarks/bench_gpt.py" -m compiled
 
 say "== 4/4 report"
@@ -120,7 +122,7 @@ if [ ${#PARTS[@]} -gt 0 ]; then
     rm -f "${PARTS[@]}"
     "$PY" "$REPO/benchmarks/plot.py" --output-dir "$OUT" "$OUT/results.json" 2>&1 | tee -a "$LOG"
     say "== summary (full table in report.md)"
-    grep -E '^Machine|T=4096|T=16384|N=4096|gpt2|lm loss|Tk=65536|varlen' "$OUT/report.md" | head -n 50 | tee -a "$LOG"
+    grep -E '^Machine|T=4096|T=16384|N=4096|gpt2|lm loss|Tk=65536|varlen|flex|create_block' "$OUT/report.md" | head -n 50 | tee -a "$LOG"
 else
     say "no benchmark results to report"
 fi

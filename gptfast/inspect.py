@@ -33,7 +33,7 @@ FLOAT32_POINTERS = {"LSE", "DELTA", "GRAD_LSE", "SINKS", "MEAN", "RSTD", "PARTIA
 INT32_POINTERS = {"CU_SEQLENS_Q", "CU_SEQLENS_K", "BLOCK_TABLE", "SEQLENS", "LEFTPAD"}
 FLOAT_SCALARS = {"qk_scale", "softmax_scale", "eps", "softcap", "dropout_p", "keep_scale", "label_smoothing"}
 INSPECTED_DTYPES = ("bf16", "fp32")
-KERNEL_MODULES = ("attention", "decode", "layernorm", "cross_entropy")
+KERNEL_MODULES = ("attention", "flex", "decode", "layernorm", "cross_entropy")
 # The attention kernels' tuple arguments (attention_spec.describe) other than strides, which hold 4 ints (the last,
 # a unit head-dim stride, specialised to 1) except the slopes' 2.
 TUPLE_ARGS = {"alibi_strides": ("i32", "i32"), "dims": ("i32",) * 5, "bounds": ("i32",) * 3, "scales": ("fp32",) * 5}
@@ -50,6 +50,7 @@ class Job:
     num_warps: int
     num_stages: int
     maxnreg: int | None = None  # the config's register cap, where it sets one
+    flex: str = ""  # a flex_variants() name: its mods join the SPEC in the worker (jit functions do not pickle)
 
     def block_d(self):
         """The padded head dim compiled for (None for kernels without one)."""
@@ -67,7 +68,8 @@ class Job:
         marks = "".join(mark for mark, on in (("+features ", features),
                                               ("+tma ", flags.get("TMA")),
                                               ("+persistent ", flags.get("PERSISTENT")),
-                                              ("+single-pass ", flags.get("ATOMIC_DQ"))) if on)
+                                              ("+single-pass ", flags.get("ATOMIC_DQ")),
+                                              (f"+flex:{self.flex} ", self.flex)) if on)
         return f"{self.kernel} [{marks}{self.dtype} {config} warps={self.num_warps} stages={self.num_stages}]"
 
 
@@ -103,6 +105,11 @@ def tuning():
     return attention_tuning
 
 
+def block_mask():
+    from gptfast.kernels import block_mask
+    return block_mask
+
+
 def spec_class():
     from gptfast.kernels.attention_spec import Spec
     return Spec
@@ -134,6 +141,78 @@ def attention_jobs(arch, dtypes=INSPECTED_DTYPES):
                             tuning().MAX_REGISTERS))
     jobs.append(Job("attention", "dropout_keep_kernel", arch, "fp32", (("BLOCK_M", 16), ("BLOCK_N", 16)), 4, 1))
     return jobs
+
+
+def flex_variants():
+    """gptfast.flex's built-in mods as the flex jobs compile them, by name: (score_mod, mask_mod), with example
+    arguments of the types a real call passes."""
+    import torch
+
+    from gptfast import flex_mods as mods
+    from gptfast.flex import MaskMod, and_masks, or_masks
+    from gptfast.kernels.mods import block_bits
+    ids, table = torch.zeros(64, dtype=torch.int32), torch.zeros(2, 127)
+    bits = (torch.zeros((4, 128, 128), dtype=torch.uint8), torch.zeros((1, 1, 2, 2), dtype=torch.int32), 0, 0, 2, 7, 7)
+    return {"document": (None, and_masks(mods.causal_mask, mods.document_mask(ids))),
+            "torch_block_mask": (None, MaskMod.of(block_bits, bits)),
+            "bias+prefix_lm": (mods.relative_bias_score(table), or_masks(mods.causal_mask, mods.prefix_lm_mask(8))),
+            "softcap+window": (mods.softcap_score(30.0), and_masks(mods.causal_mask, mods.sliding_window_mask(64)))}
+
+
+# Per tuning list, the switches of a flex call's kernel: pointer loads only (a flex call has features), and the
+# single pass's dq buffer or the dq kernel's mask gradient where the variant has them.
+FLEX_SWITCHES = {"forward": dict(TMA=False, PERSISTENT=False),
+                 "backward_dkdv": dict(DQ_ACC=None, ATOMIC_DQ=False, TMA=False),
+                 "backward_dq": dict(DBIAS=None, BIAS_GRAD=False, TMA=False),
+                 "backward_single_pass": dict(ATOMIC_DQ=True, TMA=False)}
+
+
+def flex_jobs(arch, dtypes=INSPECTED_DTYPES):
+    """The attention kernels with each of flex_variants' mods and a block mask, on every feature tile that serves
+    mods, and create_block_mask's kernel."""
+    if arch not in tuning().CONFIGS["forward"]:
+        return []
+    absent = tuple((tensor, None) for tensor in spec_class()(16, 16).absent() if tensor not in ("mods", "blocks"))
+    jobs = []
+    for name, switches in FLEX_SWITCHES.items():
+        for dtype in arch_dtypes(arch, dtypes):
+            precision = "ieee" if dtype == "fp32" else "tf32"
+            for tile in tuning().FEATURE_CONFIGS[name]["fp32" if dtype == "fp32" else arch]:
+                for block_d in tile.dims if tile.mod_dims is None else tile.mod_dims:
+                    constexprs = (("SPEC", spec_class()(block_d, block_d, precision)), *absent, *switches.items(),
+                                  ("BLOCK_M", tile.block_m), ("BLOCK_N", tile.block_n))
+                    # float32 calls with a torch BlockMask run PyTorch (gptfast.kernels.mods.block_bits)
+                    jobs += [Job("attention", ATTENTION_KERNELS[name], arch, dtype, constexprs, tile.warps, tile.stages,
+                                 tuning().MAX_REGISTERS, flex=variant) for variant in flex_variants()
+                             if not (dtype == "fp32" and variant == "torch_block_mask")]
+    # create_block_mask's kernel, at the default 128 x 128 blocks (a torch BlockMask comes with its block lists)
+    chunk = ("CHUNK", block_mask().CHUNK_ELEMENTS // 128)
+    jobs += [Job("block_mask", "block_states_kernel", arch, "fp32", (("BLOCK_Q", 128), ("BLOCK_KV", 128), chunk), 4,
+                 1, flex=variant) for variant in flex_variants() if variant != "torch_block_mask"]
+    return jobs
+
+
+def _flex_job(job):
+    """(constexprs, types) of a flex job: its SPEC with the variant's mods and a 128 x 128 block mask, and the
+    Triton types of its `mods` and `blocks` arguments, from example arguments (triton's mangle_type); for the
+    block-state kernel, its MASK_MOD and the types of its mask_args."""
+    import torch
+    from triton.runtime.jit import mangle_type
+
+    from gptfast.flex import BlockMask, kernel_flex
+    from gptfast.kernels.attention_spec import with_flex
+    score_mod, mask_mod = flex_variants()[job.flex]
+    if job.kernel == "block_states_kernel":
+        terms = tuple(tuple(mod.fn for mod in term) for term in mask_mod.terms)
+        args = tuple(tuple(mod.args for mod in term) for term in mask_mod.terms)
+        return {**dict(job.constexprs), "MASK_MOD": terms}, {"STATES": "*u8", "mask_args": mangle_type(args)}
+    states = torch.ones((1, 1, 2, 2), dtype=torch.uint8)
+    flex = kernel_flex(score_mod, BlockMask(states, (128, 128), (256, 256), mask_mod), torch.device("cpu"),
+                        torch.bfloat16)
+    if job.kernel == "attention_backward_dkdv_kernel" and score_mod is not None:
+        flex = flex._replace(score_arg_grad=score_mod.arg_grad)
+    spec, kwargs = with_flex(dict(job.constexprs)["SPEC"], {}, flex)
+    return {**dict(job.constexprs), "SPEC": spec}, {name: mangle_type(kwargs[name]) for name in ("mods", "blocks")}
 
 
 def decode_jobs(arch, dtypes=INSPECTED_DTYPES):
@@ -197,13 +276,16 @@ def cross_entropy_jobs(arch, dtypes=INSPECTED_DTYPES):
             for dtype in arch_dtypes(arch, dtypes) for extra in (False, True)]
 
 
-def signature(fn, dtype, constexprs):
-    """Triton's signature and attributes for fn's parameters, as the JIT would derive them (module docstring)."""
-    sig, attrs, consts = {}, {}, dict(constexprs)
+def signature(fn, dtype, constexprs, types=None):
+    """Triton's signature and attributes for fn's parameters, as the JIT would derive them (module docstring);
+    types: those of some parameters, given."""
+    sig, attrs, consts, types = {}, {}, dict(constexprs), types or {}
     for index, param in enumerate(fn.params):
         name = param.name
         if param.is_constexpr or name in consts:  # a constexpr, or an absent tensor (None)
             sig[name] = "constexpr"
+        elif name in types:
+            sig[name] = types[name]
         elif name in TUPLE_ARGS:
             sig[name] = TUPLE_ARGS[name]
         elif name.endswith("_strides"):  # (batch, head, row, head dim) strides: 16-divisible, the last 1
@@ -246,7 +328,8 @@ def compile_job(job):
     fn = getattr(importlib.import_module(f"gptfast.kernels.{job.module}"), job.kernel)
     row = {"job": job}
     try:
-        sig, consts, attrs = signature(fn, job.dtype, job.constexprs)
+        constexprs, types = _flex_job(job) if job.flex else (job.constexprs, {})
+        sig, consts, attrs = signature(fn, job.dtype, constexprs, types)
         compiled = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", ARCHS[job.arch], 32),
                                   options={"num_warps": job.num_warps, "num_stages": job.num_stages,
                                            **({"maxnreg": job.maxnreg} if job.maxnreg else {})})
@@ -297,6 +380,8 @@ def run(archs, kernels, dtypes, workers, out=sys.stdout, head_dims=()):
     for arch in archs:
         if "attention" in kernels:
             jobs += attention_jobs(arch, dtypes)
+        if "flex" in kernels:
+            jobs += flex_jobs(arch, dtypes)
         if "decode" in kernels:
             jobs += decode_jobs(arch, dtypes)
         if "layernorm" in kernels:

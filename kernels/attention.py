@@ -27,6 +27,12 @@ dropout on the attention weights from Philox numbers regenerated in the backward
 constexpr, SPEC (attention_spec.Spec), with the call's other arguments grouped in tuples: strides (4 per tensor),
 dims (batch, Hq, group size, Tq, Tk), bounds (causal_offset, window_offset, alibi_offset) and scales (qk_scale,
 softmax_scale, softcap, dropout_p, keep_scale); an absent tensor is None.
+
+Programmable attention (gptfast.flex) is one more set of switches: SPEC's score and mask mods are @triton.jit
+functions inlined where the scores are made (_modded_scores), their arguments travel in `mods`, and with a block
+mask the block loops walk the key (or, for dk/dv, query) blocks its lists name instead of the bounds' three
+stages (`blocks`, attention_spec.block_lists): full blocks without the mask mod, partial ones with it. The idea of
+block lists with full and partial blocks is FlexAttention's (PyTorch, torch.nn.attention.flex_attention).
 """
 from typing import NamedTuple
 
@@ -35,8 +41,8 @@ import triton
 import triton.language as tl
 
 from gptfast.kernels import device_arch, multiprocessors
-from gptfast.kernels.attention_blocks import MASK_NONE, online_softmax, tile_scores, visible_pairs
-from gptfast.kernels.attention_spec import Call, Features, describe
+from gptfast.kernels.attention_blocks import MASK_NONE, mask_mods, online_softmax, tile_scores, visible_pairs
+from gptfast.kernels.attention_spec import Call, Features, Flex, block_lists, describe
 from gptfast.kernels.attention_tuning import (MAX_REGISTERS, autotuned, backward_choices, backward_loads,
                                                delta_block, fastest, forward_variants, length_bucket)
 from gptfast.kernels.math import LOG2E
@@ -124,28 +130,88 @@ def _dropping(SEED, head_index, scales, SPEC: tl.constexpr):
 
 
 @triton.jit
-def _scoring(MASK, ALIBI, mask_strides, alibi_strides, batch, head, scales, SPEC: tl.constexpr):
+def _scoring(MASK, ALIBI, mods, mask_strides, alibi_strides, batch, head, scales, SPEC: tl.constexpr):
     """What _scores needs for one (batch, head): (its mask's (Tq, Tk) matrix, the mask's row and key strides,
-    its ALiBi slope, qk_scale, softcap). What the spec does not use is 0."""
+    its ALiBi slope, qk_scale, softcap, batch, head, the flex call's mods (see attention_spec.with_flex),
+    softmax_scale). What the spec does not use is 0."""
     slope = 0.0
     if SPEC.ALIBI:
         slope = tl.load(ALIBI + batch * alibi_strides[0] + head * alibi_strides[1])
     mask = 0  # a placeholder (a tuple returned from device code cannot hold None)
     if SPEC.MASK_KIND != MASK_NONE:
         mask = MASK + batch * mask_strides[0] + head * mask_strides[1]
-    return mask, mask_strides[2], mask_strides[3], slope, scales[0], scales[2]
+    modding = 0
+    if SPEC.SCORE_MOD is not None or SPEC.MASK_MOD is not None:
+        modding = mods
+    return mask, mask_strides[2], mask_strides[3], slope, scales[0], scales[2], batch, head, modding, scales[1]
 
 
 @triton.jit
-def _scores(qk, rows, keys, seq, scoring, SPEC: tl.constexpr):
-    """tile_scores of a tile with the call's features: rows and keys come broadcast to the tile's shape (either
-    orientation), seq = (Tq, Tk, causal_offset, window_offset, alibi_offset) (see _sequence)."""
-    MASK, stride_mt, stride_ms, slope, qk_scale, softcap = scoring
-    mask_tile = MASK
-    if SPEC.MASK_KIND != MASK_NONE:
-        mask_tile = MASK + rows * stride_mt + keys * stride_ms
-    return tile_scores(qk, rows, keys, seq[0], seq[1], mask_tile, slope, seq[4], qk_scale, softcap,
-                       MASK_KIND=SPEC.MASK_KIND, ALIBI=SPEC.ALIBI, SOFTCAP=SPEC.SOFTCAP)
+def _scores(qk, rows, keys, seq, scoring, SPEC: tl.constexpr, MASKED: tl.constexpr):
+    """(scores, scale, saved) of a tile with the call's features (tile_scores, or _modded_scores for a flex
+    call): rows and keys come broadcast to the tile's shape (either orientation), seq = (Tq, Tk, causal_offset,
+    window_offset, alibi_offset) (see _sequence). MASKED: the stage's blocks are partial ones."""
+    if SPEC.SCORE_MOD is not None or SPEC.MASK_MOD is not None:
+        scores, scale, saved = _modded_scores(qk, rows, keys, seq, scoring, SPEC, MASKED)
+    else:
+        MASK, stride_mt, stride_ms, slope, qk_scale, softcap = scoring[:6]
+        mask_tile = MASK
+        if SPEC.MASK_KIND != MASK_NONE:
+            mask_tile = MASK + rows * stride_mt + keys * stride_ms
+        scores, scale, saved = tile_scores(qk, rows, keys, seq[0], seq[1], mask_tile, slope, seq[4], qk_scale,
+                                           softcap, MASK_KIND=SPEC.MASK_KIND, ALIBI=SPEC.ALIBI, SOFTCAP=SPEC.SOFTCAP)
+    return scores, scale, saved
+
+
+@triton.jit
+def _mod_indices(rows, keys, seq):
+    """The query and key indices a mod sees: clamped into the sequence, so that a mod may index a tensor by
+    position (a document id, a bias table) anywhere in a tile; the pairs past the ends are masked regardless
+    (FlexAttention bounds its indices the same way)."""
+    return tl.minimum(rows, seq[0] - 1), tl.minimum(keys, seq[1] - 1)
+
+
+@triton.jit
+def _modded_scores(qk, rows, keys, seq, scoring, SPEC: tl.constexpr, MASKED: tl.constexpr):
+    """A flex call's (scores, 1.0, score): score = qk * softmax_scale goes through SCORE_MOD, MASK_MOD hides
+    pairs (on partial blocks only when a block mask says which blocks are full), then log2 units; score, the
+    mod's input, is what its derivative takes in the backward."""
+    batch, head, mods, softmax_scale = scoring[6], scoring[7], scoring[8], scoring[9]
+    q_idx, kv_idx = _mod_indices(rows, keys, seq)
+    score = qk * softmax_scale
+    modded = score
+    if SPEC.SCORE_MOD is not None:
+        modded = SPEC.SCORE_MOD(score, batch, head, q_idx, kv_idx, mods[0])
+    if SPEC.MASK_MOD is not None and (MASKED or SPEC.SPARSE_Q == 0):
+        MASK_MOD: tl.constexpr = SPEC.MASK_MOD  # a field's tuple, passed on, must be a constexpr again
+        modded = tl.where(mask_mods(batch, head, q_idx, kv_idx, mods[2], MASK_MOD), modded, float("-inf"))
+    return modded * LOG2E, 1.0, score
+
+
+@triton.jit
+def _mod_grads(dlogits, score, rows, keys, seq, scoring, SPEC: tl.constexpr, ARG_GRADS: tl.constexpr):
+    """The gradient reaching SCORE_MOD's input score from dlogits, the one reaching its output; with ARG_GRADS
+    SCORE_ARG_GRAD also adds its tensor arguments' gradients: the dk/dv kernel does, which every backward variant
+    runs and which visits each pair once (its small tiles at head dim 256 hold the atomics without spills)."""
+    batch, head, mods = scoring[6], scoring[7], scoring[8]
+    q_idx, kv_idx = _mod_indices(rows, keys, seq)
+    if ARG_GRADS:
+        SPEC.SCORE_ARG_GRAD(dlogits, score, batch, head, q_idx, kv_idx, mods[0], mods[1])
+    return SPEC.SCORE_GRAD(dlogits, score, batch, head, q_idx, kv_idx, mods[0])
+
+
+@triton.jit
+def _block_list(blocks, batch, head, row, FULL: tl.constexpr):
+    """(count, indices): the blocks a block mask lists for one (batch, head) and row of its lists (a query block
+    in the forward and dq kernels, a key block in dk/dv's), its full blocks with FULL, else its partial ones.
+    blocks: attention_spec.block_lists."""
+    index = batch * blocks[4] + head * blocks[5] + row
+    counts = blocks[0]
+    indices = blocks[1]
+    if FULL:
+        counts = blocks[2]
+        indices = blocks[3]
+    return tl.load(counts + index), indices + index * blocks[6]
 
 
 @triton.jit
@@ -248,7 +314,7 @@ def _forward_blocks(acc, row_sum, row_max, q, offs_m, d_mask, k_source, v_source
             kv_mask = kv_mask & (key_rows[:, None] < seq[1])
         k = _rows(k_source, start_n, kv_row_strides[0], kv_mask, TMA=TMA)
         qk = tl.dot(q, tl.trans(k), input_precision=SPEC.INPUT_PRECISION)
-        scores, scale, _ = _scores(qk, offs_m[:, None], key_rows[None, :], seq, scoring, SPEC)
+        scores, scale, _ = _scores(qk, offs_m[:, None], key_rows[None, :], seq, scoring, SPEC, MASKED)
         if MASKED:
             scores = tl.where(_visible(offs_m[:, None], key_rows[None, :], seq, SPEC), scores, float("-inf"))
         p, correction, row_sum, new_max = online_softmax(scores, scale, row_sum, row_max)
@@ -264,7 +330,7 @@ def _forward_blocks(acc, row_sum, row_max, q, offs_m, d_mask, k_source, v_source
 
 @triton.jit
 def attention_forward_kernel(
-        Q, K, V, O, LSE, MASK, ALIBI, SEED, CU_SEQLENS_Q, CU_SEQLENS_K, SINKS,
+        Q, K, V, O, LSE, MASK, ALIBI, SEED, CU_SEQLENS_Q, CU_SEQLENS_K, SINKS, mods, blocks,
         q_strides, k_strides, v_strides, o_strides, mask_strides, alibi_strides, dims, bounds, scales,
         SPEC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr,
         PERSISTENT: tl.constexpr):
@@ -289,14 +355,14 @@ def attention_forward_kernel(
         else:  # causal rows near the end see the most keys: those programs start first (FlashAttention-2, 3.3)
             query_block = tl.num_programs(0) - 1 - tl.program_id(0)
             batch_head = tl.program_id(1)
-        _forward_tile(query_block, batch_head, Q, K, V, O, LSE, MASK, ALIBI, SEED, CU_SEQLENS_Q, CU_SEQLENS_K, SINKS,
-                      q_strides, k_strides, v_strides, o_strides, mask_strides, alibi_strides, dims, bounds, scales,
-                      SPEC, BLOCK_M, BLOCK_N, TMA)
+        _forward_tile(query_block, batch_head, Q, K, V, O, LSE, MASK, ALIBI, SEED, CU_SEQLENS_Q, CU_SEQLENS_K,
+                      SINKS, mods, blocks, q_strides, k_strides, v_strides, o_strides, mask_strides, alibi_strides,
+                      dims, bounds, scales, SPEC, BLOCK_M, BLOCK_N, TMA)
 
 
 @triton.jit
 def _forward_tile(
-        query_block, batch_head, Q, K, V, O, LSE, MASK, ALIBI, SEED, CU_SEQLENS_Q, CU_SEQLENS_K, SINKS,
+        query_block, batch_head, Q, K, V, O, LSE, MASK, ALIBI, SEED, CU_SEQLENS_Q, CU_SEQLENS_K, SINKS, mods, blocks,
         q_strides, k_strides, v_strides, o_strides, mask_strides, alibi_strides, dims, bounds, scales,
         SPEC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr):
     """The forward of one tile: query rows [query_block * BLOCK_M, + BLOCK_M) of (batch, head) = batch_head."""
@@ -311,7 +377,7 @@ def _forward_tile(
     V += _head(v_strides, memory_batch, kv_head, k_start)
     O += _head(o_strides, memory_batch, head, q_start)
     LSE += (memory_batch * dims[1] + head) * dims[3] + q_start
-    scoring = _scoring(MASK, ALIBI, mask_strides, alibi_strides, batch, head, scales, SPEC)
+    scoring = _scoring(MASK, ALIBI, mods, mask_strides, alibi_strides, batch, head, scales, SPEC)
     dropping = _dropping(SEED, batch_head, scales, SPEC)
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -328,18 +394,27 @@ def _forward_tile(
     row_sum, row_max = _softmax_start(SINKS, head, BLOCK_M, SPEC)
     lo, full_start, full_end, hi = _key_range(start_m, seqlen_q, seqlen_k, causal_offset, window_offset,
                                               BLOCK_M, BLOCK_N, CAUSAL=SPEC.CAUSAL, WINDOW=SPEC.WINDOW)
-    # Key blocks in three stages: the window's left edge (masked), the keys every row sees (no mask), the
-    # diagonal and the end of the keys (masked).
-    if SPEC.WINDOW:
+    if SPEC.SPARSE_Q:  # the key blocks a block mask lists: full ones without a mask, then partial ones
+        for full in tl.static_range(2):
+            count, indices = _block_list(blocks, batch, head, start_m // SPEC.SPARSE_Q, FULL=full == 0)
+            for index in range(count):
+                start_n = tl.load(indices + index) * SPEC.SPARSE_KV
+                acc, row_sum, row_max = _forward_blocks(
+                    acc, row_sum, row_max, q, offs_m, d_mask, k_source, v_source, kv_row_strides, seq, scoring,
+                    dropping, start_n, tl.minimum(start_n + SPEC.SPARSE_KV, seqlen_k), SPEC, BLOCK_N,
+                    MASKED=full == 1, TMA=TMA)
+    else:  # key blocks in three stages: the window's left edge (masked), the keys every row sees (no mask), the
+        # diagonal and the end of the keys (masked)
+        if SPEC.WINDOW:
+            acc, row_sum, row_max = _forward_blocks(acc, row_sum, row_max, q, offs_m, d_mask, k_source, v_source,
+                                                    kv_row_strides, seq, scoring, dropping, lo, full_start, SPEC,
+                                                    BLOCK_N, MASKED=True, TMA=TMA)
         acc, row_sum, row_max = _forward_blocks(acc, row_sum, row_max, q, offs_m, d_mask, k_source, v_source,
-                                                kv_row_strides, seq, scoring, dropping, lo, full_start, SPEC,
-                                                BLOCK_N, MASKED=True, TMA=TMA)
-    acc, row_sum, row_max = _forward_blocks(acc, row_sum, row_max, q, offs_m, d_mask, k_source, v_source,
-                                            kv_row_strides, seq, scoring, dropping, full_start, full_end, SPEC,
-                                            BLOCK_N, MASKED=False, TMA=TMA)
-    acc, row_sum, row_max = _forward_blocks(acc, row_sum, row_max, q, offs_m, d_mask, k_source, v_source,
-                                            kv_row_strides, seq, scoring, dropping, full_end, hi, SPEC, BLOCK_N,
-                                            MASKED=True, TMA=TMA)
+                                                kv_row_strides, seq, scoring, dropping, full_start, full_end, SPEC,
+                                                BLOCK_N, MASKED=False, TMA=TMA)
+        acc, row_sum, row_max = _forward_blocks(acc, row_sum, row_max, q, offs_m, d_mask, k_source, v_source,
+                                                kv_row_strides, seq, scoring, dropping, full_end, hi, SPEC, BLOCK_N,
+                                                MASKED=True, TMA=TMA)
 
     empty = row_sum == 0.0
     row_sum = tl.where(empty, 1.0, row_sum)
@@ -418,7 +493,7 @@ def _dkdv_blocks(dk, dv, k, v, key_rows, offs_d, d_mask, q_source, do_source, qd
         q = _query_rows(q_source, start_m, offs_m, offs_d, qdo_strides[0], qdo_strides[1], q_mask, TMA=TMA)
         lse = tl.load(LSE + offs_m, mask=row_mask, other=float("inf")) * LOG2E
         qk_t = tl.dot(k, tl.trans(q), input_precision=SPEC.INPUT_PRECISION)
-        scores_t, scale, tanh_t = _scores(qk_t, offs_m[None, :], key_rows[:, None], seq, scoring, SPEC)
+        scores_t, scale, tanh_t = _scores(qk_t, offs_m[None, :], key_rows[:, None], seq, scoring, SPEC, MASKED)
         p_t = tl.exp2(scores_t * scale - lse[None, :])
         if MASKED:
             p_t = tl.where(_visible(offs_m[None, :], key_rows[:, None], seq, SPEC), p_t, 0.0)
@@ -431,8 +506,11 @@ def _dkdv_blocks(dk, dv, k, v, key_rows, offs_d, d_mask, q_source, do_source, qd
         dv = tl.dot(dropped_p_t.to(do.dtype), do, dv, input_precision=SPEC.INPUT_PRECISION)
         delta = tl.load(DELTA + offs_m, mask=row_mask, other=0.0)
         dp_t = tl.dot(v, tl.trans(do), input_precision=SPEC.INPUT_PRECISION)
-        _, ds_t = _score_grads(p_t, dp_t, delta[None, :], tanh_t, keep_t, dropping[4], SOFTCAP=SPEC.SOFTCAP,
-                               DROPOUT=SPEC.DROPOUT)
+        dlogits_t, ds_t = _score_grads(p_t, dp_t, delta[None, :], tanh_t, keep_t, dropping[4], SOFTCAP=SPEC.SOFTCAP,
+                                       DROPOUT=SPEC.DROPOUT)
+        if SPEC.SCORE_MOD is not None:
+            ds_t = _mod_grads(dlogits_t, tanh_t, offs_m[None, :], key_rows[:, None], seq, scoring, SPEC,
+                              SPEC.SCORE_ARG_GRAD is not None)
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=SPEC.INPUT_PRECISION)
         if ATOMIC_DQ:  # FlashAttention-2's backward: the 5th product, dq = dS k, summed over key blocks in float32
             dq = tl.dot(tl.trans(ds_t).to(k.dtype), k, input_precision=SPEC.INPUT_PRECISION) * softmax_scale
@@ -443,7 +521,7 @@ def _dkdv_blocks(dk, dv, k, v, key_rows, offs_d, d_mask, q_source, do_source, qd
 
 @triton.jit
 def attention_backward_dkdv_kernel(
-        Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, MASK, ALIBI, SEED, CU_SEQLENS_Q, CU_SEQLENS_K, SINKS,
+        Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, MASK, ALIBI, SEED, CU_SEQLENS_Q, CU_SEQLENS_K, SINKS, mods, blocks,
         q_strides, k_strides, v_strides, do_strides, dkv_strides, dq_acc_strides, mask_strides, alibi_strides,
         dims, bounds, scales,
         SPEC: tl.constexpr, ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -492,7 +570,7 @@ def attention_backward_dkdv_kernel(
     DELTA += (memory_batch * num_heads + head) * dims[3] + q_start
     qdo_strides = (q_strides[2], q_strides[3], do_strides[2], do_strides[3])
     for _ in range(group_size):
-        scoring = _scoring(MASK, ALIBI, mask_strides, alibi_strides, batch, head, scales, SPEC)
+        scoring = _scoring(MASK, ALIBI, mods, mask_strides, alibi_strides, batch, head, scales, SPEC)
         dropping = _dropping(SEED, batch * num_heads + head, scales, SPEC)
         q_source = Q
         do_source = DO
@@ -501,18 +579,27 @@ def attention_backward_dkdv_kernel(
                                                  [BLOCK_M, SPEC.BLOCK_D])
             do_source = tl.make_tensor_descriptor(DO, [seqlen_q, SPEC.HEAD_DIM], [do_strides[2], 1],
                                                   [BLOCK_M, SPEC.BLOCK_D])
-        # Query rows in three stages: the diagonal (masked), the rows that see every key of the block (no mask),
-        # the window's far edge (masked).
-        dk, dv = _dkdv_blocks(dk, dv, k, v, key_rows, offs_d, d_mask, q_source, do_source, qdo_strides, LSE, DELTA,
-                              seq, scoring, dropping, DQ_ACC, dq_acc_strides, scales[1], lo, full_start, SPEC,
-                              BLOCK_M, MASKED=True, ATOMIC_DQ=ATOMIC_DQ, TMA=TMA)
-        dk, dv = _dkdv_blocks(dk, dv, k, v, key_rows, offs_d, d_mask, q_source, do_source, qdo_strides, LSE, DELTA,
-                              seq, scoring, dropping, DQ_ACC, dq_acc_strides, scales[1], full_start, full_end, SPEC,
-                              BLOCK_M, MASKED=False, ATOMIC_DQ=ATOMIC_DQ, TMA=TMA)
-        if SPEC.WINDOW:
+        if SPEC.SPARSE_Q:  # the query blocks a block mask lists for this key block: full, then partial ones
+            for full in tl.static_range(2):
+                count, indices = _block_list(blocks, batch, head, start_n // SPEC.SPARSE_KV, FULL=full == 0)
+                for index in range(count):
+                    start_m = tl.load(indices + index) * SPEC.SPARSE_Q
+                    dk, dv = _dkdv_blocks(dk, dv, k, v, key_rows, offs_d, d_mask, q_source, do_source, qdo_strides,
+                                          LSE, DELTA, seq, scoring, dropping, DQ_ACC, dq_acc_strides, scales[1],
+                                          start_m, tl.minimum(start_m + SPEC.SPARSE_Q, seqlen_q), SPEC, BLOCK_M,
+                                          MASKED=full == 1, ATOMIC_DQ=ATOMIC_DQ, TMA=TMA)
+        else:  # query rows in three stages: the diagonal (masked), the rows that see every key of the block (no
+            # mask), the window's far edge (masked)
             dk, dv = _dkdv_blocks(dk, dv, k, v, key_rows, offs_d, d_mask, q_source, do_source, qdo_strides, LSE,
-                                  DELTA, seq, scoring, dropping, DQ_ACC, dq_acc_strides, scales[1], full_end, hi,
+                                  DELTA, seq, scoring, dropping, DQ_ACC, dq_acc_strides, scales[1], lo, full_start,
                                   SPEC, BLOCK_M, MASKED=True, ATOMIC_DQ=ATOMIC_DQ, TMA=TMA)
+            dk, dv = _dkdv_blocks(dk, dv, k, v, key_rows, offs_d, d_mask, q_source, do_source, qdo_strides, LSE,
+                                  DELTA, seq, scoring, dropping, DQ_ACC, dq_acc_strides, scales[1], full_start,
+                                  full_end, SPEC, BLOCK_M, MASKED=False, ATOMIC_DQ=ATOMIC_DQ, TMA=TMA)
+            if SPEC.WINDOW:
+                dk, dv = _dkdv_blocks(dk, dv, k, v, key_rows, offs_d, d_mask, q_source, do_source, qdo_strides, LSE,
+                                      DELTA, seq, scoring, dropping, DQ_ACC, dq_acc_strides, scales[1], full_end,
+                                      hi, SPEC, BLOCK_M, MASKED=True, ATOMIC_DQ=ATOMIC_DQ, TMA=TMA)
         Q += q_strides[1]
         DO += do_strides[1]
         if ATOMIC_DQ:
@@ -542,7 +629,7 @@ def _dq_blocks(dq, q, do, lse, delta, offs_m, d_mask, k_source, v_source, kv_row
         k = _rows(k_source, start_n, kv_row_strides[0], kv_mask, TMA=TMA)
         v = _rows(v_source, start_n, kv_row_strides[1], kv_mask, TMA=TMA)
         qk = tl.dot(q, tl.trans(k), input_precision=SPEC.INPUT_PRECISION)
-        scores, scale, tanh = _scores(qk, offs_m[:, None], key_rows[None, :], seq, scoring, SPEC)
+        scores, scale, tanh = _scores(qk, offs_m[:, None], key_rows[None, :], seq, scoring, SPEC, MASKED)
         p = tl.exp2(scores * scale - lse[:, None])
         if MASKED:
             p = tl.where(_visible(offs_m[:, None], key_rows[None, :], seq, SPEC), p, 0.0)
@@ -552,6 +639,8 @@ def _dq_blocks(dq, q, do, lse, delta, offs_m, d_mask, k_source, v_source, kv_row
         dp = tl.dot(do, tl.trans(v), input_precision=SPEC.INPUT_PRECISION)
         dlogits, ds = _score_grads(p, dp, delta[:, None], tanh, keep, dropping[4], SOFTCAP=SPEC.SOFTCAP,
                                    DROPOUT=SPEC.DROPOUT)
+        if SPEC.SCORE_MOD is not None:
+            ds = _mod_grads(dlogits, tanh, offs_m[:, None], key_rows[None, :], seq, scoring, SPEC, False)
         if BIAS_GRAD:
             tl.store(DBIAS + offs_m[:, None] * dbias_strides[0] + key_rows[None, :] * dbias_strides[1], dlogits,
                      mask=(offs_m[:, None] < seq[0]) & (key_rows[None, :] < seq[1]))
@@ -561,7 +650,7 @@ def _dq_blocks(dq, q, do, lse, delta, offs_m, d_mask, k_source, v_source, kv_row
 
 @triton.jit
 def attention_backward_dq_kernel(
-        Q, K, V, DO, LSE, DELTA, DQ, DBIAS, MASK, ALIBI, SEED, CU_SEQLENS_Q, CU_SEQLENS_K, SINKS,
+        Q, K, V, DO, LSE, DELTA, DQ, DBIAS, MASK, ALIBI, SEED, CU_SEQLENS_Q, CU_SEQLENS_K, SINKS, mods, blocks,
         q_strides, k_strides, v_strides, do_strides, dq_strides, dbias_strides, mask_strides, alibi_strides,
         dims, bounds, scales,
         SPEC: tl.constexpr, BIAS_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -587,7 +676,7 @@ def attention_backward_dq_kernel(
         DBIAS += batch * dbias_strides[0] + head * dbias_strides[1]
     LSE += (memory_batch * dims[1] + head) * dims[3] + q_start
     DELTA += (memory_batch * dims[1] + head) * dims[3] + q_start
-    scoring = _scoring(MASK, ALIBI, mask_strides, alibi_strides, batch, head, scales, SPEC)
+    scoring = _scoring(MASK, ALIBI, mods, mask_strides, alibi_strides, batch, head, scales, SPEC)
     dropping = _dropping(SEED, tl.program_id(1), scales, SPEC)
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -608,17 +697,26 @@ def attention_backward_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo, full_start, full_end, hi = _key_range(start_m, seqlen_q, seqlen_k, causal_offset, window_offset,
                                               BLOCK_M, BLOCK_N, CAUSAL=SPEC.CAUSAL, WINDOW=SPEC.WINDOW)
-    # Key blocks in three stages, as in the forward.
-    if SPEC.WINDOW:
+    if SPEC.SPARSE_Q:  # the listed key blocks, as in the forward
+        for full in tl.static_range(2):
+            count, indices = _block_list(blocks, batch, head, start_m // SPEC.SPARSE_Q, FULL=full == 0)
+            for index in range(count):
+                start_n = tl.load(indices + index) * SPEC.SPARSE_KV
+                dq = _dq_blocks(dq, q, do, lse, delta, offs_m, d_mask, k_source, v_source, kv_row_strides, seq,
+                                scoring, dropping, DBIAS, dbias_tile_strides, start_n,
+                                tl.minimum(start_n + SPEC.SPARSE_KV, seqlen_k), SPEC, BLOCK_N, MASKED=full == 1,
+                                BIAS_GRAD=BIAS_GRAD, TMA=TMA)
+    else:  # key blocks in three stages, as in the forward
+        if SPEC.WINDOW:
+            dq = _dq_blocks(dq, q, do, lse, delta, offs_m, d_mask, k_source, v_source, kv_row_strides, seq, scoring,
+                            dropping, DBIAS, dbias_tile_strides, lo, full_start, SPEC, BLOCK_N, MASKED=True,
+                            BIAS_GRAD=BIAS_GRAD, TMA=TMA)
         dq = _dq_blocks(dq, q, do, lse, delta, offs_m, d_mask, k_source, v_source, kv_row_strides, seq, scoring,
-                        dropping, DBIAS, dbias_tile_strides, lo, full_start, SPEC, BLOCK_N, MASKED=True,
+                        dropping, DBIAS, dbias_tile_strides, full_start, full_end, SPEC, BLOCK_N, MASKED=False,
                         BIAS_GRAD=BIAS_GRAD, TMA=TMA)
-    dq = _dq_blocks(dq, q, do, lse, delta, offs_m, d_mask, k_source, v_source, kv_row_strides, seq, scoring,
-                    dropping, DBIAS, dbias_tile_strides, full_start, full_end, SPEC, BLOCK_N, MASKED=False,
-                    BIAS_GRAD=BIAS_GRAD, TMA=TMA)
-    dq = _dq_blocks(dq, q, do, lse, delta, offs_m, d_mask, k_source, v_source, kv_row_strides, seq, scoring,
-                    dropping, DBIAS, dbias_tile_strides, full_end, hi, SPEC, BLOCK_N, MASKED=True,
-                    BIAS_GRAD=BIAS_GRAD, TMA=TMA)
+        dq = _dq_blocks(dq, q, do, lse, delta, offs_m, d_mask, k_source, v_source, kv_row_strides, seq, scoring,
+                        dropping, DBIAS, dbias_tile_strides, full_end, hi, SPEC, BLOCK_N, MASKED=True,
+                        BIAS_GRAD=BIAS_GRAD, TMA=TMA)
     tl.store(_tile(DQ, offs_m, offs_d, dq_strides[2], dq_strides[3]),
              (dq * scales[1]).to(DQ.dtype.element_ty), mask=q_mask)
 
@@ -693,12 +791,13 @@ class _Backward(NamedTuple):
     delta: torch.Tensor
     call: Call
     loads: tuple
+    flex: Flex | None
 
-    def tensors(self):
-        """The keyword arguments both backward kernels take for the inputs."""
+    def tensors(self, **overrides):
+        """The keyword arguments both backward kernels take for the inputs, with overrides of the Call's."""
         return dict(Q=self.q, K=self.k, V=self.v, DO=self.grad_out, LSE=self.lse, DELTA=self.delta,
                     q_strides=self.q.stride(), k_strides=self.k.stride(), v_strides=self.v.stride(),
-                    do_strides=self.grad_out.stride(), **self.call.kwargs)
+                    do_strides=self.grad_out.stride(), **{**self.call.kwargs, **overrides})
 
 
 def _dkdv(backward, dq_acc=None):
@@ -713,7 +812,8 @@ def _dkdv(backward, dq_acc=None):
                        backward.call.spec, backward.loads)
     grid = lambda meta: (triton.cdiv(keys, meta["BLOCK_N"]), batch * k.shape[1])
     kernel[grid](DK=dk, DV=dv, DQ_ACC=dq_acc, dkv_strides=dk.stride(),
-                 dq_acc_strides=dq_acc.stride() if dq_acc is not None else (0, 0, 0, 0), **backward.tensors(),
+                 dq_acc_strides=dq_acc.stride() if dq_acc is not None else (0, 0, 0, 0),
+                 **backward.tensors(blocks=block_lists(backward.flex.q_blocks) if backward.flex else None),
                  ATOMIC_DQ=dq_acc is not None)
     return dk, dv
 
@@ -764,7 +864,7 @@ def attention_backward(grad_out, grad_lse, q, k, v, out, lse, softmax_scale, fea
     loads = backward_loads(arch, call.spec.has_features, all(_tma_ready(t) for t in (q, k, v, grad_out)))
     if loads != ("pointers",):
         _allow_descriptors(q.device)
-    backward = _Backward(q, k, v, grad_out, lse, delta, call, loads)
+    backward = _Backward(q, k, v, grad_out, lse, delta, call, loads, features.flex)
     runs = {"two_kernel": lambda: _two_kernel_backward(backward, mask_grad),
             "single_pass": lambda: _single_pass_backward(backward)}
     choices = backward_choices(arch, block_d, features.deterministic, mask_grad)

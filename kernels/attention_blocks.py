@@ -1,6 +1,7 @@
 """Device helpers that the attention kernels (gptfast.kernels.attention) and the split-KV decoding kernel
 (gptfast.kernels.decode) share: which (query, key) pairs the bounds let attend, a tile's scores with every
-feature, and one key block's step of the online softmax."""
+feature, one key block's step of the online softmax, and a flex call's mask mods (also evaluated per block by
+gptfast.kernels.block_mask)."""
 import triton
 import triton.language as tl
 
@@ -67,3 +68,16 @@ def online_softmax(scores, scale, row_sum, row_max):
     p = tl.exp2(scores * scale - shift[:, None])
     correction = tl.exp2(row_max - shift)
     return p, correction, row_sum * correction + tl.sum(p, 1), new_max
+
+
+@triton.jit
+def mask_mods(batch, head, q_idx, kv_idx, mask_args, MASK_MOD: tl.constexpr):
+    """Whether each pair is visible under MASK_MOD: some term's mods all say True (see attention_spec.Spec).
+    q_idx and kv_idx are index tiles that broadcast against each other; mask_args holds each mod's args tuple."""
+    visible = q_idx < 0  # all False, the tile's shape once a term joins it
+    for term in tl.static_range(len(MASK_MOD)):
+        seen = q_idx >= 0
+        for factor in tl.static_range(len(MASK_MOD[term])):
+            seen = seen & MASK_MOD[term][factor](batch, head, q_idx, kv_idx, mask_args[term][factor])
+        visible = visible | seen
+    return visible

@@ -22,7 +22,16 @@ class Spec(NamedTuple):
     INPUT_PRECISION the dots' ("ieee", or "tf32" for float32 inputs when torch allows it). CAUSAL, WINDOW: the
     bounds (module docstring of gptfast.kernels.attention); MASK_KIND: MASK_NONE, MASK_BOOLEAN or MASK_ADDITIVE;
     ALIBI: per-head slopes; SOFTCAP: tanh softcapping; DROPOUT: on the weights; VARLEN: sequences packed along T;
-    SINKS: one learned logit per head in every row's softmax denominator (gpt-oss)."""
+    SINKS: one learned logit per head in every row's softmax denominator (gpt-oss).
+
+    Programmable attention (gptfast.flex; its calls set none of the switches above but HEAD_DIM, BLOCK_D and
+    INPUT_PRECISION): SCORE_MOD, a @triton.jit score_mod(score, batch, head, q_idx, kv_idx, args) -> score;
+    SCORE_GRAD, its derivative, score_grad(grad, score, batch, head, q_idx, kv_idx, args) -> the gradient
+    reaching score; SCORE_ARG_GRAD, None or score_arg_grad(grad, score, batch, head, q_idx, kv_idx, args, grads),
+    which adds the gradient of its tensor arguments into grads (atomics; run by the dk/dv kernel); MASK_MOD,
+    None or a tuple of terms, each a tuple of @triton.jit mask_mod(batch, head, q_idx, kv_idx, args) -> bool: a
+    key is visible where some term's mods all say True. SPARSE_Q, SPARSE_KV: the block mask's block sizes (0
+    without one): the kernels visit only the blocks its lists name, evaluating MASK_MOD on the partial ones."""
     HEAD_DIM: int
     BLOCK_D: int
     INPUT_PRECISION: str = "ieee"
@@ -34,18 +43,37 @@ class Spec(NamedTuple):
     DROPOUT: bool = False
     VARLEN: bool = False
     SINKS: bool = False
+    SCORE_MOD: object = None
+    SCORE_GRAD: object = None
+    SCORE_ARG_GRAD: object = None
+    MASK_MOD: tuple = None
+    SPARSE_Q: int = 0
+    SPARSE_KV: int = 0
+
+    def __repr__(self):
+        """The spec with each mod named by its source hash (a JITFunction's cache_key, its dependencies' included):
+        Triton keys its on-disk cache by str() of a kernel's constexprs, where a jit function shows only its name,
+        so a mod edited under the same name would otherwise get the kernel compiled from its old source."""
+        return f"Spec({', '.join(f'{name}={_keyed(value)}' for name, value in zip(self._fields, self))})"
 
     @property
     def has_features(self):
         """Whether the call adds a feature past the bounds: a mask, ALiBi, softcapping, dropout, or packed
         sequences (VARLEN: its per-sequence offsets cost registers). Such calls take the feature tiles, which
         `gptfast inspect` compiles with every feature at once."""
-        return bool(self.MASK_KIND or self.ALIBI or self.SOFTCAP or self.DROPOUT or self.VARLEN or self.SINKS)
+        return bool(self.MASK_KIND or self.ALIBI or self.SOFTCAP or self.DROPOUT or self.VARLEN or self.SINKS
+                    or self.modded)
+
+    @property
+    def modded(self):
+        """Whether a score or mask mod or a block mask runs (gptfast.flex)."""
+        return self.SCORE_MOD is not None or self.MASK_MOD is not None or self.SPARSE_Q > 0
 
     def absent(self):
         """The names of the optional tensors this spec never reads: the launchers pass them as None."""
         unused = {"MASK": not self.MASK_KIND, "ALIBI": not self.ALIBI, "SEED": not self.DROPOUT,
-                  "CU_SEQLENS_Q": not self.VARLEN, "CU_SEQLENS_K": not self.VARLEN, "SINKS": not self.SINKS}
+                  "CU_SEQLENS_Q": not self.VARLEN, "CU_SEQLENS_K": not self.VARLEN, "SINKS": not self.SINKS,
+                  "mods": not self.modded, "blocks": not self.SPARSE_Q}
         return tuple(name for name, off in unused.items() if off)
 
     @classmethod
@@ -60,6 +88,15 @@ class Spec(NamedTuple):
                    SOFTCAP=True, DROPOUT=True, VARLEN=True, SINKS=True)
 
 
+def _keyed(value):
+    """repr(value), with every jit function in it (nested tuples too) shown as name@cache_key."""
+    if hasattr(value, "cache_key"):
+        return f"{value.fn.__name__}@{value.cache_key}"
+    if isinstance(value, tuple):
+        return f"({', '.join(map(_keyed, value))})"
+    return repr(value)
+
+
 class Features(NamedTuple):
     """What a call adds to plain softmax attention. causal: CAUSAL_NONE, CAUSAL_TOP_LEFT (torch's is_causal) or
     CAUSAL_BOTTOM_RIGHT (flash-attn's). window: flash-attn's (left, right), -1 unbounded, bottom-right aligned;
@@ -71,7 +108,8 @@ class Features(NamedTuple):
     k and v (1, Hkv, total_k, D), int32 cumulative lengths (num_seqs + 1,), causal bottom-right per sequence, no
     mask; out and lse keep the packed layout, and the dropout draws as for a (num_seqs, Hq, max_seqlen_q,
     max_seqlen_k) batch. sinks: None or float32 (Hq,), contiguous: a logit per head that joins every row's
-    softmax denominator and takes no value (gpt-oss's attention sinks); the lse includes it."""
+    softmax denominator and takes no value (gpt-oss's attention sinks); the lse includes it. flex: None or the
+    Flex of a gptfast.flex call (its mods and block lists), with every other field at its default."""
     causal: int = CAUSAL_NONE
     window: tuple = (-1, -1)
     mask: torch.Tensor | None = None
@@ -82,6 +120,37 @@ class Features(NamedTuple):
     deterministic: bool = False
     varlen: tuple | None = None
     sinks: torch.Tensor | None = None
+    flex: "Flex | None" = None
+
+
+class Flex(NamedTuple):
+    """A gptfast.flex call's programmable parts. score_mod, score_grad, score_arg_grad and mask_mod as in Spec;
+    score_args: the score mod's args tuple, score_grads: a float32 zero buffer like each floating tensor of
+    score_args (the argument itself otherwise) for score_arg_grad; mask_args: per term of mask_mod, per mod, its
+    args tuple. kv_blocks: None, or the block mask's lists of key blocks per query block, (num, indices,
+    full_num, full_indices), int32, num (B', H', R) and indices (B', H', R, C) contiguous, B' in (1, B) and H' in
+    (1, Hq) (1 broadcasts); q_blocks: the same lists of query blocks per key block (the dk/dv kernel's);
+    block_size: (SPARSE_Q, SPARSE_KV), the lists' block sizes."""
+    score_mod: object = None
+    score_grad: object = None
+    score_arg_grad: object = None
+    mask_mod: tuple = None
+    score_args: tuple = ()
+    score_grads: tuple = ()
+    mask_args: tuple = ()
+    kv_blocks: tuple = None
+    q_blocks: tuple = None
+    block_size: tuple = (0, 0)
+
+
+def block_lists(lists):
+    """The kernels' `blocks` argument for lists (num, indices, full_num, full_indices) (see Flex): the four
+    tensors, then the strides of a list's row index in batch and head (0 where broadcast) and the lists' length
+    C; None for None."""
+    if lists is None:
+        return None
+    batch, heads, rows, columns = lists[1].shape
+    return (*lists, heads * rows if batch > 1 else 0, rows if heads > 1 else 0, columns)
 
 
 def launch_shape(q, k, features):
@@ -102,7 +171,8 @@ class Call(NamedTuple):
 
 def describe(q, k, features, softmax_scale):
     """The Call for q (B, Hq, Tq, D) and k (B, Hkv, Tk, D) (packed: B = 1, T the totals) with features. kwargs:
-    the optional tensors (MASK, ALIBI, SEED, CU_SEQLENS_Q, CU_SEQLENS_K, SINKS; None when absent), mask_strides (4) and
+    the optional tensors (MASK, ALIBI, SEED, CU_SEQLENS_Q, CU_SEQLENS_K, SINKS; None when absent), the flex
+    call's mods and blocks (None without; see with_flex), mask_strides (4) and
     alibi_strides (2) (0 where broadcast or absent), dims (batch, Hq, group size, Tq, Tk), bounds (causal_offset,
     window_offset, alibi_offset) and scales (softmax_scale * log2(e), softmax_scale, softcap, dropout_p,
     1 / (1 - dropout_p)), and SPEC."""
@@ -125,7 +195,7 @@ def describe(q, k, features, softmax_scale):
     # Bottom-right offsets count Tk - Tq; with varlen the kernels add each sequence's own.
     offset = 0 if features.causal == CAUSAL_TOP_LEFT or features.varlen else seqlen_k - seqlen_q
     kwargs = dict(MASK=mask, ALIBI=slopes, SEED=features.seed_offset, CU_SEQLENS_Q=cu_seqlens[0],
-                  CU_SEQLENS_K=cu_seqlens[1], SINKS=features.sinks,
+                  CU_SEQLENS_K=cu_seqlens[1], SINKS=features.sinks, mods=None, blocks=None,
                   mask_strides=mask.stride() if mask is not None else (0, 0, 0, 0),
                   alibi_strides=slopes.stride() if slopes is not None else (0, 0),
                   dims=(shape[0], num_heads, num_heads // k.shape[1], seqlen_q, seqlen_k),
@@ -133,4 +203,15 @@ def describe(q, k, features, softmax_scale):
                   scales=(softmax_scale * LOG2E.value, softmax_scale, features.softcap, features.dropout_p,
                           1.0 / (1.0 - features.dropout_p)),
                   SPEC=spec)
+    if features.flex is not None:
+        spec, kwargs = with_flex(spec, kwargs, features.flex)
     return Call(spec, shape, kwargs)
+
+
+def with_flex(spec, kwargs, flex):
+    """The spec and kwargs of a flex call: its mods as switches, their arguments as `mods` (score_args,
+    score_grads, mask_args), its key-block lists as `blocks` (block_lists; the dk/dv launcher passes q_blocks')."""
+    spec = spec._replace(SCORE_MOD=flex.score_mod, SCORE_GRAD=flex.score_grad, SCORE_ARG_GRAD=flex.score_arg_grad,
+                         MASK_MOD=flex.mask_mod, SPARSE_Q=flex.block_size[0], SPARSE_KV=flex.block_size[1])
+    mods = (flex.score_args, flex.score_grads, flex.mask_args) if spec.modded else None
+    return spec, dict(kwargs, SPEC=spec, mods=mods, blocks=block_lists(flex.kv_blocks))

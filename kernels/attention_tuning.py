@@ -33,12 +33,18 @@ from gptfast.kernels import AUTOTUNE, tuned
 
 
 class Tile(NamedTuple):
-    """One tuning entry. block_m counts query rows and block_n key rows, in every kernel."""
+    """One tuning entry. block_m counts query rows and block_n key rows, in every kernel. dims: the padded head
+    dims it serves; mod_dims: those at which it serves gptfast.flex's calls, when they differ (a mod that gathers
+    from a tensor, a bias table or a bitmask, takes registers that some tiles do not have)."""
     block_m: int
     block_n: int
     warps: int
     stages: int
-    dims: tuple  # the padded head dims it serves
+    dims: tuple
+    mod_dims: tuple | None = None
+
+    def serves(self, block_d, modded):
+        return block_d in (self.mod_dims if modded and self.mod_dims is not None else self.dims)
 
 
 UP_TO_64, UP_TO_128, UP_TO_256 = (16, 32, 64), (16, 32, 64, 128), (16, 32, 64, 128, 256)
@@ -115,10 +121,14 @@ FEATURES_SM_90 = {  # also sm_100's
     # At head dim 256 a 128-row tile spills 8 bytes once the mask's key stride is 1 (a contiguous mask, what the
     # JIT specialises): 32-row tiles there.
     "forward": [Tile(128, 32, 8, 2, UP_TO_128), Tile(64, 16, 4, 2, UP_TO_128), Tile(64, 32, 4, 2, UP_TO_128),
-                Tile(32, 32, 4, 2, ONLY_256), Tile(32, 16, 4, 2, ONLY_256)],
+                # the second spills 8 bytes with a torch BlockMask's bits (gptfast.flex): 8 warps serve those
+                Tile(32, 32, 4, 2, ONLY_256), Tile(32, 16, 4, 2, ONLY_256, ()), Tile(32, 16, 8, 2, (), ONLY_256)],
     "backward_dkdv": [Tile(32, 16, 4, 1, UP_TO_128), Tile(16, 32, 4, 1, UP_TO_128), Tile(32, 32, 4, 1, UP_TO_64),
                       Tile(16, 16, 4, 1, UP_TO_256), Tile(16, 16, 8, 1, ONLY_256)],
-    "backward_dq": [Tile(32, 16, 4, 1, UP_TO_256), Tile(32, 32, 4, 1, UP_TO_256), Tile(64, 16, 4, 1, UP_TO_128)],
+    # At head dim 256 the 32-row tiles spill 8 bytes with a gathering flex mod (a relative bias, a torch
+    # BlockMask's bits) on sm_90 or sm_100: 16-row tiles serve those.
+    "backward_dq": [Tile(32, 16, 4, 1, UP_TO_256, UP_TO_128), Tile(32, 32, 4, 1, UP_TO_256, UP_TO_128),
+                    Tile(64, 16, 4, 1, UP_TO_128), Tile(16, 32, 8, 1, (), ONLY_256), Tile(16, 16, 4, 1, (), ONLY_256)],
     "backward_single_pass": [Tile(32, 16, 4, 1, UP_TO_128), Tile(16, 16, 4, 1, UP_TO_128)],
 }
 FEATURES_SM_80 = {  # also sm_86's, sm_89's and sm_120's
@@ -126,9 +136,10 @@ FEATURES_SM_80 = {  # also sm_86's, sm_89's and sm_120's
                 Tile(32, 16, 4, 1, UP_TO_256)],
     "backward_dkdv": [Tile(32, 16, 4, 1, UP_TO_128), Tile(16, 32, 4, 1, UP_TO_64), Tile(16, 16, 8, 1, (128, 256)),
                       Tile(32, 16, 8, 1, ONLY_256)],
-    # A 64-row tile spills 16 bytes on sm_86 at head dim 128 (sm_80 none).
-    "backward_dq": [Tile(32, 16, 4, 1, UP_TO_256), Tile(32, 32, 4, 1, UP_TO_128), Tile(64, 32, 8, 1, UP_TO_64),
-                    Tile(16, 16, 4, 1, UP_TO_256)],
+    # A 64-row tile spills 16 bytes on sm_86 at head dim 128 (sm_80 none); at 256 a gathering flex mod spills
+    # the 4-warp 32-row tile on sm_86 and sm_89 (16 bytes): 8 warps serve it there.
+    "backward_dq": [Tile(32, 16, 4, 1, UP_TO_256, UP_TO_128), Tile(32, 32, 4, 1, UP_TO_128),
+                    Tile(64, 32, 8, 1, UP_TO_64), Tile(16, 16, 4, 1, UP_TO_256), Tile(32, 16, 8, 1, (), ONLY_256)],
     "backward_single_pass": [Tile(32, 16, 4, 1, UP_TO_128), Tile(16, 16, 4, 1, UP_TO_128),
                              Tile(16, 16, 8, 1, UP_TO_128)],
 }
@@ -159,15 +170,15 @@ def config_table(arch, dtype):
     return "fp32" if dtype == torch.float32 and arch != "interpreter" else arch
 
 
-def configs_for(kernel_name, table, block_d, features=False, variant="pointers"):
+def configs_for(kernel_name, table, block_d, features=False, variant="pointers", modded=False):
     """The triton.Config list of one kernel in one table that serves a padded head dim of block_d; with features
-    (a mask, ALiBi, softcapping or dropout), FEATURE_CONFIGS'. The configs carry the variant's switches
-    (FORWARD_SWITCHES for the forward, LOAD_SWITCHES for the backward kernels)."""
+    (a mask, ALiBi, softcapping, dropout, or gptfast.flex's mods: modded), FEATURE_CONFIGS'. The configs carry the
+    variant's switches (FORWARD_SWITCHES for the forward, LOAD_SWITCHES for the backward kernels)."""
     tiles = (FEATURE_CONFIGS if features else CONFIGS)[kernel_name][table]
     cap = {} if table == "interpreter" else {"maxnreg": MAX_REGISTERS}
     switches = (FORWARD_SWITCHES if kernel_name == "forward" else LOAD_SWITCHES)[variant]
     return [triton.Config({"BLOCK_M": t.block_m, "BLOCK_N": t.block_n, **switches}, num_warps=t.warps,
-                          num_stages=t.stages, **cap) for t in tiles if block_d in t.dims]
+                          num_stages=t.stages, **cap) for t in tiles if t.serves(block_d, modded)]
 
 
 FORWARD_VARIANTS = ("pointers", "tma", "tma_persistent")
@@ -261,9 +272,9 @@ def fitting(configs, bucket_q, bucket_k):
 
 
 @functools.cache
-def _autotuner(kernel, kernel_name, table, block_d, features, variants, bucket_q, bucket_k):
+def _autotuner(kernel, kernel_name, table, block_d, features, modded, variants, bucket_q, bucket_k):
     configs = [config for variant in variants for config in configs_for(kernel_name, table, block_d, features,
-                                                                         variant)]
+                                                                         variant, modded)]
     # One autotuner per (length buckets, table, head dim) keyed on the call's spec, whose switches change the
     # work per program; the input dtype is in every autotuner's key. The single pass adds into DQ_ACC: zeroed
     # between timing runs.
@@ -274,6 +285,16 @@ def _autotuner(kernel, kernel_name, table, block_d, features, variants, bucket_q
 
 def autotuned(kernel, kernel_name, arch, dtype, seqlen_q, seqlen_k, spec, variants=("pointers",)):
     """The kernel wrapped in an autotuner over the configs that serve the arch, input dtype, padded head dim,
-    features (attention_spec.Spec.has_features) and length buckets, for each of the variants (configs_for)."""
-    return _autotuner(kernel, kernel_name, config_table(arch, dtype), spec.BLOCK_D, spec.has_features, variants,
-                      length_bucket(seqlen_q), length_bucket(seqlen_k))
+    features (attention_spec.Spec.has_features, modded) and length buckets, for each of the variants
+    (configs_for)."""
+    return _autotuner(kernel, kernel_name, config_table(arch, dtype), spec.BLOCK_D, spec.has_features, spec.modded,
+                      variants, length_bucket(seqlen_q), length_bucket(seqlen_k))
+
+
+def largest_tile(arch, dtype):
+    """The most query or key rows any attention tile of an arch and input dtype spans. A block mask's blocks must be
+    at least this (gptfast.flex coarsens smaller ones): the kernels walk a listed block in tiles that must lie
+    inside it."""
+    table = config_table(arch, dtype)
+    return max(max(tile.block_m, tile.block_n) for configs in (CONFIGS, FEATURE_CONFIGS)
+               for tiles in configs.values() for tile in tiles[table])

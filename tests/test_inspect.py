@@ -10,7 +10,7 @@ import pytest
 import triton
 
 from gptfast import inspect
-from gptfast.kernels import attention, attention_tuning, cross_entropy, decode, layernorm
+from gptfast.kernels import attention, attention_tuning, block_mask, cross_entropy, decode, layernorm
 
 
 def _kernels(module):
@@ -20,23 +20,25 @@ def _kernels(module):
 
 
 def test_every_kernel_is_inspected():
-    jobs = [job for make in (inspect.attention_jobs, inspect.decode_jobs, inspect.layernorm_jobs,
+    jobs = [job for make in (inspect.attention_jobs, inspect.flex_jobs, inspect.decode_jobs, inspect.layernorm_jobs,
                              inspect.cross_entropy_jobs) for job in make("sm_90")]
-    assert {job.kernel for job in jobs} == {name for module in (attention, decode, layernorm, cross_entropy)
-                                            for name in _kernels(module)}
+    assert {job.kernel for job in jobs} == {name for module in (attention, block_mask, decode, layernorm,
+                                                                cross_entropy) for name in _kernels(module)}
+    assert {job.flex for job in jobs if job.flex} == set(inspect.flex_variants())
 
 
-@pytest.mark.parametrize("features", [False, True], ids=["plain", "features"])
+@pytest.mark.parametrize("features", ["plain", "features", "mods"])
 @pytest.mark.parametrize("name", attention_tuning.KERNELS)
 @pytest.mark.parametrize("table", [arch for arch in inspect.ARCHS if arch != "sm_75"] + ["fp32", "interpreter"])
 def test_every_head_dim_has_two_configs(name, table, features):
-    """Two or more per (kernel, head dim, dtype, arch), so the autotuner always has a choice; one in the
-    interpreter, which times nothing. The single pass serves head dims up to 128."""
+    """Two or more per (kernel, head dim, dtype, arch), plain, with features, and with gptfast.flex's mods, so
+    the autotuner always has a choice; one in the interpreter, which times nothing. The single pass serves head
+    dims up to 128."""
     wanted = 1 if table == "interpreter" else 2
     served = attention_tuning.UP_TO_128 if name == "backward_single_pass" else attention_tuning.UP_TO_256
     for block_d in served:
-        assert len(attention_tuning.configs_for(name, table, block_d, features)) >= wanted, \
-            f"{name} on {table}: fewer than {wanted} configs for head dim {block_d}"
+        configs = attention_tuning.configs_for(name, table, block_d, features != "plain", modded=features == "mods")
+        assert len(configs) >= wanted, f"{name} on {table}: fewer than {wanted} configs for head dim {block_d}"
 
 
 def test_every_row_block_has_a_layernorm_config():
