@@ -56,12 +56,14 @@ def test_a_spilling_config_is_caught():
     assert inspect.problems(row) == "spills"
 
 
-def inspect_rows(*archs, dtypes=(), head_dims=()):
-    """`gptfast inspect` as a user runs it, for archs (and dtypes, head dims; default all): asserts exit 0 (every
-    config of every variant compiles without spills and within shared memory) and returns its table's rows."""
+def inspect_rows(*archs, dtypes=(), head_dims=(), kernels=()):
+    """`gptfast inspect` as a user runs it, for archs (and dtypes, head dims, kernel groups; default all): asserts
+    exit 0 (every config of every variant compiles without spills and within shared memory) and returns its
+    table's rows."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     command = [sys.executable, "-m", "gptfast", "inspect", *(f"--arch={arch}" for arch in archs),
-               *(f"--dtype={dtype}" for dtype in dtypes), *(f"--head-dim={d}" for d in head_dims)]
+               *(f"--dtype={dtype}" for dtype in dtypes), *(f"--head-dim={d}" for d in head_dims),
+               *(f"--kernel={kernel}" for kernel in kernels)]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=3600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("sm_")]
@@ -74,6 +76,7 @@ def check_hopper(rows):
     tile run HMMA), and its TMA variants issue TMA loads (UTMALDG). The single pass's extra product has BLOCK_M
     rows: some of its tiles run HGMMA, the rest HMMA (at head dim 128 every 64-row tile spills)."""
     hopper = [line for line in rows if line.startswith("sm_90") and "bf16" in line and "+features" not in line
+              and "+flex:" not in line
               and any(f"attention_{kernel}_kernel" in line for kernel in ("forward", "backward_dq", "backward_dkdv"))]
     two_kernel = [line for line in hopper if "+single-pass" not in line and (
         "attention_forward_kernel" in line or "BLOCK_D=256" not in line)]
@@ -85,9 +88,24 @@ def check_hopper(rows):
 
 def test_inspect_command_passes_for_h100():
     """sm_90 with 16-bit inputs at GPT-2's head dim (64): CI's time (the whole of sm_90 with both dtypes took 17
-    minutes of it, head dims 64 and 128 five). Every head dim, float32's tiles and the other archs run under
-    -m slow."""
-    check_hopper(inspect_rows("sm_90", dtypes=["bf16"], head_dims=[64]))
+    minutes of it, head dims 64 and 128 five). Every head dim, float32's tiles, the other archs and gptfast.flex's
+    variants on every tile run under -m slow (here the flex jobs added 90 s)."""
+    kernels = [kernel for kernel in inspect.KERNEL_MODULES if kernel != "flex"]
+    check_hopper(inspect_rows("sm_90", dtypes=["bf16"], head_dims=[64], kernels=kernels))
+
+
+def test_flex_variants_compile_for_h100():
+    """Each gptfast.flex variant in each attention kernel on sm_90 (16-bit, head dim 64, the first tile that
+    serves mods) and create_block_mask's kernel: no spills, within shared memory; the forward keeps HGMMA."""
+    jobs, seen = [], set()
+    for job in inspect.flex_jobs("sm_90", ("bf16",)):
+        if job.block_d() in (None, 64) and (job.kernel, job.flex) not in seen:
+            seen.add((job.kernel, job.flex))
+            jobs.append(job)
+    rows = list(inspect.compile_jobs(jobs, workers=2))
+    assert len(rows) == 4 * 3 + 3  # four variants in three kernels (the single pass is dk/dv's), block states x3
+    assert [inspect.problems(row) for row in rows] == [None] * len(rows)
+    assert all(row["tensor_cores"] == "HGMMA" for row in rows if row["job"].kernel == "attention_forward_kernel")
 
 
 @pytest.mark.slow
