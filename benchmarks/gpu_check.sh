@@ -48,7 +48,7 @@ EOF
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.total \
     --format=csv,noheader 2>&1 | tee -a "$LOG"
 
-# limit SECONDS COMMAND...: SIGINT at the limit, SIGKILL 5 s later if that was not enough; works even where this
+# limit SECONDS COMMAND...: SIGINT at the limit, SIGKILL 15 s later if that was not enough; works even where this
 # script was started with SIGINT ignored (in the background), see benchmarks/limit.py. The limits are the GPU
 # run's: a CPU dry run checks that every phase runs and reports, not how fast a CPU shared with other tests is,
 # so it runs each command to its end (tests/test_gpu_check.py tests limit.py itself).
@@ -74,7 +74,7 @@ limit 120 "${PYTEST[@]}" -q -n "$([ "$SMALL" = 1 ] && echo 2 || echo 6)" --bench
     "$REPO/benchmarks/bench_flex.py" > "$OUT/build.txt" 2>&1 &
 BUILD=$!
 TESTS=()
-for arg in ${GPU_CHECK_TESTS:-tests/test_attention.py tests/test_attention_variants.py tests/test_varlen.py tests/test_kvcache.py tests/test_layernorm.py tests/test_model.py tests/test_packing.py tests/test_hf.py tests/test_flex.py -n 10}; do
+for arg in ${GPU_CHECK_TESTS:-tests/test_attention.py tests/test_attention_variants.py tests/test_varlen.py tests/test_kvcache.py tests/test_layernorm.py tests/test_model.py tests/test_packing.py tests/test_hf.py tests/test_flex.py tests/test_sinks.py tests/test_head_dims.py -n 10}; do
     if [ -e "$REPO/${arg%%::*}" ]; then TESTS+=("$REPO/$arg"); else TESTS+=("$arg"); fi  # paths are the repo's
 done
 # The whole output goes to the log, its end to the screen; up to 10 failures, so one does not hide the rest.

@@ -1,17 +1,18 @@
 """Drop-in fused attention on gptfast's Triton flash-attention kernels, the public face of the attention APIs:
 torch's ``scaled_dot_product_attention`` (its exact signature) and flash-attn 2's ``flash_attn_func``,
-``flash_attn_kvpacked_func``, ``flash_attn_qkvpacked_func``, ``flash_attn_varlen_func`` (gptfast.varlen) and
+``flash_attn_kvpacked_func``, ``flash_attn_qkvpacked_func``, ``flash_attn_varlen_func`` and its packed forms
+(gptfast.varlen) and
 ``flash_attn_with_kvcache`` (gptfast.kvcache), their exact signatures, argument order included. What they share
 (the custom ops, the checks, the PyTorch path) is gptfast.attention_core; which path a call takes (kernel or
 PyTorch) is decided by ``gptfast.backend``.
 
 What the kernels cover: float16, bfloat16 and float32 (float32 uses tf32 only when
-``torch.backends.cuda.matmul.allow_tf32`` is set); head dims that are multiples of 8 from 8 to 256, the same for
-q, k and v; any sequence lengths; grouped-query attention; causal masks aligned top-left (torch's ``is_causal``,
-``causal_upper_left``) or bottom-right (flash-attn's ``causal``, ``causal_lower_right``); sliding windows; boolean
-and additive masks of any broadcastable shape (an additive one gets its gradient); ALiBi; logit softcapping;
-dropout on the attention weights. Everything else (float64, other head dims) runs PyTorch under ``auto``, with a
-warning once per reason, and raises under ``GPTFAST_BACKEND=triton``.
+``torch.backends.cuda.matmul.allow_tf32`` is set); any head dim from 1 to 256, v's may differ from q's and k's
+(DeepSeek's MLA: 192 and 128); any sequence lengths; grouped-query attention; causal masks aligned top-left
+(torch's ``is_causal``, ``causal_upper_left``) or bottom-right (flash-attn's ``causal``, ``causal_lower_right``);
+sliding windows; boolean and additive masks of any broadcastable shape (an additive one gets its gradient); ALiBi;
+logit softcapping; learnable sinks; dropout on the attention weights. Everything else (float64, head dims past
+256) runs PyTorch under ``auto``, with a warning once per reason, and raises under ``GPTFAST_BACKEND=triton``.
 """
 import torch
 import torch.nn.functional as F
@@ -21,10 +22,11 @@ from gptfast.attention_core import (CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, CAUSAL_TOP
                                     check_inputs, check_mask, check_sinks, kernel_gap, run_kernel, softmax_scale_for,
                                     torch_attention)
 from gptfast.kvcache import flash_attn_with_kvcache
-from gptfast.varlen import flash_attn_varlen_func
+from gptfast.varlen import flash_attn_varlen_func, flash_attn_varlen_kvpacked_func, flash_attn_varlen_qkvpacked_func
 
 __all__ = ["scaled_dot_product_attention", "flash_attn_func", "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func",
-           "flash_attn_varlen_func", "flash_attn_with_kvcache"]
+           "flash_attn_varlen_func", "flash_attn_varlen_kvpacked_func", "flash_attn_varlen_qkvpacked_func",
+           "flash_attn_with_kvcache"]
 
 
 def _causal_mode(attn_mask, is_causal):
@@ -82,8 +84,9 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     """flash-attn 2's ``flash_attn_func``, same signature and argument order, on gptfast's kernels.
 
     Args:
-        q: (B, Tq, Hq, D); k, v: (B, Tk, Hkv, D), Hq a multiple of Hkv: query head h reads key/value head
-            h // (Hq // Hkv) (Hq = 8, Hkv = 2: heads 0-3 read 0, 4-7 read 1). Any strides; nothing is copied.
+        q: (B, Tq, Hq, D); k: (B, Tk, Hkv, D); v: (B, Tk, Hkv, Dv), Dv = D or not (MLA: 192 and 128); Hq a
+            multiple of Hkv: query head h reads key/value head h // (Hq // Hkv) (Hq = 8, Hkv = 2: heads 0-3 read
+            0, 4-7 read 1). Any strides; nothing is copied.
         dropout_p: dropout on the attention weights (pass 0.0 in evaluation, as with flash-attn).
         softmax_scale: default 1 / sqrt(D).
         causal: bottom-right causal mask, as flash-attn >= 2.1: query i sees keys j <= i + Tk - Tq. For Tq = 2,
@@ -103,20 +106,21 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
             every row's softmax denominator and take no value (gpt-oss's attention sinks; the lse includes them);
             differentiable. A row that sees no key then gives 0 and lse = the sink.
     Returns:
-        out (B, Tq, Hq, D) in q's dtype; with return_attn_probs (out, lse, S_dmask), with return_lse (out, lse):
+        out (B, Tq, Hq, Dv) in q's dtype; with return_attn_probs (out, lse, S_dmask), with return_lse (out, lse):
         lse (B, Hq, Tq) float32, natural log, +inf for a row that sees no key.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"{name} must be a 4-dim tensor (batch, seq_len, heads, head_dim), got "
                              f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
-    check_flash_options(q.shape[0], q.shape[2], q.device, dropout_p, window_size, softcap, alibi_slopes)
+    window_size = check_flash_options(q.shape[0], q.shape[2], q.device, dropout_p, window_size, softcap,
+                                      alibi_slopes)
     check_sinks(sinks, q.shape[2], q.device)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     check_inputs(q, k, v, enable_gqa=True)
     causal = CAUSAL_BOTTOM_RIGHT if causal else CAUSAL_NONE
     softmax_scale = softmax_scale_for(q.shape[-1], softmax_scale)
-    options = dict(causal=causal, window=tuple(window_size), softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
+    options = dict(causal=causal, window=window_size, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
     out, lse, kept = attend(q, k, v, **options, dropout_p=dropout_p, softmax_scale=softmax_scale,
                             need_lse=return_lse or return_attn_probs, need_keep=return_attn_probs,
                             deterministic=deterministic)

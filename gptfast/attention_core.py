@@ -5,6 +5,7 @@ kernels and PyTorch (``gptfast.backend``, and kernel_gap for what the kernels do
 with the kernels' semantics. It imports torch only: Triton is imported by the first kernel call.
 """
 import math
+import operator
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +15,7 @@ from gptfast.dtypes import dtype_gap
 
 # The same constants as gptfast.kernels.attention_spec, repeated so that the PyTorch path never imports Triton.
 CAUSAL_NONE, CAUSAL_TOP_LEFT, CAUSAL_BOTTOM_RIGHT = 0, 1, 2
+MAX_HEAD_DIM = 256  # of queries and keys, and of values: the largest block the tuning tables hold
 
 
 def _empty_bthd(b, h, t, d, like):
@@ -49,8 +51,8 @@ def flash_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
 @flash_attention_op.register_fake
 def _(q, k, v, mask, alibi_slopes, sinks, seed_offset, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
       causal, window_left, window_right, softcap, dropout_p, softmax_scale, deterministic):
-    b, h, t, d = q.shape
-    return _empty_bthd(b, h, t, d, q), q.new_empty((b, h, t), dtype=torch.float32)
+    b, h, t = q.shape[:3]
+    return _empty_bthd(b, h, t, v.shape[3], q), q.new_empty((b, h, t), dtype=torch.float32)
 
 
 @torch.library.custom_op("gptfast::flash_attention_backward", mutates_args=())
@@ -173,17 +175,31 @@ def check_mask(attn_mask, query, key):
                          f"{target}")
 
 
+def window_pair(window_size):
+    """flash-attn's window_size as a tuple of two Python ints: any pair of ints (a tuple, a list, a 1-dim integer
+    tensor, NumPy ints), each -1 (unbounded) or >= 0."""
+    values = window_size
+    if isinstance(values, torch.Tensor):
+        values = values.tolist() if values.dim() == 1 and not values.is_floating_point() else ()
+    try:
+        pair = tuple(operator.index(w) for w in values)
+    except TypeError:
+        pair = ()
+    if len(pair) != 2 or min(pair) < -1:
+        raise ValueError(f"window_size must be (left, right), each -1 (unbounded) or >= 0, got {window_size!r}")
+    return pair
+
+
 def check_flash_options(batch, heads, device, dropout_p, window_size, softcap, alibi_slopes):
-    """flash-attn's options, for batch sequences of heads query heads on device."""
+    """flash-attn's options, for batch sequences of heads query heads on device; returns the window as
+    window_pair's (left, right)."""
     if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
-    if not (isinstance(window_size, (tuple, list)) and len(window_size) == 2
-            and all(isinstance(w, int) and w >= -1 for w in window_size)):
-        raise ValueError(f"window_size must be (left, right), each -1 (unbounded) or >= 0, got {window_size!r}")
+    window = window_pair(window_size)
     if not (isinstance(softcap, (int, float)) and softcap >= 0):
         raise ValueError(f"softcap must be >= 0 (0 disables it), got {softcap!r}")
     if alibi_slopes is None:
-        return
+        return window
     if not isinstance(alibi_slopes, torch.Tensor) or alibi_slopes.dtype != torch.float32:
         raise TypeError(f"alibi_slopes must be a float32 tensor, got "
                         f"{alibi_slopes.dtype if isinstance(alibi_slopes, torch.Tensor) else type(alibi_slopes)}")
@@ -192,6 +208,7 @@ def check_flash_options(batch, heads, device, dropout_p, window_size, softcap, a
                          f"{heads}), got {tuple(alibi_slopes.shape)}")
     if alibi_slopes.device != device:
         raise ValueError(f"alibi_slopes is on {alibi_slopes.device} but q is on {device}")
+    return window
 
 
 def check_sinks(sinks, heads, device):
@@ -224,11 +241,9 @@ def kernel_gap(q, v, softmax_scale):
         return "GPUs before sm_80 (Triton 3.6 compiles tl.dot there without tensor cores; PyTorch's SDPA is faster)"
     if not softmax_scale > 0:
         return f"softmax_scale {softmax_scale} (the kernels fold a positive scale into the softmax's max)"
-    head_dim = q.shape[-1]
-    if not (head_dim % 8 == 0 and 8 <= head_dim <= 256):
-        return f"head_dim {head_dim} (only multiples of 8 from 8 to 256)"
-    if v.shape[-1] != head_dim:
-        return f"a value head_dim ({v.shape[-1]}) different from the query's ({head_dim})"
+    for name, head_dim in (("head_dim", q.shape[-1]), ("value head_dim", v.shape[-1])):
+        if head_dim > MAX_HEAD_DIM:
+            return f"{name} {head_dim} (the kernels take up to {MAX_HEAD_DIM})"
     if q.numel() == 0 or v.numel() == 0:
         return "empty tensors"
     return None
@@ -248,10 +263,10 @@ def kernel_sinks(sinks):
 
 def run_kernel(q, k, v, mask, alibi_slopes, causal, window, softcap, dropout_p, softmax_scale,
                deterministic=False, sinks=None):
-    """Kernel path for (..., H, T, D) inputs already checked; returns (out (..., Hq, Tq, D), lse (..., Hq, Tq),
-    the dropout's seed_offset or None). The kernels read a mask broadcastable to (B, Hq, Tq, Tk) through its
-    strides; only inputs with more than one batch dim make it 4-dim by a reshape, which may copy. sinks (Hq,) of
-    any float dtype are read as float32 (a differentiable cast)."""
+    """Kernel path for (..., H, T, D) inputs already checked (v's D may differ); returns (out (..., Hq, Tq, Dv),
+    lse (..., Hq, Tq), the dropout's seed_offset or None). The kernels read a mask broadcastable to
+    (B, Hq, Tq, Tk) through its strides; only inputs with more than one batch dim make it 4-dim by a reshape,
+    which may copy. sinks (Hq,) of any float dtype are read as float32 (a differentiable cast)."""
     if mask is not None and q.dim() != 4:
         mask = as_bhtd(mask.expand(*q.shape[:-1], k.shape[-2]))
     elif mask is not None:
@@ -260,7 +275,7 @@ def run_kernel(q, k, v, mask, alibi_slopes, causal, window, softcap, dropout_p, 
     out, lse = flash_attention_op(as_bhtd(q), as_bhtd(k), as_bhtd(v), mask, alibi_slopes, kernel_sinks(sinks),
                                   seed_offset, None, None, 0, 0, causal, window[0], window[1], float(softcap),
                                   float(dropout_p), softmax_scale, bool(deterministic))
-    return out.reshape(q.shape), lse.reshape(q.shape[:-1]), seed_offset
+    return out.reshape(*q.shape[:-1], v.shape[-1]), lse.reshape(q.shape[:-1]), seed_offset
 
 
 def flag_pattern(seqlen_q, seqlen_k, causal, window, device):
@@ -323,7 +338,7 @@ def attend(q, k, v, causal=CAUSAL_NONE, window=(-1, -1), mask=None, softcap=0.0,
     inputs: the kernels, or PyTorch where they cannot run (F.scaled_dot_product_attention when it can express the
     call and no lse is needed). mask: None or bool/additive, broadcastable to (B, Hq, Tq, Tk). sinks: None or
     (Hq,) learned logits (see torch_attention).
-    Returns (out (B, Hq, Tq, D), lse (B, Hq, Tq) float32 or None, kept): kept is the dropout's keep mask
+    Returns (out (B, Hq, Tq, Dv), lse (B, Hq, Tq) float32 or None, kept): kept is the dropout's keep mask
     (B, Hq, Tq, Tk) when need_keep and dropout_p > 0, else None."""
     softmax_scale = softmax_scale_for(q.shape[-1], softmax_scale)
     if backend.use_triton(op, q.device, kernel_gap(q, v, softmax_scale)):

@@ -257,12 +257,13 @@ def reference_flex(query, key, value, score_mod, mask_mod, scale):
 
 def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=None, enable_gqa=False,
                    return_lse=False):
-    """FlexAttention's flex_attention on gptfast's kernels, forward and backward. query (B, Hq, Tq, D), key and
-    value (B, Hkv, Tk, D) (Hkv = Hq, or a divisor of it with enable_gqa), one floating dtype. score_mod: None, a
-    ScoreMod or a bare @triton.jit score mod; block_mask: None (every pair visible) or a BlockMask for (Tq, Tk)
-    whose batch and head counts are 1 or the inputs'. scale: of q . k, 1 / sqrt(D) by default. Returns out
-    (B, Hq, Tq, D), and with return_lse also lse (B, Hq, Tq) float32 (natural log; -inf for a row that sees no
-    key). Gradients reach q, k, v and the score mod's tensor args that require them (through its arg_grad)."""
+    """FlexAttention's flex_attention on gptfast's kernels, forward and backward. query (B, Hq, Tq, D), key
+    (B, Hkv, Tk, D) and value (B, Hkv, Tk, Dv) (Hkv = Hq, or a divisor of it with enable_gqa), one floating dtype.
+    score_mod: None, a ScoreMod or a bare @triton.jit score mod; block_mask: None (every pair visible) or a
+    BlockMask for (Tq, Tk) whose batch and head counts are 1 or the inputs'. scale: of q . k, 1 / sqrt(D) by
+    default. Returns out (B, Hq, Tq, Dv), and with return_lse also lse (B, Hq, Tq) float32 (natural log; -inf for
+    a row that sees no key). Gradients reach q, k, v and the score mod's tensor args that require them (through
+    its arg_grad)."""
     check_inputs(query, key, value, enable_gqa)
     if query.dim() != 4:
         raise ValueError(f"query, key and value must be 4-dim (B, H, T, D), got {query.dim()} dims")
@@ -309,7 +310,7 @@ def _checked_block_mask(block_mask, query, key):
     return block_mask
 
 
-def kernel_flex(score_mod, block_mask, device, dtype, score_grads=()):
+def kernel_flex(score_mod, block_mask, device, dtype):
     """The attention_spec.Flex of a call: its mods, and the block mask's lists with blocks at least as large as
     the kernels' largest tile on device for inputs of dtype."""
     from gptfast.kernels import device_arch
@@ -318,7 +319,7 @@ def kernel_flex(score_mod, block_mask, device, dtype, score_grads=()):
     flex = Flex()
     if score_mod is not None:
         flex = flex._replace(score_mod=score_mod.mod.fn, score_grad=score_mod.grad, score_args=score_mod.mod.args,
-                             score_grads=score_grads or score_mod.mod.args)
+                             score_grads=score_mod.mod.args)  # the backward's buffers replace them
     if block_mask is not None:
         coarse = block_mask.coarsened(largest_tile(device_arch(device), dtype))
         flex = flex._replace(mask_mod=_mod_functions(coarse.mask_mod), mask_args=_mod_args(coarse.mask_mod),
@@ -335,10 +336,10 @@ class _FlexAttention(torch.autograd.Function):
     def forward(ctx, query, key, value, score_mod, block_mask, scale, *score_tensors):
         from gptfast.kernels.attention import attention_forward
         from gptfast.kernels.attention_spec import Features
-        out, lse = attention_forward(query, key, value, scale,
-                                     Features(flex=kernel_flex(score_mod, block_mask, query.device, query.dtype)))
+        flex = kernel_flex(score_mod, block_mask, query.device, query.dtype)
+        out, lse = attention_forward(query, key, value, scale, Features(flex=flex))
         ctx.save_for_backward(query, key, value, out, lse)
-        ctx.score_mod, ctx.block_mask, ctx.scale = score_mod, block_mask, scale
+        ctx.score_mod, ctx.flex, ctx.scale = score_mod, flex, scale  # the backward reuses the block lists
         return out, lse
 
     @staticmethod
@@ -353,8 +354,7 @@ class _FlexAttention(torch.autograd.Function):
         _check_differentiable(score_mod, any(needed))
         buffers = {id(arg): torch.zeros_like(arg, dtype=torch.float32) for arg in tensor_args
                    if arg.is_floating_point()}
-        flex = kernel_flex(score_mod, ctx.block_mask, query.device, query.dtype,
-                            tuple(buffers.get(id(a), a) for a in args))
+        flex = ctx.flex._replace(score_grads=tuple(buffers.get(id(a), a) for a in args))
         if any(needed):
             flex = flex._replace(score_arg_grad=score_mod.arg_grad)
         grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.float().contiguous()

@@ -5,10 +5,12 @@ Triton compiles for a named target without a device (``triton.compile(ASTSource(
 the ``cuobjdump`` shipped in Triton's wheel reads the resulting cubin. The argument types mirror what Triton's JIT
 derives at a real launch: tensor pointers of the inspected dtype (the statistics buffers are float32), 16-byte
 aligned; strides divisible by 16; the unit last-dim strides of attention specialised to 1; other ints i32.
-A config fails when it does not compile, spills registers to local memory, or needs more shared memory than the
-chip has; the command then exits 1.
+A config fails when it does not compile, spills registers to local memory, needs more registers than one
+multiprocessor holds for its block (16 warps at over 128 registers: it would not launch) or more shared memory than
+the chip has; the command then exits 1.
 """
 import concurrent.futures
+import contextlib
 import multiprocessing
 import os
 import re
@@ -35,8 +37,12 @@ FLOAT_SCALARS = {"qk_scale", "softmax_scale", "eps", "softcap", "dropout_p", "ke
 INSPECTED_DTYPES = ("bf16", "fp32")
 KERNEL_MODULES = ("attention", "flex", "decode", "layernorm", "cross_entropy")
 # The attention kernels' tuple arguments (attention_spec.describe) other than strides, which hold 4 ints (the last,
-# a unit head-dim stride, specialised to 1) except the slopes' 2.
-TUPLE_ARGS = {"alibi_strides": ("i32", "i32"), "dims": ("i32",) * 5, "bounds": ("i32",) * 3, "scales": ("fp32",) * 5}
+# a unit head-dim stride, specialised to 1) except the slopes' 2. A split's steps are multiples of 16 at the head
+# dims inspected (16-byte aligned partial outputs, which the stores vectorise).
+TUPLE_ARGS = {"alibi_strides": ("i32", "i32"), "dims": ("i32",) * 5, "bounds": ("i32",) * 3, "scales": ("fp32",) * 5,
+              # the decoding kernel's (gptfast.kernels.decode.decode_attention)
+              "lse_steps": ("i32",) * 3, "split_steps": ("i32:16",) * 2, "sizes": ("i32",) * 4,
+              "window_sides": ("i32",) * 2, "score_scales": ("fp32",) * 2}
 
 
 @dataclass(frozen=True)
@@ -61,7 +67,9 @@ class Job:
         shown = {k: v for k, v in self.constexprs
                  if k in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "ROW_FITS", "RMS", "BLOCK_V", "WRITE_GRAD")}
         if "SPEC" in dict(self.constexprs):
-            shown = {"BLOCK_D": self.block_d(), **shown}
+            spec = dict(self.constexprs)["SPEC"]
+            dims = {} if spec.BLOCK_DV == spec.BLOCK_D else {"HEAD_DIM": spec.HEAD_DIM, "HEAD_DIM_V": spec.HEAD_DIM_V}
+            shown = {"BLOCK_D": self.block_d(), **dims, **shown}
         config = " ".join(f"{k}={v}" for k, v in shown.items())
         flags = dict(self.constexprs)
         features = flags["SPEC"].has_features if "SPEC" in flags else flags.get("LEFTPAD_KEYS")
@@ -87,7 +95,7 @@ def _variant_constexprs(name, arch, dtype, spec):
     """The constexpr sets that select each variant of one tuning list's kernel (attention_tuning's docstring), with
     the tensors that variant does not read as None."""
     tma = arch in tuning().TMA_ARCHS and dtype != "fp32" and not spec.has_features
-    absent = tuple((tensor, None) for tensor in spec.absent())
+    absent = absent_tensors(spec, ATTENTION_KERNELS[name])
     if name == "forward":
         variants = tuning().FORWARD_VARIANTS if tma else ("pointers",)
         return [(*absent, *tuning().FORWARD_SWITCHES[variant].items()) for variant in variants]
@@ -98,6 +106,13 @@ def _variant_constexprs(name, arch, dtype, spec):
     absent += () if on else ((tensor, None),)
     return [(*absent, (flag, on), *tuning().LOAD_SWITCHES[loads].items())
             for loads in (("pointers", "tma") if tma else ("pointers",))]
+
+
+def absent_tensors(spec, kernel):
+    """(name, None) for each optional tensor of the attention kernel that the spec never reads (Spec.absent)."""
+    from gptfast.kernels import attention
+    taken = getattr(attention, kernel).arg_names
+    return tuple((tensor, None) for tensor in spec.absent() if tensor in taken)
 
 
 def tuning():
@@ -115,20 +130,31 @@ def spec_class():
     return Spec
 
 
+def attention_specs(every, block_d, dtype):
+    """The specs compiled on a tile that serves a padded head dim: plain (or every feature on), and at 256 in 16-bit
+    also DeepSeek's MLA shape (queries and keys 192 wide, values 128), which takes the tiles of the wider head dim.
+    (In float32, sm_90's 16-warp dk/dv tile holds 137 registers there: a block past the register file, which
+    Triton's autotuner skips at launch as out of resources.)"""
+    precision = "ieee" if dtype == "fp32" else "tf32"  # fp32 runs ieee unless tf32 is allowed
+    make = spec_class().every_feature if every else spec_class().plain
+    specs = [make(block_d, precision)]
+    if block_d == 256 and dtype != "fp32":
+        specs.append(make(256, precision, 128)._replace(HEAD_DIM=192))
+    return specs
+
+
 def attention_jobs(arch, dtypes=INSPECTED_DTYPES):
-    """Every tuning config of every attention kernel variant; none on an arch without a table (Turing: see
-    attention_tuning's docstring)."""
+    """Every tuning config of every attention kernel variant (attention_specs); none on an arch without a table
+    (Turing: see attention_tuning's docstring)."""
     if arch not in tuning().CONFIGS["forward"]:
         return []
     jobs = []
     for name, kernel in ATTENTION_KERNELS.items():
         for dtype in arch_dtypes(arch, dtypes):
             table = "fp32" if dtype == "fp32" else arch
-            precision = "ieee" if dtype == "fp32" else "tf32"  # fp32 runs ieee unless tf32 is allowed
             for every, tables in ((False, tuning().CONFIGS), (True, tuning().FEATURE_CONFIGS)):
                 for tile in tables[name][table]:
-                    for block_d in tile.dims:
-                        spec = (spec_class().every_feature if every else spec_class().plain)(block_d, precision)
+                    for spec in (spec for block_d in tile.dims for spec in attention_specs(every, block_d, dtype)):
                         for variant in _variant_constexprs(name, arch, dtype, spec):
                             constexprs = (("SPEC", spec), *variant, ("BLOCK_M", tile.block_m),
                                           ("BLOCK_N", tile.block_n))
@@ -172,14 +198,16 @@ def flex_jobs(arch, dtypes=INSPECTED_DTYPES):
     mods, and create_block_mask's kernel."""
     if arch not in tuning().CONFIGS["forward"]:
         return []
-    absent = tuple((tensor, None) for tensor in spec_class()(16, 16).absent() if tensor not in ("mods", "blocks"))
     jobs = []
     for name, switches in FLEX_SWITCHES.items():
+        absent = tuple((tensor, None) for tensor, _ in absent_tensors(spec_class().dims(16, "ieee"),
+                                                                      ATTENTION_KERNELS[name])
+                       if tensor not in ("mods", "blocks"))
         for dtype in arch_dtypes(arch, dtypes):
             precision = "ieee" if dtype == "fp32" else "tf32"
             for tile in tuning().FEATURE_CONFIGS[name]["fp32" if dtype == "fp32" else arch]:
                 for block_d in tile.dims if tile.mod_dims is None else tile.mod_dims:
-                    constexprs = (("SPEC", spec_class()(block_d, block_d, precision)), *absent, *switches.items(),
+                    constexprs = (("SPEC", spec_class().dims(block_d, precision)), *absent, *switches.items(),
                                   ("BLOCK_M", tile.block_m), ("BLOCK_N", tile.block_n))
                     # float32 calls with a torch BlockMask run PyTorch (gptfast.kernels.mods.block_bits)
                     jobs += [Job("attention", ATTENTION_KERNELS[name], arch, dtype, constexprs, tile.warps, tile.stages,
@@ -217,30 +245,30 @@ def _flex_job(job):
 
 def decode_jobs(arch, dtypes=INSPECTED_DTYPES):
     """The split-KV decoding kernel's tiles at their largest query block, plain (writing float32 partials) and
-    with every feature (writing the result), and the merge; none where attention has no table."""
+    with every feature (writing the result), and the merge (with sinks); none where attention has no table."""
     import torch
 
     from gptfast.kernels import decode
     if arch not in tuning().CONFIGS["forward"]:
         return []
-    plain = (("CAUSAL", True), ("WINDOW", False), ("ALIBI_SLOPES", False), ("SOFTCAP", False),
-             ("LEFTPAD_KEYS", False), ("FINAL", False))
-    every = (("CAUSAL", True), ("WINDOW", True), ("ALIBI_SLOPES", True), ("SOFTCAP", True), ("LEFTPAD_KEYS", True),
-             ("FINAL", True))
+    plain = (dict(CAUSAL=True), (("LEFTPAD", None), ("ALIBI", None), ("SINKS", None), ("LEFTPAD_KEYS", False),
+                                 ("FINAL", False)))
+    every = (dict(CAUSAL=True, WINDOW=True, ALIBI=True, SOFTCAP=True, SINKS=True),
+             (("LEFTPAD_KEYS", True), ("FINAL", True)))
     jobs = []
     for dtype in arch_dtypes(arch, dtypes):
         precision = "ieee" if dtype == "fp32" else "tf32"
         for block_n, warps, stages, dims in decode.TILES["fp32" if dtype == "fp32" else "16-bit"]:
             for block_d in dims:
-                for features in (plain, every):
+                for switches, constexprs in (plain, every):
                     block_m = decode.query_block(64, block_d, torch.float32 if dtype == "fp32" else torch.bfloat16)
-                    constexprs = (("HEAD_DIM", block_d), ("BLOCK_D", block_d), *features,
-                                  ("INPUT_PRECISION", precision), ("BLOCK_M", block_m),
-                                  ("BLOCK_N", block_n))
+                    constexprs = (("SPEC", spec_class().dims(block_d, precision, **switches)), *constexprs,
+                                  ("BLOCK_M", block_m), ("BLOCK_N", block_n))
                     jobs.append(Job("decode", "attention_decode_kernel", arch, dtype, constexprs, warps, stages,
                                     tuning().MAX_REGISTERS))
         for block_d in tuning().UP_TO_256:
-            constexprs = (("HEAD_DIM", block_d), ("BLOCK_D", block_d), ("BLOCK_S", decode.MAX_SPLITS))
+            constexprs = (("HEAD_DIM", block_d), ("BLOCK_D", block_d), ("BLOCK_S", decode.MAX_SPLITS),
+                          ("WITH_SINK", True))
             jobs.append(Job("decode", "attention_combine_kernel", arch, dtype, constexprs, 4, 1))
     return jobs
 
@@ -286,8 +314,10 @@ def signature(fn, dtype, constexprs, types=None):
             sig[name] = "constexpr"
         elif name in types:
             sig[name] = types[name]
-        elif name in TUPLE_ARGS:
-            sig[name] = TUPLE_ARGS[name]
+        elif name in TUPLE_ARGS:  # "i32:16": an int the JIT sees divisible by 16
+            sig[name] = tuple(kind.split(":")[0] for kind in TUPLE_ARGS[name])
+            attrs.update({(index, i): [["tt.divisibility", 16]] for i, kind in enumerate(TUPLE_ARGS[name])
+                          if kind.endswith(":16")})
         elif name.endswith("_strides"):  # (batch, head, row, head dim) strides: 16-divisible, the last 1
             sig[name] = ("i32", "i32", "i32", "constexpr")
             consts[(index, 3)] = 1
@@ -358,21 +388,36 @@ def problems(row):
         return "does not compile"
     if row["spill_bytes"]:
         return "spills"
+    if row["registers"] * row["job"].num_warps * 32 > tuning().REGISTER_FILE:
+        # ptxas honours the maxnreg cap, not the block's size: such a block fails to launch (out of resources)
+        return "registers past the register file"
     if row["shared"] > SHARED_LIMIT[row["job"].arch]:
         return "shared memory overflow"
     return None
 
 
-def _spawn_context():
-    # Workers must compile, not interpret: Triton reads TRITON_INTERPRET when a kernel module is imported.
+@contextlib.contextmanager
+def _compiling_children():
+    """TRITON_INTERPRET=0 for the processes started inside: workers compile, not interpret (Triton reads it when a
+    kernel module is imported). This process gets its own value back after: the test suite interprets in it, and
+    a Triton module imported later (gluon's) asserts the setting matches its kernels."""
+    previous = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "0"
-    return multiprocessing.get_context("spawn")
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
 
 
 def compile_jobs(jobs, workers):
     """Compiles the jobs in spawned worker processes; yields their rows in order."""
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=_spawn_context()) as pool:
-        yield from pool.map(compile_job, jobs)
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with _compiling_children():  # map submits every job: the workers start inside
+            rows = pool.map(compile_job, jobs)
+        yield from rows
 
 
 def run(archs, kernels, dtypes, workers, out=sys.stdout, head_dims=()):

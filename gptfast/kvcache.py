@@ -9,8 +9,8 @@ each sequence is attended alone in PyTorch.
 import torch
 
 from gptfast import backend
-from gptfast.attention_core import (CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, attend, check_flash_options, kernel_gap,
-                                    softmax_scale_for)
+from gptfast.attention_core import (CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, attend, check_flash_options, check_sinks,
+                                    kernel_gap, kernel_sinks, softmax_scale_for)
 
 MIN_PAGE_SIZE = 16
 
@@ -36,17 +36,20 @@ def _check_tensors(q, k_cache, v_cache, k, v, block_table, cache_batch_idx):
             raise ValueError(f"{name} must share q's dtype and device ({q.dtype}, {q.device}), got {t.dtype}, "
                              f"{t.device}")
     batch, _, heads, head_dim = q.shape
-    if k_cache.shape != v_cache.shape or k_cache.shape[3] != head_dim or heads % k_cache.shape[2]:
-        raise ValueError(f"k_cache and v_cache must have one shape (.., .., nheads_k, {head_dim}) with nheads_k "
-                         f"dividing q's {heads} heads, got {_shape(k_cache)} and {_shape(v_cache)}")
+    if (k_cache.shape[:3] != v_cache.shape[:3] or k_cache.shape[3] != head_dim or heads % k_cache.shape[2]
+            or v_cache.shape[3] < 1):
+        raise ValueError(f"k_cache and v_cache must be (.., .., nheads_k, {head_dim}) and (.., .., nheads_k, "
+                         f"head_dim_v), alike but in the last dim, with nheads_k dividing q's {heads} heads, got "
+                         f"{_shape(k_cache)} and {_shape(v_cache)}")
     if (k is None) != (v is None):
         raise ValueError("pass k and v together, or neither")
     if k is not None:
-        wanted = (batch, k.shape[1] if isinstance(k, torch.Tensor) else 0, *k_cache.shape[2:])
-        for name, t in (("k", k), ("v", v)):
+        new = k.shape[1] if isinstance(k, torch.Tensor) and k.dim() == 4 else 0
+        for name, t, cache in (("k", k, k_cache), ("v", v, v_cache)):
+            wanted = (batch, new, *cache.shape[2:])
             if not isinstance(t, torch.Tensor) or tuple(t.shape) != wanted or t.dtype != q.dtype:
                 raise ValueError(f"{name} must be a {q.dtype} tensor of shape (batch, seqlen_new, nheads_k, "
-                                 f"head_dim) = {wanted}, got {_shape(t)}")
+                                 f"{name}_cache's head_dim) = {wanted}, got {_shape(t)}")
     if block_table is not None:
         if cache_batch_idx is not None:
             raise ValueError("cache_batch_idx cannot be combined with block_table (a paged cache); index the "
@@ -135,15 +138,17 @@ def _cache_slots(seqlens, block_table, new_tokens, page_size):
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
                             cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
                             softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                            rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False):
+                            rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False, *,
+                            sinks=None):
     """flash-attn 2's ``flash_attn_with_kvcache``, same signature and argument order, on gptfast's kernels.
 
     Args:
-        q: (B, Tq, Hq, D). k_cache, v_cache: (B_cache, T_cache, Hkv, D), or with block_table a paged pool
-            (num_pages, page_size, Hkv, D), page_size a power of two from 16 (flash-attn requires 256).
-        k, v: None, or (B, T_new, Hkv, D): written into the cache in place at positions cache_seqlens[b],
-            cache_seqlens[b] + 1, ... before the attention (cache_seqlens itself is not updated: the caller adds
-            T_new, as with flash-attn).
+        q: (B, Tq, Hq, D). k_cache, v_cache: (B_cache, T_cache, Hkv, D) and (.., .., Hkv, Dv) (Dv = D, or not:
+            MLA), or with block_table a paged pool (num_pages, page_size, Hkv, D), page_size a power of two from 16
+            (flash-attn requires 256).
+        k, v: None, or (B, T_new, Hkv, D) and (B, T_new, Hkv, Dv): written into the cache in place at positions
+            cache_seqlens[b], cache_seqlens[b] + 1, ... before the attention (cache_seqlens itself is not updated:
+            the caller adds T_new, as with flash-attn).
         rotary_cos, rotary_sin: None, or (seqlen_ro, rotary_dim / 2): k is rotated at positions cache_seqlens,
             cache_seqlens + 1, ...; q too when causal or windowed, else every query at cache_seqlens.
             rotary_interleaved: rotate pairs (GPT-J) rather than halves (GPT-NeoX).
@@ -155,13 +160,16 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             bottom-right corner (query t sits at position cache_seqlens + T_new - Tq + t).
         num_splits: how many programs share a sequence's keys (split-KV); 0 chooses from the GPU's size.
         return_softmax_lse: also return lse (B, Hq, Tq) float32.
+        sinks (keyword only): None, or a floating (Hq,) tensor of learned logits in every row's softmax
+            denominator (gpt-oss), as flash_attn_func's; the split-KV merge counts them once.
     Returns:
-        out (B, Tq, Hq, D) in q's dtype, or (out, lse).
+        out (B, Tq, Hq, Dv) in q's dtype, or (out, lse).
     """
     _check_tensors(q, k_cache, v_cache, k, v, block_table, cache_batch_idx)
     _check_rotary(rotary_cos, rotary_sin, q.shape[3], q.device)
     batch = q.shape[0]
-    check_flash_options(batch, q.shape[2], q.device, 0.0, window_size, softcap, alibi_slopes)
+    window_size = check_flash_options(batch, q.shape[2], q.device, 0.0, window_size, softcap, alibi_slopes)
+    check_sinks(sinks, q.shape[2], q.device)
     if not isinstance(num_splits, int) or num_splits < 0:
         raise ValueError(f"num_splits must be an int >= 0 (0 chooses), got {num_splits!r}")
     if cache_leftpad is not None:
@@ -174,23 +182,23 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         cache_seqlens = torch.full((batch,), capacity if cache_seqlens is None else cache_seqlens,
                                    dtype=torch.int32, device=q.device)
     _check_int32("cache_seqlens", cache_seqlens, (batch,), q.device)
-    local = causal or tuple(window_size) != (-1, -1)
+    local = causal or window_size != (-1, -1)
     new_tokens = 0 if k is None else k.shape[1]
     _check_values(cache_seqlens, new_tokens, capacity, block_table, k_cache.shape[0], cache_batch_idx,
                   k_cache.shape[0], cache_leftpad, None if rotary_cos is None else rotary_cos.shape[0],
                   max(new_tokens, q.shape[1] if local else 1))
     rotary = None if rotary_cos is None else (rotary_cos, rotary_sin, rotary_interleaved)
     out, lse = cached_attention(q, k_cache, v_cache, k, v, cache_seqlens, table, cache_leftpad, rotary,
-                                softmax_scale, causal, tuple(window_size), softcap, alibi_slopes, num_splits)
+                                softmax_scale, causal, window_size, softcap, alibi_slopes, num_splits, sinks)
     return (out, lse) if return_softmax_lse else out
 
 
 def cached_attention(q, k_cache, v_cache, k, v, seqlens, block_table, leftpad=None, rotary=None,
                      softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
-                     num_splits=0):
+                     num_splits=0, sinks=None):
     """flash_attn_with_kvcache for checked arguments, without reading any value (so a CUDA graph can capture it):
     block_table (B, pages) int32 (a plain cache's rows as (B, 1)), seqlens int32 (B,), rotary None or (cos, sin,
-    interleaved). Returns (out (B, Tq, Hq, D), lse (B, Hq, Tq))."""
+    interleaved). Returns (out (B, Tq, Hq, Dv), lse (B, Hq, Tq))."""
     if rotary is not None:
         cos, sin, interleaved = rotary
         start = seqlens[:, None].long()
@@ -210,13 +218,13 @@ def cached_attention(q, k_cache, v_cache, k, v, seqlens, block_table, leftpad=No
         from gptfast.kernels.decode import decode_attention
         return decode_attention(q, k_cache, v_cache, block_table, seqlens, leftpad, softmax_scale,
                                 0 if causal else window_size[1], window_size[0], float(softcap), alibi_slopes,
-                                num_splits)
+                                num_splits, kernel_sinks(sinks))
     return _per_sequence(q, k_cache, v_cache, seqlens, block_table, leftpad, softmax_scale, causal, window_size,
-                         softcap, alibi_slopes)
+                         softcap, alibi_slopes, sinks)
 
 
 def _per_sequence(q, k_cache, v_cache, seqlens, block_table, leftpad, softmax_scale, causal, window_size, softcap,
-                  alibi_slopes):
+                  alibi_slopes, sinks):
     """PyTorch's path: each sequence's visible keys gathered and attended alone. Returns (out, lse)."""
     lengths = seqlens.tolist()
     pads = [0] * len(lengths) if leftpad is None else leftpad.tolist()
@@ -227,7 +235,7 @@ def _per_sequence(q, k_cache, v_cache, seqlens, block_table, leftpad, softmax_sc
         slopes = alibi_slopes if alibi_slopes is None or alibi_slopes.dim() == 1 else alibi_slopes[b]
         out, lse, _ = attend(q[b:b + 1].transpose(1, 2), keys, values, CAUSAL_BOTTOM_RIGHT if causal else CAUSAL_NONE,
                              window_size, None, softcap, slopes, 0.0, softmax_scale, need_lse=True,
-                             op="flash_attn_with_kvcache")
+                             op="flash_attn_with_kvcache", sinks=sinks)
         outs.append(out.transpose(1, 2))
         lses.append(lse)
     return torch.cat(outs), torch.cat(lses)

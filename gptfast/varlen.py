@@ -1,10 +1,11 @@
-"""flash-attn 2's ``flash_attn_varlen_func`` on gptfast's kernels: sequences of different lengths packed along one
-token axis and described by int32 cumulative lengths (``cu_seqlens``), so that nothing is padded and no token
-attends across a sequence's boundary (documents packed into one training row, prompts of a batch).
+"""flash-attn 2's ``flash_attn_varlen_func`` (and its qkv- and kv-packed forms) on gptfast's kernels: sequences of
+different lengths packed along one token axis and described by int32 cumulative lengths (``cu_seqlens``), so that
+nothing is padded and no token attends across a sequence's boundary (documents packed into one training row,
+prompts of a batch).
 
 The kernels take the packed tensors as they are: each program reads its sequence's first row and length from
 cu_seqlens (the VARLEN switch of gptfast.kernels.attention), forward and backward, with every feature of
-flash_attn_func (dropout, sliding windows, softcapping, ALiBi).
+flash_attn_func (dropout, sliding windows, softcapping, ALiBi, sinks).
 """
 import torch
 
@@ -14,9 +15,10 @@ from gptfast.attention_core import (CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, attend, ch
                                     softmax_scale_for, torch_attention)
 
 
-def _check_packed(name, t, dims):
-    if not isinstance(t, torch.Tensor) or t.dim() != 3:
-        raise ValueError(f"{name} must be a 3-dim tensor {dims}, got "
+def _check_packed(name, t, dims, parts=None):
+    """t is a 3-dim tensor, or with parts a 4-dim one holding that many tensors along dim 1 (qkv, kv)."""
+    if not isinstance(t, torch.Tensor) or t.dim() != (3 if parts is None else 4) or parts and t.shape[1] != parts:
+        raise ValueError(f"{name} must be a {3 if parts is None else 4}-dim tensor {dims}, got "
                          f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
 
 
@@ -74,13 +76,37 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     _check_packed("k", k, "(total_k, nheads_k, head_dim)")
     _check_packed("v", v, "(total_k, nheads_k, head_dim)")
     check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k, q.device)
-    check_flash_options(cu_seqlens_q.numel() - 1, q.shape[1], q.device, dropout_p, window_size, softcap,
-                        alibi_slopes)
+    window_size = check_flash_options(cu_seqlens_q.numel() - 1, q.shape[1], q.device, dropout_p, window_size,
+                                      softcap, alibi_slopes)
     check_sinks(sinks, q.shape[1], q.device)
     check_inputs(*(t.transpose(0, 1) for t in (q, k, v)), enable_gqa=True)
     return varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
                             softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                             return_attn_probs, sinks=sinks)
+
+
+def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
+                                     window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
+                                     return_attn_probs=False):
+    """flash-attn 2's ``flash_attn_varlen_qkvpacked_func``: qkv (total, 3, H, D), the packed sequences' fused
+    projection, read as views (no copy); cu_seqlens and max_seqlen serve queries and keys. Everything else as
+    flash_attn_varlen_func."""
+    _check_packed("qkv", qkv, "(total, 3, nheads, head_dim)", parts=3)
+    q, k, v = qkv.unbind(dim=1)
+    return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, softmax_scale,
+                                  causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs)
+
+
+def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                                    softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                                    alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """flash-attn 2's ``flash_attn_varlen_kvpacked_func``: kv (total_k, 2, Hkv, D), keys then values, read as
+    views. Everything else as flash_attn_varlen_func."""
+    _check_packed("kv", kv, "(total_k, 2, nheads_k, head_dim)", parts=2)
+    k, v = kv.unbind(dim=1)
+    return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                                  softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                                  return_attn_probs)
 
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,

@@ -10,10 +10,11 @@ don't); the forward may load K and V through tensor descriptors (TMA) and run on
 Which variant and tile a call runs is attention_tuning's business.
 
 Layouts, for every tensor the launchers take:
-    q: (B, Hq, Tq, D), k and v: (B, Hkv, Tk, D), any strides (views of a fused QKV projection work as they are).
-    Hq is a multiple of Hkv (grouped-query attention); query head h reads key/value head h // (Hq // Hkv).
-    D is a multiple of 8 from 8 to 256; blocks are padded to the next power of two and masked.
-    out: (B, Hq, Tq, D) in q's dtype, stored as (B, Tq, Hq, D) memory; lse: (B, Hq, Tq) float32, natural log.
+    q and k: (B, Hq, Tq, D) and (B, Hkv, Tk, D), v: (B, Hkv, Tk, Dv), any strides (views of a fused QKV
+    projection work as they are). Hq is a multiple of Hkv (grouped-query attention); query head h reads key/value
+    head h // (Hq // Hkv). D and Dv (DeepSeek's MLA: 192 and 128) are any sizes from 1 to 256; blocks are padded to
+    the next power of two and masked.
+    out: (B, Hq, Tq, Dv) in q's dtype, stored as (B, Tq, Hq, Dv) memory; lse: (B, Hq, Tq) float32, natural log.
 
 Bounds: key j is visible to query i when j <= i + causal_offset (CAUSAL) and j >= i + window_offset (WINDOW).
 causal_offset is 0 for a top-left causal mask (torch's is_causal), Tk - Tq for a bottom-right one (a KV cache,
@@ -41,7 +42,8 @@ import triton
 import triton.language as tl
 
 from gptfast.kernels import device_arch, multiprocessors
-from gptfast.kernels.attention_blocks import MASK_NONE, mask_mods, online_softmax, tile_scores, visible_pairs
+from gptfast.kernels.attention_blocks import (MASK_NONE, head_columns, mask_mods, online_softmax, softmax_start,
+                                              tile_scores, visible_pairs)
 from gptfast.kernels.attention_spec import Call, Features, Flex, block_lists, describe
 from gptfast.kernels.attention_tuning import (MAX_REGISTERS, autotuned, backward_choices, backward_loads,
                                                delta_block, fastest, forward_variants, length_bucket)
@@ -221,16 +223,15 @@ def _visible(rows, keys, seq, SPEC: tl.constexpr):
 
 
 @triton.jit
-def _softmax_start(SINKS, head, BLOCK_M: tl.constexpr, SPEC: tl.constexpr):
-    """(row_sum, row_max) that a row's online softmax starts from: nothing seen, or with SINKS the head's sink
-    logit, in log2 units (the running max), whose exp joins the sum; it takes no value, so acc starts at 0 still
-    and a row that sees no key gets output 0 and lse = the sink."""
-    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
-    row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    if SPEC.SINKS:
-        row_sum += 1.0
-        row_max = row_sum * (tl.load(SINKS + head) * LOG2E)
-    return row_sum, row_max
+def _key_masks(key_rows, seq, d_mask, dv_mask, MASKED: tl.constexpr):
+    """The load masks of a block of keys and of its values: their real columns, and with MASKED (a block that may
+    reach past Tk) the rows inside the sequence."""
+    k_mask = d_mask[None, :]
+    v_mask = dv_mask[None, :]
+    if MASKED:
+        k_mask = k_mask & (key_rows[:, None] < seq[1])
+        v_mask = v_mask & (key_rows[:, None] < seq[1])
+    return k_mask, v_mask
 
 
 @triton.jit
@@ -300,19 +301,17 @@ def _row_source(base, seqlen, stride_t, stride_d, HEAD_DIM: tl.constexpr, BLOCK_
 
 
 @triton.jit
-def _forward_blocks(acc, row_sum, row_max, q, offs_m, d_mask, k_source, v_source, kv_row_strides, seq, scoring,
+def _forward_blocks(acc, row_sum, row_max, q, offs_m, d_masks, k_source, v_source, kv_row_strides, seq, scoring,
                     dropping, start, stop, SPEC: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
                     TMA: tl.constexpr):
     """Online softmax over the key blocks [start, stop): rescales the running (acc, row_sum, row_max). k_source
     and v_source are the first key block's pointers, or with TMA tensor descriptors (see _rows); kv_row_strides
-    their row strides. MASKED: the blocks need the bounds' mask."""
+    their row strides; d_masks (d_mask, dv_mask) (see head_columns). MASKED: the blocks need the bounds' mask."""
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(start, stop, BLOCK_N):
         key_rows = start_n + offs_n
-        kv_mask = d_mask[None, :]
-        if MASKED:
-            kv_mask = kv_mask & (key_rows[:, None] < seq[1])
-        k = _rows(k_source, start_n, kv_row_strides[0], kv_mask, TMA=TMA)
+        k_mask, v_mask = _key_masks(key_rows, seq, d_masks[0], d_masks[1], MASKED)
+        k = _rows(k_source, start_n, kv_row_strides[0], k_mask, TMA=TMA)
         qk = tl.dot(q, tl.trans(k), input_precision=SPEC.INPUT_PRECISION)
         scores, scale, _ = _scores(qk, offs_m[:, None], key_rows[None, :], seq, scoring, SPEC, MASKED)
         if MASKED:
@@ -322,7 +321,7 @@ def _forward_blocks(acc, row_sum, row_max, q, offs_m, d_mask, k_source, v_source
             p = tl.where(_kept(offs_m[:, None], key_rows[None, :], dropping), p * dropping[4], 0.0)
         # v is loaded only now, so it is not live in registers during the softmax (the dq loop below loads it
         # with k instead: each order is the one that compiles without spills, per `gptfast inspect`).
-        v = _rows(v_source, start_n, kv_row_strides[1], kv_mask, TMA=TMA)
+        v = _rows(v_source, start_n, kv_row_strides[1], v_mask, TMA=TMA)
         acc = tl.dot(p.to(v.dtype), v, acc * correction[:, None], input_precision=SPEC.INPUT_PRECISION)
         row_max = new_max
     return acc, row_sum, row_max
@@ -381,17 +380,17 @@ def _forward_tile(
     dropping = _dropping(SEED, batch_head, scales, SPEC)
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    BLOCK_D: tl.constexpr = SPEC.BLOCK_D  # a shape needs a constexpr, not a field's plain int
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < SPEC.HEAD_DIM
+    offs_d, d_mask, offs_dv, dv_mask = head_columns(SPEC)
+    d_masks = (d_mask, dv_mask)
     q_mask = (offs_m[:, None] < seqlen_q) & d_mask[None, :]
     q = tl.load(_tile(Q, offs_m, offs_d, q_strides[2], q_strides[3]), mask=q_mask, other=0.0)
     k_source = _row_source(K, seqlen_k, k_strides[2], k_strides[3], SPEC.HEAD_DIM, BLOCK_N, SPEC.BLOCK_D, TMA=TMA)
-    v_source = _row_source(V, seqlen_k, v_strides[2], v_strides[3], SPEC.HEAD_DIM, BLOCK_N, SPEC.BLOCK_D, TMA=TMA)
+    v_source = _row_source(V, seqlen_k, v_strides[2], v_strides[3], SPEC.HEAD_DIM_V, BLOCK_N, SPEC.BLOCK_DV, TMA=TMA)
     kv_row_strides = (k_strides[2], v_strides[2])
 
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    row_sum, row_max = _softmax_start(SINKS, head, BLOCK_M, SPEC)
+    BLOCK_DV: tl.constexpr = SPEC.BLOCK_DV
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    row_sum, row_max = softmax_start(SINKS, head, BLOCK_M, SPEC.SINKS)
     lo, full_start, full_end, hi = _key_range(start_m, seqlen_q, seqlen_k, causal_offset, window_offset,
                                               BLOCK_M, BLOCK_N, CAUSAL=SPEC.CAUSAL, WINDOW=SPEC.WINDOW)
     if SPEC.SPARSE_Q:  # the key blocks a block mask lists: full ones without a mask, then partial ones
@@ -400,19 +399,19 @@ def _forward_tile(
             for index in range(count):
                 start_n = tl.load(indices + index) * SPEC.SPARSE_KV
                 acc, row_sum, row_max = _forward_blocks(
-                    acc, row_sum, row_max, q, offs_m, d_mask, k_source, v_source, kv_row_strides, seq, scoring,
+                    acc, row_sum, row_max, q, offs_m, d_masks, k_source, v_source, kv_row_strides, seq, scoring,
                     dropping, start_n, tl.minimum(start_n + SPEC.SPARSE_KV, seqlen_k), SPEC, BLOCK_N,
                     MASKED=full == 1, TMA=TMA)
     else:  # key blocks in three stages: the window's left edge (masked), the keys every row sees (no mask), the
         # diagonal and the end of the keys (masked)
         if SPEC.WINDOW:
-            acc, row_sum, row_max = _forward_blocks(acc, row_sum, row_max, q, offs_m, d_mask, k_source, v_source,
+            acc, row_sum, row_max = _forward_blocks(acc, row_sum, row_max, q, offs_m, d_masks, k_source, v_source,
                                                     kv_row_strides, seq, scoring, dropping, lo, full_start, SPEC,
                                                     BLOCK_N, MASKED=True, TMA=TMA)
-        acc, row_sum, row_max = _forward_blocks(acc, row_sum, row_max, q, offs_m, d_mask, k_source, v_source,
+        acc, row_sum, row_max = _forward_blocks(acc, row_sum, row_max, q, offs_m, d_masks, k_source, v_source,
                                                 kv_row_strides, seq, scoring, dropping, full_start, full_end, SPEC,
                                                 BLOCK_N, MASKED=False, TMA=TMA)
-        acc, row_sum, row_max = _forward_blocks(acc, row_sum, row_max, q, offs_m, d_mask, k_source, v_source,
+        acc, row_sum, row_max = _forward_blocks(acc, row_sum, row_max, q, offs_m, d_masks, k_source, v_source,
                                                 kv_row_strides, seq, scoring, dropping, full_end, hi, SPEC, BLOCK_N,
                                                 MASKED=True, TMA=TMA)
 
@@ -421,7 +420,8 @@ def _forward_tile(
     out = acc / row_sum[:, None]
     lse = tl.where(empty, float("inf"), (row_max + tl.log2(row_sum)) / LOG2E)
     tl.store(LSE + offs_m, lse, mask=offs_m < seqlen_q)
-    tl.store(_tile(O, offs_m, offs_d, o_strides[2], o_strides[3]), out.to(O.dtype.element_ty), mask=q_mask)
+    o_mask = (offs_m[:, None] < seqlen_q) & dv_mask[None, :]
+    tl.store(_tile(O, offs_m, offs_dv, o_strides[2], o_strides[3]), out.to(O.dtype.element_ty), mask=o_mask)
 
 
 @triton.jit
@@ -478,18 +478,21 @@ def _query_rows(source, start_m, offs_m, offs_d, stride_t, stride_d, mask, TMA: 
 
 
 @triton.jit
-def _dkdv_blocks(dk, dv, k, v, key_rows, offs_d, d_mask, q_source, do_source, qdo_strides, LSE, DELTA, seq,
+def _dkdv_blocks(dk, dv, k, v, key_rows, columns, q_source, do_source, qdo_strides, LSE, DELTA, seq,
                  scoring, dropping, DQ_ACC, dq_acc_strides, softmax_scale, start, stop, SPEC: tl.constexpr,
                  BLOCK_M: tl.constexpr, MASKED: tl.constexpr, ATOMIC_DQ: tl.constexpr, TMA: tl.constexpr):
-    """Adds to dk, dv (BLOCK_N, BLOCK_D) the terms of the query rows [start, stop) of one head, whose q and dO
-    come from q_source and do_source (see _query_rows; qdo_strides: q's row and column strides, then dO's); with
+    """Adds to dk (BLOCK_N, BLOCK_D) and dv (BLOCK_N, BLOCK_DV) the terms of the query rows [start, stop) of one
+    head, whose q and dO come from q_source and do_source (see _query_rows; qdo_strides: q's row and column
+    strides, then dO's; columns: head_columns' four); with
     ATOMIC_DQ also adds this key block's share of dq to DQ_ACC with atomics. Works on the transposed tile (keys x
     queries) so that both products take their operands as loaded. Query rows past Tq load as zeros with lse
     +inf, so they add nothing; key rows past Tk are never stored."""
+    offs_d, d_mask, offs_dv, dv_mask = columns
     for start_m in range(start, stop, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_mask = offs_m < seq[0]
         q_mask = row_mask[:, None] & d_mask[None, :]
+        do_mask = row_mask[:, None] & dv_mask[None, :]
         q = _query_rows(q_source, start_m, offs_m, offs_d, qdo_strides[0], qdo_strides[1], q_mask, TMA=TMA)
         lse = tl.load(LSE + offs_m, mask=row_mask, other=float("inf")) * LOG2E
         qk_t = tl.dot(k, tl.trans(q), input_precision=SPEC.INPUT_PRECISION)
@@ -497,7 +500,7 @@ def _dkdv_blocks(dk, dv, k, v, key_rows, offs_d, d_mask, q_source, do_source, qd
         p_t = tl.exp2(scores_t * scale - lse[None, :])
         if MASKED:
             p_t = tl.where(_visible(offs_m[None, :], key_rows[:, None], seq, SPEC), p_t, 0.0)
-        do = _query_rows(do_source, start_m, offs_m, offs_d, qdo_strides[2], qdo_strides[3], q_mask, TMA=TMA)
+        do = _query_rows(do_source, start_m, offs_m, offs_dv, qdo_strides[2], qdo_strides[3], do_mask, TMA=TMA)
         keep_t = p_t > 0.0  # a placeholder unless DROPOUT
         dropped_p_t = p_t
         if SPEC.DROPOUT:
@@ -521,18 +524,19 @@ def _dkdv_blocks(dk, dv, k, v, key_rows, offs_d, d_mask, q_source, do_source, qd
 
 @triton.jit
 def attention_backward_dkdv_kernel(
-        Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, MASK, ALIBI, SEED, CU_SEQLENS_Q, CU_SEQLENS_K, SINKS, mods, blocks,
-        q_strides, k_strides, v_strides, do_strides, dkv_strides, dq_acc_strides, mask_strides, alibi_strides,
+        Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, MASK, ALIBI, SEED, CU_SEQLENS_Q, CU_SEQLENS_K, mods, blocks,
+        q_strides, k_strides, v_strides, do_strides, dk_strides, dv_strides, dq_acc_strides, mask_strides,
+        alibi_strides,
         dims, bounds, scales,
         SPEC: tl.constexpr, ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         TMA: tl.constexpr):
     """One program: BLOCK_N keys of one (batch, kv head); loops over every query head of its group, so a grouped
-    K/V head's gradient is summed in registers. dk and dv share one layout (dkv_strides). With ATOMIC_DQ (the
+    K/V head's gradient is summed in registers. With ATOMIC_DQ (the
     single-pass backward) it also adds dq, already scaled, into DQ_ACC (B, Hq, Tq, D) float32, zero-initialised,
     with atomics: 5 matrix products per (query block, key block) pair instead of the two-kernel backward's 7, at
     the price of an order of float32 additions that changes from run to run (else DQ_ACC is None). TMA (a tuning
-    choice on Hopper and newer) loads q and dO through tensor descriptors. The rest as in the forward (SINKS is
-    not read: the forward's lse holds the sinks). Grid: (cdiv(Tk, BLOCK_N), B * Hkv)."""
+    choice on Hopper and newer) loads q and dO through tensor descriptors. The rest as in the forward (no SINKS:
+    the forward's lse holds the sinks). Grid: (cdiv(Tk, BLOCK_N), B * Hkv)."""
     num_heads, group_size = dims[1], dims[2]
     num_kv_heads = num_heads // group_size
     start_n = tl.program_id(0) * BLOCK_N
@@ -542,18 +546,21 @@ def attention_backward_dkdv_kernel(
     seqlen_q, seqlen_k, causal_offset, window_offset, _ = seq
     K += _head(k_strides, memory_batch, kv_head, k_start)
     V += _head(v_strides, memory_batch, kv_head, k_start)
-    DK += _head(dkv_strides, memory_batch, kv_head, k_start)
-    DV += _head(dkv_strides, memory_batch, kv_head, k_start)
+    if SPEC.HEAD_DIM_V == SPEC.HEAD_DIM:  # dv is then laid out as dk (the launcher makes both): one address sum
+        dv_strides = dk_strides
+    DK += _head(dk_strides, memory_batch, kv_head, k_start)
+    DV += _head(dv_strides, memory_batch, kv_head, k_start)
 
     key_rows = start_n + tl.arange(0, BLOCK_N)
+    columns = head_columns(SPEC)
+    offs_d, d_mask, offs_dv, dv_mask = columns
+    k_mask, v_mask = _key_masks(key_rows, seq, d_mask, dv_mask, MASKED=True)
+    k = tl.load(_tile(K, key_rows, offs_d, k_strides[2], k_strides[3]), mask=k_mask, other=0.0)
+    v = tl.load(_tile(V, key_rows, offs_dv, v_strides[2], v_strides[3]), mask=v_mask, other=0.0)
     BLOCK_D: tl.constexpr = SPEC.BLOCK_D  # a shape needs a constexpr, not a field's plain int
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < SPEC.HEAD_DIM
-    kv_mask = (key_rows[:, None] < seqlen_k) & d_mask[None, :]
-    k = tl.load(_tile(K, key_rows, offs_d, k_strides[2], k_strides[3]), mask=kv_mask, other=0.0)
-    v = tl.load(_tile(V, key_rows, offs_d, v_strides[2], v_strides[3]), mask=kv_mask, other=0.0)
+    BLOCK_DV: tl.constexpr = SPEC.BLOCK_DV
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     # A key block past its sequence's end (VARLEN: the grid is sized for the longest) visits no query.
     visited_q = seqlen_q
     if SPEC.VARLEN:
@@ -577,27 +584,27 @@ def attention_backward_dkdv_kernel(
         if TMA:
             q_source = tl.make_tensor_descriptor(Q, [seqlen_q, SPEC.HEAD_DIM], [q_strides[2], 1],
                                                  [BLOCK_M, SPEC.BLOCK_D])
-            do_source = tl.make_tensor_descriptor(DO, [seqlen_q, SPEC.HEAD_DIM], [do_strides[2], 1],
-                                                  [BLOCK_M, SPEC.BLOCK_D])
+            do_source = tl.make_tensor_descriptor(DO, [seqlen_q, SPEC.HEAD_DIM_V], [do_strides[2], 1],
+                                                  [BLOCK_M, SPEC.BLOCK_DV])
         if SPEC.SPARSE_Q:  # the query blocks a block mask lists for this key block: full, then partial ones
             for full in tl.static_range(2):
                 count, indices = _block_list(blocks, batch, head, start_n // SPEC.SPARSE_KV, FULL=full == 0)
                 for index in range(count):
                     start_m = tl.load(indices + index) * SPEC.SPARSE_Q
-                    dk, dv = _dkdv_blocks(dk, dv, k, v, key_rows, offs_d, d_mask, q_source, do_source, qdo_strides,
+                    dk, dv = _dkdv_blocks(dk, dv, k, v, key_rows, columns, q_source, do_source, qdo_strides,
                                           LSE, DELTA, seq, scoring, dropping, DQ_ACC, dq_acc_strides, scales[1],
                                           start_m, tl.minimum(start_m + SPEC.SPARSE_Q, seqlen_q), SPEC, BLOCK_M,
                                           MASKED=full == 1, ATOMIC_DQ=ATOMIC_DQ, TMA=TMA)
         else:  # query rows in three stages: the diagonal (masked), the rows that see every key of the block (no
             # mask), the window's far edge (masked)
-            dk, dv = _dkdv_blocks(dk, dv, k, v, key_rows, offs_d, d_mask, q_source, do_source, qdo_strides, LSE,
+            dk, dv = _dkdv_blocks(dk, dv, k, v, key_rows, columns, q_source, do_source, qdo_strides, LSE,
                                   DELTA, seq, scoring, dropping, DQ_ACC, dq_acc_strides, scales[1], lo, full_start,
                                   SPEC, BLOCK_M, MASKED=True, ATOMIC_DQ=ATOMIC_DQ, TMA=TMA)
-            dk, dv = _dkdv_blocks(dk, dv, k, v, key_rows, offs_d, d_mask, q_source, do_source, qdo_strides, LSE,
+            dk, dv = _dkdv_blocks(dk, dv, k, v, key_rows, columns, q_source, do_source, qdo_strides, LSE,
                                   DELTA, seq, scoring, dropping, DQ_ACC, dq_acc_strides, scales[1], full_start,
                                   full_end, SPEC, BLOCK_M, MASKED=False, ATOMIC_DQ=ATOMIC_DQ, TMA=TMA)
             if SPEC.WINDOW:
-                dk, dv = _dkdv_blocks(dk, dv, k, v, key_rows, offs_d, d_mask, q_source, do_source, qdo_strides, LSE,
+                dk, dv = _dkdv_blocks(dk, dv, k, v, key_rows, columns, q_source, do_source, qdo_strides, LSE,
                                       DELTA, seq, scoring, dropping, DQ_ACC, dq_acc_strides, scales[1], full_end,
                                       hi, SPEC, BLOCK_M, MASKED=True, ATOMIC_DQ=ATOMIC_DQ, TMA=TMA)
         Q += q_strides[1]
@@ -607,27 +614,24 @@ def attention_backward_dkdv_kernel(
         LSE += dims[3]
         DELTA += dims[3]
         head += 1
-    tl.store(_tile(DK, key_rows, offs_d, dkv_strides[2], dkv_strides[3]),
-             (dk * scales[1]).to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(_tile(DV, key_rows, offs_d, dkv_strides[2], dkv_strides[3]), dv.to(DV.dtype.element_ty),
-             mask=kv_mask)
+    tl.store(_tile(DK, key_rows, offs_d, dk_strides[2], dk_strides[3]), (dk * scales[1]).to(DK.dtype.element_ty),
+             mask=k_mask)
+    tl.store(_tile(DV, key_rows, offs_dv, dv_strides[2], dv_strides[3]), dv.to(DV.dtype.element_ty), mask=v_mask)
 
 
 @triton.jit
-def _dq_blocks(dq, q, do, lse, delta, offs_m, d_mask, k_source, v_source, kv_row_strides, seq, scoring, dropping,
+def _dq_blocks(dq, q, do, lse, delta, offs_m, d_masks, k_source, v_source, kv_row_strides, seq, scoring, dropping,
                DBIAS, dbias_strides, start, stop, SPEC: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
                BIAS_GRAD: tl.constexpr, TMA: tl.constexpr):
     """Adds to dq (BLOCK_M, BLOCK_D) the terms of the key blocks [start, stop), whose k and v come from k_source
-    and v_source (see _rows); with BIAS_GRAD also stores the logits' gradient of those blocks to DBIAS (one
-    head's (Tq, Tk) matrix; dbias_strides its row and key strides)."""
+    and v_source (see _rows; d_masks: (d_mask, dv_mask), see head_columns); with BIAS_GRAD also stores the logits'
+    gradient of those blocks to DBIAS (one head's (Tq, Tk) matrix; dbias_strides its row and key strides)."""
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(start, stop, BLOCK_N):
         key_rows = start_n + offs_n
-        kv_mask = d_mask[None, :]
-        if MASKED:
-            kv_mask = kv_mask & (key_rows[:, None] < seq[1])
-        k = _rows(k_source, start_n, kv_row_strides[0], kv_mask, TMA=TMA)
-        v = _rows(v_source, start_n, kv_row_strides[1], kv_mask, TMA=TMA)
+        k_mask, v_mask = _key_masks(key_rows, seq, d_masks[0], d_masks[1], MASKED)
+        k = _rows(k_source, start_n, kv_row_strides[0], k_mask, TMA=TMA)
+        v = _rows(v_source, start_n, kv_row_strides[1], v_mask, TMA=TMA)
         qk = tl.dot(q, tl.trans(k), input_precision=SPEC.INPUT_PRECISION)
         scores, scale, tanh = _scores(qk, offs_m[:, None], key_rows[None, :], seq, scoring, SPEC, MASKED)
         p = tl.exp2(scores * scale - lse[:, None])
@@ -650,7 +654,7 @@ def _dq_blocks(dq, q, do, lse, delta, offs_m, d_mask, k_source, v_source, kv_row
 
 @triton.jit
 def attention_backward_dq_kernel(
-        Q, K, V, DO, LSE, DELTA, DQ, DBIAS, MASK, ALIBI, SEED, CU_SEQLENS_Q, CU_SEQLENS_K, SINKS, mods, blocks,
+        Q, K, V, DO, LSE, DELTA, DQ, DBIAS, MASK, ALIBI, SEED, CU_SEQLENS_Q, CU_SEQLENS_K, mods, blocks,
         q_strides, k_strides, v_strides, do_strides, dq_strides, dbias_strides, mask_strides, alibi_strides,
         dims, bounds, scales,
         SPEC: tl.constexpr, BIAS_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -658,7 +662,7 @@ def attention_backward_dq_kernel(
     """One program: BLOCK_M query rows of one (batch, head). With BIAS_GRAD it also writes the gradient of an
     additive mask, DBIAS (B, Hq, Tq, Tk) float32, zero-initialised (blocks never visited stay 0; else DBIAS is
     None). TMA (a tuning choice on Hopper and newer) loads k and v through tensor descriptors. The rest as in the
-    forward (SINKS is not read: the forward's lse holds the sinks). Grid: (cdiv(Tq, BLOCK_M), B * Hq)."""
+    forward (no SINKS: the forward's lse holds the sinks). Grid: (cdiv(Tq, BLOCK_M), B * Hq)."""
     # causal rows near the end see the most keys: those programs start first (FlashAttention-2, 3.3)
     start_m, batch, head, kv_head = _query_program(tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(1),
                                                    dims[1], dims[2], BLOCK_M)
@@ -680,20 +684,21 @@ def attention_backward_dq_kernel(
     dropping = _dropping(SEED, tl.program_id(1), scales, SPEC)
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    BLOCK_D: tl.constexpr = SPEC.BLOCK_D  # a shape needs a constexpr, not a field's plain int
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < SPEC.HEAD_DIM
+    offs_d, d_mask, offs_dv, dv_mask = head_columns(SPEC)
+    d_masks = (d_mask, dv_mask)
     row_mask = offs_m < seqlen_q
     q_mask = row_mask[:, None] & d_mask[None, :]
     q = tl.load(_tile(Q, offs_m, offs_d, q_strides[2], q_strides[3]), mask=q_mask, other=0.0)
-    do = tl.load(_tile(DO, offs_m, offs_d, do_strides[2], do_strides[3]), mask=q_mask, other=0.0)
+    do = tl.load(_tile(DO, offs_m, offs_dv, do_strides[2], do_strides[3]), mask=row_mask[:, None] & dv_mask[None, :],
+                 other=0.0)
     lse = tl.load(LSE + offs_m, mask=row_mask, other=float("inf")) * LOG2E
     delta = tl.load(DELTA + offs_m, mask=row_mask, other=0.0)
     k_source = _row_source(K, seqlen_k, k_strides[2], k_strides[3], SPEC.HEAD_DIM, BLOCK_N, SPEC.BLOCK_D, TMA=TMA)
-    v_source = _row_source(V, seqlen_k, v_strides[2], v_strides[3], SPEC.HEAD_DIM, BLOCK_N, SPEC.BLOCK_D, TMA=TMA)
+    v_source = _row_source(V, seqlen_k, v_strides[2], v_strides[3], SPEC.HEAD_DIM_V, BLOCK_N, SPEC.BLOCK_DV, TMA=TMA)
     kv_row_strides = (k_strides[2], v_strides[2])
     dbias_tile_strides = (dbias_strides[2], dbias_strides[3])
 
+    BLOCK_D: tl.constexpr = SPEC.BLOCK_D  # a shape needs a constexpr, not a field's plain int
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo, full_start, full_end, hi = _key_range(start_m, seqlen_q, seqlen_k, causal_offset, window_offset,
                                               BLOCK_M, BLOCK_N, CAUSAL=SPEC.CAUSAL, WINDOW=SPEC.WINDOW)
@@ -702,19 +707,19 @@ def attention_backward_dq_kernel(
             count, indices = _block_list(blocks, batch, head, start_m // SPEC.SPARSE_Q, FULL=full == 0)
             for index in range(count):
                 start_n = tl.load(indices + index) * SPEC.SPARSE_KV
-                dq = _dq_blocks(dq, q, do, lse, delta, offs_m, d_mask, k_source, v_source, kv_row_strides, seq,
+                dq = _dq_blocks(dq, q, do, lse, delta, offs_m, d_masks, k_source, v_source, kv_row_strides, seq,
                                 scoring, dropping, DBIAS, dbias_tile_strides, start_n,
                                 tl.minimum(start_n + SPEC.SPARSE_KV, seqlen_k), SPEC, BLOCK_N, MASKED=full == 1,
                                 BIAS_GRAD=BIAS_GRAD, TMA=TMA)
     else:  # key blocks in three stages, as in the forward
         if SPEC.WINDOW:
-            dq = _dq_blocks(dq, q, do, lse, delta, offs_m, d_mask, k_source, v_source, kv_row_strides, seq, scoring,
+            dq = _dq_blocks(dq, q, do, lse, delta, offs_m, d_masks, k_source, v_source, kv_row_strides, seq, scoring,
                             dropping, DBIAS, dbias_tile_strides, lo, full_start, SPEC, BLOCK_N, MASKED=True,
                             BIAS_GRAD=BIAS_GRAD, TMA=TMA)
-        dq = _dq_blocks(dq, q, do, lse, delta, offs_m, d_mask, k_source, v_source, kv_row_strides, seq, scoring,
+        dq = _dq_blocks(dq, q, do, lse, delta, offs_m, d_masks, k_source, v_source, kv_row_strides, seq, scoring,
                         dropping, DBIAS, dbias_tile_strides, full_start, full_end, SPEC, BLOCK_N, MASKED=False,
                         BIAS_GRAD=BIAS_GRAD, TMA=TMA)
-        dq = _dq_blocks(dq, q, do, lse, delta, offs_m, d_mask, k_source, v_source, kv_row_strides, seq, scoring,
+        dq = _dq_blocks(dq, q, do, lse, delta, offs_m, d_masks, k_source, v_source, kv_row_strides, seq, scoring,
                         dropping, DBIAS, dbias_tile_strides, full_end, hi, SPEC, BLOCK_N, MASKED=True,
                         BIAS_GRAD=BIAS_GRAD, TMA=TMA)
     tl.store(_tile(DQ, offs_m, offs_d, dq_strides[2], dq_strides[3]),
@@ -759,10 +764,10 @@ def _allow_descriptors(device):
 
 
 def attention_forward(q, k, v, softmax_scale, features=Features()):
-    """Returns (out, lse): out (B, Hq, Tq, D) in q's dtype, lse (B, Hq, Tq) float32. See the module docstring."""
-    out = empty_bthd(*q.shape, q)
+    """Returns (out, lse): out (B, Hq, Tq, Dv) in q's dtype, lse (B, Hq, Tq) float32. See the module docstring."""
+    out = empty_bthd(*q.shape[:3], v.shape[3], q)
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
-    call = describe(q, k, features, softmax_scale)
+    call = describe(q, k, v, features, softmax_scale)
     batch, rows, keys = call.shape
     arch = device_arch(q.device)
     variants = forward_variants(arch, call.spec.has_features, _tma_ready(k) and _tma_ready(v))
@@ -794,10 +799,12 @@ class _Backward(NamedTuple):
     flex: Flex | None
 
     def tensors(self, **overrides):
-        """The keyword arguments both backward kernels take for the inputs, with overrides of the Call's."""
+        """The keyword arguments both backward kernels take for the inputs, with overrides of the Call's (but
+        SINKS: the forward's lse holds the sinks)."""
+        kwargs = {name: value for name, value in self.call.kwargs.items() if name != "SINKS"}
         return dict(Q=self.q, K=self.k, V=self.v, DO=self.grad_out, LSE=self.lse, DELTA=self.delta,
                     q_strides=self.q.stride(), k_strides=self.k.stride(), v_strides=self.v.stride(),
-                    do_strides=self.grad_out.stride(), **{**self.call.kwargs, **overrides})
+                    do_strides=self.grad_out.stride(), **{**kwargs, **overrides})
 
 
 def _dkdv(backward, dq_acc=None):
@@ -805,13 +812,13 @@ def _dkdv(backward, dq_acc=None):
     single pass."""
     k = backward.k
     dk = empty_bthd(*k.shape, k)
-    dv = empty_bthd(*k.shape, backward.v)
+    dv = empty_bthd(*backward.v.shape, backward.v)
     name = "backward_dkdv" if dq_acc is None else "backward_single_pass"
     batch, rows, keys = backward.call.shape
     kernel = autotuned(attention_backward_dkdv_kernel, name, device_arch(k.device), k.dtype, rows, keys,
                        backward.call.spec, backward.loads)
     grid = lambda meta: (triton.cdiv(keys, meta["BLOCK_N"]), batch * k.shape[1])
-    kernel[grid](DK=dk, DV=dv, DQ_ACC=dq_acc, dkv_strides=dk.stride(),
+    kernel[grid](DK=dk, DV=dv, DQ_ACC=dq_acc, dk_strides=dk.stride(), dv_strides=dv.stride(),
                  dq_acc_strides=dq_acc.stride() if dq_acc is not None else (0, 0, 0, 0),
                  **backward.tensors(blocks=block_lists(backward.flex.q_blocks) if backward.flex else None),
                  ATOMIC_DQ=dq_acc is not None)
@@ -852,14 +859,13 @@ def attention_backward(grad_out, grad_lse, q, k, v, out, lse, softmax_scale, fea
     else None. From the forward's out and lse and the gradients
     of both (grad_lse: float32 (B, Hq, Tq), contiguous). The two-kernel or the single-pass variant, whichever
     ran faster for this kind of call (attention_tuning's docstring)."""
-    batch, num_heads, seqlen_q, head_dim = q.shape
-    call = describe(q, k, features, softmax_scale)
-    block_d = call.spec.BLOCK_D
+    batch, num_heads, seqlen_q = q.shape[:3]
+    call = describe(q, k, v, features, softmax_scale)
     delta = torch.empty_like(lse)
-    rows = delta_block(block_d)
+    rows = delta_block(call.spec.BLOCK_DV)
     attention_backward_delta_kernel[(triton.cdiv(seqlen_q, rows), batch * num_heads)](
         out, grad_out, grad_lse, delta, *out.stride(), *grad_out.stride(), num_heads, seqlen_q,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=rows, maxnreg=MAX_REGISTERS)
+        HEAD_DIM=call.spec.HEAD_DIM_V, BLOCK_D=call.spec.BLOCK_DV, BLOCK_M=rows, maxnreg=MAX_REGISTERS)
     arch = device_arch(q.device)
     loads = backward_loads(arch, call.spec.has_features, all(_tma_ready(t) for t in (q, k, v, grad_out)))
     if loads != ("pointers",):
@@ -867,7 +873,7 @@ def attention_backward(grad_out, grad_lse, q, k, v, out, lse, softmax_scale, fea
     backward = _Backward(q, k, v, grad_out, lse, delta, call, loads, features.flex)
     runs = {"two_kernel": lambda: _two_kernel_backward(backward, mask_grad),
             "single_pass": lambda: _single_pass_backward(backward)}
-    choices = backward_choices(arch, block_d, features.deterministic, mask_grad)
+    choices = backward_choices(arch, call.spec.tile_dim, features.deterministic, mask_grad)
     key = (arch, q.dtype, num_heads // k.shape[1], call.spec, loads, length_bucket(call.shape[1]),
            length_bucket(call.shape[2]))
     dq, dk, dv, dmask = runs[fastest(key, {name: runs[name] for name in choices})]()

@@ -1,7 +1,7 @@
 """Device helpers that the attention kernels (gptfast.kernels.attention) and the split-KV decoding kernel
 (gptfast.kernels.decode) share: which (query, key) pairs the bounds let attend, a tile's scores with every
 feature, one key block's step of the online softmax, and a flex call's mask mods (also evaluated per block by
-gptfast.kernels.block_mask)."""
+gptfast.kernels.block_mask), a spec's head-dim columns and where a row's softmax starts (its sink)."""
 import triton
 import triton.language as tl
 
@@ -81,3 +81,32 @@ def mask_mods(batch, head, q_idx, kv_idx, mask_args, MASK_MOD: tl.constexpr):
             seen = seen & MASK_MOD[term][factor](batch, head, q_idx, kv_idx, mask_args[term][factor])
         visible = visible | seen
     return visible
+
+
+@triton.jit
+def head_columns(SPEC: tl.constexpr):
+    """(offs_d, d_mask, offs_dv, dv_mask): the padded head-dim columns of q and k and those of v and the output,
+    and which of them are real; the same values when the two head dims agree."""
+    BLOCK_D: tl.constexpr = SPEC.BLOCK_D  # a shape needs a constexpr, not a field's plain int
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < SPEC.HEAD_DIM
+    offs_dv = offs_d
+    dv_mask = d_mask
+    if SPEC.BLOCK_DV != SPEC.BLOCK_D or SPEC.HEAD_DIM_V != SPEC.HEAD_DIM:
+        BLOCK_DV: tl.constexpr = SPEC.BLOCK_DV
+        offs_dv = tl.arange(0, BLOCK_DV)
+        dv_mask = offs_dv < SPEC.HEAD_DIM_V
+    return offs_d, d_mask, offs_dv, dv_mask
+
+
+@triton.jit
+def softmax_start(SINKS, head, BLOCK_M: tl.constexpr, WITH_SINK: tl.constexpr):
+    """(row_sum, row_max) that a row's online softmax starts from: nothing seen, or WITH_SINK the sink logit of
+    head (a scalar, or a head per row), in log2 units (the running max), whose exp joins the sum; it takes no
+    value, so acc starts at 0 still and a row that sees no key gets output 0 and lse = the sink."""
+    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    if WITH_SINK:
+        row_sum += 1.0
+        row_max = row_sum * (tl.load(SINKS + head) * LOG2E)
+    return row_sum, row_max

@@ -18,13 +18,15 @@ CAUSAL_NONE, CAUSAL_TOP_LEFT, CAUSAL_BOTTOM_RIGHT = 0, 1, 2
 
 
 class Spec(NamedTuple):
-    """The attention kernels' compile-time switches. HEAD_DIM is the real head dim, BLOCK_D its padded block;
-    INPUT_PRECISION the dots' ("ieee", or "tf32" for float32 inputs when torch allows it). CAUSAL, WINDOW: the
-    bounds (module docstring of gptfast.kernels.attention); MASK_KIND: MASK_NONE, MASK_BOOLEAN or MASK_ADDITIVE;
-    ALIBI: per-head slopes; SOFTCAP: tanh softcapping; DROPOUT: on the weights; VARLEN: sequences packed along T;
-    SINKS: one learned logit per head in every row's softmax denominator (gpt-oss).
+    """The attention kernels' compile-time switches. HEAD_DIM is the real head dim of queries and keys, BLOCK_D its
+    padded block; HEAD_DIM_V and BLOCK_DV the same for values and the output (DeepSeek's MLA attends with 192-wide
+    queries and keys and 128-wide values); INPUT_PRECISION the dots' ("ieee", or "tf32" for float32 inputs when
+    torch allows it). CAUSAL, WINDOW: the bounds (module docstring of gptfast.kernels.attention); MASK_KIND:
+    MASK_NONE, MASK_BOOLEAN or MASK_ADDITIVE; ALIBI: per-head slopes; SOFTCAP: tanh softcapping; DROPOUT: on the
+    weights; VARLEN: sequences packed along T; SINKS: one learned logit per head in every row's softmax
+    denominator (gpt-oss).
 
-    Programmable attention (gptfast.flex; its calls set none of the switches above but HEAD_DIM, BLOCK_D and
+    Programmable attention (gptfast.flex; its calls set none of the switches above but the head dims and
     INPUT_PRECISION): SCORE_MOD, a @triton.jit score_mod(score, batch, head, q_idx, kv_idx, args) -> score;
     SCORE_GRAD, its derivative, score_grad(grad, score, batch, head, q_idx, kv_idx, args) -> the gradient
     reaching score; SCORE_ARG_GRAD, None or score_arg_grad(grad, score, batch, head, q_idx, kv_idx, args, grads),
@@ -34,6 +36,8 @@ class Spec(NamedTuple):
     without one): the kernels visit only the blocks its lists name, evaluating MASK_MOD on the partial ones."""
     HEAD_DIM: int
     BLOCK_D: int
+    HEAD_DIM_V: int
+    BLOCK_DV: int
     INPUT_PRECISION: str = "ieee"
     CAUSAL: bool = False
     WINDOW: bool = False
@@ -57,6 +61,12 @@ class Spec(NamedTuple):
         return f"Spec({', '.join(f'{name}={_keyed(value)}' for name, value in zip(self._fields, self))})"
 
     @property
+    def tile_dim(self):
+        """The padded head dim that picks the tuning tiles: the wider of the two (a tile that holds a head dim of
+        256 in q, k, v and the output holds 192 or 128 in some of them)."""
+        return max(self.BLOCK_D, self.BLOCK_DV)
+
+    @property
     def has_features(self):
         """Whether the call adds a feature past the bounds: a mask, ALiBi, softcapping, dropout, or packed
         sequences (VARLEN: its per-sequence offsets cost registers). Such calls take the feature tiles, which
@@ -77,15 +87,21 @@ class Spec(NamedTuple):
         return tuple(name for name, off in unused.items() if off)
 
     @classmethod
-    def plain(cls, block_d, precision):
-        """The plain causal call: GPT training's."""
-        return cls(block_d, block_d, precision, CAUSAL=True)
+    def dims(cls, block_d, precision, block_dv=None, **switches):
+        """A spec of real head dims equal to their blocks (block_dv: block_d unless given), with switches."""
+        block_dv = block_d if block_dv is None else block_dv
+        return cls(block_d, block_d, block_dv, block_dv, precision, **switches)
 
     @classmethod
-    def every_feature(cls, block_d, precision):
+    def plain(cls, block_d, precision, block_dv=None):
+        """The plain causal call: GPT training's."""
+        return cls.dims(block_d, precision, block_dv, CAUSAL=True)
+
+    @classmethod
+    def every_feature(cls, block_d, precision, block_dv=None):
         """Every switch on at once (an additive mask): the most registers any call needs."""
-        return cls(block_d, block_d, precision, CAUSAL=True, WINDOW=True, MASK_KIND=MASK_ADDITIVE.value, ALIBI=True,
-                   SOFTCAP=True, DROPOUT=True, VARLEN=True, SINKS=True)
+        return cls.dims(block_d, precision, block_dv, CAUSAL=True, WINDOW=True, MASK_KIND=MASK_ADDITIVE.value,
+                        ALIBI=True, SOFTCAP=True, DROPOUT=True, VARLEN=True, SINKS=True)
 
 
 def _keyed(value):
@@ -169,8 +185,9 @@ class Call(NamedTuple):
     kwargs: dict
 
 
-def describe(q, k, features, softmax_scale):
-    """The Call for q (B, Hq, Tq, D) and k (B, Hkv, Tk, D) (packed: B = 1, T the totals) with features. kwargs:
+def describe(q, k, v, features, softmax_scale):
+    """The Call for q (B, Hq, Tq, D), k (B, Hkv, Tk, D) and v (B, Hkv, Tk, Dv) (packed: B = 1, T the totals) with
+    features. kwargs:
     the optional tensors (MASK, ALIBI, SEED, CU_SEQLENS_Q, CU_SEQLENS_K, SINKS; None when absent), the flex
     call's mods and blocks (None without; see with_flex), mask_strides (4) and
     alibi_strides (2) (0 where broadcast or absent), dims (batch, Hq, group size, Tq, Tk), bounds (causal_offset,
@@ -188,9 +205,11 @@ def describe(q, k, features, softmax_scale):
     if slopes is not None:
         slopes = slopes.expand(shape[0], num_heads)
     mask_kind = MASK_NONE if mask is None else MASK_BOOLEAN if mask.dtype == torch.bool else MASK_ADDITIVE
-    spec = Spec(head_dim, padded_head_dim(head_dim), input_precision(q.dtype), CAUSAL=right >= 0, WINDOW=left >= 0,
-                MASK_KIND=mask_kind.value, ALIBI=slopes is not None, SOFTCAP=features.softcap > 0,
-                DROPOUT=features.dropout_p > 0, VARLEN=features.varlen is not None, SINKS=features.sinks is not None)
+    head_dim_v = v.shape[3]
+    spec = Spec(head_dim, padded_head_dim(head_dim), head_dim_v, padded_head_dim(head_dim_v), input_precision(q.dtype),
+                CAUSAL=right >= 0, WINDOW=left >= 0, MASK_KIND=mask_kind.value, ALIBI=slopes is not None,
+                SOFTCAP=features.softcap > 0, DROPOUT=features.dropout_p > 0, VARLEN=features.varlen is not None,
+                SINKS=features.sinks is not None)
     cu_seqlens = features.varlen[:2] if features.varlen else (None, None)
     # Bottom-right offsets count Tk - Tq; with varlen the kernels add each sequence's own.
     offset = 0 if features.causal == CAUSAL_TOP_LEFT or features.varlen else seqlen_k - seqlen_q

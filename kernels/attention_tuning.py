@@ -50,8 +50,10 @@ class Tile(NamedTuple):
 UP_TO_64, UP_TO_128, UP_TO_256 = (16, 32, 64), (16, 32, 64, 128), (16, 32, 64, 128, 256)
 ONLY_256 = (256,)
 # ptxas otherwise sometimes holds a config far below the register file (72 registers where 255 are free) and
-# spills a word; the cap lets it use what the config's warps leave.
+# spills a word; the cap lets it use what the config's warps leave. (A cap of 65536 / threads at 16 warps made
+# ptxas spill 8 bytes where it used 114 registers under this one: `gptfast inspect` checks the block fits instead.)
 MAX_REGISTERS = 255
+REGISTER_FILE = 65536  # 32-bit registers per multiprocessor on every listed arch: one block must fit in it
 TMA_ARCHS = ("sm_90", "sm_100")
 SINGLE_PASS_MAX_HEAD_DIM = 128
 KERNELS = ("forward", "backward_dkdv", "backward_dq", "backward_single_pass")
@@ -284,10 +286,11 @@ def _autotuner(kernel, kernel_name, table, block_d, features, modded, variants, 
 
 
 def autotuned(kernel, kernel_name, arch, dtype, seqlen_q, seqlen_k, spec, variants=("pointers",)):
-    """The kernel wrapped in an autotuner over the configs that serve the arch, input dtype, padded head dim,
+    """The kernel wrapped in an autotuner over the configs that serve the arch, input dtype, padded head dim (the
+    wider of the two, Spec.tile_dim),
     features (attention_spec.Spec.has_features, modded) and length buckets, for each of the variants
     (configs_for)."""
-    return _autotuner(kernel, kernel_name, config_table(arch, dtype), spec.BLOCK_D, spec.has_features, spec.modded,
+    return _autotuner(kernel, kernel_name, config_table(arch, dtype), spec.tile_dim, spec.has_features, spec.modded,
                       variants, length_bucket(seqlen_q), length_bucket(seqlen_k))
 
 

@@ -10,13 +10,14 @@ Grouped-query heads are packed into one program's rows (the rows of a block are 
 pairs, query-major), so each key is loaded once per kv head, not once per query head.
 
 Layouts:
-    q: (B, Tq, Hq, D), any strides. k_cache, v_cache: (pages, page_size, Hkv, D), any strides: a paged pool
-    addressed through block_table (B, pages per sequence) int32, key j of sequence b at page
+    q: (B, Tq, Hq, D), any strides. k_cache, v_cache: (pages, page_size, Hkv, D) and (.., .., Hkv, Dv), any
+    strides: a paged pool addressed through block_table (B, pages per sequence) int32, key j of sequence b at page
     block_table[b, j // page_size], slot j % page_size; a plain cache (B_cache, T_cache, Hkv, D) is the pool of
     one page per sequence (page_size = T_cache, block_table = the cache row of each sequence, (B, 1)).
     seqlens: (B,) int32, keys [first, seqlens[b]) are visible, first = leftpad[b] with LEFTPAD else 0.
     Query t of sequence b sits at key position seqlens[b] - Tq + t (bottom-right, as flash-attn's KV cache).
-    out: (B, Tq, Hq, D) in q's dtype; lse: (B, Hq, Tq) float32, +inf for a row that sees no key.
+    out: (B, Tq, Hq, Dv) in q's dtype; lse: (B, Hq, Tq) float32, +inf for a row that sees no key (the sink with
+    sinks: (Hq,) float32 logits, one per query head, in every row's softmax denominator, taking no value).
 """
 import functools
 
@@ -25,7 +26,8 @@ import triton
 import triton.language as tl
 
 from gptfast.kernels import device_arch, input_precision, multiprocessors, padded_head_dim, tuned
-from gptfast.kernels.attention_blocks import online_softmax, tile_scores, visible_pairs
+from gptfast.kernels.attention_blocks import head_columns, online_softmax, softmax_start, tile_scores, visible_pairs
+from gptfast.kernels.attention_spec import Spec
 from gptfast.kernels.attention_tuning import MAX_REGISTERS, length_bucket
 from gptfast.kernels.math import LOG2E
 
@@ -56,69 +58,70 @@ def _key_span(row_block, seqlen_q, seqlen_k, first_key, group_size, causal_right
 
 @triton.jit
 def attention_decode_kernel(
-        Q, K, V, O, LSE, BLOCK_TABLE, SEQLENS, LEFTPAD, ALIBI,
-        stride_qb, stride_qt, stride_qh, stride_qd,
-        stride_kp, stride_kt, stride_kh, stride_kd,
-        stride_vp, stride_vt, stride_vh, stride_vd,
-        stride_os, stride_ob, stride_ot, stride_oh, stride_od,
-        stride_ls, stride_lb, stride_lh, stride_lt,
-        stride_tb, stride_ab, stride_ah,
-        num_kv_heads, group_size, seqlen_q, page_size, causal_right, window_left, qk_scale, softcap,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-        ALIBI_SLOPES: tl.constexpr, SOFTCAP: tl.constexpr, LEFTPAD_KEYS: tl.constexpr, FINAL: tl.constexpr,
-        INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        Q, K, V, O, LSE, BLOCK_TABLE, SEQLENS, LEFTPAD, ALIBI, SINKS,
+        q_strides, k_strides, v_strides, o_strides, lse_steps, split_steps, table_stride, alibi_strides, sizes,
+        window_sides, score_scales,
+        SPEC: tl.constexpr, LEFTPAD_KEYS: tl.constexpr, FINAL: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr):
     """One program: BLOCK_M (query, group head) rows of one (batch, kv head), over one split of the keys. It
     writes the rows' partial output and lse at O[split], LSE[split] (float32; lse -inf for a split that sees no
-    key), or with FINAL (a single split) the result itself (out in O's dtype, lse +inf for no key). causal_right
-    and window_left are flash-attn's window sizes (causal: right = 0). Grid: (cdiv(Tq * group, BLOCK_M),
-    B * Hkv, splits)."""
+    key), or with FINAL (a single split) the result itself (out in O's dtype, lse +inf for no key, the sink with
+    one). SPEC (attention_spec.Spec) reads HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, INPUT_PRECISION, CAUSAL,
+    WINDOW, ALIBI, SOFTCAP and SINKS (the sinks join a split's softmax only with FINAL; else the merge adds them
+    once). Strides: q's (b, t, h, d), the pools' (page, slot, h, d), a split's output (b, t, h, d), lse_steps its
+    lse (b, h, t), split_steps (output, lse) from one split to the next; sizes (Hkv, group size, Tq, page_size);
+    window_sides flash-attn's (right, left) window sizes (causal: right = 0; -1 unbounded); score_scales
+    (softmax_scale * log2(e), softcap). Grid: (cdiv(Tq * group, BLOCK_M), B * Hkv, splits)."""
+    num_kv_heads, group_size, seqlen_q, page_size = sizes
+    causal_right, window_left = window_sides
     row_block, split = tl.program_id(0), tl.program_id(2)
     batch = (tl.program_id(1) // num_kv_heads).to(tl.int64)
     kv_head = tl.program_id(1) % num_kv_heads
     rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
     query = rows // group_size
     head = (kv_head * group_size + rows % group_size).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < HEAD_DIM
-    q_mask = (query < seqlen_q)[:, None] & d_mask[None, :]
-    q = tl.load(Q + batch * stride_qb + query[:, None] * stride_qt + head[:, None] * stride_qh
-                + offs_d[None, :] * stride_qd, mask=q_mask, other=0.0)
+    offs_d, d_mask, offs_dv, dv_mask = head_columns(SPEC)
+    row_mask = query < seqlen_q
+    q = tl.load(Q + batch * q_strides[0] + query[:, None] * q_strides[1] + head[:, None] * q_strides[2]
+                + offs_d[None, :] * q_strides[3], mask=row_mask[:, None] & d_mask[None, :], other=0.0)
     seqlen_k = tl.load(SEQLENS + batch)
     first_key = 0
     if LEFTPAD_KEYS:
         first_key = tl.load(LEFTPAD + batch)
     slope = 0.0
-    if ALIBI_SLOPES:
-        slope = tl.load(ALIBI + batch * stride_ab + head * stride_ah)[:, None]
+    if SPEC.ALIBI:
+        slope = tl.load(ALIBI + batch * alibi_strides[0] + head * alibi_strides[1])[:, None]
     start, stop = _key_span(row_block, seqlen_q, seqlen_k, first_key, group_size, causal_right, window_left,
-                            tl.num_programs(2), split, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
-    K += kv_head * stride_kh
-    V += kv_head * stride_vh
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
-    row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+                            tl.num_programs(2), split, BLOCK_M, BLOCK_N, SPEC.CAUSAL, SPEC.WINDOW)
+    K += kv_head * k_strides[2]
+    V += kv_head * v_strides[2]
+    BLOCK_DV: tl.constexpr = SPEC.BLOCK_DV  # a shape needs a constexpr, not a field's plain int
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    row_sum, row_max = softmax_start(SINKS, head, BLOCK_M, SPEC.SINKS and FINAL)
     diagonal = seqlen_k - seqlen_q  # query t's position is t + diagonal
     for start_n in range(start, stop, BLOCK_N):
         keys = start_n + tl.arange(0, BLOCK_N)
-        page = tl.load(BLOCK_TABLE + batch * stride_tb + start_n // page_size).to(tl.int64)
+        page = tl.load(BLOCK_TABLE + batch * table_stride + start_n // page_size).to(tl.int64)
         slots = start_n % page_size + tl.arange(0, BLOCK_N)
-        kv_mask = (keys < seqlen_k)[:, None] & d_mask[None, :]
-        k = tl.load(K + page * stride_kp + slots[:, None] * stride_kt + offs_d[None, :] * stride_kd, mask=kv_mask,
-                    other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
+        in_cache = (keys < seqlen_k)[:, None]
+        k = tl.load(K + page * k_strides[0] + slots[:, None] * k_strides[1] + offs_d[None, :] * k_strides[3],
+                    mask=in_cache & d_mask[None, :], other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=SPEC.INPUT_PRECISION)
         scores, scale, _ = tile_scores(qk, query[:, None], keys[None, :], seqlen_q, seqlen_k, Q, slope, diagonal,
-                                       qk_scale, softcap, MASK_KIND=0, ALIBI=ALIBI_SLOPES, SOFTCAP=SOFTCAP)
+                                       score_scales[0], score_scales[1], MASK_KIND=0, ALIBI=SPEC.ALIBI,
+                                       SOFTCAP=SPEC.SOFTCAP)
         visible = visible_pairs(query[:, None], keys[None, :], seqlen_k, diagonal + causal_right,
-                                diagonal - window_left, CAUSAL=CAUSAL, WINDOW=WINDOW) & (keys >= first_key)[None, :]
-        scores = tl.where(visible, scores, float("-inf"))
+                                diagonal - window_left, CAUSAL=SPEC.CAUSAL, WINDOW=SPEC.WINDOW)
+        scores = tl.where(visible & (keys >= first_key)[None, :], scores, float("-inf"))
         p, correction, row_sum, row_max = online_softmax(scores, scale, row_sum, row_max)
-        v = tl.load(V + page * stride_vp + slots[:, None] * stride_vt + offs_d[None, :] * stride_vd, mask=kv_mask,
-                    other=0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc * correction[:, None], input_precision=INPUT_PRECISION)
-    _store_rows(acc, row_sum, row_max, O + split * stride_os + batch * stride_ob + query[:, None] * stride_ot
-                + head[:, None] * stride_oh + offs_d[None, :] * stride_od,
-                LSE + split * stride_ls + batch * stride_lb + head * stride_lh + query * stride_lt, q_mask,
-                query < seqlen_q, FINAL)
+        v = tl.load(V + page * v_strides[0] + slots[:, None] * v_strides[1] + offs_dv[None, :] * v_strides[3],
+                    mask=in_cache & dv_mask[None, :], other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc * correction[:, None], input_precision=SPEC.INPUT_PRECISION)
+    O += split * split_steps[0] + batch * o_strides[0]
+    _store_rows(acc, row_sum, row_max, O + query[:, None] * o_strides[1] + head[:, None] * o_strides[2]
+                + offs_dv[None, :] * o_strides[3],
+                LSE + split * split_steps[1] + batch * lse_steps[0] + head * lse_steps[1] + query * lse_steps[2],
+                row_mask[:, None] & dv_mask[None, :], row_mask, FINAL)
 
 
 @triton.jit
@@ -133,18 +136,26 @@ def _store_rows(acc, row_sum, row_max, out_tile, lse_rows, out_mask, row_mask, F
 
 
 @triton.jit
-def attention_combine_kernel(O_PART, LSE_PART, O, LSE, num_splits, rows,
-                             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+def attention_combine_kernel(O_PART, LSE_PART, O, LSE, SINKS, num_splits, rows, num_heads,
+                             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+                             WITH_SINK: tl.constexpr):
     """Merges the splits of one (b, t, h) row: O_PART (splits, B, Tq, Hq, D) and LSE_PART (splits, B, Tq, Hq)
     float32, contiguous, into O (B, Tq, Hq, D) in its dtype and LSE (B, Tq, Hq) float32, contiguous (rows =
-    B * Tq * Hq). Grid: (rows,)."""
+    B * Tq * Hq); WITH_SINK, head h's sink SINKS[h] joins the merge once, as a split of lse = the sink and no
+    value. Grid: (rows,)."""
     row = tl.program_id(0).to(tl.int64)
     splits = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
     lse = tl.load(LSE_PART + splits * rows + row, mask=splits < num_splits, other=float("-inf"))
     top = tl.max(lse, 0)
+    sink = float("-inf")
+    if WITH_SINK:
+        sink = tl.load(SINKS + row % num_heads)
+        top = tl.maximum(top, sink)
     weight = tl.where(lse == float("-inf"), 0.0, tl.exp2((lse - top) * LOG2E))
     total = tl.sum(weight, 0)
+    if WITH_SINK:
+        total += tl.exp2((sink - top) * LOG2E)
     parts = tl.load(O_PART + (splits[:, None] * rows + row) * HEAD_DIM + offs_d[None, :],
                     mask=(splits < num_splits)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
     out = tl.sum(parts * weight[:, None], 0) / tl.where(total == 0.0, 1.0, total)
@@ -181,8 +192,8 @@ def _autotuner(table, block_d, page_size, bucket_k):
     fitting = [t for t in tiles if t[0] <= page_size and t[0] <= max(bucket_k, 16)] or [min(tiles)]
     cap = {} if interpreted else {"maxnreg": MAX_REGISTERS}
     configs = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s, **cap) for n, w, s, _ in fitting]
-    return triton.autotune(configs=tuned(configs), key=["HEAD_DIM", "BLOCK_M", "CAUSAL", "WINDOW", "ALIBI_SLOPES",
-                                                        "SOFTCAP", "LEFTPAD_KEYS", "FINAL"])(attention_decode_kernel)
+    return triton.autotune(configs=tuned(configs), key=["SPEC", "BLOCK_M", "LEFTPAD_KEYS", "FINAL"])(
+        attention_decode_kernel)
 
 
 def auto_splits(programs, capacity, device):
@@ -193,44 +204,54 @@ def auto_splits(programs, capacity, device):
     return max(1, min(wanted, triton.cdiv(capacity, MIN_KEYS_PER_SPLIT), MAX_SPLITS))
 
 
+def decode_spec(q, v_cache, causal_right, window_left, softcap, alibi_slopes, sinks):
+    """The attention_spec.Spec of a decoding call: its head dims, dots' precision and switches."""
+    head_dim, head_dim_v = q.shape[3], v_cache.shape[3]
+    return Spec(head_dim, padded_head_dim(head_dim), head_dim_v, padded_head_dim(head_dim_v), input_precision(q.dtype),
+                CAUSAL=causal_right >= 0, WINDOW=window_left >= 0, ALIBI=alibi_slopes is not None, SOFTCAP=softcap > 0,
+                SINKS=sinks is not None)
+
+
 def decode_attention(q, k_cache, v_cache, block_table, seqlens, leftpad, softmax_scale, causal_right=-1,
-                     window_left=-1, softcap=0.0, alibi_slopes=None, num_splits=0):
-    """Returns (out (B, Tq, Hq, D) in q's dtype, lse (B, Hq, Tq) float32) for the layouts of the module docstring.
-    causal_right: -1 for no causal bound, else flash-attn's right window size (0 when causal); window_left: -1 or
-    the left window size. alibi_slopes: None or float32 broadcastable to (B, Hq). num_splits: 0 chooses
-    (auto_splits); more than MAX_SPLITS is capped there."""
-    batch, seqlen_q, num_heads, head_dim = q.shape
+                     window_left=-1, softcap=0.0, alibi_slopes=None, num_splits=0, sinks=None):
+    """Returns (out (B, Tq, Hq, Dv) in q's dtype, lse (B, Hq, Tq) float32) for the layouts of the module
+    docstring. causal_right: -1 for no causal bound, else flash-attn's right window size (0 when causal);
+    window_left: -1 or the left window size. alibi_slopes: None or float32 broadcastable to (B, Hq). num_splits:
+    0 chooses (auto_splits); more than MAX_SPLITS is capped there. sinks: None or float32 (Hq,), contiguous."""
+    batch, seqlen_q, num_heads = q.shape[:3]
     num_kv_heads, page_size = k_cache.shape[2], k_cache.shape[1]
     group = num_heads // num_kv_heads
-    block_d = padded_head_dim(head_dim)
-    block_m = query_block(seqlen_q * group, block_d, q.dtype)
+    spec = decode_spec(q, v_cache, causal_right, window_left, softcap, alibi_slopes, sinks)
+    block_m = query_block(seqlen_q * group, spec.tile_dim, q.dtype)
     row_blocks = triton.cdiv(seqlen_q * group, block_m)
     capacity = block_table.shape[1] * page_size
     splits = min(num_splits or auto_splits(row_blocks * batch * num_kv_heads, capacity, q.device), MAX_SPLITS)
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    out = q.new_empty((*q.shape[:3], spec.HEAD_DIM_V))
     lse = torch.empty((batch, num_heads, seqlen_q), dtype=torch.float32, device=q.device)
     if splits == 1:
         out_part, lse_part = out[None], lse[None]
     else:
-        out_part = torch.empty((splits, *q.shape), dtype=torch.float32, device=q.device)
+        out_part = torch.empty((splits, *out.shape), dtype=torch.float32, device=q.device)
         lse_part = torch.empty((splits, batch, seqlen_q, num_heads), dtype=torch.float32, device=q.device)
     slopes = alibi_slopes.expand(batch, num_heads) if alibi_slopes is not None else None
     lse_strides = lse_part.stride() if splits == 1 else lse_part.permute(0, 1, 3, 2).stride()  # (s, b, h, t)
     arch = device_arch(q.device)
     table = "interpreter" if arch == "interpreter" else "fp32" if q.dtype == torch.float32 else "16-bit"
-    kernel = _autotuner(table, block_d, page_size, length_bucket(capacity))
+    kernel = _autotuner(table, spec.tile_dim, page_size, length_bucket(capacity))
     kernel[(row_blocks, batch * num_kv_heads, splits)](
-        q, k_cache, v_cache, out_part, lse_part, block_table, seqlens, q if leftpad is None else leftpad,
-        q if slopes is None else slopes, *q.stride(), *k_cache.stride(), *v_cache.stride(), *out_part.stride(),
-        *lse_strides, block_table.stride(0), *(slopes.stride() if slopes is not None else (0, 0)), num_kv_heads,
-        group, seqlen_q, page_size, causal_right, window_left, softmax_scale * LOG2E.value, softcap,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal_right >= 0, WINDOW=window_left >= 0,
-        ALIBI_SLOPES=slopes is not None, SOFTCAP=softcap > 0, LEFTPAD_KEYS=leftpad is not None, FINAL=splits == 1,
-        INPUT_PRECISION=input_precision(q.dtype), BLOCK_M=block_m)
+        Q=q, K=k_cache, V=v_cache, O=out_part, LSE=lse_part, BLOCK_TABLE=block_table, SEQLENS=seqlens,
+        LEFTPAD=leftpad, ALIBI=slopes, SINKS=sinks, q_strides=q.stride(), k_strides=k_cache.stride(),
+        v_strides=v_cache.stride(), o_strides=out_part.stride()[1:], lse_steps=lse_strides[1:],
+        split_steps=(out_part.stride(0), lse_strides[0]), table_stride=block_table.stride(0),
+        alibi_strides=slopes.stride() if slopes is not None else (0, 0),
+        sizes=(num_kv_heads, group, seqlen_q, page_size), window_sides=(causal_right, window_left),
+        score_scales=(softmax_scale * LOG2E.value, softcap), SPEC=spec, LEFTPAD_KEYS=leftpad is not None,
+        FINAL=splits == 1, BLOCK_M=block_m)
     if splits > 1:
         lse_rows = torch.empty((batch, seqlen_q, num_heads), dtype=torch.float32, device=q.device)
         attention_combine_kernel[(batch * seqlen_q * num_heads,)](
-            out_part, lse_part, out, lse_rows, splits, batch * seqlen_q * num_heads, HEAD_DIM=head_dim,
-            BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(splits))
+            out_part, lse_part, out, lse_rows, sinks, splits, batch * seqlen_q * num_heads, num_heads,
+            HEAD_DIM=spec.HEAD_DIM_V, BLOCK_D=spec.BLOCK_DV, BLOCK_S=triton.next_power_of_2(splits),
+            WITH_SINK=sinks is not None)
         lse = lse_rows.transpose(1, 2)
     return out, lse

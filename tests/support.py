@@ -70,10 +70,12 @@ def reference_attention(q, k, v, causal=NONE, scale=None, window=(-1, -1), softc
         weights = weights * keep / (1 - dropout_p)
     return weights.to(q.dtype) @ v
 
-def random_qkv(batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim, dtype, seed):
+def random_qkv(batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim, dtype, seed, head_dim_v=None):
+    """Standard-normal q (B, Hq, Tq, D), k (B, Hkv, Tk, D) and v (B, Hkv, Tk, Dv), Dv = head_dim_v or D."""
     gen = torch.Generator().manual_seed(seed)
-    make = lambda h, t: torch.randn(batch, h, t, head_dim, generator=gen).to(DEVICE, dtype)
-    return make(heads, seqlen_q), make(kv_heads, seqlen_k), make(kv_heads, seqlen_k)
+    make = lambda h, t, d: torch.randn(batch, h, t, d, generator=gen).to(DEVICE, dtype)
+    return (make(heads, seqlen_q, head_dim), make(kv_heads, seqlen_k, head_dim),
+            make(kv_heads, seqlen_k, head_dim_v or head_dim))
 
 def mask_args(causal, seqlen_q, seqlen_k):
     if causal == TOP_LEFT:

@@ -3,6 +3,7 @@ dtype, causal variants, grouped heads, strided views; bad input; backend choice;
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -176,7 +177,7 @@ def test_the_accuracy_rule_can_fail(dtype, factor):
 
 def test_tf32_follows_torch_flag():
     q = torch.empty(1, 1, 1, 64)
-    precision = lambda q: describe(q, q, Features(), 1.0).spec.INPUT_PRECISION
+    precision = lambda q: describe(q, q, q, Features(), 1.0).spec.INPUT_PRECISION
     saved = torch.backends.cuda.matmul.allow_tf32
     try:
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -222,9 +223,8 @@ def test_flash_attn_func_wants_four_dims():
 
 @pytest.mark.parametrize("kwargs, args, gap", [
     ({}, _qkv(dtype=torch.float64), "float64"),
-    ({}, _qkv(shape_q=(1, 2, 8, 12)), "head_dim 12"),
     ({}, _qkv(shape_q=(1, 2, 8, 264)), "head_dim 264"),
-    ({}, _qkv(shape_v=(1, 2, 8, 32)), "value head_dim"),
+    ({}, _qkv(shape_v=(1, 2, 8, 272)), "value head_dim 272"),
     (dict(scale=-0.5), _qkv(), "softmax_scale -0.5"),
     (dict(scale=0.0), _qkv(), "softmax_scale 0.0"),
 ])
@@ -482,6 +482,8 @@ def test_flash_attn_signatures_bind_like_flash_attn():
         assert torch.equal(flash_attn_func(q, k, v, 0.0, 0.3, True, (4, 0)), expected)
         assert torch.equal(flash_attn_qkvpacked_func(qkv, 0.0, 0.3, True, (4, 0)), expected)
         assert torch.equal(flash_attn_kvpacked_func(q, qkv[:, :, 1:], 0.0, 0.3, True, (4, 0)), expected)
+        for window in ([4, 0], torch.tensor([4, 0]), (np.int64(4), 0)):  # any pair of ints, as flash-attn takes
+            assert torch.equal(flash_attn_func(q, k, v, 0.0, 0.3, True, window), expected)
 
 
 def test_every_feature_at_once():
@@ -505,6 +507,8 @@ def test_every_feature_at_once():
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(window_size=(-2, 5)), ValueError, r"window_size must be \(left, right\)"),
     (dict(window_size=(3,)), ValueError, "window_size"),
+    (dict(window_size=torch.tensor([1.5, 2.0])), ValueError, "window_size"),
+    (dict(window_size=(2.0, 1)), ValueError, "window_size"),
     (dict(softcap=-1.0), ValueError, "softcap must be >= 0"),
     (dict(alibi_slopes=torch.ones(3)), ValueError, r"alibi_slopes must have shape \(nheads,\) = \(2,\)"),
     (dict(alibi_slopes=torch.ones(2, dtype=torch.float64)), TypeError, "alibi_slopes must be a float32"),

@@ -52,8 +52,19 @@ def test_every_row_block_has_a_layernorm_config():
 def test_a_spilling_config_is_caught():
     job = inspect.Job("layernorm", "layer_norm_backward_kernel", "sm_90", "fp32",
                       (("HAS_WEIGHT", True), ("HAS_DSUM", True), ("BLOCK_N", 8192), ("ROW_FITS", True)), 4, 1)
+    before = os.environ.get("TRITON_INTERPRET")
     (row,) = inspect.compile_jobs([job], workers=1)
     assert inspect.problems(row) == "spills"
+    # the worker compiled; this process interprets as before (a Triton module imported later checks it)
+    assert os.environ.get("TRITON_INTERPRET") == before
+
+
+def test_a_block_past_the_register_file_is_caught():
+    """16 warps of 208 registers each (a head-dim-512 tile ptxas compiled so) cannot launch: 106,496 > 65,536."""
+    job = inspect.Job("attention", "attention_backward_dq_kernel", "sm_90", "bf16", (), 16, 1, 255)
+    row = {"job": job, "registers": 208, "spill_bytes": 0, "shared": 65536}
+    assert inspect.problems(row) == "registers past the register file"
+    assert inspect.problems({**row, "registers": 128}) is None
 
 
 def inspect_rows(*archs, dtypes=(), head_dims=(), kernels=()):

@@ -26,15 +26,16 @@ def rotate(x, cos, sin, positions, interleaved):
 class Case:
     """Random sequences of keys laid into a plain or paged cache, new tokens, and the reference of a call."""
 
-    def __init__(self, lengths, new, seqlen_q, heads, kv_heads, head_dim, dtype, page_size=None, seed=0):
+    def __init__(self, lengths, new, seqlen_q, heads, kv_heads, head_dim, dtype, page_size=None, seed=0,
+                 head_dim_v=None):
         gen = torch.Generator().manual_seed(seed)
         rand = lambda *shape: torch.randn(*shape, generator=gen).to(DEVICE, dtype)
         self.lengths, self.dtype, self.page_size = lengths, dtype, page_size
         capacity = max(lengths) + new + 3
+        head_dim_v = head_dim_v or head_dim
         self.q = rand(len(lengths), seqlen_q, heads, head_dim)
-        self.keys, self.values = rand(len(lengths), capacity, kv_heads, head_dim), rand(len(lengths), capacity,
-                                                                                        kv_heads, head_dim)
-        self.k, self.v = (rand(len(lengths), new, kv_heads, head_dim) if new else None for _ in range(2))
+        self.keys, self.values = (rand(len(lengths), capacity, kv_heads, d) for d in (head_dim, head_dim_v))
+        self.k, self.v = (rand(len(lengths), new, kv_heads, d) if new else None for d in (head_dim, head_dim_v))
         self.seqlens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
         self.block_table = None
         if page_size:  # scatter each sequence's pages over a shuffled pool
@@ -57,7 +58,8 @@ class Case:
             pools.append(pool)
         return pools
 
-    def reference(self, work, causal=False, window=(-1, -1), softcap=0.0, alibi=None, leftpad=None, rotary=None):
+    def reference(self, work, causal=False, window=(-1, -1), softcap=0.0, alibi=None, leftpad=None, rotary=None,
+                  sinks=None):
         out = []
         for b, length in enumerate(self.lengths):
             keys, values, q = self.keys[b, :length], self.values[b, :length], self.q[b]
@@ -74,7 +76,8 @@ class Case:
             slopes = None if alibi is None else alibi[b].to(work)
             out.append(reference_attention(q.transpose(0, 1).to(work), keys[pad:].transpose(0, 1).to(work),
                                            values[pad:].transpose(0, 1).to(work), BOTTOM_RIGHT if causal else NONE,
-                                           window=window, softcap=softcap, alibi=slopes).transpose(0, 1))
+                                           window=window, softcap=softcap, alibi=slopes,
+                                           sinks=None if sinks is None else sinks.to(work)).transpose(0, 1))
         return torch.stack(out)
 
 
@@ -92,14 +95,14 @@ def check(case, num_splits=0, rotary_interleaved=None, leftpad=None, **options):
                                   **kwargs, **options)
     spec = dict(causal=options.get("causal", False), window=options.get("window_size", (-1, -1)),
                 softcap=options.get("softcap", 0.0), alibi=options.get("alibi_slopes"), leftpad=leftpad,
-                rotary=rotary)
+                rotary=rotary, sinks=options.get("sinks"))
     assert_accurate("out", out, case.reference(torch.float64, **spec), case.reference(case.dtype, **spec),
                     terms=case.q.shape[-1])
     return k_cache, v_cache
 
 
 SHAPES = [  # (cache lengths, new tokens, Tq, heads, kv heads, head dim)
-    ([1], 0, 1, 1, 1, 16), ([0, 7, 100], 1, 1, 4, 2, 24), ([257, 33], 0, 1, 12, 12, 64), ([37, 5], 5, 5, 6, 2, 80),
+    ([1], 0, 1, 1, 1, 16), ([0, 7, 100], 1, 1, 4, 2, 24), ([257, 33], 0, 1, 6, 6, 64), ([37, 5], 5, 5, 6, 2, 80),
 ]
 
 
@@ -141,6 +144,23 @@ def test_every_feature(dtype):
     alibi = torch.rand(2, 4, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     with backend.use_backend("triton"):
         check(case, num_splits=4, causal=True, window_size=(20, -1), softcap=5.0, alibi_slopes=alibi)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_sinks_and_a_value_head_dim(dtype):
+    """gpt-oss's sinks and MLA's narrower values (D 40, Dv 24) through the split-KV kernel and its merge (which
+    counts each sink once), paged, GQA, with a sequence whose cache is empty (its rows: 0, lse the sink)."""
+    case = Case([50, 0, 9], 0, 2, 4, 2, 40, dtype, page_size=16, seed=11, head_dim_v=24)
+    sinks = torch.randn(4, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    with backend.use_backend("triton"):
+        for splits in (1, 3):
+            check(case, num_splits=splits, causal=True, sinks=sinks)
+        k_cache, v_cache = case.caches()
+        out, lse = flash_attn_with_kvcache(case.q, k_cache, v_cache, cache_seqlens=case.seqlens,
+                                           block_table=case.block_table, num_splits=3, sinks=sinks,
+                                           return_softmax_lse=True)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    torch.testing.assert_close(lse[1], sinks[:, None].expand(4, 2))
 
 
 def test_torch_path_matches_the_reference():

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from gptfast import backend
-from gptfast.attention import flash_attn_varlen_func
+from gptfast.attention import (flash_attn_varlen_func, flash_attn_varlen_kvpacked_func,
+                               flash_attn_varlen_qkvpacked_func)
 from gptfast.kernels import attention_tuning as tuning
 from support import BOTTOM_RIGHT, NONE, kernel_keep_mask, reference_attention, seed_of
 from tolerance import DEVICE, DTYPES, assert_accurate
@@ -122,6 +123,21 @@ def test_bad_cu_seqlens_raise(cu_seqlens_q, max_seqlen_q, message):
     q, k, v = packed_inputs([3, 5], [3, 5], 2, 2, 16, torch.float32, seed=0)
     with pytest.raises(ValueError, match=message):
         flash_attn_varlen_func(q, k, v, cu_seqlens_q.to(DEVICE), cumulative([3, 5]), max_seqlen_q, 5)
+
+
+def test_packed_forms_read_views_of_one_projection():
+    """flash_attn_varlen_qkvpacked_func and _kvpacked_func bind positionally as flash-attn's and give
+    flash_attn_varlen_func's result on the unbound views; a window may be a list or a tensor."""
+    qkv = torch.randn(12, 3, 2, 16, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    cu_seqlens = cumulative([5, 7])
+    q, k, v = qkv.unbind(1)
+    with backend.use_backend("triton"):
+        expected = flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, 7, 7, 0.0, 0.3, True, (3, 0))
+        assert torch.equal(flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, 7, 0.0, 0.3, True, [3, 0]), expected)
+        assert torch.equal(flash_attn_varlen_kvpacked_func(q, qkv[:, 1:], cu_seqlens, cu_seqlens, 7, 7, 0.0, 0.3,
+                                                           True, torch.tensor([3, 0])), expected)
+    with pytest.raises(ValueError, match="qkv must be a 4-dim tensor"):
+        flash_attn_varlen_qkvpacked_func(qkv[:, :2], cu_seqlens, 7)
 
 
 def test_bad_shapes_raise():
