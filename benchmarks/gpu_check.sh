@@ -71,10 +71,10 @@ say "   build the benchmarks' kernels and compiled baselines, running each once,
 limit 120 "${PYTEST[@]}" -q -n "$([ "$SMALL" = 1 ] && echo 2 || echo 6)" --benchmark-disable -k "gptfast or compiled" \
     "$REPO/benchmarks/bench_attention.py" "$REPO/benchmarks/bench_layernorm.py" "$REPO/benchmarks/bench_gpt.py" \
     "$REPO/benchmarks/bench_loss.py" "$REPO/benchmarks/bench_decode.py" "$REPO/benchmarks/bench_varlen.py" \
-    "$REPO/benchmarks/bench_flex.py" > "$OUT/build.txt" 2>&1 &
+    "$REPO/benchmarks/bench_flex.py" "$REPO/benchmarks/bench_models.py" > "$OUT/build.txt" 2>&1 &
 BUILD=$!
 TESTS=()
-for arg in ${GPU_CHECK_TESTS:-tests/test_attention.py tests/test_attention_variants.py tests/test_varlen.py tests/test_kvcache.py tests/test_layernorm.py tests/test_model.py tests/test_packing.py tests/test_hf.py tests/test_flex.py tests/test_sinks.py tests/test_head_dims.py -n 10}; do
+for arg in ${GPU_CHECK_TESTS:-tests/test_attention.py tests/test_attention_variants.py tests/test_varlen.py tests/test_kvcache.py tests/test_layernorm.py tests/test_model.py tests/test_packing.py tests/test_hf.py tests/test_flex.py tests/test_sinks.py tests/test_head_dims.py tests/test_chunked.py -n 10}; do
     if [ -e "$REPO/${arg%%::*}" ]; then TESTS+=("$REPO/$arg"); else TESTS+=("$arg"); fi  # paths are the repo's
 done
 # The whole output goes to the log, its end to the screen; up to 10 failures, so one does not hide the rest.
@@ -105,6 +105,7 @@ run_suite loss 20 "$REPO/benchmarks/bench_loss.py"
 run_suite decode 25 "$REPO/benchmarks/bench_decode.py"
 run_suite varlen 15 "$REPO/benchmarks/bench_varlen.py"
 run_suite flex 20 "$REPO/benchmarks/bench_flex.py" -m "not compiled"
+run_suite models 20 "$REPO/benchmarks/bench_models.py"
 # torch.compile baselines last: building them takes most of their time, and a run cut short loses only itself.
 # They also share what the phases before them left unused of their limits, the whole check ending by 555 s.
 SPARE=$((555 - SECONDS - 105)); [ "$SPARE" -lt 0 ] && SPARE=0
@@ -122,7 +123,7 @@ if [ ${#PARTS[@]} -gt 0 ]; then
     rm -f "${PARTS[@]}"
     "$PY" "$REPO/benchmarks/plot.py" --output-dir "$OUT" "$OUT/results.json" 2>&1 | tee -a "$LOG"
     say "== summary (full table in report.md)"
-    grep -E '^Machine|T=4096|T=16384|N=4096|gpt2|lm loss|Tk=65536|varlen|flex|create_block' "$OUT/report.md" | head -n 50 | tee -a "$LOG"
+    grep -E '^Machine|T=4096|T=16384|N=4096|gpt2|lm loss|Tk=65536|varlen|flex|create_block|gpt-oss|deepseek|llama4' "$OUT/report.md" | head -n 60 | tee -a "$LOG"
 else
     say "no benchmark results to report"
 fi

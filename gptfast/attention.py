@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 from gptfast import backend
 from gptfast.attention_core import (CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, CAUSAL_TOP_LEFT, attend, check_flash_options,
-                                    check_inputs, check_mask, check_sinks, kernel_gap, run_kernel, softmax_scale_for,
-                                    torch_attention)
+                                    check_inputs, check_mask, check_sinks, chunk_size, kernel_gap, run_kernel,
+                                    softmax_scale_for, torch_attention)
 from gptfast.kvcache import flash_attn_with_kvcache
 from gptfast.varlen import flash_attn_varlen_func, flash_attn_varlen_kvpacked_func, flash_attn_varlen_qkvpacked_func
 
@@ -80,7 +80,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                    alibi_slopes=None, deterministic=False, return_attn_probs=False, *, return_lse=False, sinks=None):
+                    alibi_slopes=None, deterministic=False, return_attn_probs=False, *, return_lse=False, sinks=None,
+                    attention_chunk=0):
     """flash-attn 2's ``flash_attn_func``, same signature and argument order, on gptfast's kernels.
 
     Args:
@@ -105,6 +106,10 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         sinks (keyword only): None, or a floating (Hq,) tensor of learned logits, one per query head, that join
             every row's softmax denominator and take no value (gpt-oss's attention sinks; the lse includes them);
             differentiable. A row that sees no key then gives 0 and lse = the sink.
+        attention_chunk (keyword only, flash-attn 3's): 0, or a chunk size C: query i sees only keys j in the
+            same chunk of C positions as i + Tk - Tq (Llama 4's chunked attention), on top of causal and
+            window_size. With dropout too the call runs PyTorch (a warning under auto): the kernels' chunked
+            tiles leave dropout out to fit in registers.
     Returns:
         out (B, Tq, Hq, Dv) in q's dtype; with return_attn_probs (out, lse, S_dmask), with return_lse (out, lse):
         lse (B, Hq, Tq) float32, natural log, +inf for a row that sees no key.
@@ -116,11 +121,13 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     window_size = check_flash_options(q.shape[0], q.shape[2], q.device, dropout_p, window_size, softcap,
                                       alibi_slopes)
     check_sinks(sinks, q.shape[2], q.device)
+    chunk = chunk_size(attention_chunk)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     check_inputs(q, k, v, enable_gqa=True)
     causal = CAUSAL_BOTTOM_RIGHT if causal else CAUSAL_NONE
     softmax_scale = softmax_scale_for(q.shape[-1], softmax_scale)
-    options = dict(causal=causal, window=window_size, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
+    options = dict(causal=causal, window=window_size, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
+                   chunk=chunk)
     out, lse, kept = attend(q, k, v, **options, dropout_p=dropout_p, softmax_scale=softmax_scale,
                             need_lse=return_lse or return_attn_probs, need_keep=return_attn_probs,
                             deterministic=deterministic)

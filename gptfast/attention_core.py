@@ -23,11 +23,11 @@ def _empty_bthd(b, h, t, d, like):
 
 
 def _features(mask, alibi_slopes, sinks, seed_offset, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-              causal, window_left, window_right, softcap, dropout_p, deterministic=False):
+              causal, window_left, window_right, chunk, softcap, dropout_p, deterministic=False):
     from gptfast.kernels.attention_spec import Features
     varlen = None if cu_seqlens_q is None else (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     return Features(causal, (window_left, window_right), mask, alibi_slopes, softcap, dropout_p, seed_offset,
-                    deterministic, varlen, sinks)
+                    deterministic, varlen, sinks, chunk)
 
 
 @torch.library.custom_op("gptfast::flash_attention", mutates_args=())
@@ -35,22 +35,22 @@ def flash_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
                        alibi_slopes: torch.Tensor | None, sinks: torch.Tensor | None,
                        seed_offset: torch.Tensor | None,
                        cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None, max_seqlen_q: int,
-                       max_seqlen_k: int, causal: int, window_left: int, window_right: int, softcap: float,
-                       dropout_p: float, softmax_scale: float,
+                       max_seqlen_k: int, causal: int, window_left: int, window_right: int, chunk: int,
+                       softcap: float, dropout_p: float, softmax_scale: float,
                        deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """sinks: None or float32 (Hq,), contiguous (attention_spec.Features). deterministic is for the backward
-    (saved with the other flags): the forward has no atomics. With
+    """sinks: None or float32 (Hq,), contiguous; chunk: 0 or Llama 4's chunk size (attention_spec.Features).
+    deterministic is for the backward (saved with the other flags): the forward has no atomics. With
     cu_seqlens (varlen) q, k, v are (1, H, total, D), the sequences packed along T; else the max lengths are
     unused."""
     from gptfast.kernels.attention import attention_forward
     features = _features(mask, alibi_slopes, sinks, seed_offset, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                         max_seqlen_k, causal, window_left, window_right, softcap, dropout_p)
+                         max_seqlen_k, causal, window_left, window_right, chunk, softcap, dropout_p)
     return attention_forward(q, k, v, softmax_scale, features)
 
 
 @flash_attention_op.register_fake
 def _(q, k, v, mask, alibi_slopes, sinks, seed_offset, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-      causal, window_left, window_right, softcap, dropout_p, softmax_scale, deterministic):
+      causal, window_left, window_right, chunk, softcap, dropout_p, softmax_scale, deterministic):
     b, h, t = q.shape[:3]
     return _empty_bthd(b, h, t, v.shape[3], q), q.new_empty((b, h, t), dtype=torch.float32)
 
@@ -61,14 +61,14 @@ def flash_attention_backward_op(
         out: torch.Tensor, lse: torch.Tensor, mask: torch.Tensor | None, alibi_slopes: torch.Tensor | None,
         sinks: torch.Tensor | None, seed_offset: torch.Tensor | None, cu_seqlens_q: torch.Tensor | None,
         cu_seqlens_k: torch.Tensor | None,
-        max_seqlen_q: int, max_seqlen_k: int, causal: int, window_left: int, window_right: int, softcap: float,
-        dropout_p: float, softmax_scale: float, deterministic: bool, mask_grad: bool
+        max_seqlen_q: int, max_seqlen_k: int, causal: int, window_left: int, window_right: int, chunk: int,
+        softcap: float, dropout_p: float, softmax_scale: float, deterministic: bool, mask_grad: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dmask, dsinks); dmask is (B, Hq, Tq, Tk) float32 with mask_grad, dsinks (Hq,) float32 with
     sinks, else each empty."""
     from gptfast.kernels.attention import attention_backward
     features = _features(mask, alibi_slopes, sinks, seed_offset, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                         max_seqlen_k, causal, window_left, window_right, softcap, dropout_p, deterministic)
+                         max_seqlen_k, causal, window_left, window_right, chunk, softcap, dropout_p, deterministic)
     dq, dk, dv, dmask, dsinks = attention_backward(grad_out, grad_lse, q, k, v, out, lse, softmax_scale, features,
                                                    mask_grad)
     empty = lambda: q.new_empty(0, dtype=torch.float32)  # one each: a custom op's outputs may not alias
@@ -77,7 +77,7 @@ def flash_attention_backward_op(
 
 @flash_attention_backward_op.register_fake
 def _(grad_out, grad_lse, q, k, v, out, lse, mask, alibi_slopes, sinks, seed_offset, cu_seqlens_q, cu_seqlens_k,
-      max_seqlen_q, max_seqlen_k, causal, window_left, window_right, softcap, dropout_p, softmax_scale,
+      max_seqlen_q, max_seqlen_k, causal, window_left, window_right, chunk, softcap, dropout_p, softmax_scale,
       deterministic, mask_grad):
     b, h, t, d = q.shape
     dmask = q.new_empty((b, h, t, k.shape[2]) if mask_grad else (0,), dtype=torch.float32)
@@ -190,6 +190,18 @@ def window_pair(window_size):
     return pair
 
 
+def chunk_size(attention_chunk):
+    """flash-attn 3's attention_chunk as a Python int: 0 (no chunks) or the chunk size."""
+    try:
+        chunk = operator.index(attention_chunk)
+    except TypeError:
+        chunk = -1
+    if chunk < 0:
+        raise ValueError(f"attention_chunk must be an int, 0 (no chunks) or the chunk size >= 1, got "
+                         f"{attention_chunk!r}")
+    return chunk
+
+
 def check_flash_options(batch, heads, device, dropout_p, window_size, softcap, alibi_slopes):
     """flash-attn's options, for batch sequences of heads query heads on device; returns the window as
     window_pair's (left, right)."""
@@ -229,8 +241,10 @@ def compute_capability(device):
     return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
 
 
-def kernel_gap(q, v, softmax_scale):
+def kernel_gap(q, v, softmax_scale, chunk=0, dropout_p=0.0):
     """Why the kernels cannot run this (already valid) call, or None when they can."""
+    if chunk > 0 and dropout_p > 0:  # attention_spec.Spec.chunked says why
+        return "attention_chunk with dropout (the chunked tiles leave dropout out to fit in registers)"
     if (gap := dtype_gap(("query", q))) is not None:
         return gap
     capability = compute_capability(q.device)
@@ -262,26 +276,27 @@ def kernel_sinks(sinks):
 
 
 def run_kernel(q, k, v, mask, alibi_slopes, causal, window, softcap, dropout_p, softmax_scale,
-               deterministic=False, sinks=None):
+               deterministic=False, sinks=None, chunk=0):
     """Kernel path for (..., H, T, D) inputs already checked (v's D may differ); returns (out (..., Hq, Tq, Dv),
     lse (..., Hq, Tq), the dropout's seed_offset or None). The kernels read a mask broadcastable to
     (B, Hq, Tq, Tk) through its strides; only inputs with more than one batch dim make it 4-dim by a reshape,
-    which may copy. sinks (Hq,) of any float dtype are read as float32 (a differentiable cast)."""
+    which may copy. sinks (Hq,) of any float dtype are read as float32 (a differentiable cast); chunk: 0 or the
+    chunk size of chunked attention (attention_spec.Features)."""
     if mask is not None and q.dim() != 4:
         mask = as_bhtd(mask.expand(*q.shape[:-1], k.shape[-2]))
     elif mask is not None:
         mask = mask[(None,) * (4 - mask.dim())]
     seed_offset = draw_dropout_seed(q.device) if dropout_p > 0 else None
     out, lse = flash_attention_op(as_bhtd(q), as_bhtd(k), as_bhtd(v), mask, alibi_slopes, kernel_sinks(sinks),
-                                  seed_offset, None, None, 0, 0, causal, window[0], window[1], float(softcap),
+                                  seed_offset, None, None, 0, 0, causal, window[0], window[1], chunk, float(softcap),
                                   float(dropout_p), softmax_scale, bool(deterministic))
     return out.reshape(*q.shape[:-1], v.shape[-1]), lse.reshape(q.shape[:-1]), seed_offset
 
 
-def flag_pattern(seqlen_q, seqlen_k, causal, window, device):
+def flag_pattern(seqlen_q, seqlen_k, causal, window, device, chunk=0):
     """(diagonal, hidden), both (Tq, Tk): diagonal[i, j] = j - (i + Tk - Tq), 0 on the bottom-right diagonal
-    (ALiBi's distance); hidden[i, j] whether the causal mode and the window (left, right) hide key j from query
-    i."""
+    (ALiBi's distance); hidden[i, j] whether the causal mode, the window (left, right) and chunks of size chunk
+    (when > 0: position i + Tk - Tq and key j in different chunks) hide key j from query i."""
     diagonal = (torch.arange(seqlen_k, device=device)[None, :] - torch.arange(seqlen_q, device=device)[:, None]
                 - (seqlen_k - seqlen_q))
     left, right = window
@@ -293,22 +308,26 @@ def flag_pattern(seqlen_q, seqlen_k, causal, window, device):
         hidden |= diagonal + offset > right
     if left >= 0:
         hidden |= diagonal + offset < -left
+    if chunk > 0:
+        positions = torch.arange(seqlen_q, device=device)[:, None] + seqlen_k - seqlen_q
+        hidden |= positions.div(chunk, rounding_mode="floor") != torch.arange(seqlen_k, device=device) // chunk
     return diagonal, hidden
 
 
-def torch_attention(q, k, v, causal, window, mask, softcap, alibi_slopes, dropout_p, softmax_scale, sinks=None):
+def torch_attention(q, k, v, causal, window, mask, softcap, alibi_slopes, dropout_p, softmax_scale, sinks=None,
+                    chunk=0):
     """PyTorch for what F.scaled_dot_product_attention cannot do (windows, softcapping, ALiBi, sinks, the lse),
     with the kernels' semantics, on (B, H, T, D) inputs: (out, lse, probs, kept), probs (B, Hq, Tq, Tk) being the
     softmax before dropout and kept its keep mask (None without dropout; torch's random numbers, not the
     kernels'). sinks: None or (Hq,), one learned logit per query head that joins every row's softmax denominator
-    and takes no value (gpt-oss's s_aux); the lse then includes it."""
+    and takes no value (gpt-oss's s_aux); the lse then includes it. chunk: see flag_pattern."""
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     scores = (q.to(work) @ k.to(work).transpose(-1, -2)) * softmax_scale
     if softcap > 0:
         scores = softcap * torch.tanh(scores / softcap)
-    diagonal, hidden = flag_pattern(q.shape[-2], k.shape[-2], causal, window, q.device)
+    diagonal, hidden = flag_pattern(q.shape[-2], k.shape[-2], causal, window, q.device, chunk)
     if alibi_slopes is not None:
         slopes = alibi_slopes.expand(q.shape[0], q.shape[1]).to(work)
         scores = scores - slopes[:, :, None, None] * diagonal.abs().to(work)
@@ -333,26 +352,26 @@ def torch_attention(q, k, v, causal, window, mask, softcap, alibi_slopes, dropou
 
 def attend(q, k, v, causal=CAUSAL_NONE, window=(-1, -1), mask=None, softcap=0.0, alibi_slopes=None, dropout_p=0.0,
            softmax_scale=None, need_lse=False, need_keep=False, op="flash_attn_func", deterministic=False,
-           sinks=None):
+           sinks=None, chunk=0):
     """The path behind the flash-attn functions and the Hugging Face integration, for checked (B, H, T, D)
     inputs: the kernels, or PyTorch where they cannot run (F.scaled_dot_product_attention when it can express the
     call and no lse is needed). mask: None or bool/additive, broadcastable to (B, Hq, Tq, Tk). sinks: None or
-    (Hq,) learned logits (see torch_attention).
+    (Hq,) learned logits (see torch_attention); chunk: 0 or the chunk size of chunked attention (flag_pattern).
     Returns (out (B, Hq, Tq, Dv), lse (B, Hq, Tq) float32 or None, kept): kept is the dropout's keep mask
     (B, Hq, Tq, Tk) when need_keep and dropout_p > 0, else None."""
     softmax_scale = softmax_scale_for(q.shape[-1], softmax_scale)
-    if backend.use_triton(op, q.device, kernel_gap(q, v, softmax_scale)):
+    if backend.use_triton(op, q.device, kernel_gap(q, v, softmax_scale, chunk, dropout_p)):
         out, lse, seed_offset = run_kernel(q, k, v, mask, alibi_slopes, causal, window, softcap, dropout_p,
-                                           softmax_scale, deterministic, sinks)
+                                           softmax_scale, deterministic, sinks, chunk)
         kept = None
         if need_keep and dropout_p > 0:
             from gptfast.kernels.attention import dropout_keep_mask
             kept = dropout_keep_mask(seed_offset, *q.shape[:3], k.shape[2], float(dropout_p))
         return out, lse, kept
     if need_lse or need_keep or window != (-1, -1) or softcap > 0 or alibi_slopes is not None or (
-            sinks is not None) or (mask is not None and causal != CAUSAL_NONE):
+            sinks is not None) or chunk > 0 or (mask is not None and causal != CAUSAL_NONE):
         out, lse, _, kept = torch_attention(q, k, v, causal, window, mask, softcap, alibi_slopes, dropout_p,
-                                             softmax_scale, sinks)
+                                             softmax_scale, sinks, chunk)
         return out, lse, kept
     if causal == CAUSAL_BOTTOM_RIGHT:
         from torch.nn.attention.bias import causal_lower_right

@@ -31,31 +31,44 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     """transformers' attention-interface signature: query (B, Hq, Tq, D), key and value (B, Hkv, Tk, D);
     returns ((B, Tq, Hq, D), None). attention_mask is None when attention_mask_for_kernels below found the flags
     enough, else transformers' dense mask (B, 1, Tq, Tk) holding causality, the window and padding already.
-    sliding_window W lets query i see keys j > i - W, as transformers' own masks (flash-attn's left = W - 1).
+    sliding_window W lets query i see keys j > i - W, as transformers' own masks (flash-attn's left = W - 1); a
+    layer of type "chunked_attention" (Llama 4) sees the keys of its query's chunk of attention_chunk_size.
     s_aux: gpt-oss's learned sinks (Hq,), run by the kernels (flash_attn_func's sinks). Any other
     keyword that is not None and not in HARMLESS_KEYWORDS (or output_attentions=True) runs the model's own eager
     attention instead, with a warning once per keyword (an error under GPTFAST_BACKEND=triton)."""
     causal = CAUSAL_NONE
     window = (-1, -1)
+    chunk = 0
     if attention_mask is None:
         if is_causal if is_causal is not None else getattr(module, "is_causal", True):
             causal = CAUSAL_BOTTOM_RIGHT
         if sliding_window:
             window = (sliding_window - 1, -1)
+        chunk = _layer_chunk(module)
     unknown = sorted(name for name, value in kwargs.items() if (value is not None and name not in HARMLESS_KEYWORDS)
                      or (name == "output_attentions" and value))
     if unknown:
         backend.use_triton("hf.attention_forward", query.device,
                            f"the keyword argument {unknown[0]} (the model's own eager attention runs instead)")
         if attention_mask is None:
-            attention_mask = ~flag_pattern(query.shape[-2], key.shape[-2], causal, window, query.device)[1]
+            attention_mask = ~flag_pattern(query.shape[-2], key.shape[-2], causal, window, query.device, chunk)[1]
         mask = _additive(attention_mask, query.dtype)
         return _eager_attention(module)(module, query, key, value, mask, dropout=dropout,
                                         scaling=scaling, sliding_window=sliding_window, softcap=softcap,
                                         s_aux=s_aux, **kwargs)
     out = attend(query, key, value, causal=causal, window=window, mask=attention_mask, softcap=softcap or 0.0,
-                 dropout_p=dropout, softmax_scale=scaling, op="hf.attention_forward", sinks=s_aux)[0]
+                 dropout_p=dropout, softmax_scale=scaling, op="hf.attention_forward", sinks=s_aux, chunk=chunk)[0]
     return out.transpose(1, 2), None
+
+
+def _layer_chunk(module):
+    """The chunk size of a module whose layer type is "chunked_attention" (Llama 4's attention_chunk_size), else 0."""
+    config = getattr(module, "config", None)
+    layer_types = getattr(config, "layer_types", None) or ()
+    layer = getattr(module, "layer_idx", None)
+    if layer is not None and layer < len(layer_types) and layer_types[layer] == "chunked_attention":
+        return config.attention_chunk_size
+    return 0
 
 
 def _additive(mask, dtype):
@@ -77,12 +90,15 @@ def _eager_attention(module):
 
 def attention_mask_for_kernels(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, attention_mask=None,
                                allow_is_causal_skip=True, **kwargs):
-    """transformers' mask interface for "gptfast": None where the kernels' causal and window flags describe the
-    mask (no padding in the keys, the queries the last of them, a plain causal or sliding-window pattern), else
-    transformers' own dense boolean mask (sdpa_mask)."""
+    """transformers' mask interface for "gptfast": None where the kernels' causal, window and chunk flags describe
+    the mask (no padding in the keys, the queries the last of them, a plain causal, sliding-window or chunked
+    pattern: attention_forward reads the layer's window and chunk), else transformers' own dense boolean mask
+    (sdpa_mask)."""
     from transformers.masking_utils import sdpa_mask
-    config = kwargs.get("config")
-    plain_pattern = allow_is_causal_skip and getattr(config, "attention_chunk_size", None) is None
+    # The kernels count chunks from the first key given, right only when the keys start at position 0 (a chunked
+    # layer's cache that dropped old keys has kv_offset > 0).
+    chunked = getattr(kwargs.get("config"), "attention_chunk_size", None) is not None
+    plain_pattern = allow_is_causal_skip and not (chunked and kv_offset != 0)
     queries_last = isinstance(q_offset, int) and isinstance(kv_offset, int) and (
         q_offset + q_length == kv_offset + kv_length)
     if plain_pattern and queries_last and (attention_mask is None or bool(
@@ -102,19 +118,21 @@ def register():
 
 class HFRMSNorm(torch.nn.Module):
     """A transformers RMSNorm on gptfast's kernel, holding the original's weight (so the state_dict is unchanged):
-    Llama's family scales by weight, Gemma's by 1 + weight (unit_offset). Returns the input's dtype."""
+    Llama's family and Gemma 4 scale by weight, Gemma 1-3 by 1 + weight (unit_offset), Gemma 4's value norm has
+    none (weight None). Returns the input's dtype."""
 
     def __init__(self, weight, eps, unit_offset):
         super().__init__()
         self.weight, self.eps, self.unit_offset = weight, eps, unit_offset
 
     def forward(self, hidden):
-        weight = self.weight + 1.0 if self.unit_offset else self.weight
+        weight = self.weight + 1.0 if self.unit_offset and self.weight is not None else self.weight
         return rms_norm(hidden, (hidden.shape[-1],), weight, self.eps)
 
 
-def _fused_norm(module):
-    """gptfast's replacement for a LayerNorm or a transformers RMSNorm (Llama, Mistral, Qwen2, Gemma), or None."""
+def _fused_norm(module, like):
+    """gptfast's replacement for a LayerNorm or a transformers RMSNorm (Llama, Mistral, Qwen2/3, Gemma 1-4,
+    DeepSeek, Llama 4), or None. like: a tensor of the model's device and dtype, for a norm without weight."""
     if type(module) is torch.nn.LayerNorm:
         weight = module.weight
         fused = LayerNorm(module.normalized_shape, eps=module.eps, elementwise_affine=module.elementwise_affine,
@@ -122,11 +140,30 @@ def _fused_norm(module):
                           dtype=None if weight is None else weight.dtype)
         fused.load_state_dict(module.state_dict())
         return fused
-    name = type(module).__name__
-    if name.endswith("RMSNorm") and isinstance(getattr(module, "weight", None), torch.nn.Parameter):
+    weight = getattr(module, "weight", None)
+    if type(module).__name__.endswith("RMSNorm") and (weight is None or isinstance(weight, torch.nn.Parameter)):
         eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
-        if eps is not None:
-            return HFRMSNorm(module.weight, eps, unit_offset=name.startswith("Gemma"))
+        unit_offset = _scale_convention(module, weight, eps, like) if eps is not None else None
+        if unit_offset is not None:
+            return HFRMSNorm(weight, eps, unit_offset)
+    return None
+
+
+@torch.no_grad()
+def _scale_convention(module, weight, eps, like):
+    """Whether an RMSNorm scales by 1 + weight (Gemma 1-3) or by weight (Llama, Gemma 4, the rest), found by
+    running it once on a probe (names do not say: Gemma 4 dropped Gemma 3's 1 + weight; the two differ by the
+    normalised probe itself, far beyond any dtype's rounding); a norm without weight must compute the plain
+    normalisation (unit_offset False). None if it computes neither (it is then left alone)."""
+    like = like if weight is None else weight
+    probe = torch.randn(2, 64 if weight is None else weight.shape[-1],
+                        generator=torch.Generator().manual_seed(0)).to(like.device, like.dtype)
+    normed = probe.float() * torch.rsqrt(probe.float().square().mean(-1, keepdim=True) + eps)
+    out = module(probe).float()
+    scales = (1.0,) if weight is None else (weight.float(), weight.float() + 1)
+    for unit_offset, scale in enumerate(scales):
+        if torch.allclose(out, normed * scale, rtol=0.02, atol=0.02):
+            return bool(unit_offset)
     return None
 
 
@@ -136,9 +173,10 @@ def patch_hf(model):
     model."""
     register()
     model.set_attn_implementation("gptfast")
+    like = next(model.parameters())
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            fused = _fused_norm(child)
+            fused = _fused_norm(child, like)
             if fused is not None:
                 setattr(parent, name, fused)
     return model

@@ -39,10 +39,10 @@ KERNEL_MODULES = ("attention", "flex", "decode", "layernorm", "cross_entropy")
 # The attention kernels' tuple arguments (attention_spec.describe) other than strides, which hold 4 ints (the last,
 # a unit head-dim stride, specialised to 1) except the slopes' 2. A split's steps are multiples of 16 at the head
 # dims inspected (16-byte aligned partial outputs, which the stores vectorise).
-TUPLE_ARGS = {"alibi_strides": ("i32", "i32"), "dims": ("i32",) * 5, "bounds": ("i32",) * 3, "scales": ("fp32",) * 5,
+TUPLE_ARGS = {"alibi_strides": ("i32", "i32"), "dims": ("i32",) * 5, "bounds": ("i32",) * 4, "scales": ("fp32",) * 5,
               # the decoding kernel's (gptfast.kernels.decode.decode_attention)
               "lse_steps": ("i32",) * 3, "split_steps": ("i32:16",) * 2, "sizes": ("i32",) * 4,
-              "window_sides": ("i32",) * 2, "score_scales": ("fp32",) * 2}
+              "window_sides": ("i32",) * 3, "score_scales": ("fp32",) * 2}
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,7 @@ class Job:
         flags = dict(self.constexprs)
         features = flags["SPEC"].has_features if "SPEC" in flags else flags.get("LEFTPAD_KEYS")
         marks = "".join(mark for mark, on in (("+features ", features),
+                                              ("+chunk ", "SPEC" in flags and flags["SPEC"].CHUNK),
                                               ("+tma ", flags.get("TMA")),
                                               ("+persistent ", flags.get("PERSISTENT")),
                                               ("+single-pass ", flags.get("ATOMIC_DQ")),
@@ -131,15 +132,16 @@ def spec_class():
 
 
 def attention_specs(every, block_d, dtype):
-    """The specs compiled on a tile that serves a padded head dim: plain (or every feature on), and at 256 in 16-bit
+    """The specs compiled on a tile that serves a padded head dim: plain (or every feature on, and a chunked call's
+    features: Spec.chunked), and at 256 in 16-bit
     also DeepSeek's MLA shape (queries and keys 192 wide, values 128), which takes the tiles of the wider head dim.
     (In float32, sm_90's 16-warp dk/dv tile holds 137 registers there: a block past the register file, which
     Triton's autotuner skips at launch as out of resources.)"""
     precision = "ieee" if dtype == "fp32" else "tf32"  # fp32 runs ieee unless tf32 is allowed
-    make = spec_class().every_feature if every else spec_class().plain
-    specs = [make(block_d, precision)]
+    makes = (spec_class().every_feature, spec_class().chunked) if every else (spec_class().plain,)
+    specs = [make(block_d, precision) for make in makes]
     if block_d == 256 and dtype != "fp32":
-        specs.append(make(256, precision, 128)._replace(HEAD_DIM=192))
+        specs += [make(256, precision, 128)._replace(HEAD_DIM=192) for make in makes]
     return specs
 
 
@@ -253,7 +255,7 @@ def decode_jobs(arch, dtypes=INSPECTED_DTYPES):
         return []
     plain = (dict(CAUSAL=True), (("LEFTPAD", None), ("ALIBI", None), ("SINKS", None), ("LEFTPAD_KEYS", False),
                                  ("FINAL", False)))
-    every = (dict(CAUSAL=True, WINDOW=True, ALIBI=True, SOFTCAP=True, SINKS=True),
+    every = (dict(CAUSAL=True, WINDOW=True, ALIBI=True, SOFTCAP=True, SINKS=True, CHUNK=True),
              (("LEFTPAD_KEYS", True), ("FINAL", True)))
     jobs = []
     for dtype in arch_dtypes(arch, dtypes):

@@ -10,7 +10,7 @@ import torch
 
 from gptfast import backend
 from gptfast.attention_core import (CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, attend, check_flash_options, check_sinks,
-                                    kernel_gap, kernel_sinks, softmax_scale_for)
+                                    chunk_size, kernel_gap, kernel_sinks, softmax_scale_for)
 
 MIN_PAGE_SIZE = 16
 
@@ -139,7 +139,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                             cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
                             softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                             rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False, *,
-                            sinks=None):
+                            sinks=None, attention_chunk=0):
     """flash-attn 2's ``flash_attn_with_kvcache``, same signature and argument order, on gptfast's kernels.
 
     Args:
@@ -150,7 +150,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             cache_seqlens[b], cache_seqlens[b] + 1, ... before the attention (cache_seqlens itself is not updated:
             the caller adds T_new, as with flash-attn).
         rotary_cos, rotary_sin: None, or (seqlen_ro, rotary_dim / 2): k is rotated at positions cache_seqlens,
-            cache_seqlens + 1, ...; q too when causal or windowed, else every query at cache_seqlens.
+            cache_seqlens + 1, ...; q too when causal, windowed or chunked, else every query at cache_seqlens.
             rotary_interleaved: rotate pairs (GPT-J) rather than halves (GPT-NeoX).
         cache_seqlens: int or int32 (B,): tokens already in each sequence's cache (default: all of it).
         cache_batch_idx: int32 (B,): the cache row of each sequence (plain caches only).
@@ -162,6 +162,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         return_softmax_lse: also return lse (B, Hq, Tq) float32.
         sinks (keyword only): None, or a floating (Hq,) tensor of learned logits in every row's softmax
             denominator (gpt-oss), as flash_attn_func's; the split-KV merge counts them once.
+        attention_chunk (keyword only, flash-attn 3's): 0, or a chunk size C: query t sees only the keys of its
+            own chunk of C positions, counted from the sequence's first key after cache_leftpad (Llama 4).
     Returns:
         out (B, Tq, Hq, Dv) in q's dtype, or (out, lse).
     """
@@ -170,6 +172,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     batch = q.shape[0]
     window_size = check_flash_options(batch, q.shape[2], q.device, 0.0, window_size, softcap, alibi_slopes)
     check_sinks(sinks, q.shape[2], q.device)
+    chunk = chunk_size(attention_chunk)
     if not isinstance(num_splits, int) or num_splits < 0:
         raise ValueError(f"num_splits must be an int >= 0 (0 chooses), got {num_splits!r}")
     if cache_leftpad is not None:
@@ -182,27 +185,27 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         cache_seqlens = torch.full((batch,), capacity if cache_seqlens is None else cache_seqlens,
                                    dtype=torch.int32, device=q.device)
     _check_int32("cache_seqlens", cache_seqlens, (batch,), q.device)
-    local = causal or window_size != (-1, -1)
+    local = causal or window_size != (-1, -1) or chunk > 0
     new_tokens = 0 if k is None else k.shape[1]
     _check_values(cache_seqlens, new_tokens, capacity, block_table, k_cache.shape[0], cache_batch_idx,
                   k_cache.shape[0], cache_leftpad, None if rotary_cos is None else rotary_cos.shape[0],
                   max(new_tokens, q.shape[1] if local else 1))
     rotary = None if rotary_cos is None else (rotary_cos, rotary_sin, rotary_interleaved)
     out, lse = cached_attention(q, k_cache, v_cache, k, v, cache_seqlens, table, cache_leftpad, rotary,
-                                softmax_scale, causal, window_size, softcap, alibi_slopes, num_splits, sinks)
+                                softmax_scale, causal, window_size, softcap, alibi_slopes, num_splits, sinks, chunk)
     return (out, lse) if return_softmax_lse else out
 
 
 def cached_attention(q, k_cache, v_cache, k, v, seqlens, block_table, leftpad=None, rotary=None,
                      softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
-                     num_splits=0, sinks=None):
+                     num_splits=0, sinks=None, chunk=0):
     """flash_attn_with_kvcache for checked arguments, without reading any value (so a CUDA graph can capture it):
     block_table (B, pages) int32 (a plain cache's rows as (B, 1)), seqlens int32 (B,), rotary None or (cos, sin,
-    interleaved). Returns (out (B, Tq, Hq, Dv), lse (B, Hq, Tq))."""
+    interleaved), chunk 0 or attention_chunk. Returns (out (B, Tq, Hq, Dv), lse (B, Hq, Tq))."""
     if rotary is not None:
         cos, sin, interleaved = rotary
         start = seqlens[:, None].long()
-        if causal or window_size != (-1, -1):
+        if causal or window_size != (-1, -1) or chunk > 0:
             q = apply_rotary(q, cos, sin, start + torch.arange(q.shape[1], device=q.device), interleaved)
         else:  # every query sits at cache_seqlens
             q = apply_rotary(q, cos, sin, start.expand(-1, q.shape[1]), interleaved)
@@ -218,13 +221,13 @@ def cached_attention(q, k_cache, v_cache, k, v, seqlens, block_table, leftpad=No
         from gptfast.kernels.decode import decode_attention
         return decode_attention(q, k_cache, v_cache, block_table, seqlens, leftpad, softmax_scale,
                                 0 if causal else window_size[1], window_size[0], float(softcap), alibi_slopes,
-                                num_splits, kernel_sinks(sinks))
+                                num_splits, kernel_sinks(sinks), chunk)
     return _per_sequence(q, k_cache, v_cache, seqlens, block_table, leftpad, softmax_scale, causal, window_size,
-                         softcap, alibi_slopes, sinks)
+                         softcap, alibi_slopes, sinks, chunk)
 
 
 def _per_sequence(q, k_cache, v_cache, seqlens, block_table, leftpad, softmax_scale, causal, window_size, softcap,
-                  alibi_slopes, sinks):
+                  alibi_slopes, sinks, chunk):
     """PyTorch's path: each sequence's visible keys gathered and attended alone. Returns (out, lse)."""
     lengths = seqlens.tolist()
     pads = [0] * len(lengths) if leftpad is None else leftpad.tolist()
@@ -235,7 +238,7 @@ def _per_sequence(q, k_cache, v_cache, seqlens, block_table, leftpad, softmax_sc
         slopes = alibi_slopes if alibi_slopes is None or alibi_slopes.dim() == 1 else alibi_slopes[b]
         out, lse, _ = attend(q[b:b + 1].transpose(1, 2), keys, values, CAUSAL_BOTTOM_RIGHT if causal else CAUSAL_NONE,
                              window_size, None, softcap, slopes, 0.0, softmax_scale, need_lse=True,
-                             op="flash_attn_with_kvcache", sinks=sinks)
+                             op="flash_attn_with_kvcache", sinks=sinks, chunk=chunk)
         outs.append(out.transpose(1, 2))
         lses.append(lse)
     return torch.cat(outs), torch.cat(lses)

@@ -11,8 +11,8 @@ import torch
 
 from gptfast import backend
 from gptfast.attention_core import (CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, attend, check_flash_options, check_inputs,
-                                    check_sinks, draw_dropout_seed, flash_attention_op, kernel_gap, kernel_sinks,
-                                    softmax_scale_for, torch_attention)
+                                    check_sinks, chunk_size, draw_dropout_seed, flash_attention_op, kernel_gap,
+                                    kernel_sinks, softmax_scale_for, torch_attention)
 
 
 def _check_packed(name, t, dims, parts=None):
@@ -55,7 +55,7 @@ def check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, total_q, total_k, max_seqlen_q,
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
-                           deterministic=False, return_attn_probs=False, *, sinks=None):
+                           deterministic=False, return_attn_probs=False, *, sinks=None, attention_chunk=0):
     """flash-attn 2's ``flash_attn_varlen_func``, same signature and argument order, on gptfast's kernels.
 
     Args:
@@ -67,7 +67,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         max_seqlen_q, max_seqlen_k: ints, at least the longest sequence's lengths (they size the grid).
         The rest as flash_attn_func, per sequence: causal and window_size are aligned to each sequence's
         bottom-right corner, alibi_slopes is (Hq,) or (num_seqs, Hq).
-        sinks (keyword only): as flash_attn_func's.
+        sinks, attention_chunk (keyword only): as flash_attn_func's (chunks counted from each sequence's start,
+            bottom-right aligned).
     Returns:
         out (total_q, Hq, D) in q's dtype; with return_attn_probs (out, lse (Hq, total_q) float32, S_dmask
         (num_seqs, Hq, max_seqlen_q, max_seqlen_k): each sequence's weights, dropped ones negated, zero-padded).
@@ -79,10 +80,11 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     window_size = check_flash_options(cu_seqlens_q.numel() - 1, q.shape[1], q.device, dropout_p, window_size,
                                       softcap, alibi_slopes)
     check_sinks(sinks, q.shape[1], q.device)
+    chunk = chunk_size(attention_chunk)
     check_inputs(*(t.transpose(0, 1) for t in (q, k, v)), enable_gqa=True)
     return varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
                             softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
-                            return_attn_probs, sinks=sinks)
+                            return_attn_probs, sinks=sinks, chunk=chunk)
 
 
 def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
@@ -111,7 +113,7 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                      softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
-                     deterministic=False, return_attn_probs=False, *, sinks=None):
+                     deterministic=False, return_attn_probs=False, *, sinks=None, chunk=0):
     """flash_attn_varlen_func for checked arguments: on the kernels' path it reads no value of cu_seqlens, so a
     model that checked its packing once calls it without a synchronisation per layer."""
     num_seqs = cu_seqlens_q.numel() - 1
@@ -119,12 +121,13 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     softmax_scale = softmax_scale_for(q.shape[-1], softmax_scale)
     causal = CAUSAL_BOTTOM_RIGHT if causal else CAUSAL_NONE
     options = dict(causal=causal, window=tuple(window_size), softcap=float(softcap), alibi_slopes=alibi_slopes,
-                   softmax_scale=softmax_scale, sinks=sinks)
+                   softmax_scale=softmax_scale, sinks=sinks, chunk=chunk)
     sequences = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    if backend.use_triton("flash_attn_varlen_func", q.device, kernel_gap(packed[0], packed[2], softmax_scale)):
+    if backend.use_triton("flash_attn_varlen_func", q.device, kernel_gap(packed[0], packed[2], softmax_scale, chunk,
+                                                                         dropout_p)):
         seed_offset = draw_dropout_seed(q.device) if dropout_p > 0 else None
         out, lse = flash_attention_op(*packed, None, alibi_slopes, kernel_sinks(sinks), seed_offset, *sequences,
-                                      causal, window_size[0], window_size[1], float(softcap), float(dropout_p),
+                                      causal, window_size[0], window_size[1], chunk, float(softcap), float(dropout_p),
                                       softmax_scale, bool(deterministic))
         kept = None
         if return_attn_probs and dropout_p > 0:
@@ -178,6 +181,6 @@ def _attention_probs(q, k, v, sequences, options, kept):
             weights = torch_attention(q[:, :, rows], k[:, :, keys], v[:, :, keys], options["causal"],
                                       options["window"], None, options["softcap"],
                                       _sequence_slopes(options["alibi_slopes"], b), 0.0, options["softmax_scale"],
-                                      options["sinks"])[2]
+                                      options["sinks"], options["chunk"])[2]
             probs[b, :, :weights.shape[2], :weights.shape[3]] = weights[0]
     return probs if kept is None else torch.where(kept, probs, -probs)

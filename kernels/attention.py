@@ -16,17 +16,18 @@ Layouts, for every tensor the launchers take:
     the next power of two and masked.
     out: (B, Hq, Tq, Dv) in q's dtype, stored as (B, Tq, Hq, Dv) memory; lse: (B, Hq, Tq) float32, natural log.
 
-Bounds: key j is visible to query i when j <= i + causal_offset (CAUSAL) and j >= i + window_offset (WINDOW).
-causal_offset is 0 for a top-left causal mask (torch's is_causal), Tk - Tq for a bottom-right one (a KV cache,
-flash-attn), plus a window's right size; window_offset is the bottom-right diagonal minus the window's left size
-(flash-attn 2's sliding window). Key blocks outside the bounds are never loaded. A query row that sees no key gets
+Bounds: key j is visible to query i when j <= i + causal_offset (CAUSAL), j >= i + window_offset (WINDOW) and
+j lies in the chunk of position i + Tk - Tq (CHUNK: chunks of a size C, [c * C, (c + 1) * C)). causal_offset is
+0 for a top-left causal mask (torch's is_causal), Tk - Tq for a bottom-right one (a KV cache, flash-attn), plus a
+window's right size; window_offset is the bottom-right diagonal minus the window's left size (flash-attn 2's
+sliding window). Key blocks outside the bounds are never loaded. A query row that sees no key gets
 output 0 and lse +inf, as in FlashAttention, so its backward terms vanish.
 
 Every other feature is a switch of the same kernels, compiled out when off: a boolean or additive mask read
 through its strides (the additive one's gradient with BIAS_GRAD), ALiBi slopes, Gemma 2's logit softcapping, and
 dropout on the attention weights from Philox numbers regenerated in the backward. The switches travel as one
 constexpr, SPEC (attention_spec.Spec), with the call's other arguments grouped in tuples: strides (4 per tensor),
-dims (batch, Hq, group size, Tq, Tk), bounds (causal_offset, window_offset, alibi_offset) and scales (qk_scale,
+dims (batch, Hq, group size, Tq, Tk), bounds (causal_offset, window_offset, alibi_offset, chunk) and scales (qk_scale,
 softmax_scale, softcap, dropout_p, keep_scale); an absent tensor is None.
 
 Programmable attention (gptfast.flex) is one more set of switches: SPEC's score and mask mods are @triton.jit
@@ -42,8 +43,8 @@ import triton
 import triton.language as tl
 
 from gptfast.kernels import device_arch, multiprocessors
-from gptfast.kernels.attention_blocks import (MASK_NONE, head_columns, mask_mods, online_softmax, softmax_start,
-                                              tile_scores, visible_pairs)
+from gptfast.kernels.attention_blocks import (MASK_NONE, chunk_start, head_columns, mask_mods, online_softmax,
+                                              softmax_start, tile_scores, visible_pairs)
 from gptfast.kernels.attention_spec import Call, Features, Flex, block_lists, describe
 from gptfast.kernels.attention_tuning import (MAX_REGISTERS, autotuned, backward_choices, backward_loads,
                                                delta_block, fastest, forward_variants, length_bucket)
@@ -72,6 +73,42 @@ def _key_range(start_m, seqlen_q, seqlen_k, causal_offset, window_offset, BLOCK_
         lo = 0
         full_start = 0
     return lo, full_start, full_end, hi
+
+
+@triton.jit
+def _chunk_key_range(ranges, start_m, seqlen_q, diagonal, chunk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """_key_range's (lo, full_start, full_end, hi) narrowed to the chunks of the query rows [start_m, start_m +
+    BLOCK_M) (positions row + diagonal)."""
+    first = chunk_start(start_m + diagonal, chunk)
+    last = chunk_start(tl.minimum(start_m + BLOCK_M, seqlen_q) - 1 + diagonal, chunk)
+    return _chunk_range(ranges, first, last, chunk, BLOCK_N)
+
+
+@triton.jit
+def _chunk_query_range(ranges, start_n, diagonal, chunk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """_query_range's (lo, full_start, full_end, hi) narrowed to the rows whose chunk holds a key of [start_n,
+    start_n + BLOCK_N)."""
+    first = chunk_start(start_n, chunk) - diagonal
+    last = chunk_start(start_n + BLOCK_N - 1, chunk) - diagonal
+    return _chunk_range(ranges, first, last, chunk, BLOCK_M)
+
+
+@triton.jit
+def _chunk_range(ranges, first, last, chunk, BLOCK: tl.constexpr):
+    """(lo, full_start, full_end, hi), a loop's ranges over the other side's indices (keys for a block of query
+    rows, rows for a block of keys), narrowed to the chunks of the block's own: from first (where its first
+    index's chunk starts, in the other side's indices) to the end of last's chunk; every index of the block sees
+    [last, first + chunk). The loops' invariants hold: lo a multiple of BLOCK, full_start and full_end multiples
+    of it or hi."""
+    lo, full_start, full_end, hi = ranges
+    hi = tl.maximum(tl.minimum(hi, last + chunk), 0)
+    # Both terms multiples of BLOCK, which the compiler sees: a loop start it cannot prove aligned costs the
+    # loads their vectorisation (sm_100's every-feature tile then spilled). A block that sees nothing then loads
+    # the one block at floor(hi), masked whole.
+    lo = tl.minimum(tl.maximum(lo, tl.maximum(first, 0) // BLOCK * BLOCK), hi // BLOCK * BLOCK)
+    full_start = tl.minimum(tl.maximum(full_start, tl.cdiv(tl.maximum(last, 0), BLOCK) * BLOCK), hi)
+    full_end = tl.minimum(tl.minimum(full_end, tl.maximum(first + chunk, 0) // BLOCK * BLOCK), hi // BLOCK * BLOCK)
+    return lo, full_start, tl.maximum(full_end, full_start), hi
 
 
 @triton.jit
@@ -217,9 +254,40 @@ def _block_list(blocks, batch, head, row, FULL: tl.constexpr):
 
 
 @triton.jit
-def _visible(rows, keys, seq, SPEC: tl.constexpr):
-    """visible_pairs with the sequence's bounds."""
-    return visible_pairs(rows, keys, seq[1], seq[2], seq[3], CAUSAL=SPEC.CAUSAL, WINDOW=SPEC.WINDOW)
+def _visible(rows, keys, seq, SPEC: tl.constexpr, KEYS_MOVE: tl.constexpr):
+    """visible_pairs with the sequence's bounds. With CHUNK every bound of a pair is in the fixed side's range
+    seq[6] = (low, high) (_chunk_bounds): the tile's moving index (its keys with KEYS_MOVE, else its query rows)
+    within it, as many comparisons per pair as causal and window alone."""
+    if SPEC.CHUNK:
+        moving = keys if KEYS_MOVE else rows
+        visible = (keys < seq[1]) & (moving >= seq[6][0]) & (moving <= seq[6][1])
+    else:
+        visible = visible_pairs(rows, keys, seq[1], seq[2], seq[3], CAUSAL=SPEC.CAUSAL, WINDOW=SPEC.WINDOW)
+    return visible
+
+
+@triton.jit
+def _chunk_bounds(seq, fixed, SPEC: tl.constexpr, FIXED_ROWS: tl.constexpr):
+    """seq with a seventh entry (low, high), (n, 1) columns, for each of the tile's fixed indices: with FIXED_ROWS
+    (query rows) the keys each sees lie in [low, high], else (keys) the rows that see each: the chunk, the causal
+    bound and the window folded into one range. Computed once per tile, so the loops divide nothing and compare
+    no more than without chunks (a per-pair chunk test spilled every-feature tiles on four archs)."""
+    causal_offset, window_offset, diagonal, chunk = seq[2], seq[3], seq[4], seq[5]
+    if FIXED_ROWS:
+        low = chunk_start(fixed + diagonal, chunk)
+        high = low + chunk - 1
+        if SPEC.CAUSAL:
+            high = tl.minimum(high, fixed + causal_offset)
+        if SPEC.WINDOW:
+            low = tl.maximum(low, fixed + window_offset)
+    else:
+        low = chunk_start(fixed, chunk) - diagonal
+        high = low + chunk - 1
+        if SPEC.CAUSAL:
+            low = tl.maximum(low, fixed - causal_offset)
+        if SPEC.WINDOW:
+            high = tl.minimum(high, fixed - window_offset)
+    return seq[0], seq[1], causal_offset, window_offset, diagonal, chunk, (low[:, None], high[:, None])
 
 
 @triton.jit
@@ -258,12 +326,12 @@ def _query_program(query_block, batch_head, num_heads, group_size, BLOCK_M: tl.c
 @triton.jit
 def _sequence(CU_SEQLENS_Q, CU_SEQLENS_K, batch, dims, bounds, SPEC: tl.constexpr):
     """(memory batch, first query row, first key row, seq) of sequence `batch`, seq = (Tq, Tk, causal_offset,
-    window_offset, alibi_offset) its own. With VARLEN the tensors hold the sequences packed along T
-    ((1, H, total, D), as flash-attn's varlen functions take them): the sequence's rows are [CU_SEQLENS[batch],
-    CU_SEQLENS[batch + 1]), its memory batch is 0, and the launcher's offsets, given for Tq = Tk, gain the
-    sequence's own Tk - Tq (every varlen mask is bottom-right aligned). Else the batch's own tensors, rows from
-    0, dims' lengths and the bounds as given."""
-    causal_offset, window_offset, alibi_offset = bounds
+    window_offset, alibi_offset, chunk) its own (alibi_offset is the bottom-right diagonal Tk - Tq). With VARLEN
+    the tensors hold the sequences packed along T ((1, H, total, D), as flash-attn's varlen functions take them):
+    the sequence's rows are [CU_SEQLENS[batch], CU_SEQLENS[batch + 1]), its memory batch is 0, and the
+    launcher's offsets, given for Tq = Tk, gain the sequence's own Tk - Tq (every varlen mask is bottom-right
+    aligned). Else the batch's own tensors, rows from 0, dims' lengths and the bounds as given."""
+    causal_offset, window_offset, alibi_offset, chunk = bounds
     if SPEC.VARLEN:
         q_start = tl.load(CU_SEQLENS_Q + batch)
         k_start = tl.load(CU_SEQLENS_K + batch)
@@ -271,9 +339,9 @@ def _sequence(CU_SEQLENS_Q, CU_SEQLENS_K, batch, dims, bounds, SPEC: tl.constexp
         seqlen_k = tl.load(CU_SEQLENS_K + batch + 1) - k_start
         shift = seqlen_k - seqlen_q
         return 0, q_start, k_start, (seqlen_q, seqlen_k, causal_offset + shift, window_offset + shift,
-                                     alibi_offset + shift)
+                                     alibi_offset + shift, chunk)
     else:
-        return batch, 0, 0, (dims[3], dims[4], causal_offset, window_offset, alibi_offset)
+        return batch, 0, 0, (dims[3], dims[4], causal_offset, window_offset, alibi_offset, chunk)
 
 
 @triton.jit
@@ -315,7 +383,8 @@ def _forward_blocks(acc, row_sum, row_max, q, offs_m, d_masks, k_source, v_sourc
         qk = tl.dot(q, tl.trans(k), input_precision=SPEC.INPUT_PRECISION)
         scores, scale, _ = _scores(qk, offs_m[:, None], key_rows[None, :], seq, scoring, SPEC, MASKED)
         if MASKED:
-            scores = tl.where(_visible(offs_m[:, None], key_rows[None, :], seq, SPEC), scores, float("-inf"))
+            scores = tl.where(_visible(offs_m[:, None], key_rows[None, :], seq, SPEC, KEYS_MOVE=True), scores,
+                              float("-inf"))
         p, correction, row_sum, new_max = online_softmax(scores, scale, row_sum, row_max)
         if SPEC.DROPOUT:  # the softmax sums every weight; the output keeps some, scaled by 1 / (1 - dropout_p)
             p = tl.where(_kept(offs_m[:, None], key_rows[None, :], dropping), p * dropping[4], 0.0)
@@ -367,10 +436,10 @@ def _forward_tile(
     """The forward of one tile: query rows [query_block * BLOCK_M, + BLOCK_M) of (batch, head) = batch_head."""
     start_m, batch, head, kv_head = _query_program(query_block, batch_head, dims[1], dims[2], BLOCK_M)
     memory_batch, q_start, k_start, seq = _sequence(CU_SEQLENS_Q, CU_SEQLENS_K, batch, dims, bounds, SPEC)
-    seqlen_q, seqlen_k, causal_offset, window_offset, _ = seq
+    seqlen_q, seqlen_k, causal_offset, window_offset = seq[:4]
     if SPEC.VARLEN:  # a block past its sequence's end (the grid is sized for the longest) visits no key
         seqlen_k = tl.where(start_m < seqlen_q, seqlen_k, 0)
-        seq = (seqlen_q, seqlen_k, causal_offset, window_offset, seq[4])
+        seq = (seqlen_q, seqlen_k, causal_offset, window_offset, seq[4], seq[5])
     Q += _head(q_strides, memory_batch, head, q_start)
     K += _head(k_strides, memory_batch, kv_head, k_start)
     V += _head(v_strides, memory_batch, kv_head, k_start)
@@ -393,6 +462,10 @@ def _forward_tile(
     row_sum, row_max = softmax_start(SINKS, head, BLOCK_M, SPEC.SINKS)
     lo, full_start, full_end, hi = _key_range(start_m, seqlen_q, seqlen_k, causal_offset, window_offset,
                                               BLOCK_M, BLOCK_N, CAUSAL=SPEC.CAUSAL, WINDOW=SPEC.WINDOW)
+    if SPEC.CHUNK:
+        lo, full_start, full_end, hi = _chunk_key_range((lo, full_start, full_end, hi), start_m, seqlen_q, seq[4],
+                                                        seq[5], BLOCK_M, BLOCK_N)
+        seq = _chunk_bounds(seq, offs_m, SPEC, FIXED_ROWS=True)
     if SPEC.SPARSE_Q:  # the key blocks a block mask lists: full ones without a mask, then partial ones
         for full in tl.static_range(2):
             count, indices = _block_list(blocks, batch, head, start_m // SPEC.SPARSE_Q, FULL=full == 0)
@@ -404,7 +477,7 @@ def _forward_tile(
                     MASKED=full == 1, TMA=TMA)
     else:  # key blocks in three stages: the window's left edge (masked), the keys every row sees (no mask), the
         # diagonal and the end of the keys (masked)
-        if SPEC.WINDOW:
+        if SPEC.WINDOW or SPEC.CHUNK:
             acc, row_sum, row_max = _forward_blocks(acc, row_sum, row_max, q, offs_m, d_masks, k_source, v_source,
                                                     kv_row_strides, seq, scoring, dropping, lo, full_start, SPEC,
                                                     BLOCK_N, MASKED=True, TMA=TMA)
@@ -499,7 +572,7 @@ def _dkdv_blocks(dk, dv, k, v, key_rows, columns, q_source, do_source, qdo_strid
         scores_t, scale, tanh_t = _scores(qk_t, offs_m[None, :], key_rows[:, None], seq, scoring, SPEC, MASKED)
         p_t = tl.exp2(scores_t * scale - lse[None, :])
         if MASKED:
-            p_t = tl.where(_visible(offs_m[None, :], key_rows[:, None], seq, SPEC), p_t, 0.0)
+            p_t = tl.where(_visible(offs_m[None, :], key_rows[:, None], seq, SPEC, KEYS_MOVE=False), p_t, 0.0)
         do = _query_rows(do_source, start_m, offs_m, offs_dv, qdo_strides[2], qdo_strides[3], do_mask, TMA=TMA)
         keep_t = p_t > 0.0  # a placeholder unless DROPOUT
         dropped_p_t = p_t
@@ -543,7 +616,7 @@ def attention_backward_dkdv_kernel(
     batch = (tl.program_id(1) // num_kv_heads).to(tl.int64)
     kv_head = (tl.program_id(1) % num_kv_heads).to(tl.int64)
     memory_batch, q_start, k_start, seq = _sequence(CU_SEQLENS_Q, CU_SEQLENS_K, batch, dims, bounds, SPEC)
-    seqlen_q, seqlen_k, causal_offset, window_offset, _ = seq
+    seqlen_q, seqlen_k, causal_offset, window_offset = seq[:4]
     K += _head(k_strides, memory_batch, kv_head, k_start)
     V += _head(v_strides, memory_batch, kv_head, k_start)
     if SPEC.HEAD_DIM_V == SPEC.HEAD_DIM:  # dv is then laid out as dk (the launcher makes both): one address sum
@@ -567,6 +640,10 @@ def attention_backward_dkdv_kernel(
         visited_q = tl.where(start_n < seqlen_k, seqlen_q, 0)
     lo, full_start, full_end, hi = _query_range(start_n, visited_q, causal_offset, window_offset, BLOCK_M, BLOCK_N,
                                                 CAUSAL=SPEC.CAUSAL, WINDOW=SPEC.WINDOW)
+    if SPEC.CHUNK:
+        lo, full_start, full_end, hi = _chunk_query_range((lo, full_start, full_end, hi), start_n, seq[4], seq[5],
+                                                          BLOCK_M, BLOCK_N)
+        seq = _chunk_bounds(seq, key_rows, SPEC, FIXED_ROWS=False)
     # Pointers to the group's first query head; each pass of the loop moves them one head on.
     head = kv_head * group_size
     Q += _head(q_strides, memory_batch, head, q_start)
@@ -603,7 +680,7 @@ def attention_backward_dkdv_kernel(
             dk, dv = _dkdv_blocks(dk, dv, k, v, key_rows, columns, q_source, do_source, qdo_strides, LSE,
                                   DELTA, seq, scoring, dropping, DQ_ACC, dq_acc_strides, scales[1], full_start,
                                   full_end, SPEC, BLOCK_M, MASKED=False, ATOMIC_DQ=ATOMIC_DQ, TMA=TMA)
-            if SPEC.WINDOW:
+            if SPEC.WINDOW or SPEC.CHUNK:
                 dk, dv = _dkdv_blocks(dk, dv, k, v, key_rows, columns, q_source, do_source, qdo_strides, LSE,
                                       DELTA, seq, scoring, dropping, DQ_ACC, dq_acc_strides, scales[1], full_end,
                                       hi, SPEC, BLOCK_M, MASKED=True, ATOMIC_DQ=ATOMIC_DQ, TMA=TMA)
@@ -636,7 +713,7 @@ def _dq_blocks(dq, q, do, lse, delta, offs_m, d_masks, k_source, v_source, kv_ro
         scores, scale, tanh = _scores(qk, offs_m[:, None], key_rows[None, :], seq, scoring, SPEC, MASKED)
         p = tl.exp2(scores * scale - lse[:, None])
         if MASKED:
-            p = tl.where(_visible(offs_m[:, None], key_rows[None, :], seq, SPEC), p, 0.0)
+            p = tl.where(_visible(offs_m[:, None], key_rows[None, :], seq, SPEC, KEYS_MOVE=True), p, 0.0)
         keep = p > 0.0  # a placeholder unless DROPOUT
         if SPEC.DROPOUT:
             keep = _kept(offs_m[:, None], key_rows[None, :], dropping)
@@ -667,10 +744,10 @@ def attention_backward_dq_kernel(
     start_m, batch, head, kv_head = _query_program(tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(1),
                                                    dims[1], dims[2], BLOCK_M)
     memory_batch, q_start, k_start, seq = _sequence(CU_SEQLENS_Q, CU_SEQLENS_K, batch, dims, bounds, SPEC)
-    seqlen_q, seqlen_k, causal_offset, window_offset, _ = seq
+    seqlen_q, seqlen_k, causal_offset, window_offset = seq[:4]
     if SPEC.VARLEN:  # as in the forward
         seqlen_k = tl.where(start_m < seqlen_q, seqlen_k, 0)
-        seq = (seqlen_q, seqlen_k, causal_offset, window_offset, seq[4])
+        seq = (seqlen_q, seqlen_k, causal_offset, window_offset, seq[4], seq[5])
     Q += _head(q_strides, memory_batch, head, q_start)
     K += _head(k_strides, memory_batch, kv_head, k_start)
     V += _head(v_strides, memory_batch, kv_head, k_start)
@@ -702,6 +779,10 @@ def attention_backward_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo, full_start, full_end, hi = _key_range(start_m, seqlen_q, seqlen_k, causal_offset, window_offset,
                                               BLOCK_M, BLOCK_N, CAUSAL=SPEC.CAUSAL, WINDOW=SPEC.WINDOW)
+    if SPEC.CHUNK:
+        lo, full_start, full_end, hi = _chunk_key_range((lo, full_start, full_end, hi), start_m, seqlen_q, seq[4],
+                                                        seq[5], BLOCK_M, BLOCK_N)
+        seq = _chunk_bounds(seq, offs_m, SPEC, FIXED_ROWS=True)
     if SPEC.SPARSE_Q:  # the listed key blocks, as in the forward
         for full in tl.static_range(2):
             count, indices = _block_list(blocks, batch, head, start_m // SPEC.SPARSE_Q, FULL=full == 0)
@@ -712,7 +793,7 @@ def attention_backward_dq_kernel(
                                 tl.minimum(start_n + SPEC.SPARSE_KV, seqlen_k), SPEC, BLOCK_N, MASKED=full == 1,
                                 BIAS_GRAD=BIAS_GRAD, TMA=TMA)
     else:  # key blocks in three stages, as in the forward
-        if SPEC.WINDOW:
+        if SPEC.WINDOW or SPEC.CHUNK:
             dq = _dq_blocks(dq, q, do, lse, delta, offs_m, d_masks, k_source, v_source, kv_row_strides, seq, scoring,
                             dropping, DBIAS, dbias_tile_strides, lo, full_start, SPEC, BLOCK_N, MASKED=True,
                             BIAS_GRAD=BIAS_GRAD, TMA=TMA)

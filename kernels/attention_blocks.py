@@ -1,7 +1,8 @@
-"""Device helpers that the attention kernels (gptfast.kernels.attention) and the split-KV decoding kernel
-(gptfast.kernels.decode) share: which (query, key) pairs the bounds let attend, a tile's scores with every
+"""Device helpers of the attention kernels (gptfast.kernels.attention), most shared with the split-KV decoding
+kernel (gptfast.kernels.decode): which (query, key) pairs the bounds let attend, a tile's scores with every
 feature, one key block's step of the online softmax, and a flex call's mask mods (also evaluated per block by
-gptfast.kernels.block_mask), a spec's head-dim columns and where a row's softmax starts (its sink)."""
+gptfast.kernels.block_mask), a spec's head-dim columns, where a row's softmax starts (its sink) and
+where a position's chunk starts."""
 import triton
 import triton.language as tl
 
@@ -110,3 +111,9 @@ def softmax_start(SINKS, head, BLOCK_M: tl.constexpr, WITH_SINK: tl.constexpr):
         row_sum += 1.0
         row_max = row_sum * (tl.load(SINKS + head) * LOG2E)
     return row_sum, row_max
+
+
+@triton.jit
+def chunk_start(position, chunk):
+    """The first position of the chunk that holds position (any sign: a floor division, not C's truncation)."""
+    return tl.where(position >= 0, position // chunk, -((chunk - 1 - position) // chunk)) * chunk

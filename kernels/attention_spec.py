@@ -3,8 +3,8 @@ that select the kernels' code for it (Spec), and the keyword arguments every att
 
 A Spec is passed to the kernels whole, as one tl.constexpr argument SPEC (a NamedTuple: Triton inlines each
 field as a constant, so a switch that is off compiles out). It is the autotuners' key, picks the tuning table
-(has_features) and is what `gptfast inspect` compiles (Spec.plain, Spec.every_feature). Adding a feature is a field
-here, its runtime values in Call, and one helper in the kernels.
+(has_features) and is what `gptfast inspect` compiles (Spec.plain, Spec.every_feature, Spec.chunked). Adding a
+feature is a field here, its runtime values in Call, and one helper in the kernels.
 """
 from typing import NamedTuple
 
@@ -24,7 +24,8 @@ class Spec(NamedTuple):
     torch allows it). CAUSAL, WINDOW: the bounds (module docstring of gptfast.kernels.attention); MASK_KIND:
     MASK_NONE, MASK_BOOLEAN or MASK_ADDITIVE; ALIBI: per-head slopes; SOFTCAP: tanh softcapping; DROPOUT: on the
     weights; VARLEN: sequences packed along T; SINKS: one learned logit per head in every row's softmax
-    denominator (gpt-oss).
+    denominator (gpt-oss); CHUNK: each query sees only keys of its own chunk of positions (Llama 4's chunked
+    attention, flash-attn 3's attention_chunk), a bound like WINDOW's.
 
     Programmable attention (gptfast.flex; its calls set none of the switches above but the head dims and
     INPUT_PRECISION): SCORE_MOD, a @triton.jit score_mod(score, batch, head, q_idx, kv_idx, args) -> score;
@@ -47,6 +48,7 @@ class Spec(NamedTuple):
     DROPOUT: bool = False
     VARLEN: bool = False
     SINKS: bool = False
+    CHUNK: bool = False
     SCORE_MOD: object = None
     SCORE_GRAD: object = None
     SCORE_ARG_GRAD: object = None
@@ -68,11 +70,12 @@ class Spec(NamedTuple):
 
     @property
     def has_features(self):
-        """Whether the call adds a feature past the bounds: a mask, ALiBi, softcapping, dropout, or packed
-        sequences (VARLEN: its per-sequence offsets cost registers). Such calls take the feature tiles, which
-        `gptfast inspect` compiles with every feature at once."""
+        """Whether the call adds a feature past the causal and window bounds: a mask, ALiBi, softcapping, dropout,
+        packed sequences (VARLEN: its per-sequence offsets cost registers), sinks, chunks (a column of each
+        tile's chunk starts) or mods. Such calls take the feature tiles, which `gptfast inspect` compiles with
+        every feature at once."""
         return bool(self.MASK_KIND or self.ALIBI or self.SOFTCAP or self.DROPOUT or self.VARLEN or self.SINKS
-                    or self.modded)
+                    or self.CHUNK or self.modded)
 
     @property
     def modded(self):
@@ -99,9 +102,17 @@ class Spec(NamedTuple):
 
     @classmethod
     def every_feature(cls, block_d, precision, block_dv=None):
-        """Every switch on at once (an additive mask): the most registers any call needs."""
+        """Every switch on at once (an additive mask) but CHUNK: the most registers any call without chunks
+        needs."""
         return cls.dims(block_d, precision, block_dv, CAUSAL=True, WINDOW=True, MASK_KIND=MASK_ADDITIVE.value,
                         ALIBI=True, SOFTCAP=True, DROPOUT=True, VARLEN=True, SINKS=True)
+
+    @classmethod
+    def chunked(cls, block_d, precision, block_dv=None):
+        """Every switch with CHUNK that a chunked call may add (all but DROPOUT: the feature tiles sit at the
+        register file's edge with every feature, and chunks and dropout together spilled on sm_80, sm_90 and
+        sm_100, so such calls run PyTorch; see attention_core.kernel_gap)."""
+        return cls.every_feature(block_d, precision, block_dv)._replace(CHUNK=True, DROPOUT=False)
 
 
 def _keyed(value):
@@ -124,8 +135,10 @@ class Features(NamedTuple):
     k and v (1, Hkv, total_k, D), int32 cumulative lengths (num_seqs + 1,), causal bottom-right per sequence, no
     mask; out and lse keep the packed layout, and the dropout draws as for a (num_seqs, Hq, max_seqlen_q,
     max_seqlen_k) batch. sinks: None or float32 (Hq,), contiguous: a logit per head that joins every row's
-    softmax denominator and takes no value (gpt-oss's attention sinks); the lse includes it. flex: None or the
-    Flex of a gptfast.flex call (its mods and block lists), with every other field at its default."""
+    softmax denominator and takes no value (gpt-oss's attention sinks); the lse includes it. chunk: 0, or the
+    chunk size C > 0: query i sees only keys j with (i + Tk - Tq) // C == j // C (bottom-right aligned, per
+    sequence with varlen, as flash-attn 3's attention_chunk), on top of the causal mode and the window. flex: None
+    or the Flex of a gptfast.flex call (its mods and block lists), with every other field at its default."""
     causal: int = CAUSAL_NONE
     window: tuple = (-1, -1)
     mask: torch.Tensor | None = None
@@ -136,6 +149,7 @@ class Features(NamedTuple):
     deterministic: bool = False
     varlen: tuple | None = None
     sinks: torch.Tensor | None = None
+    chunk: int = 0
     flex: "Flex | None" = None
 
 
@@ -191,7 +205,7 @@ def describe(q, k, v, features, softmax_scale):
     the optional tensors (MASK, ALIBI, SEED, CU_SEQLENS_Q, CU_SEQLENS_K, SINKS; None when absent), the flex
     call's mods and blocks (None without; see with_flex), mask_strides (4) and
     alibi_strides (2) (0 where broadcast or absent), dims (batch, Hq, group size, Tq, Tk), bounds (causal_offset,
-    window_offset, alibi_offset) and scales (softmax_scale * log2(e), softmax_scale, softcap, dropout_p,
+    window_offset, alibi_offset, chunk size) and scales (softmax_scale * log2(e), softmax_scale, softcap, dropout_p,
     1 / (1 - dropout_p)), and SPEC."""
     num_heads, seqlen_q, head_dim = q.shape[1:]
     seqlen_k = k.shape[2]
@@ -209,7 +223,7 @@ def describe(q, k, v, features, softmax_scale):
     spec = Spec(head_dim, padded_head_dim(head_dim), head_dim_v, padded_head_dim(head_dim_v), input_precision(q.dtype),
                 CAUSAL=right >= 0, WINDOW=left >= 0, MASK_KIND=mask_kind.value, ALIBI=slopes is not None,
                 SOFTCAP=features.softcap > 0, DROPOUT=features.dropout_p > 0, VARLEN=features.varlen is not None,
-                SINKS=features.sinks is not None)
+                SINKS=features.sinks is not None, CHUNK=features.chunk > 0)
     cu_seqlens = features.varlen[:2] if features.varlen else (None, None)
     # Bottom-right offsets count Tk - Tq; with varlen the kernels add each sequence's own.
     offset = 0 if features.causal == CAUSAL_TOP_LEFT or features.varlen else seqlen_k - seqlen_q
@@ -218,7 +232,8 @@ def describe(q, k, v, features, softmax_scale):
                   mask_strides=mask.stride() if mask is not None else (0, 0, 0, 0),
                   alibi_strides=slopes.stride() if slopes is not None else (0, 0),
                   dims=(shape[0], num_heads, num_heads // k.shape[1], seqlen_q, seqlen_k),
-                  bounds=(offset + max(right, 0), offset - max(left, 0), 0 if features.varlen else seqlen_k - seqlen_q),
+                  bounds=(offset + max(right, 0), offset - max(left, 0), 0 if features.varlen else seqlen_k - seqlen_q,
+                          features.chunk),
                   scales=(softmax_scale * LOG2E.value, softmax_scale, features.softcap, features.dropout_p,
                           1.0 / (1.0 - features.dropout_p)),
                   SPEC=spec)

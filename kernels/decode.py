@@ -15,7 +15,8 @@ Layouts:
     block_table[b, j // page_size], slot j % page_size; a plain cache (B_cache, T_cache, Hkv, D) is the pool of
     one page per sequence (page_size = T_cache, block_table = the cache row of each sequence, (B, 1)).
     seqlens: (B,) int32, keys [first, seqlens[b]) are visible, first = leftpad[b] with LEFTPAD else 0.
-    Query t of sequence b sits at key position seqlens[b] - Tq + t (bottom-right, as flash-attn's KV cache).
+    Query t of sequence b sits at key position seqlens[b] - Tq + t (bottom-right, as flash-attn's KV cache); with
+    CHUNK it sees only keys of its chunk, chunks counted from the first visible key.
     out: (B, Tq, Hq, Dv) in q's dtype; lse: (B, Hq, Tq) float32, +inf for a row that sees no key (the sink with
     sinks: (Hq,) float32 logits, one per query head, in every row's softmax denominator, taking no value).
 """
@@ -26,7 +27,7 @@ import triton
 import triton.language as tl
 
 from gptfast.kernels import device_arch, input_precision, multiprocessors, padded_head_dim, tuned
-from gptfast.kernels.attention_blocks import head_columns, online_softmax, softmax_start, tile_scores, visible_pairs
+from gptfast.kernels.attention_blocks import chunk_start, head_columns, online_softmax, softmax_start, tile_scores
 from gptfast.kernels.attention_spec import Spec
 from gptfast.kernels.attention_tuning import MAX_REGISTERS, length_bucket
 from gptfast.kernels.math import LOG2E
@@ -36,19 +37,49 @@ MIN_KEYS_PER_SPLIT = 256  # below this a split's loads no longer hide the merge'
 
 
 @triton.jit
-def _key_span(row_block, seqlen_q, seqlen_k, first_key, group_size, causal_right, window_left, num_splits, split,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+def _chunk_of(query, seqlen_q, seqlen_k, first_key, chunk):
+    """The first key of query's chunk: chunks of `chunk` positions counted from first_key."""
+    return first_key + chunk_start(seqlen_k - seqlen_q + query - first_key, chunk)
+
+
+@triton.jit
+def _row_keys(query, seqlen_q, seqlen_k, first_key, window_sides, SPEC: tl.constexpr):
+    """(low, high), (BLOCK_M, 1) columns: each query row sees keys [low, high] (below seqlen_k), the first key,
+    the causal bound, the window and the chunk folded into one range per row, computed once (a per-pair chunk
+    test spilled sm_120's every-feature tile)."""
+    causal_right, window_left, chunk = window_sides
+    position = seqlen_k - seqlen_q + query
+    low = tl.zeros_like(query) + first_key
+    high = tl.zeros_like(query) + seqlen_k
+    if SPEC.CAUSAL:
+        high = tl.minimum(high, position + causal_right)
+    if SPEC.WINDOW:
+        low = tl.maximum(low, position - window_left)
+    if SPEC.CHUNK:
+        chunk_first = _chunk_of(query, seqlen_q, seqlen_k, first_key, chunk)
+        low = tl.maximum(low, chunk_first)
+        high = tl.minimum(high, chunk_first + chunk - 1)
+    return low[:, None], high[:, None]
+
+
+@triton.jit
+def _key_span(row_block, seqlen_q, seqlen_k, first_key, group_size, window_sides, num_splits, split,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPEC: tl.constexpr):
     """[start, stop) of the keys that split `split` of a row block visits: the keys any of its rows may see,
     from a multiple of BLOCK_N (a block never crosses a page: pages are multiples of BLOCK_N), cut into
-    num_splits runs of whole blocks."""
+    num_splits runs of whole blocks. window_sides: (causal_right, window_left, chunk) (see the kernel)."""
+    causal_right, window_left, chunk = window_sides
     first_query = row_block * BLOCK_M // group_size
     last_query = tl.minimum((row_block * BLOCK_M + BLOCK_M - 1) // group_size, seqlen_q - 1)
     lo = first_key
     hi = seqlen_k
-    if CAUSAL:
+    if SPEC.CAUSAL:
         hi = tl.minimum(hi, seqlen_k - seqlen_q + last_query + causal_right + 1)
-    if WINDOW:
+    if SPEC.WINDOW:
         lo = tl.maximum(lo, seqlen_k - seqlen_q + first_query - window_left)
+    if SPEC.CHUNK:  # from the first query's chunk to the end of the last one's
+        lo = tl.maximum(lo, _chunk_of(first_query, seqlen_q, seqlen_k, first_key, chunk))
+        hi = tl.minimum(hi, _chunk_of(last_query, seqlen_q, seqlen_k, first_key, chunk) + chunk)
     lo = tl.maximum(lo, 0) // BLOCK_N * BLOCK_N
     hi = tl.maximum(hi, lo)
     per_split = tl.cdiv(tl.cdiv(hi - lo, BLOCK_N), num_splits) * BLOCK_N
@@ -67,13 +98,12 @@ def attention_decode_kernel(
     writes the rows' partial output and lse at O[split], LSE[split] (float32; lse -inf for a split that sees no
     key), or with FINAL (a single split) the result itself (out in O's dtype, lse +inf for no key, the sink with
     one). SPEC (attention_spec.Spec) reads HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, INPUT_PRECISION, CAUSAL,
-    WINDOW, ALIBI, SOFTCAP and SINKS (the sinks join a split's softmax only with FINAL; else the merge adds them
-    once). Strides: q's (b, t, h, d), the pools' (page, slot, h, d), a split's output (b, t, h, d), lse_steps its
-    lse (b, h, t), split_steps (output, lse) from one split to the next; sizes (Hkv, group size, Tq, page_size);
-    window_sides flash-attn's (right, left) window sizes (causal: right = 0; -1 unbounded); score_scales
-    (softmax_scale * log2(e), softcap). Grid: (cdiv(Tq * group, BLOCK_M), B * Hkv, splits)."""
+    WINDOW, ALIBI, SOFTCAP, SINKS (the sinks join a split's softmax only with FINAL; else the merge adds them
+    once) and CHUNK. Strides: q's (b, t, h, d), the pools' (page, slot, h, d), a split's output (b, t, h, d),
+    lse_steps its lse (b, h, t), split_steps (output, lse) from one split to the next; sizes (Hkv, group size, Tq,
+    page_size); window_sides flash-attn's (right, left) window sizes (causal: right = 0; -1 unbounded) and the
+    chunk size; score_scales (softmax_scale * log2(e), softcap). Grid: (cdiv(Tq * group, BLOCK_M), B * Hkv, splits)."""
     num_kv_heads, group_size, seqlen_q, page_size = sizes
-    causal_right, window_left = window_sides
     row_block, split = tl.program_id(0), tl.program_id(2)
     batch = (tl.program_id(1) // num_kv_heads).to(tl.int64)
     kv_head = tl.program_id(1) % num_kv_heads
@@ -91,8 +121,9 @@ def attention_decode_kernel(
     slope = 0.0
     if SPEC.ALIBI:
         slope = tl.load(ALIBI + batch * alibi_strides[0] + head * alibi_strides[1])[:, None]
-    start, stop = _key_span(row_block, seqlen_q, seqlen_k, first_key, group_size, causal_right, window_left,
-                            tl.num_programs(2), split, BLOCK_M, BLOCK_N, SPEC.CAUSAL, SPEC.WINDOW)
+    start, stop = _key_span(row_block, seqlen_q, seqlen_k, first_key, group_size, window_sides, tl.num_programs(2),
+                            split, BLOCK_M, BLOCK_N, SPEC)
+    low, high = _row_keys(query, seqlen_q, seqlen_k, first_key, window_sides, SPEC)
     K += kv_head * k_strides[2]
     V += kv_head * v_strides[2]
     BLOCK_DV: tl.constexpr = SPEC.BLOCK_DV  # a shape needs a constexpr, not a field's plain int
@@ -110,9 +141,8 @@ def attention_decode_kernel(
         scores, scale, _ = tile_scores(qk, query[:, None], keys[None, :], seqlen_q, seqlen_k, Q, slope, diagonal,
                                        score_scales[0], score_scales[1], MASK_KIND=0, ALIBI=SPEC.ALIBI,
                                        SOFTCAP=SPEC.SOFTCAP)
-        visible = visible_pairs(query[:, None], keys[None, :], seqlen_k, diagonal + causal_right,
-                                diagonal - window_left, CAUSAL=SPEC.CAUSAL, WINDOW=SPEC.WINDOW)
-        scores = tl.where(visible & (keys >= first_key)[None, :], scores, float("-inf"))
+        visible = (keys < seqlen_k)[None, :] & (keys[None, :] >= low) & (keys[None, :] <= high)
+        scores = tl.where(visible, scores, float("-inf"))
         p, correction, row_sum, row_max = online_softmax(scores, scale, row_sum, row_max)
         v = tl.load(V + page * v_strides[0] + slots[:, None] * v_strides[1] + offs_dv[None, :] * v_strides[3],
                     mask=in_cache & dv_mask[None, :], other=0.0)
@@ -204,24 +234,25 @@ def auto_splits(programs, capacity, device):
     return max(1, min(wanted, triton.cdiv(capacity, MIN_KEYS_PER_SPLIT), MAX_SPLITS))
 
 
-def decode_spec(q, v_cache, causal_right, window_left, softcap, alibi_slopes, sinks):
+def decode_spec(q, v_cache, causal_right, window_left, softcap, alibi_slopes, sinks, chunk=0):
     """The attention_spec.Spec of a decoding call: its head dims, dots' precision and switches."""
     head_dim, head_dim_v = q.shape[3], v_cache.shape[3]
     return Spec(head_dim, padded_head_dim(head_dim), head_dim_v, padded_head_dim(head_dim_v), input_precision(q.dtype),
                 CAUSAL=causal_right >= 0, WINDOW=window_left >= 0, ALIBI=alibi_slopes is not None, SOFTCAP=softcap > 0,
-                SINKS=sinks is not None)
+                SINKS=sinks is not None, CHUNK=chunk > 0)
 
 
 def decode_attention(q, k_cache, v_cache, block_table, seqlens, leftpad, softmax_scale, causal_right=-1,
-                     window_left=-1, softcap=0.0, alibi_slopes=None, num_splits=0, sinks=None):
+                     window_left=-1, softcap=0.0, alibi_slopes=None, num_splits=0, sinks=None, chunk=0):
     """Returns (out (B, Tq, Hq, Dv) in q's dtype, lse (B, Hq, Tq) float32) for the layouts of the module
     docstring. causal_right: -1 for no causal bound, else flash-attn's right window size (0 when causal);
     window_left: -1 or the left window size. alibi_slopes: None or float32 broadcastable to (B, Hq). num_splits:
-    0 chooses (auto_splits); more than MAX_SPLITS is capped there. sinks: None or float32 (Hq,), contiguous."""
+    0 chooses (auto_splits); more than MAX_SPLITS is capped there. sinks: None or float32 (Hq,), contiguous.
+    chunk: 0, or the chunk size (chunks counted from each sequence's first visible key)."""
     batch, seqlen_q, num_heads = q.shape[:3]
     num_kv_heads, page_size = k_cache.shape[2], k_cache.shape[1]
     group = num_heads // num_kv_heads
-    spec = decode_spec(q, v_cache, causal_right, window_left, softcap, alibi_slopes, sinks)
+    spec = decode_spec(q, v_cache, causal_right, window_left, softcap, alibi_slopes, sinks, chunk)
     block_m = query_block(seqlen_q * group, spec.tile_dim, q.dtype)
     row_blocks = triton.cdiv(seqlen_q * group, block_m)
     capacity = block_table.shape[1] * page_size
@@ -244,7 +275,7 @@ def decode_attention(q, k_cache, v_cache, block_table, seqlens, leftpad, softmax
         v_strides=v_cache.stride(), o_strides=out_part.stride()[1:], lse_steps=lse_strides[1:],
         split_steps=(out_part.stride(0), lse_strides[0]), table_stride=block_table.stride(0),
         alibi_strides=slopes.stride() if slopes is not None else (0, 0),
-        sizes=(num_kv_heads, group, seqlen_q, page_size), window_sides=(causal_right, window_left),
+        sizes=(num_kv_heads, group, seqlen_q, page_size), window_sides=(causal_right, window_left, chunk),
         score_scales=(softmax_scale * LOG2E.value, softcap), SPEC=spec, LEFTPAD_KEYS=leftpad is not None,
         FINAL=splits == 1, BLOCK_M=block_m)
     if splits > 1:

@@ -34,12 +34,13 @@ def kernels_only():
 
 
 def reference_attention(q, k, v, causal=NONE, scale=None, window=(-1, -1), softcap=0.0, alibi=None, mask=None,
-                        keep=None, dropout_p=0.0, sinks=None):
+                        keep=None, dropout_p=0.0, sinks=None, chunk=0):
     """Plain attention in q's dtype: scores, masked softmax in float32 (as torch's math backend), weighted sum.
     q: (..., Hq, Tq, D), k and v: (..., Hkv, Tk, D). A row that sees no key gives 0. window is flash-attn's
     (bottom-right aligned; causal sets its right side to 0), alibi float32 (B, Hq), mask bool or additive and
     broadcastable to the scores, keep the dropout's keep mask (B, Hq, Tq, Tk), sinks (Hq,) a logit per head in
-    every row's softmax that takes no value."""
+    every row's softmax that takes no value, chunk > 0 the size of the chunks outside which query i (at position
+    i + Tk - Tq) sees no key."""
     group = q.shape[-3] // k.shape[-3]
     k, v = k.repeat_interleave(group, dim=-3), v.repeat_interleave(group, dim=-3)
     scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
@@ -61,6 +62,10 @@ def reference_attention(q, k, v, causal=NONE, scale=None, window=(-1, -1), softc
         scores = scores.masked_fill(j_minus_i > diagonal + right, float("-inf"))
     if left >= 0:
         scores = scores.masked_fill(j_minus_i < diagonal - left, float("-inf"))
+    if chunk:
+        positions = torch.arange(tq, device=q.device)[:, None] + tk - tq
+        key_chunks = torch.arange(tk, device=q.device)[None, :] // chunk
+        scores = scores.masked_fill(torch.div(positions, chunk, rounding_mode="floor") != key_chunks, float("-inf"))
     if sinks is None:
         weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)
     else:

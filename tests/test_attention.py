@@ -15,7 +15,7 @@ from torch.nn.attention.bias import causal_lower_right, causal_upper_left
 from gptfast import backend
 from gptfast.attention import flash_attn_func, scaled_dot_product_attention
 from gptfast.attention_core import as_bhtd, draw_dropout_seed
-from gptfast.kernels.attention import _key_range, _query_range
+from gptfast.kernels.attention import _chunk_key_range, _chunk_query_range, _key_range, _query_range
 from gptfast.kernels.attention_spec import Features, describe
 from support import (BOTTOM_RIGHT, NONE, TOP_LEFT, bthd, check_against_reference, kernel_keep_mask, mask_args,
                      random_qkv, reference_attention, seed_of, shape_id)
@@ -264,13 +264,14 @@ def test_custom_ops_pass_opcheck():
     mask = torch.randn(1, 1, 9, 13).to(DEVICE).requires_grad_()
     slopes = torch.rand(1, 4).to(DEVICE)
     sinks = torch.randn(4).to(DEVICE).requires_grad_()
-    for args in [(None, None, None, None, None, None, 0, 0, 2, -1, -1, 0.0, 0.0, 0.25, False),
-                 (mask, slopes, None, None, None, None, 0, 0, 0, 3, 2, 5.0, 0.0, 0.25, True),
-                 (None, None, sinks, None, None, None, 0, 0, 2, 3, -1, 0.0, 0.0, 0.25, False)]:
+    for args in [(None, None, None, None, None, None, 0, 0, 2, -1, -1, 0, 0.0, 0.0, 0.25, False),
+                 (mask, slopes, None, None, None, None, 0, 0, 0, 3, 2, 0, 5.0, 0.0, 0.25, True),
+                 (None, None, sinks, None, None, None, 0, 0, 2, 3, -1, 0, 0.0, 0.0, 0.25, False),
+                 (None, None, None, None, None, None, 0, 0, 2, -1, -1, 4, 0.0, 0.0, 0.25, False)]:
         torch.library.opcheck(torch.ops.gptfast.flash_attention.default, (q, k, v, *args))
     # varlen: batch 1 read as two packed sequences of 4 and 5 queries, 4 and 9 keys
     cu_seqlens_q, cu_seqlens_k = (torch.tensor([0, 4, n], dtype=torch.int32, device=DEVICE) for n in (9, 13))
-    varlen = (None, None, None, None, cu_seqlens_q, cu_seqlens_k, 5, 9, 2, -1, -1, 0.0, 0.0, 0.25, False)
+    varlen = (None, None, None, None, cu_seqlens_q, cu_seqlens_k, 5, 9, 2, -1, -1, 0, 0.0, 0.0, 0.25, False)
     torch.library.opcheck(torch.ops.gptfast.flash_attention.default, (q, k, v, *varlen))
 
 
@@ -289,17 +290,22 @@ def test_torch_compile_fullgraph():
 
 
 @triton.jit
-def _ranges_probe(FORWARD, BACKWARD, seqlen_q, seqlen_k, causal_offset, window_offset, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+def _ranges_probe(FORWARD, BACKWARD, seqlen_q, seqlen_k, causal_offset, window_offset, diagonal, chunk,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+                  CHUNK: tl.constexpr):
     """Stores the kernels' loop bounds (lo, full_start, full_end, hi) for query block i (FORWARD[i], keys) and
     key block i (BACKWARD[i], query rows)."""
     i = tl.program_id(0)
     bounds = _key_range(i * BLOCK_M, seqlen_q, seqlen_k, causal_offset, window_offset, BLOCK_M, BLOCK_N,
                         CAUSAL=CAUSAL, WINDOW=WINDOW)
+    if CHUNK:
+        bounds = _chunk_key_range(bounds, i * BLOCK_M, seqlen_q, diagonal, chunk, BLOCK_M, BLOCK_N)
     for j in tl.static_range(4):
         tl.store(FORWARD + 4 * i + j, bounds[j])
     bounds = _query_range(i * BLOCK_N, seqlen_q, causal_offset, window_offset, BLOCK_M, BLOCK_N, CAUSAL=CAUSAL,
                           WINDOW=WINDOW)
+    if CHUNK:
+        bounds = _chunk_query_range(bounds, i * BLOCK_N, diagonal, chunk, BLOCK_M, BLOCK_N)
     for j in tl.static_range(4):
         tl.store(BACKWARD + 4 * i + j, bounds[j])
 
@@ -322,11 +328,15 @@ def _check_loop_bounds(visible, bounds, block_rows, block_cols):
 
 
 @pytest.mark.parametrize("seqlen_q, seqlen_k", [(37, 37), (20, 70), (70, 20), (1, 50), (64, 64)])
-@pytest.mark.parametrize("causal, window", [(TOP_LEFT, (-1, -1)), (BOTTOM_RIGHT, (-1, -1)), (BOTTOM_RIGHT, (5, -1)),
-                                            (NONE, (9, 3)), (NONE, (0, 0)), (NONE, (-1, 2)), (NONE, (20, -1))])
-def test_loops_skip_hidden_blocks_and_mask_only_the_edges(seqlen_q, seqlen_k, causal, window):
-    """The causal and window loop bounds against brute force, for the forward and dq (key blocks per query
-    block) and for dk, dv (query blocks per key block)."""
+@pytest.mark.parametrize("causal, window, chunk", [
+    (TOP_LEFT, (-1, -1), 0), *((causal, window, chunk) for chunk in (0, 5, 16, 24) for causal, window in (
+        (BOTTOM_RIGHT, (-1, -1)), (BOTTOM_RIGHT, (5, -1)), (NONE, (9, 3)), (NONE, (0, 0)), (NONE, (-1, 2)),
+        (NONE, (20, -1))))])
+def test_loops_skip_hidden_blocks_and_mask_only_the_edges(seqlen_q, seqlen_k, causal, window, chunk):
+    """The causal, window and chunk loop bounds against brute force, for the forward and dq (key blocks per
+    query block) and for dk, dv (query blocks per key block). Chunks of 5 are smaller than a block, of 16 one
+    query block, of 24 neither; they are bottom-right aligned, as flash-attn's causal mask (no API combines them
+    with torch's top-left one)."""
     block_m, block_n = 16, 8
     left, right = window
     right = 0 if causal != NONE else right
@@ -334,14 +344,17 @@ def test_loops_skip_hidden_blocks_and_mask_only_the_edges(seqlen_q, seqlen_k, ca
     blocks = max(triton.cdiv(seqlen_q, block_m), triton.cdiv(seqlen_k, block_n))
     forward, backward = torch.zeros(blocks, 4, dtype=torch.int32), torch.zeros(blocks, 4, dtype=torch.int32)
     _ranges_probe[(blocks,)](forward, backward, seqlen_q, seqlen_k, diagonal + max(right, 0),
-                             diagonal - max(left, 0), BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=right >= 0,
-                             WINDOW=left >= 0)
+                             diagonal - max(left, 0), seqlen_k - seqlen_q, max(chunk, 1), BLOCK_M=block_m,
+                             BLOCK_N=block_n, CAUSAL=right >= 0, WINDOW=left >= 0, CHUNK=chunk > 0)
     j_minus_i = torch.arange(seqlen_k)[None, :] - torch.arange(seqlen_q)[:, None]
     visible = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool)
     if right >= 0:
         visible &= j_minus_i <= diagonal + right
     if left >= 0:
         visible &= j_minus_i >= diagonal - left
+    if chunk:  # positions i + Tk - Tq, floor division (negative positions too)
+        positions = torch.arange(seqlen_q)[:, None] + seqlen_k - seqlen_q
+        visible &= torch.div(positions, chunk, rounding_mode="floor") == torch.arange(seqlen_k)[None, :] // chunk
     _check_loop_bounds(visible, forward, block_m, block_n)
     _check_loop_bounds(visible.T, backward, block_n, block_m)
 
@@ -497,7 +510,7 @@ def test_every_feature_at_once():
     def run(q, k, v, mask):
         torch.manual_seed(9)
         return torch.ops.gptfast.flash_attention(q, k, v, mask, slopes, None, draw_dropout_seed(q.device), None,
-                                                 None, 0, 0, 0, 20, 6, 3.0, 0.2, 1 / math.sqrt(40), False)[0]
+                                                 None, 0, 0, 0, 20, 6, 0, 3.0, 0.2, 1 / math.sqrt(40), False)[0]
 
     with backend.use_backend("triton"):
         check_against_reference(q, k, v, NONE, run, mask=mask, window=(20, 6), softcap=3.0,

@@ -16,7 +16,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Each suite's closing pytest line on the CPU: its cases ran; the torch.compile baselines build only on CUDA.
 SUITES = {"attention": "passed", "layernorm": "passed", "gpt": "passed", "loss": "passed", "decode": "passed",
-          "varlen": "passed", "layernorm_compiled": "skipped", "gpt_compiled": "skipped"}
+          "varlen": "passed", "models": "passed", "layernorm_compiled": "skipped", "gpt_compiled": "skipped"}
 
 
 def test_gpu_check_dry_run_on_cpu(tmp_path):

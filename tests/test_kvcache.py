@@ -59,7 +59,7 @@ class Case:
         return pools
 
     def reference(self, work, causal=False, window=(-1, -1), softcap=0.0, alibi=None, leftpad=None, rotary=None,
-                  sinks=None):
+                  sinks=None, chunk=0):
         out = []
         for b, length in enumerate(self.lengths):
             keys, values, q = self.keys[b, :length], self.values[b, :length], self.q[b]
@@ -77,7 +77,8 @@ class Case:
             out.append(reference_attention(q.transpose(0, 1).to(work), keys[pad:].transpose(0, 1).to(work),
                                            values[pad:].transpose(0, 1).to(work), BOTTOM_RIGHT if causal else NONE,
                                            window=window, softcap=softcap, alibi=slopes,
-                                           sinks=None if sinks is None else sinks.to(work)).transpose(0, 1))
+                                           sinks=None if sinks is None else sinks.to(work),
+                                           chunk=chunk).transpose(0, 1))
         return torch.stack(out)
 
 
@@ -95,7 +96,7 @@ def check(case, num_splits=0, rotary_interleaved=None, leftpad=None, **options):
                                   **kwargs, **options)
     spec = dict(causal=options.get("causal", False), window=options.get("window_size", (-1, -1)),
                 softcap=options.get("softcap", 0.0), alibi=options.get("alibi_slopes"), leftpad=leftpad,
-                rotary=rotary, sinks=options.get("sinks"))
+                rotary=rotary, sinks=options.get("sinks"), chunk=options.get("attention_chunk", 0))
     assert_accurate("out", out, case.reference(torch.float64, **spec), case.reference(case.dtype, **spec),
                     terms=case.q.shape[-1])
     return k_cache, v_cache
@@ -163,10 +164,23 @@ def test_sinks_and_a_value_head_dim(dtype):
     torch.testing.assert_close(lse[1], sinks[:, None].expand(4, 2))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_chunks_counted_from_each_sequence_start(dtype):
+    """Llama 4's chunked attention while decoding: chunks of 8 positions counted from each sequence's first real
+    key (after cache_leftpad), three new tokens whose rows straddle a chunk's end, paged, GQA, one split and
+    several."""
+    case = Case([50, 9, 21], 3, 3, 4, 2, 24, dtype, page_size=16, seed=13)
+    with backend.use_backend("triton"):
+        for splits in (1, 3):
+            check(case, num_splits=splits, leftpad=[4, 0, 2], causal=True, attention_chunk=8)
+        check(case, num_splits=2, leftpad=[4, 0, 2], attention_chunk=8)  # rows of two chunks, keys past each
+
+
 def test_torch_path_matches_the_reference():
     case = Case([30, 3], 2, 2, 4, 2, 32, torch.float32, page_size=16, seed=2)
     with backend.use_backend("torch"):
         check(case, rotary_interleaved=False, causal=True, window_size=(8, -1))
+        check(case, leftpad=[3, 0], causal=True, attention_chunk=4)
 
 
 def test_bad_input_raises():
