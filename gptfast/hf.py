@@ -154,12 +154,16 @@ def _scale_convention(module, weight, eps, like):
     """Whether an RMSNorm scales by 1 + weight (Gemma 1-3) or by weight (Llama, Gemma 4, the rest), found by
     running it once on a probe (names do not say: Gemma 4 dropped Gemma 3's 1 + weight; the two differ by the
     normalised probe itself, far beyond any dtype's rounding); a norm without weight must compute the plain
-    normalisation (unit_offset False). None if it computes neither (it is then left alone)."""
+    normalisation (unit_offset False). None if it computes neither, or takes more than the hidden states (a gated
+    norm): it is then left alone."""
     like = like if weight is None else weight
     probe = torch.randn(2, 64 if weight is None else weight.shape[-1],
                         generator=torch.Generator().manual_seed(0)).to(like.device, like.dtype)
     normed = probe.float() * torch.rsqrt(probe.float().square().mean(-1, keepdim=True) + eps)
-    out = module(probe).float()
+    try:
+        out = module(probe).float()
+    except (TypeError, RuntimeError):  # another signature or layout than (..., dim) -> (..., dim)
+        return None
     scales = (1.0,) if weight is None else (weight.float(), weight.float() + 1)
     for unit_offset, scale in enumerate(scales):
         if torch.allclose(out, normed * scale, rtol=0.02, atol=0.02):

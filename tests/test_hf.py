@@ -11,7 +11,7 @@ import torch
 import transformers
 
 from gptfast import backend
-from gptfast.hf import attention_forward, patch_hf, register
+from gptfast.hf import _fused_norm, attention_forward, patch_hf, register
 from gptfast.kernels import attention as kernels
 from tolerance import DEVICE, assert_accurate
 
@@ -258,3 +258,33 @@ def test_a_keyword_it_does_not_handle_runs_the_models_eager_attention(keyword, m
     assert torch.equal(out, expected) and torch.equal(weights, expected_weights)
     with backend.use_backend("triton"), pytest.raises(NotImplementedError, match=next(iter(keyword))):
         attention_forward(module, q, k, v, None, scaling=0.25, **keyword)
+
+
+@pytest.mark.parametrize("module, unit_offset", [
+    ("gemma3.modeling_gemma3.Gemma3RMSNorm", True), ("gemma4.modeling_gemma4.Gemma4RMSNorm", False),
+    ("llama.modeling_llama.LlamaRMSNorm", False)], ids=["gemma3", "gemma4", "llama"])
+def test_each_rmsnorms_scale_convention_is_found_by_running_it(module, unit_offset):
+    """Gemma 3 scales by 1 + weight, Gemma 4 (same family name) and Llama by weight: patch_hf's norm computes
+    what the model's did (random weights, so neither convention passes for the other)."""
+    import importlib
+    path, name = module.rsplit(".", 1)
+    norm = getattr(importlib.import_module(f"transformers.models.{path}"), name)(16, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(16, generator=torch.Generator().manual_seed(1)))
+    fused = _fused_norm(norm, norm.weight)
+    assert fused.unit_offset is unit_offset
+    hidden = torch.randn(3, 16, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(fused(hidden), norm(hidden))
+
+
+def test_a_norm_that_takes_more_than_the_hidden_states_is_left_alone():
+    """A gated RMSNorm (forward(hidden, gate), as Qwen3-Next's) cannot be probed: patch_hf leaves it."""
+    class GatedRMSNorm(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight, self.eps = torch.nn.Parameter(torch.ones(8)), 1e-6
+
+        def forward(self, hidden, gate):
+            return hidden * torch.rsqrt(hidden.square().mean(-1, keepdim=True) + self.eps) * self.weight * gate
+
+    assert _fused_norm(GatedRMSNorm(), torch.zeros(1)) is None
