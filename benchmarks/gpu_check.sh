@@ -74,7 +74,7 @@ limit 120 "${PYTEST[@]}" -q -n "$([ "$SMALL" = 1 ] && echo 2 || echo 6)" --bench
     "$REPO/benchmarks/bench_flex.py" "$REPO/benchmarks/bench_models.py" > "$OUT/build.txt" 2>&1 &
 BUILD=$!
 TESTS=()
-for arg in ${GPU_CHECK_TESTS:-tests/test_attention.py tests/test_attention_variants.py tests/test_varlen.py tests/test_kvcache.py tests/test_layernorm.py tests/test_model.py tests/test_packing.py tests/test_hf.py tests/test_flex.py tests/test_sinks.py tests/test_head_dims.py tests/test_chunked.py -n 10}; do
+for arg in ${GPU_CHECK_TESTS:-tests/test_attention.py tests/test_attention_variants.py tests/test_varlen.py tests/test_kvcache.py tests/test_layernorm.py tests/test_model.py tests/test_packing.py tests/test_hf.py tests/test_flex.py tests/test_sinks.py tests/test_head_dims.py tests/test_chunked.py tests/test_paged.py -n 10}; do
     if [ -e "$REPO/${arg%%::*}" ]; then TESTS+=("$REPO/$arg"); else TESTS+=("$arg"); fi  # paths are the repo's
 done
 # The whole output goes to the log, its end to the screen; up to 10 failures, so one does not hide the rest.

@@ -22,35 +22,35 @@ def _empty_bthd(b, h, t, d, like):
     return torch.empty((b, t, h, d), dtype=like.dtype, device=like.device).transpose(1, 2)
 
 
-def _features(mask, alibi_slopes, sinks, seed_offset, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-              causal, window_left, window_right, chunk, softcap, dropout_p, deterministic=False):
+def _features(mask, alibi_slopes, sinks, seed_offset, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q,
+              max_seqlen_k, causal, window_left, window_right, chunk, softcap, dropout_p, deterministic=False):
     from gptfast.kernels.attention_spec import Features
     varlen = None if cu_seqlens_q is None else (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     return Features(causal, (window_left, window_right), mask, alibi_slopes, softcap, dropout_p, seed_offset,
-                    deterministic, varlen, sinks, chunk)
+                    deterministic, varlen, sinks, chunk, seqused_k)
 
 
 @torch.library.custom_op("gptfast::flash_attention", mutates_args=())
 def flash_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                        alibi_slopes: torch.Tensor | None, sinks: torch.Tensor | None,
                        seed_offset: torch.Tensor | None,
-                       cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None, max_seqlen_q: int,
-                       max_seqlen_k: int, causal: int, window_left: int, window_right: int, chunk: int,
-                       softcap: float, dropout_p: float, softmax_scale: float,
-                       deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                       cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
+                       seqused_k: torch.Tensor | None, max_seqlen_q: int, max_seqlen_k: int, causal: int,
+                       window_left: int, window_right: int, chunk: int, softcap: float, dropout_p: float,
+                       softmax_scale: float, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """sinks: None or float32 (Hq,), contiguous; chunk: 0 or Llama 4's chunk size (attention_spec.Features).
     deterministic is for the backward (saved with the other flags): the forward has no atomics. With
-    cu_seqlens (varlen) q, k, v are (1, H, total, D), the sequences packed along T; else the max lengths are
-    unused."""
+    cu_seqlens (varlen) q, k, v are (1, H, total, D), the sequences packed along T (seqused_k: None or int32
+    (num_seqs,), the keys each uses); else the max lengths are unused."""
     from gptfast.kernels.attention import attention_forward
-    features = _features(mask, alibi_slopes, sinks, seed_offset, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                         max_seqlen_k, causal, window_left, window_right, chunk, softcap, dropout_p)
+    features = _features(mask, alibi_slopes, sinks, seed_offset, cu_seqlens_q, cu_seqlens_k, seqused_k,
+                         max_seqlen_q, max_seqlen_k, causal, window_left, window_right, chunk, softcap, dropout_p)
     return attention_forward(q, k, v, softmax_scale, features)
 
 
 @flash_attention_op.register_fake
-def _(q, k, v, mask, alibi_slopes, sinks, seed_offset, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-      causal, window_left, window_right, chunk, softcap, dropout_p, softmax_scale, deterministic):
+def _(q, k, v, mask, alibi_slopes, sinks, seed_offset, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q,
+      max_seqlen_k, causal, window_left, window_right, chunk, softcap, dropout_p, softmax_scale, deterministic):
     b, h, t = q.shape[:3]
     return _empty_bthd(b, h, t, v.shape[3], q), q.new_empty((b, h, t), dtype=torch.float32)
 
@@ -60,15 +60,16 @@ def flash_attention_backward_op(
         grad_out: torch.Tensor, grad_lse: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         out: torch.Tensor, lse: torch.Tensor, mask: torch.Tensor | None, alibi_slopes: torch.Tensor | None,
         sinks: torch.Tensor | None, seed_offset: torch.Tensor | None, cu_seqlens_q: torch.Tensor | None,
-        cu_seqlens_k: torch.Tensor | None,
-        max_seqlen_q: int, max_seqlen_k: int, causal: int, window_left: int, window_right: int, chunk: int,
-        softcap: float, dropout_p: float, softmax_scale: float, deterministic: bool, mask_grad: bool
+        cu_seqlens_k: torch.Tensor | None, seqused_k: torch.Tensor | None, max_seqlen_q: int, max_seqlen_k: int,
+        causal: int, window_left: int, window_right: int, chunk: int, softcap: float, dropout_p: float,
+        softmax_scale: float, deterministic: bool, mask_grad: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dmask, dsinks); dmask is (B, Hq, Tq, Tk) float32 with mask_grad, dsinks (Hq,) float32 with
     sinks, else each empty."""
     from gptfast.kernels.attention import attention_backward
-    features = _features(mask, alibi_slopes, sinks, seed_offset, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                         max_seqlen_k, causal, window_left, window_right, chunk, softcap, dropout_p, deterministic)
+    features = _features(mask, alibi_slopes, sinks, seed_offset, cu_seqlens_q, cu_seqlens_k, seqused_k,
+                         max_seqlen_q, max_seqlen_k, causal, window_left, window_right, chunk, softcap, dropout_p,
+                         deterministic)
     dq, dk, dv, dmask, dsinks = attention_backward(grad_out, grad_lse, q, k, v, out, lse, softmax_scale, features,
                                                    mask_grad)
     empty = lambda: q.new_empty(0, dtype=torch.float32)  # one each: a custom op's outputs may not alias
@@ -77,15 +78,15 @@ def flash_attention_backward_op(
 
 @flash_attention_backward_op.register_fake
 def _(grad_out, grad_lse, q, k, v, out, lse, mask, alibi_slopes, sinks, seed_offset, cu_seqlens_q, cu_seqlens_k,
-      max_seqlen_q, max_seqlen_k, causal, window_left, window_right, chunk, softcap, dropout_p, softmax_scale,
-      deterministic, mask_grad):
+      seqused_k, max_seqlen_q, max_seqlen_k, causal, window_left, window_right, chunk, softcap, dropout_p,
+      softmax_scale, deterministic, mask_grad):
     b, h, t, d = q.shape
     dmask = q.new_empty((b, h, t, k.shape[2]) if mask_grad else (0,), dtype=torch.float32)
     dsinks = q.new_empty((h,) if sinks is not None else (0,), dtype=torch.float32)
     return _empty_bthd(*q.shape, q), _empty_bthd(*k.shape, k), _empty_bthd(*v.shape, v), dmask, dsinks
 
 
-_SAVED_INPUTS = 9  # q, k, v, mask, alibi_slopes, sinks, seed_offset, cu_seqlens_q, cu_seqlens_k; then the flags
+_SAVED_INPUTS = 10  # q, k, v, mask, alibi_slopes, sinks, seed_offset, cu_seqlens_q, cu_seqlens_k, seqused_k; flags
 
 
 def _setup_context(ctx, inputs, output):
@@ -95,7 +96,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, mask, alibi_slopes, sinks, seed_offset, cu_seqlens_q, cu_seqlens_k, out, lse = ctx.saved_tensors
+    q, k, v, mask, alibi_slopes, sinks, seed_offset, cu_seqlens_q, cu_seqlens_k, seqused_k, out, lse = (
+        ctx.saved_tensors)
     # lse is an output users may differentiate (flash_attn_func(return_lse=True)); d lse / d scores = p.
     grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.float().contiguous()
     if grad_out is None:
@@ -103,7 +105,7 @@ def _backward(ctx, grad_out, grad_lse):
     mask_grad = ctx.needs_input_grad[3]
     dq, dk, dv, dmask, dsinks = flash_attention_backward_op(grad_out, grad_lse, q, k, v, out, lse, mask,
                                                             alibi_slopes, sinks, seed_offset, cu_seqlens_q,
-                                                            cu_seqlens_k, *ctx.flags, mask_grad)
+                                                            cu_seqlens_k, seqused_k, *ctx.flags, mask_grad)
     dmask = dmask.sum_to_size(mask.shape).to(mask.dtype) if mask_grad else None  # over the broadcast dims
     dsinks = dsinks.to(sinks.dtype) if ctx.needs_input_grad[5] else None
     return dq, dk, dv, dmask, None, dsinks, *([None] * (_SAVED_INPUTS - 6 + len(ctx.flags)))
@@ -288,8 +290,8 @@ def run_kernel(q, k, v, mask, alibi_slopes, causal, window, softcap, dropout_p, 
         mask = mask[(None,) * (4 - mask.dim())]
     seed_offset = draw_dropout_seed(q.device) if dropout_p > 0 else None
     out, lse = flash_attention_op(as_bhtd(q), as_bhtd(k), as_bhtd(v), mask, alibi_slopes, kernel_sinks(sinks),
-                                  seed_offset, None, None, 0, 0, causal, window[0], window[1], chunk, float(softcap),
-                                  float(dropout_p), softmax_scale, bool(deterministic))
+                                  seed_offset, None, None, None, 0, 0, causal, window[0], window[1], chunk,
+                                  float(softcap), float(dropout_p), softmax_scale, bool(deterministic))
     return out.reshape(*q.shape[:-1], v.shape[-1]), lse.reshape(q.shape[:-1]), seed_offset
 
 

@@ -32,7 +32,7 @@ TENSOR_CORE_OPS = re.compile(r"\b(UTC[A-Z]*MMA|HGMMA|HMMA)\b")
 TMA_OPS = re.compile(r"\b(UTMALDG|UTMASTG|UBLKCP)\b")
 FLOAT32_POINTERS = {"LSE", "DELTA", "GRAD_LSE", "SINKS", "MEAN", "RSTD", "PARTIAL", "DW", "DB", "ALIBI", "DBIAS",
                     "LOSS", "ROW_SCALE", "DQ_ACC", "O_PART", "LSE_PART"}
-INT32_POINTERS = {"CU_SEQLENS_Q", "CU_SEQLENS_K", "BLOCK_TABLE", "SEQLENS", "LEFTPAD"}
+INT32_POINTERS = {"CU_SEQLENS_Q", "CU_SEQLENS_K", "SEQUSED_K", "BLOCK_TABLE", "SEQLENS", "LEFTPAD"}
 FLOAT_SCALARS = {"qk_scale", "softmax_scale", "eps", "softcap", "dropout_p", "keep_scale", "label_smoothing"}
 INSPECTED_DTYPES = ("bf16", "fp32")
 KERNEL_MODULES = ("attention", "flex", "decode", "layernorm", "cross_entropy")
@@ -247,15 +247,16 @@ def _flex_job(job):
 
 def decode_jobs(arch, dtypes=INSPECTED_DTYPES):
     """The split-KV decoding kernel's tiles at their largest query block, plain (writing float32 partials) and
-    with every feature (writing the result), and the merge (with sinks); none where attention has no table."""
+    with every feature (packed queries of paged prefill included; writing the result), and the merge (with sinks);
+    none where attention has no table."""
     import torch
 
     from gptfast.kernels import decode
     if arch not in tuning().CONFIGS["forward"]:
         return []
-    plain = (dict(CAUSAL=True), (("LEFTPAD", None), ("ALIBI", None), ("SINKS", None), ("LEFTPAD_KEYS", False),
-                                 ("FINAL", False)))
-    every = (dict(CAUSAL=True, WINDOW=True, ALIBI=True, SOFTCAP=True, SINKS=True, CHUNK=True),
+    plain = (dict(CAUSAL=True), (("LEFTPAD", None), ("CU_SEQLENS_Q", None), ("ALIBI", None), ("SINKS", None),
+                                 ("LEFTPAD_KEYS", False), ("FINAL", False)))
+    every = (dict(CAUSAL=True, WINDOW=True, ALIBI=True, SOFTCAP=True, SINKS=True, CHUNK=True, VARLEN=True),
              (("LEFTPAD_KEYS", True), ("FINAL", True)))
     jobs = []
     for dtype in arch_dtypes(arch, dtypes):

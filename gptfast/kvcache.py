@@ -15,11 +15,11 @@ from gptfast.attention_core import (CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, attend, ch
 MIN_PAGE_SIZE = 16
 
 
-def _shape(t):
+def shape_of(t):
     return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
 
 
-def _check_int32(name, t, shape, device):
+def check_int32(name, t, shape, device):
     if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or tuple(t.shape) != shape:
         raise ValueError(f"{name} must be an int32 tensor of shape {shape}, got "
                          f"{(t.dtype, tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__}")
@@ -31,7 +31,7 @@ def _check_tensors(q, k_cache, v_cache, k, v, block_table, cache_batch_idx):
     """Shapes and dtypes that need no values."""
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"{name} must be a 4-dim tensor, got {_shape(t)}")
+            raise ValueError(f"{name} must be a 4-dim tensor, got {shape_of(t)}")
         if t.dtype != q.dtype or t.device != q.device:
             raise ValueError(f"{name} must share q's dtype and device ({q.dtype}, {q.device}), got {t.dtype}, "
                              f"{t.device}")
@@ -40,7 +40,7 @@ def _check_tensors(q, k_cache, v_cache, k, v, block_table, cache_batch_idx):
             or v_cache.shape[3] < 1):
         raise ValueError(f"k_cache and v_cache must be (.., .., nheads_k, {head_dim}) and (.., .., nheads_k, "
                          f"head_dim_v), alike but in the last dim, with nheads_k dividing q's {heads} heads, got "
-                         f"{_shape(k_cache)} and {_shape(v_cache)}")
+                         f"{shape_of(k_cache)} and {shape_of(v_cache)}")
     if (k is None) != (v is None):
         raise ValueError("pass k and v together, or neither")
     if k is not None:
@@ -49,19 +49,19 @@ def _check_tensors(q, k_cache, v_cache, k, v, block_table, cache_batch_idx):
             wanted = (batch, new, *cache.shape[2:])
             if not isinstance(t, torch.Tensor) or tuple(t.shape) != wanted or t.dtype != q.dtype:
                 raise ValueError(f"{name} must be a {q.dtype} tensor of shape (batch, seqlen_new, nheads_k, "
-                                 f"{name}_cache's head_dim) = {wanted}, got {_shape(t)}")
+                                 f"{name}_cache's head_dim) = {wanted}, got {shape_of(t)}")
     if block_table is not None:
         if cache_batch_idx is not None:
             raise ValueError("cache_batch_idx cannot be combined with block_table (a paged cache); index the "
                              "block_table rows instead")
         pages = block_table.shape[1] if isinstance(block_table, torch.Tensor) and block_table.dim() == 2 else 0
-        _check_int32("block_table", block_table, (batch, max(pages, 1)), q.device)
+        check_int32("block_table", block_table, (batch, max(pages, 1)), q.device)
         page = k_cache.shape[1]
         if page < MIN_PAGE_SIZE or page & (page - 1):
             raise ValueError(f"a paged cache's page size (k_cache.shape[1]) must be a power of two from "
                              f"{MIN_PAGE_SIZE}, got {page}")
     elif cache_batch_idx is not None:
-        _check_int32("cache_batch_idx", cache_batch_idx, (batch,), q.device)
+        check_int32("cache_batch_idx", cache_batch_idx, (batch,), q.device)
     elif k_cache.shape[0] != batch:
         raise ValueError(f"k_cache holds {k_cache.shape[0]} sequences but q has batch {batch}; pass "
                          f"cache_batch_idx to pick cache rows")
@@ -72,17 +72,17 @@ def _check_rotary(rotary_cos, rotary_sin, head_dim, device):
         raise ValueError("pass rotary_cos and rotary_sin together, or neither")
     if rotary_cos is None:
         return
-    shape = _shape(rotary_cos)
-    if (not isinstance(rotary_cos, torch.Tensor) or rotary_cos.dim() != 2 or _shape(rotary_sin) != shape
+    shape = shape_of(rotary_cos)
+    if (not isinstance(rotary_cos, torch.Tensor) or rotary_cos.dim() != 2 or shape_of(rotary_sin) != shape
             or not 0 < 2 * shape[1] <= head_dim):
         raise ValueError(f"rotary_cos and rotary_sin must both be (seqlen_ro, rotary_dim / 2) with rotary_dim <= "
-                         f"head_dim ({head_dim}), got {shape} and {_shape(rotary_sin)}")
+                         f"head_dim ({head_dim}), got {shape} and {shape_of(rotary_sin)}")
     if rotary_cos.device != device or rotary_sin.device != device:
         raise ValueError(f"rotary_cos and rotary_sin must be on q's device ({device}), got {rotary_cos.device} and "
                          f"{rotary_sin.device}")
 
 
-def _capturing(device):
+def capturing(device):
     return torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
 
@@ -90,7 +90,7 @@ def _check_values(seqlens, new_tokens, capacity, block_table, num_pages, cache_b
                   rotary_rows, rotary_positions):
     """The values no shape shows, read with one synchronisation (skipped under torch.compile and CUDA-graph
     capture, where a read would break the graph)."""
-    if _capturing(seqlens.device):
+    if capturing(seqlens.device):
         return
     parts = [seqlens, *(t.flatten() for t in (block_table, cache_batch_idx, leftpad) if t is not None)]
     values = torch.cat(parts).tolist()
@@ -176,7 +176,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if not isinstance(num_splits, int) or num_splits < 0:
         raise ValueError(f"num_splits must be an int >= 0 (0 chooses), got {num_splits!r}")
     if cache_leftpad is not None:
-        _check_int32("cache_leftpad", cache_leftpad, (batch,), q.device)
+        check_int32("cache_leftpad", cache_leftpad, (batch,), q.device)
     rows = cache_batch_idx if cache_batch_idx is not None else torch.arange(batch, dtype=torch.int32,
                                                                             device=q.device)
     table = block_table if block_table is not None else rows[:, None]
@@ -184,7 +184,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if cache_seqlens is None or isinstance(cache_seqlens, int):
         cache_seqlens = torch.full((batch,), capacity if cache_seqlens is None else cache_seqlens,
                                    dtype=torch.int32, device=q.device)
-    _check_int32("cache_seqlens", cache_seqlens, (batch,), q.device)
+    check_int32("cache_seqlens", cache_seqlens, (batch,), q.device)
     local = causal or window_size != (-1, -1) or chunk > 0
     new_tokens = 0 if k is None else k.shape[1]
     _check_values(cache_seqlens, new_tokens, capacity, block_table, k_cache.shape[0], cache_batch_idx,

@@ -10,6 +10,8 @@ flash_attn_func (dropout, sliding windows, softcapping, ALiBi, sinks).
 import torch
 
 from gptfast import backend
+from gptfast.kvcache import capturing
+from gptfast.paged import check_paged, gather_pages, key_counts, paged_kernel_attention
 from gptfast.attention_core import (CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, attend, check_flash_options, check_inputs,
                                     check_sinks, chunk_size, draw_dropout_seed, flash_attention_op, kernel_gap,
                                     kernel_sinks, softmax_scale_for, torch_attention)
@@ -22,10 +24,13 @@ def _check_packed(name, t, dims, parts=None):
                          f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
 
 
-def check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, total_q, total_k, max_seqlen_q, max_seqlen_k, device):
+def check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, total_q, total_k, max_seqlen_q, max_seqlen_k, device,
+                     seqused_k=None):
     """Raises a clear error unless both are int32 (num_seqs + 1,) tensors on device, starting at 0,
-    non-decreasing, ending at the totals, with no length past the max_seqlen given. Reads their values (one
-    synchronisation), except under torch.compile or CUDA-graph capture, where only types and shapes are checked."""
+    non-decreasing, ending at the totals (total_k None: any, for a paged pool), with no length past the max_seqlen
+    given, and seqused_k None or int32 (num_seqs,) on device, each from 0 to its sequence's length in cu_seqlens_k.
+    Reads their values (one synchronisation), except under torch.compile or CUDA-graph capture, where only types
+    and shapes are checked."""
     for name, cu, total, longest in (("cu_seqlens_q", cu_seqlens_q, total_q, max_seqlen_q),
                                      ("cu_seqlens_k", cu_seqlens_k, total_k, max_seqlen_k)):
         if not isinstance(cu, torch.Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
@@ -38,15 +43,21 @@ def check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, total_q, total_k, max_seqlen_q,
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe as many sequences, got "
                          f"{cu_seqlens_q.numel() - 1} and {cu_seqlens_k.numel() - 1}")
-    if torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+    _check_seqused(seqused_k, cu_seqlens_k.numel() - 1, device)
+    if capturing(device):
         return
     values = torch.stack((cu_seqlens_q, cu_seqlens_k)).tolist()
+    if seqused_k is not None:
+        used, lengths = seqused_k.tolist(), [b - a for a, b in zip(values[1], values[1][1:])]
+        if any(not 0 <= u <= n for u, n in zip(used, lengths)):
+            raise ValueError(f"seqused_k must be within 0 and each sequence's key count in cu_seqlens_k {lengths}, "
+                             f"got {used}")
     for name, cu, total, longest in (("cu_seqlens_q", values[0], total_q, max_seqlen_q),
                                      ("cu_seqlens_k", values[1], total_k, max_seqlen_k)):
         lengths = [b - a for a, b in zip(cu, cu[1:])]
         if cu[0] != 0 or min(lengths) < 0:
             raise ValueError(f"{name} must start at 0 and never decrease, got {cu}")
-        if cu[-1] != total:
+        if total is not None and cu[-1] != total:
             raise ValueError(f"{name} must end at the number of packed tokens ({total}), got {cu[-1]}")
         if max(lengths) > longest:
             raise ValueError(f"max_seqlen_{name[-1]} ({longest}) is below the longest sequence of {name} "
@@ -55,7 +66,8 @@ def check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, total_q, total_k, max_seqlen_q,
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
-                           deterministic=False, return_attn_probs=False, *, sinks=None, attention_chunk=0):
+                           deterministic=False, return_attn_probs=False, block_table=None, *, sinks=None,
+                           attention_chunk=0, seqused_k=None):
     """flash-attn 2's ``flash_attn_varlen_func``, same signature and argument order, on gptfast's kernels.
 
     Args:
@@ -65,26 +77,43 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
             cu_seqlens_q[b + 1]) of q, its keys rows [cu_seqlens_k[b], cu_seqlens_k[b + 1]) of k and v. Lengths
             may be 0.
         max_seqlen_q, max_seqlen_k: ints, at least the longest sequence's lengths (they size the grid).
+        block_table: None, or int32 (num_seqs, pages per sequence) (paged prefill, gptfast.paged): k and v are
+            then a paged pool (num_pages, page_size, Hkv, D), page_size a power of two from 16, and sequence b's
+            keys are its first cu_seqlens_k[b + 1] - cu_seqlens_k[b] (or seqused_k[b]) positions in the pages
+            block_table[b] lists, in order.
         The rest as flash_attn_func, per sequence: causal and window_size are aligned to each sequence's
         bottom-right corner, alibi_slopes is (Hq,) or (num_seqs, Hq).
         sinks, attention_chunk (keyword only): as flash_attn_func's (chunks counted from each sequence's start,
             bottom-right aligned).
+        seqused_k (keyword only): None, or int32 (num_seqs,) (flash-attn 3's): sequence b uses only its first
+            seqused_k[b] keys (rows [cu_seqlens_k[b], + seqused_k[b])), which make its Tk for the masks'
+            alignment; the rest of its rows take no part (their gradients are 0).
     Returns:
         out (total_q, Hq, D) in q's dtype; with return_attn_probs (out, lse (Hq, total_q) float32, S_dmask
         (num_seqs, Hq, max_seqlen_q, max_seqlen_k): each sequence's weights, dropped ones negated, zero-padded).
     """
     _check_packed("q", q, "(total_q, nheads, head_dim)")
-    _check_packed("k", k, "(total_k, nheads_k, head_dim)")
-    _check_packed("v", v, "(total_k, nheads_k, head_dim)")
-    check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k, q.device)
-    window_size = check_flash_options(cu_seqlens_q.numel() - 1, q.shape[1], q.device, dropout_p, window_size,
-                                      softcap, alibi_slopes)
+    paged = block_table is not None
+    if not paged:
+        _check_packed("k", k, "(total_k, nheads_k, head_dim)")
+        _check_packed("v", v, "(total_k, nheads_k, head_dim)")
+    check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, q.shape[0], None if paged else k.shape[0], max_seqlen_q,
+                     max_seqlen_k, q.device, seqused_k)
+    num_seqs = cu_seqlens_q.numel() - 1
+    if paged:
+        check_paged(k, v, block_table, num_seqs, key_counts(cu_seqlens_k, seqused_k), q.device)
+    window_size = check_flash_options(num_seqs, q.shape[1], q.device, dropout_p, window_size, softcap, alibi_slopes)
     check_sinks(sinks, q.shape[1], q.device)
     chunk = chunk_size(attention_chunk)
-    check_inputs(*(t.transpose(0, 1) for t in (q, k, v)), enable_gqa=True)
+    check_inputs(*(t.transpose(0, 1) for t in (q, *(t.flatten(0, 1) if paged else t for t in (k, v)))),
+                 enable_gqa=True)
+    if paged:
+        return _paged_attention(q, k, v, block_table, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                                return_attn_probs, sinks, chunk, seqused_k)
     return varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
                             softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
-                            return_attn_probs, sinks=sinks, chunk=chunk)
+                            return_attn_probs, sinks=sinks, chunk=chunk, seqused_k=seqused_k)
 
 
 def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
@@ -111,9 +140,29 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
                                   return_attn_probs)
 
 
+def _paged_attention(q, k_cache, v_cache, block_table, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                     dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                     return_attn_probs, sinks, chunk, seqused_k):
+    """flash_attn_varlen_func over a paged pool (gptfast.paged), for checked arguments: the split-KV kernel
+    reading the pages where it can run the call, else the pages gathered into packed keys and values."""
+    counts = key_counts(cu_seqlens_k, seqused_k)
+    tensors = (q, k_cache, v_cache) if sinks is None else (q, k_cache, v_cache, sinks)
+    differentiated = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    scale = softmax_scale_for(q.shape[-1], softmax_scale)
+    if not (differentiated or dropout_p > 0 or return_attn_probs) and backend.use_triton(
+            "flash_attn_varlen_func", q.device, kernel_gap(q, v_cache, scale, chunk)):
+        return paged_kernel_attention(q, k_cache, v_cache, block_table, counts, cu_seqlens_q, max_seqlen_q, scale,
+                                      causal, window_size, float(softcap), alibi_slopes, kernel_sinks(sinks),
+                                      chunk)[0]
+    k, v, cu_seqlens_k = gather_pages(k_cache, v_cache, block_table, counts)
+    return varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, scale,
+                            causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
+                            sinks=sinks, chunk=chunk)
+
+
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                      softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
-                     deterministic=False, return_attn_probs=False, *, sinks=None, chunk=0):
+                     deterministic=False, return_attn_probs=False, *, sinks=None, chunk=0, seqused_k=None):
     """flash_attn_varlen_func for checked arguments: on the kernels' path it reads no value of cu_seqlens, so a
     model that checked its packing once calls it without a synchronisation per layer."""
     num_seqs = cu_seqlens_q.numel() - 1
@@ -122,7 +171,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     causal = CAUSAL_BOTTOM_RIGHT if causal else CAUSAL_NONE
     options = dict(causal=causal, window=tuple(window_size), softcap=float(softcap), alibi_slopes=alibi_slopes,
                    softmax_scale=softmax_scale, sinks=sinks, chunk=chunk)
-    sequences = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    sequences = (cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k)
     if backend.use_triton("flash_attn_varlen_func", q.device, kernel_gap(packed[0], packed[2], softmax_scale, chunk,
                                                                          dropout_p)):
         seed_offset = draw_dropout_seed(q.device) if dropout_p > 0 else None
@@ -141,11 +190,25 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     return out
 
 
-def _slices(cu_seqlens_q, cu_seqlens_k):
-    """(b, query rows, key rows) of each sequence, as slices of the packed axis (reads the lengths)."""
+def _slices(cu_seqlens_q, cu_seqlens_k, seqused_k):
+    """(b, query rows, key rows) of each sequence, as slices of the packed axis (reads the lengths); the key rows
+    stop after seqused_k[b] with seqused_k."""
     bounds = torch.stack((cu_seqlens_q, cu_seqlens_k)).tolist()
-    return [(b, slice(bounds[0][b], bounds[0][b + 1]), slice(bounds[1][b], bounds[1][b + 1]))
+    ends = bounds[1][1:] if seqused_k is None else [a + n for a, n in zip(bounds[1], seqused_k.tolist())]
+    return [(b, slice(bounds[0][b], bounds[0][b + 1]), slice(bounds[1][b], ends[b]))
             for b in range(len(bounds[0]) - 1)]
+
+
+def _check_seqused(seqused_k, num_seqs, device):
+    """seqused_k: None or an int32 (num_seqs,) tensor on device (its values are checked with cu_seqlens')."""
+    if seqused_k is None:
+        return
+    if not isinstance(seqused_k, torch.Tensor) or seqused_k.dtype != torch.int32 or seqused_k.shape != (num_seqs,):
+        got = (seqused_k.dtype, tuple(seqused_k.shape)) if isinstance(seqused_k, torch.Tensor) else seqused_k
+        raise ValueError(f"seqused_k must be None or an int32 tensor of shape (num_seqs,) = ({num_seqs},), got "
+                         f"{got!r}")
+    if seqused_k.device != device:
+        raise ValueError(f"seqused_k is on {seqused_k.device} but q is on {device}")
 
 
 def _sequence_slopes(alibi_slopes, b):
@@ -155,11 +218,11 @@ def _sequence_slopes(alibi_slopes, b):
 def _per_sequence(q, k, v, sequences, options, dropout_p, need_keep):
     """PyTorch's path: each sequence attended alone, on (1, H, total, D) tensors; returns (out, lse, kept) as the
     kernels' path does (kept: (num_seqs, Hq, max_seqlen_q, max_seqlen_k) or None)."""
-    cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k = sequences
+    cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k = sequences
     outs, lses = [], []
     kept = (torch.ones((cu_seqlens_q.numel() - 1, q.shape[1], max_seqlen_q, max_seqlen_k), dtype=torch.bool,
                        device=q.device) if need_keep and dropout_p > 0 else None)
-    for b, rows, keys in _slices(cu_seqlens_q, cu_seqlens_k):
+    for b, rows, keys in _slices(cu_seqlens_q, cu_seqlens_k, seqused_k):
         out, lse, keep = attend(q[:, :, rows], k[:, :, keys], v[:, :, keys],
                                 **{**options, "alibi_slopes": _sequence_slopes(options["alibi_slopes"], b)},
                                 dropout_p=dropout_p, need_lse=True, need_keep=kept is not None,
@@ -174,10 +237,10 @@ def _per_sequence(q, k, v, sequences, options, dropout_p, need_keep):
 def _attention_probs(q, k, v, sequences, options, kept):
     """flash-attn's S_dmask for return_attn_probs, computed in PyTorch: (num_seqs, Hq, max_seqlen_q,
     max_seqlen_k) float32, each sequence's softmax weights (negated where dropout dropped them), zero-padded."""
-    cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k = sequences
+    cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k = sequences
     probs = torch.zeros((cu_seqlens_q.numel() - 1, q.shape[1], max_seqlen_q, max_seqlen_k), device=q.device)
     with torch.no_grad():
-        for b, rows, keys in _slices(cu_seqlens_q, cu_seqlens_k):
+        for b, rows, keys in _slices(cu_seqlens_q, cu_seqlens_k, seqused_k):
             weights = torch_attention(q[:, :, rows], k[:, :, keys], v[:, :, keys], options["causal"],
                                       options["window"], None, options["softcap"],
                                       _sequence_slopes(options["alibi_slopes"], b), 0.0, options["softmax_scale"],

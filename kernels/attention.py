@@ -324,19 +324,23 @@ def _query_program(query_block, batch_head, num_heads, group_size, BLOCK_M: tl.c
 
 
 @triton.jit
-def _sequence(CU_SEQLENS_Q, CU_SEQLENS_K, batch, dims, bounds, SPEC: tl.constexpr):
+def _sequence(CU_SEQLENS_Q, CU_SEQLENS_K, SEQUSED_K, batch, dims, bounds, SPEC: tl.constexpr):
     """(memory batch, first query row, first key row, seq) of sequence `batch`, seq = (Tq, Tk, causal_offset,
     window_offset, alibi_offset, chunk) its own (alibi_offset is the bottom-right diagonal Tk - Tq). With VARLEN
     the tensors hold the sequences packed along T ((1, H, total, D), as flash-attn's varlen functions take them):
     the sequence's rows are [CU_SEQLENS[batch], CU_SEQLENS[batch + 1]), its memory batch is 0, and the
     launcher's offsets, given for Tq = Tk, gain the sequence's own Tk - Tq (every varlen mask is bottom-right
-    aligned). Else the batch's own tensors, rows from 0, dims' lengths and the bounds as given."""
+    aligned); with SEQUSED_K only its first SEQUSED_K[batch] keys exist (flash-attn 3's seqused_k: Tk is that).
+    Else the batch's own tensors, rows from 0, dims' lengths and the bounds as given."""
     causal_offset, window_offset, alibi_offset, chunk = bounds
     if SPEC.VARLEN:
         q_start = tl.load(CU_SEQLENS_Q + batch)
         k_start = tl.load(CU_SEQLENS_K + batch)
         seqlen_q = tl.load(CU_SEQLENS_Q + batch + 1) - q_start
-        seqlen_k = tl.load(CU_SEQLENS_K + batch + 1) - k_start
+        if SPEC.SEQUSED_K:
+            seqlen_k = tl.load(SEQUSED_K + batch)
+        else:
+            seqlen_k = tl.load(CU_SEQLENS_K + batch + 1) - k_start
         shift = seqlen_k - seqlen_q
         return 0, q_start, k_start, (seqlen_q, seqlen_k, causal_offset + shift, window_offset + shift,
                                      alibi_offset + shift, chunk)
@@ -398,17 +402,17 @@ def _forward_blocks(acc, row_sum, row_max, q, offs_m, d_masks, k_source, v_sourc
 
 @triton.jit
 def attention_forward_kernel(
-        Q, K, V, O, LSE, MASK, ALIBI, SEED, CU_SEQLENS_Q, CU_SEQLENS_K, SINKS, mods, blocks,
+        Q, K, V, O, LSE, MASK, ALIBI, SEED, CU_SEQLENS_Q, CU_SEQLENS_K, SEQUSED_K, SINKS, mods, blocks,
         q_strides, k_strides, v_strides, o_strides, mask_strides, alibi_strides, dims, bounds, scales,
         SPEC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr,
         PERSISTENT: tl.constexpr):
     """One program: BLOCK_M query rows of one (batch, head), B * Hq of them (with VARLEN a batch is a sequence of
     the packed tensors, see _sequence, and dims' lengths are the totals). The arguments are attention_spec's
-    Call's and the tensors' strides (4 each). MASK, ALIBI, SEED, the CU_SEQLENS and SINKS are read only when SPEC
-    says so (else None). Two tuning choices on Hopper and newer: TMA loads K and V through tensor descriptors (their
-    rows' strides must be 16-byte multiples, their last dim contiguous); PERSISTENT runs about one program per
-    multiprocessor, each looping over (query block, head) tiles, the longest causal tiles (the last query
-    blocks) first, so that no program starts late on a long tile (a persistent schedule, as in FlashAttention-3
+    Call's and the tensors' strides (4 each). MASK, ALIBI, SEED, the CU_SEQLENS, SEQUSED_K and SINKS are read only
+    when SPEC says so (else None). Two tuning choices on Hopper and newer: TMA loads K and V through tensor
+    descriptors (their rows' strides must be 16-byte multiples, their last dim contiguous); PERSISTENT runs about
+    one program per multiprocessor, each looping over (query block, head) tiles, the longest causal tiles (the last
+    query blocks) first, so that no program starts late on a long tile (a persistent schedule, as in FlashAttention-3
     and Triton's persistent matmul tutorial). Grid: (cdiv(Tq, BLOCK_M), B * Hq), or (programs,) when
     PERSISTENT."""
     batch_heads = dims[0] * dims[1]
@@ -424,18 +428,19 @@ def attention_forward_kernel(
             query_block = tl.num_programs(0) - 1 - tl.program_id(0)
             batch_head = tl.program_id(1)
         _forward_tile(query_block, batch_head, Q, K, V, O, LSE, MASK, ALIBI, SEED, CU_SEQLENS_Q, CU_SEQLENS_K,
-                      SINKS, mods, blocks, q_strides, k_strides, v_strides, o_strides, mask_strides, alibi_strides,
-                      dims, bounds, scales, SPEC, BLOCK_M, BLOCK_N, TMA)
+                      SEQUSED_K, SINKS, mods, blocks, q_strides, k_strides, v_strides, o_strides, mask_strides,
+                      alibi_strides, dims, bounds, scales, SPEC, BLOCK_M, BLOCK_N, TMA)
 
 
 @triton.jit
 def _forward_tile(
-        query_block, batch_head, Q, K, V, O, LSE, MASK, ALIBI, SEED, CU_SEQLENS_Q, CU_SEQLENS_K, SINKS, mods, blocks,
-        q_strides, k_strides, v_strides, o_strides, mask_strides, alibi_strides, dims, bounds, scales,
+        query_block, batch_head, Q, K, V, O, LSE, MASK, ALIBI, SEED, CU_SEQLENS_Q, CU_SEQLENS_K, SEQUSED_K, SINKS,
+        mods, blocks, q_strides, k_strides, v_strides, o_strides, mask_strides, alibi_strides, dims, bounds, scales,
         SPEC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr):
     """The forward of one tile: query rows [query_block * BLOCK_M, + BLOCK_M) of (batch, head) = batch_head."""
     start_m, batch, head, kv_head = _query_program(query_block, batch_head, dims[1], dims[2], BLOCK_M)
-    memory_batch, q_start, k_start, seq = _sequence(CU_SEQLENS_Q, CU_SEQLENS_K, batch, dims, bounds, SPEC)
+    memory_batch, q_start, k_start, seq = _sequence(CU_SEQLENS_Q, CU_SEQLENS_K, SEQUSED_K, batch, dims, bounds,
+                                                    SPEC)
     seqlen_q, seqlen_k, causal_offset, window_offset = seq[:4]
     if SPEC.VARLEN:  # a block past its sequence's end (the grid is sized for the longest) visits no key
         seqlen_k = tl.where(start_m < seqlen_q, seqlen_k, 0)
@@ -597,8 +602,8 @@ def _dkdv_blocks(dk, dv, k, v, key_rows, columns, q_source, do_source, qdo_strid
 
 @triton.jit
 def attention_backward_dkdv_kernel(
-        Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, MASK, ALIBI, SEED, CU_SEQLENS_Q, CU_SEQLENS_K, mods, blocks,
-        q_strides, k_strides, v_strides, do_strides, dk_strides, dv_strides, dq_acc_strides, mask_strides,
+        Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, MASK, ALIBI, SEED, CU_SEQLENS_Q, CU_SEQLENS_K, SEQUSED_K, mods,
+        blocks, q_strides, k_strides, v_strides, do_strides, dk_strides, dv_strides, dq_acc_strides, mask_strides,
         alibi_strides,
         dims, bounds, scales,
         SPEC: tl.constexpr, ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -615,7 +620,8 @@ def attention_backward_dkdv_kernel(
     start_n = tl.program_id(0) * BLOCK_N
     batch = (tl.program_id(1) // num_kv_heads).to(tl.int64)
     kv_head = (tl.program_id(1) % num_kv_heads).to(tl.int64)
-    memory_batch, q_start, k_start, seq = _sequence(CU_SEQLENS_Q, CU_SEQLENS_K, batch, dims, bounds, SPEC)
+    memory_batch, q_start, k_start, seq = _sequence(CU_SEQLENS_Q, CU_SEQLENS_K, SEQUSED_K, batch, dims, bounds,
+                                                    SPEC)
     seqlen_q, seqlen_k, causal_offset, window_offset = seq[:4]
     K += _head(k_strides, memory_batch, kv_head, k_start)
     V += _head(v_strides, memory_batch, kv_head, k_start)
@@ -731,7 +737,7 @@ def _dq_blocks(dq, q, do, lse, delta, offs_m, d_masks, k_source, v_source, kv_ro
 
 @triton.jit
 def attention_backward_dq_kernel(
-        Q, K, V, DO, LSE, DELTA, DQ, DBIAS, MASK, ALIBI, SEED, CU_SEQLENS_Q, CU_SEQLENS_K, mods, blocks,
+        Q, K, V, DO, LSE, DELTA, DQ, DBIAS, MASK, ALIBI, SEED, CU_SEQLENS_Q, CU_SEQLENS_K, SEQUSED_K, mods, blocks,
         q_strides, k_strides, v_strides, do_strides, dq_strides, dbias_strides, mask_strides, alibi_strides,
         dims, bounds, scales,
         SPEC: tl.constexpr, BIAS_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -743,7 +749,8 @@ def attention_backward_dq_kernel(
     # causal rows near the end see the most keys: those programs start first (FlashAttention-2, 3.3)
     start_m, batch, head, kv_head = _query_program(tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(1),
                                                    dims[1], dims[2], BLOCK_M)
-    memory_batch, q_start, k_start, seq = _sequence(CU_SEQLENS_Q, CU_SEQLENS_K, batch, dims, bounds, SPEC)
+    memory_batch, q_start, k_start, seq = _sequence(CU_SEQLENS_Q, CU_SEQLENS_K, SEQUSED_K, batch, dims, bounds,
+                                                    SPEC)
     seqlen_q, seqlen_k, causal_offset, window_offset = seq[:4]
     if SPEC.VARLEN:  # as in the forward
         seqlen_k = tl.where(start_m < seqlen_q, seqlen_k, 0)
@@ -828,7 +835,12 @@ def dropout_keep_kernel(SEED, KEEP, num_heads, seqlen_q, seqlen_k, dropout_p,
 def empty_bthd(b, h, t, d, like):
     """A (B, H, T, D) tensor stored as (B, T, H, D) memory: the layout flash-attn returns, so that merging heads
     afterwards (transpose(1, 2).reshape) is free."""
-    return torch.empty((b, t, h, d), dtype=like.dtype, device=like.device).transpose(1, 2)
+    return new_bthd(b, h, t, d, like)
+
+
+def new_bthd(b, h, t, d, like, new=torch.empty):
+    """empty_bthd's tensor made by new (torch.empty or torch.zeros)."""
+    return new((b, t, h, d), dtype=like.dtype, device=like.device).transpose(1, 2)
 
 
 def _tma_ready(t):
@@ -892,8 +904,10 @@ def _dkdv(backward, dq_acc=None):
     """(dk, dv) from the dk/dv kernel; with dq_acc (float32, (B, Hq, Tq, D), zeros) it also adds dq there: the
     single pass."""
     k = backward.k
-    dk = empty_bthd(*k.shape, k)
-    dv = empty_bthd(*backward.v.shape, backward.v)
+    # Keys past a sequence's seqused_k belong to no sequence: the kernel never writes their zero gradient.
+    new = torch.zeros if backward.call.spec.SEQUSED_K else torch.empty
+    dk = new_bthd(*k.shape, k, new)
+    dv = new_bthd(*backward.v.shape, backward.v, new)
     name = "backward_dkdv" if dq_acc is None else "backward_single_pass"
     batch, rows, keys = backward.call.shape
     kernel = autotuned(attention_backward_dkdv_kernel, name, device_arch(k.device), k.dtype, rows, keys,

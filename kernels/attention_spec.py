@@ -25,7 +25,8 @@ class Spec(NamedTuple):
     MASK_NONE, MASK_BOOLEAN or MASK_ADDITIVE; ALIBI: per-head slopes; SOFTCAP: tanh softcapping; DROPOUT: on the
     weights; VARLEN: sequences packed along T; SINKS: one learned logit per head in every row's softmax
     denominator (gpt-oss); CHUNK: each query sees only keys of its own chunk of positions (Llama 4's chunked
-    attention, flash-attn 3's attention_chunk), a bound like WINDOW's.
+    attention, flash-attn 3's attention_chunk), a bound like WINDOW's; SEQUSED_K (with VARLEN): each sequence uses
+    only its first SEQUSED_K[b] keys (flash-attn 3's seqused_k).
 
     Programmable attention (gptfast.flex; its calls set none of the switches above but the head dims and
     INPUT_PRECISION): SCORE_MOD, a @triton.jit score_mod(score, batch, head, q_idx, kv_idx, args) -> score;
@@ -49,6 +50,7 @@ class Spec(NamedTuple):
     VARLEN: bool = False
     SINKS: bool = False
     CHUNK: bool = False
+    SEQUSED_K: bool = False
     SCORE_MOD: object = None
     SCORE_GRAD: object = None
     SCORE_ARG_GRAD: object = None
@@ -85,7 +87,8 @@ class Spec(NamedTuple):
     def absent(self):
         """The names of the optional tensors this spec never reads: the launchers pass them as None."""
         unused = {"MASK": not self.MASK_KIND, "ALIBI": not self.ALIBI, "SEED": not self.DROPOUT,
-                  "CU_SEQLENS_Q": not self.VARLEN, "CU_SEQLENS_K": not self.VARLEN, "SINKS": not self.SINKS,
+                  "CU_SEQLENS_Q": not self.VARLEN, "CU_SEQLENS_K": not self.VARLEN,
+                  "SEQUSED_K": not self.SEQUSED_K, "SINKS": not self.SINKS,
                   "mods": not self.modded, "blocks": not self.SPARSE_Q}
         return tuple(name for name, off in unused.items() if off)
 
@@ -105,7 +108,7 @@ class Spec(NamedTuple):
         """Every switch on at once (an additive mask) but CHUNK: the most registers any call without chunks
         needs."""
         return cls.dims(block_d, precision, block_dv, CAUSAL=True, WINDOW=True, MASK_KIND=MASK_ADDITIVE.value,
-                        ALIBI=True, SOFTCAP=True, DROPOUT=True, VARLEN=True, SINKS=True)
+                        ALIBI=True, SOFTCAP=True, DROPOUT=True, VARLEN=True, SEQUSED_K=True, SINKS=True)
 
     @classmethod
     def chunked(cls, block_d, precision, block_dv=None):
@@ -137,7 +140,9 @@ class Features(NamedTuple):
     max_seqlen_k) batch. sinks: None or float32 (Hq,), contiguous: a logit per head that joins every row's
     softmax denominator and takes no value (gpt-oss's attention sinks); the lse includes it. chunk: 0, or the
     chunk size C > 0: query i sees only keys j with (i + Tk - Tq) // C == j // C (bottom-right aligned, per
-    sequence with varlen, as flash-attn 3's attention_chunk), on top of the causal mode and the window. flex: None
+    sequence with varlen, as flash-attn 3's attention_chunk), on top of the causal mode and the window. seqused_k:
+    None, or with varlen int32 (num_seqs,): sequence b uses keys [cu_seqlens_k[b], + seqused_k[b]) only, its Tk
+    (flash-attn 3's), and the rows after them up to the next sequence's take no part. flex: None
     or the Flex of a gptfast.flex call (its mods and block lists), with every other field at its default."""
     causal: int = CAUSAL_NONE
     window: tuple = (-1, -1)
@@ -150,6 +155,7 @@ class Features(NamedTuple):
     varlen: tuple | None = None
     sinks: torch.Tensor | None = None
     chunk: int = 0
+    seqused_k: torch.Tensor | None = None
     flex: "Flex | None" = None
 
 
@@ -202,8 +208,8 @@ class Call(NamedTuple):
 def describe(q, k, v, features, softmax_scale):
     """The Call for q (B, Hq, Tq, D), k (B, Hkv, Tk, D) and v (B, Hkv, Tk, Dv) (packed: B = 1, T the totals) with
     features. kwargs:
-    the optional tensors (MASK, ALIBI, SEED, CU_SEQLENS_Q, CU_SEQLENS_K, SINKS; None when absent), the flex
-    call's mods and blocks (None without; see with_flex), mask_strides (4) and
+    the optional tensors (MASK, ALIBI, SEED, CU_SEQLENS_Q, CU_SEQLENS_K, SEQUSED_K, SINKS; None when absent), the
+    flex call's mods and blocks (None without; see with_flex), mask_strides (4) and
     alibi_strides (2) (0 where broadcast or absent), dims (batch, Hq, group size, Tq, Tk), bounds (causal_offset,
     window_offset, alibi_offset, chunk size) and scales (softmax_scale * log2(e), softmax_scale, softcap, dropout_p,
     1 / (1 - dropout_p)), and SPEC."""
@@ -223,12 +229,14 @@ def describe(q, k, v, features, softmax_scale):
     spec = Spec(head_dim, padded_head_dim(head_dim), head_dim_v, padded_head_dim(head_dim_v), input_precision(q.dtype),
                 CAUSAL=right >= 0, WINDOW=left >= 0, MASK_KIND=mask_kind.value, ALIBI=slopes is not None,
                 SOFTCAP=features.softcap > 0, DROPOUT=features.dropout_p > 0, VARLEN=features.varlen is not None,
-                SINKS=features.sinks is not None, CHUNK=features.chunk > 0)
+                SINKS=features.sinks is not None, CHUNK=features.chunk > 0,
+                SEQUSED_K=features.seqused_k is not None)
     cu_seqlens = features.varlen[:2] if features.varlen else (None, None)
     # Bottom-right offsets count Tk - Tq; with varlen the kernels add each sequence's own.
     offset = 0 if features.causal == CAUSAL_TOP_LEFT or features.varlen else seqlen_k - seqlen_q
     kwargs = dict(MASK=mask, ALIBI=slopes, SEED=features.seed_offset, CU_SEQLENS_Q=cu_seqlens[0],
-                  CU_SEQLENS_K=cu_seqlens[1], SINKS=features.sinks, mods=None, blocks=None,
+                  CU_SEQLENS_K=cu_seqlens[1], SEQUSED_K=features.seqused_k, SINKS=features.sinks, mods=None,
+                  blocks=None,
                   mask_strides=mask.stride() if mask is not None else (0, 0, 0, 0),
                   alibi_strides=slopes.stride() if slopes is not None else (0, 0),
                   dims=(shape[0], num_heads, num_heads // k.shape[1], seqlen_q, seqlen_k),

@@ -10,8 +10,9 @@ Grouped-query heads are packed into one program's rows (the rows of a block are 
 pairs, query-major), so each key is loaded once per kv head, not once per query head.
 
 Layouts:
-    q: (B, Tq, Hq, D), any strides. k_cache, v_cache: (pages, page_size, Hkv, D) and (.., .., Hkv, Dv), any
-    strides: a paged pool addressed through block_table (B, pages per sequence) int32, key j of sequence b at page
+    q: (B, Tq, Hq, D), any strides; or, for paged prefill (gptfast.paged), the queries of B sequences packed
+    along T, (1, total_q, Hq, D), sequence b's rows from cu_seqlens_q[b] to cu_seqlens_q[b + 1] (out and lse too).
+    k_cache, v_cache: (pages, page_size, Hkv, D) and (.., .., Hkv, Dv), any strides: a paged pool addressed through block_table (B, pages per sequence) int32, key j of sequence b at page
     block_table[b, j // page_size], slot j % page_size; a plain cache (B_cache, T_cache, Hkv, D) is the pool of
     one page per sequence (page_size = T_cache, block_table = the cache row of each sequence, (B, 1)).
     seqlens: (B,) int32, keys [first, seqlens[b]) are visible, first = leftpad[b] with LEFTPAD else 0.
@@ -89,7 +90,7 @@ def _key_span(row_block, seqlen_q, seqlen_k, first_key, group_size, window_sides
 
 @triton.jit
 def attention_decode_kernel(
-        Q, K, V, O, LSE, BLOCK_TABLE, SEQLENS, LEFTPAD, ALIBI, SINKS,
+        Q, K, V, O, LSE, BLOCK_TABLE, SEQLENS, LEFTPAD, CU_SEQLENS_Q, ALIBI, SINKS,
         q_strides, k_strides, v_strides, o_strides, lse_steps, split_steps, table_stride, alibi_strides, sizes,
         window_sides, score_scales,
         SPEC: tl.constexpr, LEFTPAD_KEYS: tl.constexpr, FINAL: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -99,20 +100,25 @@ def attention_decode_kernel(
     key), or with FINAL (a single split) the result itself (out in O's dtype, lse +inf for no key, the sink with
     one). SPEC (attention_spec.Spec) reads HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, INPUT_PRECISION, CAUSAL,
     WINDOW, ALIBI, SOFTCAP, SINKS (the sinks join a split's softmax only with FINAL; else the merge adds them
-    once) and CHUNK. Strides: q's (b, t, h, d), the pools' (page, slot, h, d), a split's output (b, t, h, d),
-    lse_steps its lse (b, h, t), split_steps (output, lse) from one split to the next; sizes (Hkv, group size, Tq,
-    page_size); window_sides flash-attn's (right, left) window sizes (causal: right = 0; -1 unbounded) and the
-    chunk size; score_scales (softmax_scale * log2(e), softcap). Grid: (cdiv(Tq * group, BLOCK_M), B * Hkv, splits)."""
+    once), CHUNK and VARLEN (see _queries). Strides: q's (b, t, h, d), the pools' (page, slot, h, d), a split's
+    output (b, t, h, d), lse_steps its lse (b, h, t), split_steps (output, lse) from one split to the next; sizes
+    (Hkv, group size, Tq (the longest with VARLEN), page_size); window_sides flash-attn's (right, left) window
+    sizes (causal: right = 0; -1 unbounded) and the chunk size; score_scales (softmax_scale * log2(e), softcap).
+    Grid: (cdiv(Tq * group, BLOCK_M), B * Hkv, splits)."""
     num_kv_heads, group_size, seqlen_q, page_size = sizes
     row_block, split = tl.program_id(0), tl.program_id(2)
     batch = (tl.program_id(1) // num_kv_heads).to(tl.int64)
     kv_head = tl.program_id(1) % num_kv_heads
+    query_batch, first_query, seqlen_q = _queries(CU_SEQLENS_Q, batch, seqlen_q, SPEC)
+    Q += query_batch * q_strides[0] + first_query * q_strides[1]
+    O += query_batch * o_strides[0] + first_query * o_strides[1]
+    LSE += query_batch * lse_steps[0] + first_query * lse_steps[2]
     rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
     query = rows // group_size
     head = (kv_head * group_size + rows % group_size).to(tl.int64)
     offs_d, d_mask, offs_dv, dv_mask = head_columns(SPEC)
     row_mask = query < seqlen_q
-    q = tl.load(Q + batch * q_strides[0] + query[:, None] * q_strides[1] + head[:, None] * q_strides[2]
+    q = tl.load(Q + query[:, None] * q_strides[1] + head[:, None] * q_strides[2]
                 + offs_d[None, :] * q_strides[3], mask=row_mask[:, None] & d_mask[None, :], other=0.0)
     seqlen_k = tl.load(SEQLENS + batch)
     first_key = 0
@@ -123,6 +129,8 @@ def attention_decode_kernel(
         slope = tl.load(ALIBI + batch * alibi_strides[0] + head * alibi_strides[1])[:, None]
     start, stop = _key_span(row_block, seqlen_q, seqlen_k, first_key, group_size, window_sides, tl.num_programs(2),
                             split, BLOCK_M, BLOCK_N, SPEC)
+    if SPEC.VARLEN:  # a row block past its sequence's queries (the grid is sized for the longest) visits no key
+        stop = tl.where(row_block * BLOCK_M // group_size < seqlen_q, stop, start)
     low, high = _row_keys(query, seqlen_q, seqlen_k, first_key, window_sides, SPEC)
     K += kv_head * k_strides[2]
     V += kv_head * v_strides[2]
@@ -147,11 +155,24 @@ def attention_decode_kernel(
         v = tl.load(V + page * v_strides[0] + slots[:, None] * v_strides[1] + offs_dv[None, :] * v_strides[3],
                     mask=in_cache & dv_mask[None, :], other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc * correction[:, None], input_precision=SPEC.INPUT_PRECISION)
-    O += split * split_steps[0] + batch * o_strides[0]
+    O += split * split_steps[0]
     _store_rows(acc, row_sum, row_max, O + query[:, None] * o_strides[1] + head[:, None] * o_strides[2]
                 + offs_dv[None, :] * o_strides[3],
-                LSE + split * split_steps[1] + batch * lse_steps[0] + head * lse_steps[1] + query * lse_steps[2],
+                LSE + split * split_steps[1] + head * lse_steps[1] + query * lse_steps[2],
                 row_mask[:, None] & dv_mask[None, :], row_mask, FINAL)
+
+
+@triton.jit
+def _queries(CU_SEQLENS_Q, batch, seqlen_q, SPEC: tl.constexpr):
+    """(memory batch, first row, Tq) of sequence batch's queries. With VARLEN the sequences' queries are packed
+    along Tq, q (1, total_q, Hq, D) and out and lse alike, sequence b's rows [CU_SEQLENS_Q[b], CU_SEQLENS_Q[b + 1])
+    (flash_attn_varlen_func's layout, for paged prefill; one kernel for prefill and decoding over a paged cache, as
+    vLLM's Triton unified attention); else its own batch of seqlen_q rows."""
+    if SPEC.VARLEN:
+        first = tl.load(CU_SEQLENS_Q + batch)
+        return 0, first.to(tl.int64), tl.load(CU_SEQLENS_Q + batch + 1) - first
+    else:
+        return batch, 0, seqlen_q
 
 
 @triton.jit
@@ -234,36 +255,41 @@ def auto_splits(programs, capacity, device):
     return max(1, min(wanted, triton.cdiv(capacity, MIN_KEYS_PER_SPLIT), MAX_SPLITS))
 
 
-def decode_spec(q, v_cache, causal_right, window_left, softcap, alibi_slopes, sinks, chunk=0):
+def decode_spec(q, v_cache, causal_right, window_left, softcap, alibi_slopes, sinks, chunk=0, varlen=False):
     """The attention_spec.Spec of a decoding call: its head dims, dots' precision and switches."""
     head_dim, head_dim_v = q.shape[3], v_cache.shape[3]
     return Spec(head_dim, padded_head_dim(head_dim), head_dim_v, padded_head_dim(head_dim_v), input_precision(q.dtype),
                 CAUSAL=causal_right >= 0, WINDOW=window_left >= 0, ALIBI=alibi_slopes is not None, SOFTCAP=softcap > 0,
-                SINKS=sinks is not None, CHUNK=chunk > 0)
+                SINKS=sinks is not None, CHUNK=chunk > 0, VARLEN=varlen)
 
 
 def decode_attention(q, k_cache, v_cache, block_table, seqlens, leftpad, softmax_scale, causal_right=-1,
-                     window_left=-1, softcap=0.0, alibi_slopes=None, num_splits=0, sinks=None, chunk=0):
+                     window_left=-1, softcap=0.0, alibi_slopes=None, num_splits=0, sinks=None, chunk=0,
+                     queries=None):
     """Returns (out (B, Tq, Hq, Dv) in q's dtype, lse (B, Hq, Tq) float32) for the layouts of the module
     docstring. causal_right: -1 for no causal bound, else flash-attn's right window size (0 when causal);
     window_left: -1 or the left window size. alibi_slopes: None or float32 broadcastable to (B, Hq). num_splits:
     0 chooses (auto_splits); more than MAX_SPLITS is capped there. sinks: None or float32 (Hq,), contiguous.
-    chunk: 0, or the chunk size (chunks counted from each sequence's first visible key)."""
-    batch, seqlen_q, num_heads = q.shape[:3]
+    chunk: 0, or the chunk size (chunks counted from each sequence's first visible key). queries: None, or
+    (cu_seqlens_q int32 (B + 1,), max_seqlen_q) for queries of B sequences packed along Tq (q (1, total_q, Hq, D);
+    out and lse then (1, total_q, Hq, Dv) and (1, Hq, total_q))."""
+    _, seqlen_q, num_heads = q.shape[:3]
+    batch = block_table.shape[0]
+    cu_seqlens_q, rows_q = (None, seqlen_q) if queries is None else queries
     num_kv_heads, page_size = k_cache.shape[2], k_cache.shape[1]
     group = num_heads // num_kv_heads
-    spec = decode_spec(q, v_cache, causal_right, window_left, softcap, alibi_slopes, sinks, chunk)
-    block_m = query_block(seqlen_q * group, spec.tile_dim, q.dtype)
-    row_blocks = triton.cdiv(seqlen_q * group, block_m)
+    spec = decode_spec(q, v_cache, causal_right, window_left, softcap, alibi_slopes, sinks, chunk, queries is not None)
+    block_m = query_block(rows_q * group, spec.tile_dim, q.dtype)
+    row_blocks = triton.cdiv(rows_q * group, block_m)
     capacity = block_table.shape[1] * page_size
     splits = min(num_splits or auto_splits(row_blocks * batch * num_kv_heads, capacity, q.device), MAX_SPLITS)
     out = q.new_empty((*q.shape[:3], spec.HEAD_DIM_V))
-    lse = torch.empty((batch, num_heads, seqlen_q), dtype=torch.float32, device=q.device)
+    lse = torch.empty((q.shape[0], num_heads, seqlen_q), dtype=torch.float32, device=q.device)
     if splits == 1:
         out_part, lse_part = out[None], lse[None]
     else:
         out_part = torch.empty((splits, *out.shape), dtype=torch.float32, device=q.device)
-        lse_part = torch.empty((splits, batch, seqlen_q, num_heads), dtype=torch.float32, device=q.device)
+        lse_part = torch.empty((splits, q.shape[0], seqlen_q, num_heads), dtype=torch.float32, device=q.device)
     slopes = alibi_slopes.expand(batch, num_heads) if alibi_slopes is not None else None
     lse_strides = lse_part.stride() if splits == 1 else lse_part.permute(0, 1, 3, 2).stride()  # (s, b, h, t)
     arch = device_arch(q.device)
@@ -271,17 +297,18 @@ def decode_attention(q, k_cache, v_cache, block_table, seqlens, leftpad, softmax
     kernel = _autotuner(table, spec.tile_dim, page_size, length_bucket(capacity))
     kernel[(row_blocks, batch * num_kv_heads, splits)](
         Q=q, K=k_cache, V=v_cache, O=out_part, LSE=lse_part, BLOCK_TABLE=block_table, SEQLENS=seqlens,
-        LEFTPAD=leftpad, ALIBI=slopes, SINKS=sinks, q_strides=q.stride(), k_strides=k_cache.stride(),
-        v_strides=v_cache.stride(), o_strides=out_part.stride()[1:], lse_steps=lse_strides[1:],
-        split_steps=(out_part.stride(0), lse_strides[0]), table_stride=block_table.stride(0),
+        LEFTPAD=leftpad, CU_SEQLENS_Q=cu_seqlens_q, ALIBI=slopes, SINKS=sinks, q_strides=q.stride(),
+        k_strides=k_cache.stride(), v_strides=v_cache.stride(), o_strides=out_part.stride()[1:],
+        lse_steps=lse_strides[1:], split_steps=(out_part.stride(0), lse_strides[0]), table_stride=block_table.stride(0),
         alibi_strides=slopes.stride() if slopes is not None else (0, 0),
-        sizes=(num_kv_heads, group, seqlen_q, page_size), window_sides=(causal_right, window_left, chunk),
+        sizes=(num_kv_heads, group, rows_q, page_size), window_sides=(causal_right, window_left, chunk),
         score_scales=(softmax_scale * LOG2E.value, softcap), SPEC=spec, LEFTPAD_KEYS=leftpad is not None,
         FINAL=splits == 1, BLOCK_M=block_m)
     if splits > 1:
-        lse_rows = torch.empty((batch, seqlen_q, num_heads), dtype=torch.float32, device=q.device)
-        attention_combine_kernel[(batch * seqlen_q * num_heads,)](
-            out_part, lse_part, out, lse_rows, sinks, splits, batch * seqlen_q * num_heads, num_heads,
+        lse_rows = torch.empty((q.shape[0], seqlen_q, num_heads), dtype=torch.float32, device=q.device)
+        rows = q.shape[0] * seqlen_q * num_heads
+        attention_combine_kernel[(rows,)](
+            out_part, lse_part, out, lse_rows, sinks, splits, rows, num_heads,
             HEAD_DIM=spec.HEAD_DIM_V, BLOCK_D=spec.BLOCK_DV, BLOCK_S=triton.next_power_of_2(splits),
             WITH_SINK=sinks is not None)
         lse = lse_rows.transpose(1, 2)

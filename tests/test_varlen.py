@@ -23,19 +23,23 @@ def packed_inputs(lens_q, lens_k, heads, kv_heads, head_dim, dtype, seed):
     return make(sum(lens_q), heads), make(sum(lens_k), kv_heads), make(sum(lens_k), kv_heads)
 
 
-def sequence_slices(lens_q, lens_k):
+def sequence_slices(lens_q, lens_k, used=None):
+    """(query rows, key rows) of each sequence; with used, the first used[b] of its keys only."""
     cu_q, cu_k = cumulative(lens_q).tolist(), cumulative(lens_k).tolist()
-    return [(slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])) for b in range(len(lens_q))]
+    used = lens_k if used is None else used
+    return [(slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b] + used[b])) for b in range(len(lens_q))]
 
 
 def check_varlen(lens_q, lens_k, heads, kv_heads, head_dim, dtype, causal, seed=0, alibi=None, keep=None,
-                 **options):
+                 used=None, **options):
     """Runs flash_attn_varlen_func on fresh inputs and checks out, dq, dk, dv against reference_attention run on
-    each sequence alone (alibi: (num_seqs, Hq); keep: the kernels' (num_seqs, Hq, max_q, max_k) keep mask)."""
+    each sequence alone (alibi: (num_seqs, Hq); keep: the kernels' (num_seqs, Hq, max_q, max_k) keep mask; used:
+    seqused_k as a list, each sequence's keys past it left out of the reference, their gradients 0)."""
     leaves = dict(zip("qkv", packed_inputs(lens_q, lens_k, heads, kv_heads, head_dim, dtype, seed)))
     inputs = {n: t.clone().requires_grad_() for n, t in leaves.items()}
+    seqused_k = None if used is None else torch.tensor(used, dtype=torch.int32, device=DEVICE)
     out = flash_attn_varlen_func(*inputs.values(), cumulative(lens_q), cumulative(lens_k), max(lens_q),
-                                 max(lens_k), causal=causal, alibi_slopes=alibi, **options)
+                                 max(lens_k), causal=causal, alibi_slopes=alibi, seqused_k=seqused_k, **options)
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(out)
     out.backward(grad_out)
     results = {"out": out, **{f"d{n}": t.grad for n, t in inputs.items()}}
@@ -43,13 +47,14 @@ def check_varlen(lens_q, lens_k, heads, kv_heads, head_dim, dtype, causal, seed=
     def reference(work):
         ins = {n: t.to(work).requires_grad_() for n, t in leaves.items()}
         outs = []
-        for b, (rows, keys) in enumerate(sequence_slices(lens_q, lens_k)):
+        for b, (rows, keys) in enumerate(sequence_slices(lens_q, lens_k, used)):
             q, k, v = (ins[n][span].transpose(0, 1) for n, span in (("q", rows), ("k", keys), ("v", keys)))
             kept = None if keep is None else keep[b, :, :q.shape[1], :k.shape[1]]
             outs.append(reference_attention(
                 q, k, v, BOTTOM_RIGHT if causal else NONE, window=options.get("window_size", (-1, -1)),
                 softcap=options.get("softcap", 0.0), alibi=None if alibi is None else alibi[b], keep=kept,
-                dropout_p=options.get("dropout_p", 0.0)).transpose(0, 1))
+                dropout_p=options.get("dropout_p", 0.0), sinks=options.get("sinks"),
+                chunk=options.get("attention_chunk", 0)).transpose(0, 1))
         ref = torch.cat(outs)
         ref.backward(grad_out.to(work))
         return {"out": ref, **{f"d{n}": t.grad for n, t in ins.items()}}
@@ -98,6 +103,25 @@ def test_varlen_torch_path():
     """PyTorch's path (GPTFAST_BACKEND=torch, or a call the kernels cannot run) attends each sequence alone."""
     with backend.use_backend("torch"):
         check_varlen([7, 0, 20], [9, 4, 20], 2, 1, 24, torch.float32, True, window_size=(5, -1))
+        check_varlen([7, 0, 20], [9, 4, 20], 2, 1, 24, torch.float32, True, used=[8, 0, 13])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+def test_seqused_k(causal, dtype):
+    """flash-attn 3's seqused_k: each sequence attends to its first seqused_k[b] keys only (none, some, all), the
+    causal diagonal aligned to that count; the unused keys' gradients are 0."""
+    with backend.use_backend("triton"):
+        check_varlen([5, 1, 20, 3], [9, 4, 33, 2], 4, 2, 24, dtype, causal, seed=seed_of("used", causal),
+                     used=[6, 0, 21, 2])
+
+
+def test_seqused_k_with_every_feature():
+    lens_q, lens_k, heads = [19, 1, 40], [33, 6, 40], 4
+    alibi = torch.rand(3, heads, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    with backend.use_backend("triton"), tuning.forced_variants(backward="single_pass"):
+        check_varlen(lens_q, lens_k, heads, 2, 24, torch.float32, True, alibi=alibi, used=[30, 2, 17],
+                     window_size=(9, -1), softcap=4.0, attention_chunk=8, sinks=torch.randn(heads, device=DEVICE))
 
 
 def test_return_attn_probs():
@@ -123,6 +147,18 @@ def test_bad_cu_seqlens_raise(cu_seqlens_q, max_seqlen_q, message):
     q, k, v = packed_inputs([3, 5], [3, 5], 2, 2, 16, torch.float32, seed=0)
     with pytest.raises(ValueError, match=message):
         flash_attn_varlen_func(q, k, v, cu_seqlens_q.to(DEVICE), cumulative([3, 5]), max_seqlen_q, 5)
+
+
+@pytest.mark.parametrize("seqused_k, message", [
+    (torch.tensor([3, 5]), "int32"),
+    (torch.tensor([3], dtype=torch.int32), r"shape \(num_seqs,\) = \(2,\)"),
+    (torch.tensor([3, 6], dtype=torch.int32), "within 0 and each sequence's key count"),
+    (torch.tensor([-1, 5], dtype=torch.int32), "within 0 and each sequence's key count"),
+])
+def test_bad_seqused_k_raises(seqused_k, message):
+    q, k, v = packed_inputs([3, 5], [3, 5], 2, 2, 16, torch.float32, seed=0)
+    with pytest.raises(ValueError, match=f"seqused_k .*{message}|{message}"):
+        flash_attn_varlen_func(q, k, v, cumulative([3, 5]), cumulative([3, 5]), 5, 5, seqused_k=seqused_k.to(DEVICE))
 
 
 def test_packed_forms_read_views_of_one_projection():
