@@ -59,6 +59,12 @@ def input_precision(dtype):
     return "tf32" if dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
+def next_power_of_2(n):
+    """The least power of two >= n (1 for n <= 1): triton.next_power_of_2's value without its cost (a
+    ConstexprFunction, some microseconds a call on a host path that makes several)."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def padded_head_dim(head_dim):
     """The block a head dim is padded to: the next power of two, at least 16 (tl.dot's smallest K)."""
-    return max(16, 1 << (head_dim - 1).bit_length())
+    return max(16, next_power_of_2(head_dim))

@@ -29,7 +29,7 @@ from typing import NamedTuple
 import torch
 import triton
 
-from gptfast.kernels import AUTOTUNE, tuned
+from gptfast.kernels import AUTOTUNE, next_power_of_2, tuned
 
 
 class Tile(NamedTuple):
@@ -263,7 +263,7 @@ def fastest(key, runs):
 def length_bucket(length):
     """The power of two at or above a sequence length: autotuning is per bucket, so that decoding (Tq = 1) and a
     long prefill never share a config while lengths that differ by a few tokens do."""
-    return triton.next_power_of_2(max(length, 1))
+    return next_power_of_2(max(length, 1))
 
 
 def fitting(configs, bucket_q, bucket_k):

@@ -12,8 +12,9 @@ pairs, query-major), so each key is loaded once per kv head, not once per query 
 Layouts:
     q: (B, Tq, Hq, D), any strides; or, for paged prefill (gptfast.paged), the queries of B sequences packed
     along T, (1, total_q, Hq, D), sequence b's rows from cu_seqlens_q[b] to cu_seqlens_q[b + 1] (out and lse too).
-    k_cache, v_cache: (pages, page_size, Hkv, D) and (.., .., Hkv, Dv), any strides: a paged pool addressed through block_table (B, pages per sequence) int32, key j of sequence b at page
-    block_table[b, j // page_size], slot j % page_size; a plain cache (B_cache, T_cache, Hkv, D) is the pool of
+    k_cache, v_cache: (pages, page_size, Hkv, D) and (.., .., Hkv, Dv), any strides: a paged pool addressed
+    through block_table (B, pages per sequence) int32, key j of sequence b at page block_table[b, j // page_size],
+    slot j % page_size; a plain cache (B_cache, T_cache, Hkv, D) is the pool of
     one page per sequence (page_size = T_cache, block_table = the cache row of each sequence, (B, 1)).
     seqlens: (B,) int32, keys [first, seqlens[b]) are visible, first = leftpad[b] with LEFTPAD else 0.
     Query t of sequence b sits at key position seqlens[b] - Tq + t (bottom-right, as flash-attn's KV cache); with
@@ -27,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gptfast.kernels import device_arch, input_precision, multiprocessors, padded_head_dim, tuned
+from gptfast.kernels import device_arch, input_precision, multiprocessors, next_power_of_2, padded_head_dim, tuned
 from gptfast.kernels.attention_blocks import chunk_start, head_columns, online_softmax, softmax_start, tile_scores
 from gptfast.kernels.attention_spec import Spec
 from gptfast.kernels.attention_tuning import MAX_REGISTERS, length_bucket
@@ -231,7 +232,7 @@ def query_block(rows, block_d, dtype):
     """Query rows per program for rows = Tq * group (query, head) pairs: 16 (tl.dot's least) up to the largest
     block TILES compile for."""
     largest = 16 if dtype == torch.float32 else 64 if block_d <= 128 else 32
-    return max(16, min(largest, triton.next_power_of_2(rows)))
+    return max(16, min(largest, next_power_of_2(rows)))
 
 
 @functools.cache
@@ -309,7 +310,7 @@ def decode_attention(q, k_cache, v_cache, block_table, seqlens, leftpad, softmax
         rows = q.shape[0] * seqlen_q * num_heads
         attention_combine_kernel[(rows,)](
             out_part, lse_part, out, lse_rows, sinks, splits, rows, num_heads,
-            HEAD_DIM=spec.HEAD_DIM_V, BLOCK_D=spec.BLOCK_DV, BLOCK_S=triton.next_power_of_2(splits),
+            HEAD_DIM=spec.HEAD_DIM_V, BLOCK_D=spec.BLOCK_DV, BLOCK_S=next_power_of_2(splits),
             WITH_SINK=sinks is not None)
         lse = lse_rows.transpose(1, 2)
     return out, lse

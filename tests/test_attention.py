@@ -264,15 +264,17 @@ def test_custom_ops_pass_opcheck():
     mask = torch.randn(1, 1, 9, 13).to(DEVICE).requires_grad_()
     slopes = torch.rand(1, 4).to(DEVICE)
     sinks = torch.randn(4).to(DEVICE).requires_grad_()
-    for args in [(None, None, None, None, None, None, 0, 0, 2, -1, -1, 0, 0.0, 0.0, 0.25, False),
-                 (mask, slopes, None, None, None, None, 0, 0, 0, 3, 2, 0, 5.0, 0.0, 0.25, True),
-                 (None, None, sinks, None, None, None, 0, 0, 2, 3, -1, 0, 0.0, 0.0, 0.25, False),
-                 (None, None, None, None, None, None, 0, 0, 2, -1, -1, 4, 0.0, 0.0, 0.25, False)]:
+    for args in [(None, None, None, None, None, None, None, 0, 0, 2, -1, -1, 0, 0.0, 0.0, 0.25, False),
+                 (mask, slopes, None, None, None, None, None, 0, 0, 0, 3, 2, 0, 5.0, 0.0, 0.25, True),
+                 (None, None, sinks, None, None, None, None, 0, 0, 2, 3, -1, 0, 0.0, 0.0, 0.25, False),
+                 (None, None, None, None, None, None, None, 0, 0, 2, -1, -1, 4, 0.0, 0.0, 0.25, False)]:
         torch.library.opcheck(torch.ops.gptfast.flash_attention.default, (q, k, v, *args))
-    # varlen: batch 1 read as two packed sequences of 4 and 5 queries, 4 and 9 keys
+    # varlen: batch 1 read as two packed sequences of 4 and 5 queries, 4 and 9 keys (then 3 and 6 of them used)
     cu_seqlens_q, cu_seqlens_k = (torch.tensor([0, 4, n], dtype=torch.int32, device=DEVICE) for n in (9, 13))
-    varlen = (None, None, None, None, cu_seqlens_q, cu_seqlens_k, 5, 9, 2, -1, -1, 0, 0.0, 0.0, 0.25, False)
-    torch.library.opcheck(torch.ops.gptfast.flash_attention.default, (q, k, v, *varlen))
+    for seqused_k in (None, torch.tensor([3, 6], dtype=torch.int32, device=DEVICE)):
+        varlen = (None, None, None, None, cu_seqlens_q, cu_seqlens_k, seqused_k, 5, 9, 2, -1, -1, 0, 0.0, 0.0, 0.25,
+                  False)
+        torch.library.opcheck(torch.ops.gptfast.flash_attention.default, (q, k, v, *varlen))
 
 
 def test_torch_compile_fullgraph():
@@ -510,7 +512,8 @@ def test_every_feature_at_once():
     def run(q, k, v, mask):
         torch.manual_seed(9)
         return torch.ops.gptfast.flash_attention(q, k, v, mask, slopes, None, draw_dropout_seed(q.device), None,
-                                                 None, 0, 0, 0, 20, 6, 0, 3.0, 0.2, 1 / math.sqrt(40), False)[0]
+                                                 None, None, 0, 0, 0, 20, 6, 0, 3.0, 0.2, 1 / math.sqrt(40),
+                                                 False)[0]
 
     with backend.use_backend("triton"):
         check_against_reference(q, k, v, NONE, run, mask=mask, window=(20, 6), softcap=3.0,
