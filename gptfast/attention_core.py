@@ -1,6 +1,7 @@
 """The attention core behind every public attention API (gptfast.attention, varlen, kvcache, hf): the custom ops
 ``gptfast::flash_attention`` and ``gptfast::flash_attention_backward`` with their autograd formula (so
-``torch.compile(fullgraph=True)`` captures them without graph breaks), the input checks, the choice between the
+``torch.compile(fullgraph=True)`` captures them without graph breaks; eager calls skip their dispatch,
+gptfast.custom_ops), the input checks, the choice between the
 kernels and PyTorch (``gptfast.backend``, and kernel_gap for what the kernels do not cover), and the PyTorch path
 with the kernels' semantics. It imports torch only: Triton is imported by the first kernel call.
 """
@@ -11,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from gptfast import backend
+from gptfast.custom_ops import custom_op
 from gptfast.dtypes import dtype_gap
 
 # The same constants as gptfast.kernels.attention_spec, repeated so that the PyTorch path never imports Triton.
@@ -30,7 +32,8 @@ def _features(mask, alibi_slopes, sinks, seed_offset, cu_seqlens_q, cu_seqlens_k
                     deterministic, varlen, sinks, chunk, seqused_k)
 
 
-def flash_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+@custom_op("gptfast::flash_attention")
+def flash_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                        alibi_slopes: torch.Tensor | None, sinks: torch.Tensor | None,
                        seed_offset: torch.Tensor | None,
                        cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
@@ -47,9 +50,6 @@ def flash_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
     return attention_forward(q, k, v, softmax_scale, features)
 
 
-flash_attention_op = torch.library.custom_op("gptfast::flash_attention", flash_attention_forward, mutates_args=())
-
-
 @flash_attention_op.register_fake
 def _(q, k, v, mask, alibi_slopes, sinks, seed_offset, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q,
       max_seqlen_k, causal, window_left, window_right, chunk, softcap, dropout_p, softmax_scale, deterministic):
@@ -57,7 +57,8 @@ def _(q, k, v, mask, alibi_slopes, sinks, seed_offset, cu_seqlens_q, cu_seqlens_
     return _empty_bthd(b, h, t, v.shape[3], q), q.new_empty((b, h, t), dtype=torch.float32)
 
 
-def flash_attention_backward(
+@custom_op("gptfast::flash_attention_backward")
+def flash_attention_backward_op(
         grad_out: torch.Tensor, grad_lse: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         out: torch.Tensor, lse: torch.Tensor, mask: torch.Tensor | None, alibi_slopes: torch.Tensor | None,
         sinks: torch.Tensor | None, seed_offset: torch.Tensor | None, cu_seqlens_q: torch.Tensor | None,
@@ -75,10 +76,6 @@ def flash_attention_backward(
                                                    mask_grad)
     empty = lambda: q.new_empty(0, dtype=torch.float32)  # one each: a custom op's outputs may not alias
     return dq, dk, dv, empty() if dmask is None else dmask, empty() if dsinks is None else dsinks
-
-
-flash_attention_backward_op = torch.library.custom_op("gptfast::flash_attention_backward", flash_attention_backward,
-                                                      mutates_args=())
 
 
 @flash_attention_backward_op.register_fake
@@ -108,41 +105,15 @@ def _backward(ctx, grad_out, grad_lse):
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     mask_grad = ctx.needs_input_grad[3]
-    backward = flash_attention_backward if _eager(ctx.saved_tensors) else flash_attention_backward_op
-    dq, dk, dv, dmask, dsinks = backward(grad_out, grad_lse, q, k, v, out, lse, mask, alibi_slopes, sinks,
-                                         seed_offset, cu_seqlens_q, cu_seqlens_k, seqused_k, *ctx.flags, mask_grad)
+    dq, dk, dv, dmask, dsinks = flash_attention_backward_op(grad_out, grad_lse, q, k, v, out, lse, mask,
+                                                            alibi_slopes, sinks, seed_offset, cu_seqlens_q,
+                                                            cu_seqlens_k, seqused_k, *ctx.flags, mask_grad)
     dmask = dmask.sum_to_size(mask.shape).to(mask.dtype) if mask_grad else None  # over the broadcast dims
     dsinks = dsinks.to(sinks.dtype) if ctx.needs_input_grad[5] else None
     return dq, dk, dv, dmask, None, dsinks, *([None] * (_SAVED_INPUTS - 6 + len(ctx.flags)))
 
 
 flash_attention_op.register_autograd(_backward, setup_context=_setup_context)
-_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
-
-
-def _eager(tensors):
-    """Whether a call on these tensors (or Nones) may skip the custom ops' dispatch: outside torch.compile, with
-    plain tensors only (FakeTensor, FunctionalTensor, DTensor and other subclasses take the ops)."""
-    return not torch.compiler.is_compiling() and all(t is None or type(t) in _PLAIN_TENSORS for t in tensors)
-
-
-class _EagerAttention(torch.autograd.Function):
-    """flash_attention_op's forward and autograd formula in eager mode without the custom op's dispatch (about
-    20 us a call on this CPU, with its autograd wrapper: as much as all of a small call's other host work)."""
-    forward = staticmethod(flash_attention_forward)
-    setup_context = staticmethod(_setup_context)
-    backward = staticmethod(_backward)
-
-
-def flash_attention(*inputs):
-    """flash_attention_op(*inputs), in eager mode without the op's dispatch: through _EagerAttention when a
-    gradient will be needed, else straight to the kernels. torch.compile and tensor subclasses take the op."""
-    tensors = inputs[:_SAVED_INPUTS]
-    if not _eager(tensors):
-        return flash_attention_op(*inputs)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return _EagerAttention.apply(*inputs)
-    return flash_attention_forward(*inputs)
 
 
 def softmax_scale_for(head_dim, scale):
@@ -320,7 +291,7 @@ def run_kernel(q, k, v, mask, alibi_slopes, causal, window, softcap, dropout_p, 
     elif mask is not None:
         mask = mask[(None,) * (4 - mask.dim())]
     seed_offset = draw_dropout_seed(q.device) if dropout_p > 0 else None
-    out, lse = flash_attention(as_bhtd(q), as_bhtd(k), as_bhtd(v), mask, alibi_slopes, kernel_sinks(sinks),
+    out, lse = flash_attention_op(as_bhtd(q), as_bhtd(k), as_bhtd(v), mask, alibi_slopes, kernel_sinks(sinks),
                                   seed_offset, None, None, None, 0, 0, causal, window[0], window[1], chunk,
                                   float(softcap), float(dropout_p), softmax_scale, bool(deterministic))
     if q.dim() != 4:  # a reshape costs microseconds of host time even when it changes nothing

@@ -3,7 +3,8 @@
 the normalisation in one pass, as a pre-norm block needs.
 
 The kernels are the custom ops ``gptfast::layer_norm`` and ``gptfast::layer_norm_backward`` with an autograd
-formula, so ``torch.compile(fullgraph=True)`` captures them. ``gptfast.backend`` picks kernel or PyTorch.
+formula, so ``torch.compile(fullgraph=True)`` captures them; eager calls skip their dispatch (gptfast.custom_ops).
+``gptfast.backend`` picks kernel or PyTorch.
 The kernels cover float16, bfloat16 and float32 inputs and weights of any row length; other dtypes run PyTorch
 under ``auto`` and raise under ``GPTFAST_BACKEND=triton``.
 """
@@ -14,10 +15,11 @@ import torch
 import torch.nn.functional as F
 
 from gptfast import backend
+from gptfast.custom_ops import custom_op
 from gptfast.dtypes import dtype_gap
 
 
-@torch.library.custom_op("gptfast::layer_norm", mutates_args=())
+@custom_op("gptfast::layer_norm")
 def _layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None,
                 bias: torch.Tensor | None, eps: float,
                 rms: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -34,7 +36,7 @@ def _(x, residual, weight, bias, eps, rms):
     return y, sum_out, mean, torch.empty_like(mean)
 
 
-@torch.library.custom_op("gptfast::layer_norm_backward", mutates_args=())
+@custom_op("gptfast::layer_norm_backward")
 def _layer_norm_backward(grad_y: torch.Tensor, grad_sum: torch.Tensor | None, x: torch.Tensor,
                          weight: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor, dx_dtype: torch.dtype,
                          dresidual_dtype: torch.dtype,

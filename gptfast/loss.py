@@ -5,7 +5,8 @@ chunk's share of the hidden and weight gradients is taken before the next chunk 
 cross-entropy, Hsu et al., 2024, arXiv:2410.10989). ``cross_entropy(logits, target)`` is the same kernel for
 logits one already has; ``LinearCrossEntropyLoss`` is the module.
 
-Both are custom ops with autograd formulas (``gptfast::linear_cross_entropy``, ``gptfast::cross_entropy``). For
+Both are custom ops with autograd formulas (``gptfast::linear_cross_entropy``, ``gptfast::cross_entropy``; eager
+calls skip their dispatch, gptfast.custom_ops). For
 reductions mean and sum the gradients are computed in the forward pass, while the logits are at hand, and the
 backward only scales them; for reduction none (each row's gradient weighted by its own grad_output) the backward
 recomputes the logits chunk by chunk.
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from gptfast import backend
+from gptfast.custom_ops import custom_op
 from gptfast.dtypes import dtype_gap
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -60,7 +62,7 @@ def _loss_scale(target, ignore_index, reduction):
     return (1.0 / (target != ignore_index).sum().float()).reshape(1).expand(len(target))
 
 
-@torch.library.custom_op("gptfast::linear_cross_entropy", mutates_args=())
+@custom_op("gptfast::linear_cross_entropy")
 def _linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                           target: torch.Tensor, ignore_index: int, label_smoothing: float, softcap: float,
                           reduction: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -87,7 +89,7 @@ def _(hidden, weight, bias, target, ignore_index, label_smoothing, softcap, redu
             grad_bias)
 
 
-@torch.library.custom_op("gptfast::linear_cross_entropy_backward", mutates_args=())
+@custom_op("gptfast::linear_cross_entropy_backward")
 def _linear_cross_entropy_backward(grad_loss: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
                                    bias: torch.Tensor | None, target: torch.Tensor, ignore_index: int,
                                    label_smoothing: float,
@@ -125,7 +127,7 @@ def _backward_linear(ctx, grad_loss, *unused):
 _linear_cross_entropy.register_autograd(_backward_linear, setup_context=_setup_linear)
 
 
-@torch.library.custom_op("gptfast::cross_entropy", mutates_args=())
+@custom_op("gptfast::cross_entropy")
 def _cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, label_smoothing: float,
                    softcap: float) -> torch.Tensor:
     """Per-row losses (N,) float32 of checked logits (N, V)."""
@@ -138,7 +140,7 @@ def _(logits, target, ignore_index, label_smoothing, softcap):
     return logits.new_empty(logits.shape[0], dtype=torch.float32)
 
 
-@torch.library.custom_op("gptfast::cross_entropy_backward", mutates_args=())
+@custom_op("gptfast::cross_entropy_backward")
 def _cross_entropy_backward(grad_loss: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, ignore_index: int,
                             label_smoothing: float, softcap: float) -> torch.Tensor:
     """The gradient of sum(grad_loss * loss) with respect to logits, in their dtype."""

@@ -13,7 +13,7 @@ from gptfast import backend
 from gptfast.kvcache import capturing
 from gptfast.paged import check_paged, gather_pages, key_counts, paged_kernel_attention
 from gptfast.attention_core import (CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, attend, check_flash_options, check_inputs,
-                                    check_sinks, chunk_size, draw_dropout_seed, flash_attention, kernel_gap,
+                                    check_sinks, chunk_size, draw_dropout_seed, flash_attention_op, kernel_gap,
                                     kernel_sinks, softmax_scale_for, torch_attention)
 
 
@@ -175,7 +175,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     if backend.use_triton("flash_attn_varlen_func", q.device, kernel_gap(packed[0], packed[2], softmax_scale, chunk,
                                                                          dropout_p)):
         seed_offset = draw_dropout_seed(q.device) if dropout_p > 0 else None
-        out, lse = flash_attention(*packed, None, alibi_slopes, kernel_sinks(sinks), seed_offset, *sequences,
+        out, lse = flash_attention_op(*packed, None, alibi_slopes, kernel_sinks(sinks), seed_offset, *sequences,
                                       causal, window_size[0], window_size[1], chunk, float(softcap), float(dropout_p),
                                       softmax_scale, bool(deterministic))
         kept = None
