@@ -27,6 +27,19 @@ def check_int32(name, t, shape, device):
         raise ValueError(f"{name} is on {t.device} but q is on {device}")
 
 
+def check_block_table(block_table, batch, pool, pool_name, device):
+    """block_table: int32 (batch, pages per sequence) on device; the pool's page size (pool.shape[1]) a power of
+    two from MIN_PAGE_SIZE (a key block of the decoding kernel never crosses a page). Returns the pages per
+    sequence."""
+    pages = block_table.shape[1] if isinstance(block_table, torch.Tensor) and block_table.dim() == 2 else 0
+    check_int32("block_table", block_table, (batch, max(pages, 1)), device)
+    page = pool.shape[1]
+    if page < MIN_PAGE_SIZE or page & (page - 1):
+        raise ValueError(f"a paged pool's page size ({pool_name}.shape[1]) must be a power of two from "
+                         f"{MIN_PAGE_SIZE}, got {page}")
+    return pages
+
+
 def _check_tensors(q, k_cache, v_cache, k, v, block_table, cache_batch_idx):
     """Shapes and dtypes that need no values."""
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
@@ -54,12 +67,7 @@ def _check_tensors(q, k_cache, v_cache, k, v, block_table, cache_batch_idx):
         if cache_batch_idx is not None:
             raise ValueError("cache_batch_idx cannot be combined with block_table (a paged cache); index the "
                              "block_table rows instead")
-        pages = block_table.shape[1] if isinstance(block_table, torch.Tensor) and block_table.dim() == 2 else 0
-        check_int32("block_table", block_table, (batch, max(pages, 1)), q.device)
-        page = k_cache.shape[1]
-        if page < MIN_PAGE_SIZE or page & (page - 1):
-            raise ValueError(f"a paged cache's page size (k_cache.shape[1]) must be a power of two from "
-                             f"{MIN_PAGE_SIZE}, got {page}")
+        check_block_table(block_table, batch, k_cache, "k_cache", q.device)
     elif cache_batch_idx is not None:
         check_int32("cache_batch_idx", cache_batch_idx, (batch,), q.device)
     elif k_cache.shape[0] != batch:

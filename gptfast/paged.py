@@ -9,13 +9,14 @@ lengths), through flash_attn_varlen_func's own path: gradients then reach the po
 """
 import torch
 
-from gptfast.kvcache import MIN_PAGE_SIZE, capturing, check_int32, shape_of
+from gptfast.kvcache import capturing, check_block_table, shape_of
 
 
 def check_paged(k_cache, v_cache, block_table, num_seqs, key_counts, device):
     """k_cache, v_cache: (num_pages, page_size, Hkv, D) and (.., .., Hkv, Dv), page_size a power of two from
-    MIN_PAGE_SIZE; block_table int32 (num_seqs, pages) with values in [0, num_pages); key_counts (num_seqs,) int32,
-    each at most pages * page_size. Values are read once, except under torch.compile or CUDA-graph capture."""
+    MIN_PAGE_SIZE (kvcache.check_block_table); block_table int32 (num_seqs, pages) with values in [0, num_pages);
+    key_counts (num_seqs,) int32, each at most pages * page_size. Values are read once, except under torch.compile
+    or CUDA-graph capture."""
     for name, t in (("k", k_cache), ("v", v_cache)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"with block_table, {name} must be a paged pool (num_pages, page_size, nheads_k, "
@@ -23,11 +24,7 @@ def check_paged(k_cache, v_cache, block_table, num_seqs, key_counts, device):
     if k_cache.shape[:3] != v_cache.shape[:3]:
         raise ValueError(f"k and v must be pools of the same pages, page size and heads, got {shape_of(k_cache)} "
                          f"and {shape_of(v_cache)}")
-    page = k_cache.shape[1]
-    if page < MIN_PAGE_SIZE or page & (page - 1):
-        raise ValueError(f"the page size (k.shape[1]) must be a power of two from {MIN_PAGE_SIZE}, got {page}")
-    pages = block_table.shape[1] if isinstance(block_table, torch.Tensor) and block_table.dim() == 2 else 0
-    check_int32("block_table", block_table, (num_seqs, max(pages, 1)), device)
+    pages, page = check_block_table(block_table, num_seqs, k_cache, "k", device), k_cache.shape[1]
     if capturing(device):
         return
     counts, entries = key_counts.tolist(), block_table.flatten().tolist()
