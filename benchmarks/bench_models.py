@@ -1,7 +1,8 @@
 """Today's models' attention shapes, forward and forward+backward, gptfast against what each model runs without
 it: gpt-oss (learned sinks; transformers' own eager attention, the path its sinks take without a fused kernel, and
 torch's SDPA without the sinks as the speed to reach), DeepSeek-V3's MLA (queries and keys 192 wide, values 128;
-SDPA takes the two head dims) and Llama 4's chunked attention (SDPA with the dense chunked causal mask).
+SDPA takes the two head dims), Llama 4's chunked attention (SDPA with the dense chunked causal mask) and Gemma 4's
+global layers (head dim 512, past FlashAttention's 256: SDPA runs its memory-efficient or math backend there).
 
 FLOPs count the visible (query, key) pairs only, as FlashAttention's benchmarks count causal attention:
 2 * pairs * (D + Dv) per head for the forward, 3.5 times that forward and backward (the backward's 2.5).
@@ -17,16 +18,18 @@ from gptfast import use_backend
 from gptfast.attention import flash_attn_func
 
 # (name, batch, Hq, Hkv, T, D, Dv, chunk): gpt-oss-120b's attention (64 query heads, 8 kv heads, D 64), 16 of
-# DeepSeek-V3's 128 heads, Llama 4 Scout's (40 query heads, 8 kv heads, D 128, chunks of 8192)
+# DeepSeek-V3's 128 heads, Llama 4 Scout's (40 query heads, 8 kv heads, D 128, chunks of 8192), a Gemma 4 global
+# layer's head dim 512 (16 query heads, 4 kv heads: an illustrative grouping)
 if FULL:
     SHAPES = {"gpt-oss": (1, 64, 8, 4096, 64, 64, 0), "deepseek-v3": (1, 16, 16, 4096, 192, 128, 0),
-              "llama4": (1, 40, 8, 16384, 128, 128, 8192)}
+              "llama4": (1, 40, 8, 16384, 128, 128, 8192), "gemma4-global": (1, 16, 4, 4096, 512, 512, 0)}
 else:
     SHAPES = {"gpt-oss": (1, 4, 2, 64, 16, 16, 0), "deepseek-v3": (1, 2, 2, 64, 24, 16, 0),
-              "llama4": (1, 4, 2, 64, 16, 16, 16)}
+              "llama4": (1, 4, 2, 64, 16, 16, 16), "gemma4-global": (1, 4, 2, 64, 16, 16, 0)}
 DTYPE = torch.bfloat16 if FULL else torch.float32
 IMPLS = {"gpt-oss": ("gptfast", "transformers-eager", "torch-sdpa-without-sinks"),
-         "deepseek-v3": ("gptfast", "torch-sdpa"), "llama4": ("gptfast", "torch-sdpa-dense-mask")}
+         "deepseek-v3": ("gptfast", "torch-sdpa"), "llama4": ("gptfast", "torch-sdpa-dense-mask"),
+         "gemma4-global": ("gptfast", "torch-sdpa")}
 
 
 def visible_pairs(seqlen, chunk):

@@ -105,7 +105,7 @@ run_suite loss 20 "$REPO/benchmarks/bench_loss.py"
 run_suite decode 25 "$REPO/benchmarks/bench_decode.py"
 run_suite varlen 15 "$REPO/benchmarks/bench_varlen.py"
 run_suite flex 20 "$REPO/benchmarks/bench_flex.py" -m "not compiled"
-run_suite models 20 "$REPO/benchmarks/bench_models.py"
+run_suite models 30 "$REPO/benchmarks/bench_models.py"
 # torch.compile baselines last: building them takes most of their time, and a run cut short loses only itself.
 # They also share what the phases before them left unused of their limits, the whole check ending by 555 s.
 SPARE=$((555 - SECONDS - 105)); [ "$SPARE" -lt 0 ] && SPARE=0

@@ -72,7 +72,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                          f"but query and key have seq_len ({query.shape[-2]}, {key.shape[-2]})")
     softmax_scale = softmax_scale_for(query.shape[-1], scale)
     if not backend.use_triton("scaled_dot_product_attention", query.device,
-                              kernel_gap(query, value, softmax_scale)):
+                              kernel_gap(query, value, softmax_scale, dropout_p=dropout_p)):
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                               is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
     return run_kernel(query, key, value, dense, None, causal or CAUSAL_NONE, (-1, -1), 0.0, dropout_p,

@@ -17,7 +17,13 @@ from gptfast.dtypes import dtype_gap
 
 # The same constants as gptfast.kernels.attention_spec, repeated so that the PyTorch path never imports Triton.
 CAUSAL_NONE, CAUSAL_TOP_LEFT, CAUSAL_BOTTOM_RIGHT = 0, 1, 2
-MAX_HEAD_DIM = 256  # of queries and keys, and of values: the largest block the tuning tables hold
+MAX_HEAD_DIM = 512  # of queries and keys, and of values: the largest block the tuning tables hold
+# Queries and keys of the decoding kernel: a 512-wide block and a tail (DeepSeek's absorbed MLA decoding: 576 and
+# values 512; gptfast.kernels.decode.key_blocks)
+DECODE_MAX_HEAD_DIM = 576
+# Past this head dim (Gemma 4's global layers: 512) the tiles hold a 512-wide accumulator and q tile in 16 or 32 rows,
+# and compile without spills only for 16-bit inputs, without dropout, chunks or gptfast.flex's mods (gptfast inspect).
+FULL_FEATURE_HEAD_DIM = 256
 
 
 def _empty_bthd(b, h, t, d, like):
@@ -245,8 +251,9 @@ def compute_capability(device):
     return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
 
 
-def kernel_gap(q, v, softmax_scale, chunk=0, dropout_p=0.0):
-    """Why the kernels cannot run this (already valid) call, or None when they can."""
+def kernel_gap(q, v, softmax_scale, chunk=0, dropout_p=0.0, flex=False, decode=False):
+    """Why the kernels cannot run this (already valid) call, or None when they can; flex: a gptfast.flex call,
+    decode: one for the decoding kernel (flash_attn_with_kvcache)."""
     if chunk > 0 and dropout_p > 0:  # attention_spec.Spec.chunked says why
         return "attention_chunk with dropout (the chunked tiles leave dropout out to fit in registers)"
     if (gap := dtype_gap(("query", q))) is not None:
@@ -259,9 +266,16 @@ def kernel_gap(q, v, softmax_scale, chunk=0, dropout_p=0.0):
         return "GPUs before sm_80 (Triton 3.6 compiles tl.dot there without tensor cores; PyTorch's SDPA is faster)"
     if not softmax_scale > 0:
         return f"softmax_scale {softmax_scale} (the kernels fold a positive scale into the softmax's max)"
-    for name, head_dim in (("head_dim", q.shape[-1]), ("value head_dim", v.shape[-1])):
-        if head_dim > MAX_HEAD_DIM:
-            return f"{name} {head_dim} (the kernels take up to {MAX_HEAD_DIM})"
+    for name, head_dim, limit in (("head_dim", q.shape[-1], DECODE_MAX_HEAD_DIM if decode else MAX_HEAD_DIM),
+                                  ("value head_dim", v.shape[-1], MAX_HEAD_DIM)):
+        if head_dim > limit:
+            return f"{name} {head_dim} (the kernels take up to {limit})"
+    if max(q.shape[-1], v.shape[-1]) > FULL_FEATURE_HEAD_DIM:
+        left_out = ("dropout" if dropout_p > 0 else "attention_chunk" if chunk > 0 else
+                    "float32 inputs" if q.dtype == torch.float32 else "gptfast.flex's mods" if flex else None)
+        if left_out is not None:
+            return (f"{left_out} at head dims past {FULL_FEATURE_HEAD_DIM} (the 512-wide tiles spill with it: the "
+                    f"kernels run 16-bit inputs there, without dropout, chunks or mods)")
     if q.numel() == 0 or v.numel() == 0:
         return "empty tensors"
     return None

@@ -14,6 +14,8 @@ import sys
 COMMANDS = {
     "train": ("gptfast.train", "train a GPT on gptfast's kernels (single device, or data-parallel under torchrun)"),
     "generate": ("gptfast.generate", "continue a prompt with a GPT-2 checkpoint, streaming the text"),
+    "warmup": ("gptfast.warmup", "compile and tune, once per machine, the kernels a model's training steps and "
+                                 "generation will run (progress and ETA)"),
     "plot": ("gptfast.plot", "draw a training run's loss curves (RUN/log.jsonl) to a PNG"),
     "inspect": ("gptfast.inspect", "compile every kernel config for each GPU architecture (sm_75 to sm_120) "
                                    "without a GPU and report registers, spills, shared memory, tensor-core and "

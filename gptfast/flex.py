@@ -268,7 +268,7 @@ def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=Non
     if query.dim() != 4:
         raise ValueError(f"query, key and value must be 4-dim (B, H, T, D), got {query.dim()} dims")
     score_mod = as_score_mod(score_mod)
-    gap = kernel_gap(query, value, softmax_scale_for(query.shape[-1], scale))
+    gap = kernel_gap(query, value, softmax_scale_for(query.shape[-1], scale), flex=True)
     if gap is None and query.dtype == torch.float32 and _is_torch_block_mask(block_mask):
         gap = ("float32 inputs with a torch BlockMask (reading its bits spills float32 tiles; "
                "gptfast.flex.create_block_mask's masks run)")

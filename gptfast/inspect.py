@@ -68,7 +68,8 @@ class Job:
                  if k in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "ROW_FITS", "RMS", "BLOCK_V", "WRITE_GRAD")}
         if "SPEC" in dict(self.constexprs):
             spec = dict(self.constexprs)["SPEC"]
-            dims = {} if spec.BLOCK_DV == spec.BLOCK_D else {"HEAD_DIM": spec.HEAD_DIM, "HEAD_DIM_V": spec.HEAD_DIM_V}
+            same = (spec.HEAD_DIM, spec.BLOCK_D) == (spec.HEAD_DIM_V, spec.BLOCK_DV)
+            dims = {} if same else {"HEAD_DIM": spec.HEAD_DIM, "HEAD_DIM_V": spec.HEAD_DIM_V}
             shown = {"BLOCK_D": self.block_d(), **dims, **shown}
         config = " ".join(f"{k}={v}" for k, v in shown.items())
         flags = dict(self.constexprs)
@@ -133,12 +134,15 @@ def spec_class():
 
 def attention_specs(every, block_d, dtype):
     """The specs compiled on a tile that serves a padded head dim: plain (or every feature on, and a chunked call's
-    features: Spec.chunked), and at 256 in 16-bit
-    also DeepSeek's MLA shape (queries and keys 192 wide, values 128), which takes the tiles of the wider head dim.
+    features: Spec.chunked; at 512, every feature but dropout and chunks, which run PyTorch there), and at 256
+    in 16-bit also DeepSeek's MLA shape (queries and keys 192 wide, values 128), which takes the tiles of the wider
+    head dim.
     (In float32, sm_90's 16-warp dk/dv tile holds 137 registers there: a block past the register file, which
     Triton's autotuner skips at launch as out of resources.)"""
     precision = "ieee" if dtype == "fp32" else "tf32"  # fp32 runs ieee unless tf32 is allowed
     makes = (spec_class().every_feature, spec_class().chunked) if every else (spec_class().plain,)
+    if block_d > 256:  # calls with dropout or chunks run PyTorch there (attention_core.kernel_gap)
+        return [make(block_d, precision)._replace(DROPOUT=False) for make in makes[:1]]
     specs = [make(block_d, precision) for make in makes]
     if block_d == 256 and dtype != "fp32":
         specs += [make(256, precision, 128)._replace(HEAD_DIM=192) for make in makes]
@@ -163,7 +167,7 @@ def attention_jobs(arch, dtypes=INSPECTED_DTYPES):
                             jobs.append(Job("attention", kernel, arch, dtype, constexprs, tile.warps, tile.stages,
                                             tuning().MAX_REGISTERS))
     for dtype in arch_dtypes(arch, dtypes):
-        for block_d in tuning().UP_TO_256:
+        for block_d in tuning().UP_TO_512:
             constexprs = (("HEAD_DIM", block_d), ("BLOCK_D", block_d), ("BLOCK_M", tuning().delta_block(block_d)))
             jobs.append(Job("attention", "attention_backward_delta_kernel", arch, dtype, constexprs, 4, 1,
                             tuning().MAX_REGISTERS))
@@ -265,15 +269,24 @@ def decode_jobs(arch, dtypes=INSPECTED_DTYPES):
             for block_d in dims:
                 for switches, constexprs in (plain, every):
                     block_m = decode.query_block(64, block_d, torch.float32 if dtype == "fp32" else torch.bfloat16)
-                    constexprs = (("SPEC", spec_class().dims(block_d, precision, **switches)), *constexprs,
-                                  ("BLOCK_M", block_m), ("BLOCK_N", block_n))
-                    jobs.append(Job("decode", "attention_decode_kernel", arch, dtype, constexprs, warps, stages,
-                                    tuning().MAX_REGISTERS))
-        for block_d in tuning().UP_TO_256:
+                    jobs += [Job("decode", "attention_decode_kernel", arch, dtype,
+                                 (("SPEC", spec), *constexprs, ("BLOCK_M", block_m), ("BLOCK_N", block_n)), warps,
+                                 stages, tuning().MAX_REGISTERS) for spec in decode_specs(block_d, precision, switches,
+                                                                                         dtype)]
+        for block_d in tuning().UP_TO_512:
             constexprs = (("HEAD_DIM", block_d), ("BLOCK_D", block_d), ("BLOCK_S", decode.MAX_SPLITS),
                           ("WITH_SINK", True))
             jobs.append(Job("decode", "attention_combine_kernel", arch, dtype, constexprs, 4, 1))
     return jobs
+
+
+def decode_specs(block_d, precision, switches, dtype):
+    """The decoding kernel's specs on a tile of a padded head dim: its own, and at 512 in 16-bit also DeepSeek's
+    absorbed MLA decoding (queries and keys 576: a 512 block and a 64-wide tail; values 512)."""
+    spec = spec_class().dims(block_d, precision, **switches)
+    if block_d == 512 and dtype != "fp32":
+        return [spec, spec._replace(HEAD_DIM=576, BLOCK_D_TAIL=64)]
+    return [spec]
 
 
 def layernorm_jobs(arch, dtypes=INSPECTED_DTYPES):
@@ -473,7 +486,7 @@ def add_arguments(parser):
     parser.add_argument("--dtype", choices=INSPECTED_DTYPES, action="append",
                         help="input dtype to compile for (repeatable; default: both; bf16 stands for 16-bit inputs: "
                              "fp16 compiles as bf16 would, and on sm_75 fp16 is compiled instead)")
-    parser.add_argument("--head-dim", type=int, choices=(16, 32, 64, 128, 256), action="append",
+    parser.add_argument("--head-dim", type=int, choices=(16, 32, 64, 128, 256, 512), action="append",
                         help="padded head dim of the attention kernels to compile (repeatable; default: all)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel compiler processes")
 

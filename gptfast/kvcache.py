@@ -225,7 +225,7 @@ def cached_attention(q, k_cache, v_cache, k, v, seqlens, block_table, leftpad=No
         v_cache[pages, slots] = v
         seqlens = seqlens + k.shape[1]
     softmax_scale = softmax_scale_for(q.shape[-1], softmax_scale)
-    if backend.use_triton("flash_attn_with_kvcache", q.device, kernel_gap(q, v_cache, softmax_scale)):
+    if backend.use_triton("flash_attn_with_kvcache", q.device, kernel_gap(q, v_cache, softmax_scale, decode=True)):
         from gptfast.kernels.decode import decode_attention
         return decode_attention(q, k_cache, v_cache, block_table, seqlens, leftpad, softmax_scale,
                                 0 if causal else window_size[1], window_size[0], float(softcap), alibi_slopes,

@@ -14,11 +14,6 @@ import torch
 AUTOTUNE = os.environ.get("GPTFAST_AUTOTUNE", "1") != "0"
 
 
-def tuned(configs):
-    """The configs the autotuner times: all of them, or only the first when GPTFAST_AUTOTUNE=0."""
-    return configs if AUTOTUNE else configs[:1]
-
-
 # The architectures with a tuning table of their own, by compute capability: Turing (T4; float16 only), Ampere
 # A100 and consumer/A10 chips (99 KiB of shared memory), Ada, Hopper, Blackwell B200, Blackwell RTX 50xx (99 KiB).
 ARCHS = {(7, 5): "sm_75", (8, 0): "sm_80", (8, 6): "sm_86", (8, 9): "sm_89", (9, 0): "sm_90", (10, 0): "sm_100",

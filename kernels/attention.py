@@ -971,7 +971,9 @@ def attention_backward(grad_out, grad_lse, q, k, v, out, lse, softmax_scale, fea
     choices = backward_choices(arch, call.spec.tile_dim, features.deterministic, mask_grad)
     key = (arch, q.dtype, num_heads // k.shape[1], call.spec, loads, length_bucket(call.shape[1]),
            length_bucket(call.shape[2]))
-    dq, dk, dv, dmask = runs[fastest(key, {name: runs[name] for name in choices})]()
+    choice = fastest(key, {name: runs[name] for name in choices},
+                     kernels=(attention_backward_dkdv_kernel, attention_backward_dq_kernel))
+    dq, dk, dv, dmask = runs[choice]()
     return dq, dk, dv, dmask, _sinks_grad(features.sinks, lse, delta)
 
 

@@ -26,7 +26,9 @@ class Spec(NamedTuple):
     weights; VARLEN: sequences packed along T; SINKS: one learned logit per head in every row's softmax
     denominator (gpt-oss); CHUNK: each query sees only keys of its own chunk of positions (Llama 4's chunked
     attention, flash-attn 3's attention_chunk), a bound like WINDOW's; SEQUSED_K (with VARLEN): each sequence uses
-    only its first SEQUSED_K[b] keys (flash-attn 3's seqused_k).
+    only its first SEQUSED_K[b] keys (flash-attn 3's seqused_k). BLOCK_D_TAIL (the decoding kernel only): queries
+    and keys wider than BLOCK_D (512) have their columns past it in a second block of this width (DeepSeek's
+    absorbed MLA decoding: 576 = 512 + 64, where one block would pad to 1024); 0 without.
 
     Programmable attention (gptfast.flex; its calls set none of the switches above but the head dims and
     INPUT_PRECISION): SCORE_MOD, a @triton.jit score_mod(score, batch, head, q_idx, kv_idx, args) -> score;
@@ -57,6 +59,7 @@ class Spec(NamedTuple):
     MASK_MOD: tuple = None
     SPARSE_Q: int = 0
     SPARSE_KV: int = 0
+    BLOCK_D_TAIL: int = 0
 
     def __repr__(self):
         """The spec with each mod named by its source hash (a JITFunction's cache_key, its dependencies' included):

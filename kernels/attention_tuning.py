@@ -3,8 +3,10 @@
 Each (kernel, architecture) has its own list of tiles: shared memory per block (64 KiB on Turing, 99 KiB on
 sm_86, sm_89 and sm_120, 163 KiB on sm_80, 227 KiB on sm_90 and sm_100) and register files decide what fits, and
 every tile here compiles for its head dims without spills or shared-memory overflow on its architecture
-(`gptfast inspect --arch ...`; every (kernel, padded head dim, dtype) has at least two). float32 inputs run their
-full-precision dots on FMA units and take far smaller tiles (one list for every architecture). Turing (sm_75) has
+(`gptfast inspect --arch ...`; every (kernel, padded head dim, dtype) has at least two, but the feature tiles of
+the dk/dv and dq kernels at 512, where one fits per architecture). float32 inputs run their full-precision dots on
+FMA units and take far smaller tiles (one list for every architecture, to head dim 256: past it the kernels run
+16-bit inputs only, without dropout, chunks or gptfast.flex's mods; attention_core.kernel_gap). Turing (sm_75) has
 no attention table: Triton 3.6 compiles tl.dot there to FMA instructions (a 64 x 64 float16 dot: 2048 FFMA, no
 HMMA), its head-dim-128 backward tiles spill hundreds of bytes even at 16 x 16, and torch's SDPA runs the chip's
 tensor cores, so gptfast.attention hands such GPUs to PyTorch.
@@ -29,7 +31,8 @@ from typing import NamedTuple
 import torch
 import triton
 
-from gptfast.kernels import AUTOTUNE, next_power_of_2, tuned
+from gptfast.kernels import AUTOTUNE, next_power_of_2
+from gptfast.kernels.autotune import autotune, stored_choice
 
 
 class Tile(NamedTuple):
@@ -48,7 +51,8 @@ class Tile(NamedTuple):
 
 
 UP_TO_64, UP_TO_128, UP_TO_256 = (16, 32, 64), (16, 32, 64, 128), (16, 32, 64, 128, 256)
-ONLY_256 = (256,)
+UP_TO_512 = (*UP_TO_256, 512)
+ONLY_256, ONLY_512 = (256,), (512,)
 # ptxas otherwise sometimes holds a config far below the register file (72 registers where 255 are free) and
 # spills a word; the cap lets it use what the config's warps leave. (A cap of 65536 / threads at 16 warps made
 # ptxas spill 8 bytes where it used 114 registers under this one: `gptfast inspect` checks the block fits instead.)
@@ -59,47 +63,59 @@ SINGLE_PASS_MAX_HEAD_DIM = 128
 KERNELS = ("forward", "backward_dkdv", "backward_dq", "backward_single_pass")
 
 # The interpreter runs small blocks, so that the CPU tests cross many block edges.
-INTERPRETER = [Tile(16, 16, 1, 1, UP_TO_256)]
+INTERPRETER = [Tile(16, 16, 1, 1, UP_TO_512)]
 
+# Head dim 512 (Gemma 4's global layers): a 512-wide accumulator and q tile leave room for 16 or 32 rows only.
+FORWARD_512 = [Tile(32, 64, 8, 1, ONLY_512), Tile(32, 32, 8, 2, ONLY_512), Tile(16, 32, 4, 1, ONLY_512)]
 SM_90 = {
     "forward": [Tile(128, 64, 8, 3, UP_TO_128), Tile(128, 128, 8, 3, UP_TO_128), Tile(64, 64, 4, 3, UP_TO_128),
-                Tile(64, 64, 8, 2, UP_TO_256), Tile(128, 32, 8, 2, UP_TO_256)],
+                Tile(64, 64, 8, 2, UP_TO_256), Tile(128, 32, 8, 2, UP_TO_256), *FORWARD_512],
     "backward_dkdv": [Tile(32, 128, 8, 2, UP_TO_64), Tile(64, 128, 8, 1, UP_TO_64), Tile(32, 64, 8, 1, UP_TO_128),
                       Tile(16, 128, 8, 2, UP_TO_128),
                       # A 256-wide dk, dv pair fits in registers only with these; they run HMMA, not wgmma.
-                      Tile(32, 32, 8, 2, ONLY_256), Tile(16, 32, 4, 1, ONLY_256)],
+                      Tile(32, 32, 8, 2, ONLY_256), Tile(16, 32, 4, 1, ONLY_256),
+                      Tile(16, 16, 8, 1, ONLY_512), Tile(32, 16, 8, 1, ONLY_512)],
     "backward_dq": [Tile(128, 64, 8, 2, UP_TO_128), Tile(128, 32, 8, 1, UP_TO_128), Tile(64, 64, 4, 2, UP_TO_128),
                     Tile(64, 32, 8, 2, UP_TO_256),
                     # the second at 256: HMMA; 64- and 128-row tiles spill there (gptfast inspect)
-                    Tile(32, 32, 4, 1, ONLY_256)],
+                    Tile(32, 32, 4, 1, ONLY_256),
+                    Tile(32, 32, 8, 1, ONLY_512), Tile(32, 16, 8, 1, ONLY_512), Tile(16, 32, 8, 1, ONLY_512)],
     "backward_single_pass": [Tile(32, 64, 8, 1, UP_TO_64), Tile(16, 32, 4, 1, UP_TO_128),
                              Tile(32, 32, 8, 1, UP_TO_128)],
 }
 SM_100 = {  # the tcgen05 instructions hold fewer operands in registers: the largest sm_90 tiles spill here
     **SM_90,
     "forward": [Tile(128, 64, 8, 3, UP_TO_128), Tile(128, 128, 8, 3, (16, 32)), Tile(64, 64, 4, 3, UP_TO_128),
-                Tile(64, 64, 8, 2, UP_TO_256), Tile(128, 32, 8, 2, UP_TO_128), Tile(32, 32, 4, 2, ONLY_256)],
+                Tile(64, 64, 8, 2, UP_TO_256), Tile(128, 32, 8, 2, UP_TO_128), Tile(32, 32, 4, 2, ONLY_256),
+                *FORWARD_512],
     "backward_dkdv": [Tile(64, 128, 8, 1, UP_TO_64), Tile(32, 64, 8, 1, UP_TO_128), Tile(16, 128, 8, 2, UP_TO_64),
-                      Tile(32, 32, 8, 2, (128, 256)), Tile(16, 32, 4, 1, ONLY_256)],
+                      Tile(32, 32, 8, 2, (128, 256)), Tile(16, 32, 4, 1, ONLY_256),
+                      Tile(16, 16, 8, 1, ONLY_512), Tile(32, 16, 8, 1, ONLY_512)],
 }
 SM_80 = {
     "forward": [Tile(128, 64, 8, 3, UP_TO_64), Tile(64, 64, 4, 3, UP_TO_128), Tile(128, 32, 8, 2, UP_TO_128),
-                Tile(64, 32, 4, 2, UP_TO_128), Tile(64, 64, 8, 2, UP_TO_256), Tile(32, 32, 4, 2, ONLY_256)],
+                Tile(64, 32, 4, 2, UP_TO_128), Tile(64, 64, 8, 2, UP_TO_256), Tile(32, 32, 4, 2, ONLY_256),
+                *FORWARD_512],
     "backward_dkdv": [Tile(32, 64, 8, 1, UP_TO_128), Tile(32, 32, 8, 2, (64, 128)), Tile(32, 32, 4, 1, UP_TO_64),
-                      Tile(16, 32, 4, 1, UP_TO_256), Tile(16, 16, 4, 1, ONLY_256)],
+                      Tile(16, 32, 4, 1, UP_TO_256), Tile(16, 16, 4, 1, ONLY_256),
+                      Tile(16, 16, 8, 1, ONLY_512), Tile(32, 16, 8, 1, ONLY_512)],
     "backward_dq": [Tile(128, 64, 8, 2, (16, 64)), Tile(128, 32, 8, 1, UP_TO_128), Tile(64, 32, 8, 2, UP_TO_256),
-                    Tile(32, 32, 4, 1, UP_TO_256)],
+                    Tile(32, 32, 4, 1, UP_TO_256),
+                    Tile(32, 32, 8, 1, ONLY_512), Tile(32, 16, 8, 1, ONLY_512), Tile(16, 32, 8, 1, ONLY_512)],
     "backward_single_pass": [Tile(32, 64, 8, 1, (16, 32, 128)), Tile(16, 32, 4, 1, UP_TO_128),
                              Tile(16, 16, 4, 1, UP_TO_128)],
 }
 SM_86 = {  # also sm_89's and sm_120's: 99 KiB of shared memory
     "forward": [Tile(128, 64, 8, 2, UP_TO_64), Tile(64, 64, 4, 3, UP_TO_64), Tile(128, 32, 8, 2, UP_TO_128),
                 Tile(64, 64, 8, 2, UP_TO_128), Tile(64, 32, 4, 2, UP_TO_128), Tile(32, 32, 4, 2, UP_TO_256),
-                Tile(32, 16, 4, 1, ONLY_256)],
+                Tile(32, 16, 4, 1, ONLY_256),
+                Tile(32, 32, 8, 2, ONLY_512), Tile(32, 32, 8, 1, ONLY_512), Tile(16, 32, 4, 1, ONLY_512)],
     "backward_dkdv": [Tile(32, 64, 8, 1, UP_TO_128), Tile(32, 32, 8, 2, (64, 128)), Tile(32, 32, 4, 1, UP_TO_64),
-                      Tile(16, 32, 4, 1, UP_TO_256), Tile(16, 16, 4, 1, ONLY_256)],
+                      Tile(16, 32, 4, 1, UP_TO_256), Tile(16, 16, 4, 1, ONLY_256),
+                      Tile(16, 16, 8, 1, ONLY_512), Tile(16, 16, 4, 1, ONLY_512)],
     "backward_dq": [Tile(128, 64, 8, 2, (16, 64)), Tile(128, 32, 8, 1, UP_TO_128), Tile(64, 32, 4, 1, UP_TO_128),
-                    Tile(32, 32, 4, 1, UP_TO_256), Tile(32, 16, 4, 1, ONLY_256)],
+                    Tile(32, 32, 4, 1, UP_TO_256), Tile(32, 16, 4, 1, ONLY_256),
+                    Tile(32, 16, 8, 1, ONLY_512), Tile(16, 32, 8, 1, ONLY_512), Tile(16, 16, 8, 1, ONLY_512)],
     "backward_single_pass": [Tile(32, 64, 8, 1, (16, 32, 128)), Tile(16, 32, 4, 1, UP_TO_128),
                              Tile(16, 16, 4, 1, UP_TO_128)],
 }
@@ -118,30 +134,37 @@ CONFIGS = {name: {"sm_90": SM_90[name], "sm_100": SM_100[name], "sm_80": SM_80[n
            for name in KERNELS}
 
 # With a feature past the bounds (a mask, ALiBi, softcapping, dropout, packed sequences, sinks) a tile holds more per
-# score: these compile without spills with all of them on at once (Spec.every_feature, `gptfast inspect`).
+# score: these compile without spills with all of them on at once (Spec.every_feature, `gptfast inspect`; at head
+# dim 512 all but dropout and chunks, which run PyTorch there). The 512-wide ones serve no flex mods.
 FEATURES_SM_90 = {  # also sm_100's
     # At head dim 256 a 128-row tile spills 8 bytes once the mask's key stride is 1 (a contiguous mask, what the
     # JIT specialises): 32-row tiles there.
     "forward": [Tile(128, 32, 8, 2, UP_TO_128), Tile(64, 16, 4, 2, UP_TO_128), Tile(64, 32, 4, 2, UP_TO_128),
                 # the second spills 8 bytes with a torch BlockMask's bits (gptfast.flex): 8 warps serve those
-                Tile(32, 32, 4, 2, ONLY_256), Tile(32, 16, 4, 2, ONLY_256, ()), Tile(32, 16, 8, 2, (), ONLY_256)],
+                Tile(32, 32, 4, 2, ONLY_256), Tile(32, 16, 4, 2, ONLY_256, ()), Tile(32, 16, 8, 2, (), ONLY_256),
+                Tile(32, 32, 8, 2, ONLY_512, ()), Tile(32, 32, 8, 1, ONLY_512, ()), Tile(16, 16, 4, 1, ONLY_512, ())],
     "backward_dkdv": [Tile(32, 16, 4, 1, UP_TO_128), Tile(16, 32, 4, 1, UP_TO_128), Tile(32, 32, 4, 1, UP_TO_64),
-                      Tile(16, 16, 4, 1, UP_TO_256), Tile(16, 16, 8, 1, ONLY_256)],
+                      Tile(16, 16, 4, 1, UP_TO_256), Tile(16, 16, 8, 1, ONLY_256),
+                      Tile(32, 16, 8, 1, ONLY_512, ())],
     # At head dim 256 the 32-row tiles spill 8 bytes with a gathering flex mod (a relative bias, a torch
     # BlockMask's bits) on sm_90 or sm_100: 16-row tiles serve those.
     "backward_dq": [Tile(32, 16, 4, 1, UP_TO_256, UP_TO_128), Tile(32, 32, 4, 1, UP_TO_256, UP_TO_128),
-                    Tile(64, 16, 4, 1, UP_TO_128), Tile(16, 32, 8, 1, (), ONLY_256), Tile(16, 16, 4, 1, (), ONLY_256)],
+                    Tile(64, 16, 4, 1, UP_TO_128), Tile(16, 32, 8, 1, (), ONLY_256), Tile(16, 16, 4, 1, (), ONLY_256),
+                    Tile(32, 16, 8, 1, ONLY_512, ()), Tile(16, 32, 8, 1, ONLY_512, ()),
+                    Tile(16, 16, 8, 1, ONLY_512, ())],
     "backward_single_pass": [Tile(32, 16, 4, 1, UP_TO_128), Tile(16, 16, 4, 1, UP_TO_128)],
 }
 FEATURES_SM_80 = {  # also sm_86's, sm_89's and sm_120's
     "forward": [Tile(32, 32, 4, 2, UP_TO_256), Tile(128, 32, 8, 2, UP_TO_64), Tile(64, 16, 4, 2, UP_TO_64),
-                Tile(32, 16, 4, 1, UP_TO_256)],
+                Tile(32, 16, 4, 1, UP_TO_256),
+                Tile(32, 32, 8, 1, ONLY_512, ()), Tile(16, 32, 4, 1, ONLY_512, ()), Tile(16, 16, 4, 1, ONLY_512, ())],
     "backward_dkdv": [Tile(32, 16, 4, 1, UP_TO_128), Tile(16, 32, 4, 1, UP_TO_64), Tile(16, 16, 8, 1, (128, 256)),
-                      Tile(32, 16, 8, 1, ONLY_256)],
+                      Tile(32, 16, 8, 1, ONLY_256), Tile(16, 16, 8, 1, ONLY_512, ())],
     # A 64-row tile spills 16 bytes on sm_86 at head dim 128 (sm_80 none); at 256 a gathering flex mod spills
     # the 4-warp 32-row tile on sm_86 and sm_89 (16 bytes): 8 warps serve it there.
     "backward_dq": [Tile(32, 16, 4, 1, UP_TO_256, UP_TO_128), Tile(32, 32, 4, 1, UP_TO_128),
-                    Tile(64, 32, 8, 1, UP_TO_64), Tile(16, 16, 4, 1, UP_TO_256), Tile(32, 16, 8, 1, (), ONLY_256)],
+                    Tile(64, 32, 8, 1, UP_TO_64), Tile(16, 16, 4, 1, UP_TO_256), Tile(32, 16, 8, 1, (), ONLY_256),
+                    Tile(32, 16, 8, 1, ONLY_512, ())],
     "backward_single_pass": [Tile(32, 16, 4, 1, UP_TO_128), Tile(16, 16, 4, 1, UP_TO_128),
                              Tile(16, 16, 8, 1, UP_TO_128)],
 }
@@ -250,13 +273,16 @@ def backward_choices(arch, block_d, deterministic, mask_grad):
 _fastest = {}  # (tuning key) -> name of the fastest backward variant
 
 
-def fastest(key, runs):
-    """The name of the fastest of runs ({name: function}), timed on the device once per key (triton's do_bench,
-    which runs each function's own autotuning first); the first name when GPTFAST_AUTOTUNE=0."""
+def fastest(key, runs, kernels=()):
+    """The name of the fastest of runs ({name: function}), timed on the device once per key and GPU (triton's
+    do_bench, which runs each function's own autotuning first; the answer kept on disk, keyed also by the source
+    hashes of kernels, the JIT functions the runs launch: autotune.stored_choice); the first name when
+    GPTFAST_AUTOTUNE=0. key: a value whose str() says what is timed."""
     if len(runs) == 1 or not AUTOTUNE:
         return next(iter(runs))
     if key not in _fastest:
-        _fastest[key] = min(runs, key=lambda name: triton.testing.do_bench(runs[name]))
+        timed = lambda: min(runs, key=lambda name: triton.testing.do_bench(runs[name]))  # noqa: E731
+        _fastest[key] = stored_choice((key, *(kernel.cache_key for kernel in kernels)), timed)
     return _fastest[key]
 
 
@@ -281,8 +307,8 @@ def _autotuner(kernel, kernel_name, table, block_d, features, modded, variants, 
     # work per program; the input dtype is in every autotuner's key. The single pass adds into DQ_ACC: zeroed
     # between timing runs.
     reset = ["DQ_ACC"] if kernel_name == "backward_single_pass" else None
-    return triton.autotune(configs=tuned(fitting(configs, bucket_q, bucket_k)), key=["SPEC"],
-                           reset_to_zero=reset)(kernel)
+    return autotune(kernel, fitting(configs, bucket_q, bucket_k), key=["SPEC"], scope=(bucket_q, bucket_k),
+                    reset_to_zero=reset)
 
 
 def autotuned(kernel, kernel_name, arch, dtype, seqlen_q, seqlen_k, spec, variants=("pointers",)):

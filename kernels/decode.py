@@ -28,13 +28,15 @@ import torch
 import triton
 import triton.language as tl
 
-from gptfast.kernels import device_arch, input_precision, multiprocessors, next_power_of_2, padded_head_dim, tuned
+from gptfast.kernels import device_arch, input_precision, multiprocessors, next_power_of_2, padded_head_dim
+from gptfast.kernels.autotune import autotune
 from gptfast.kernels.attention_blocks import chunk_start, head_columns, online_softmax, softmax_start, tile_scores
 from gptfast.kernels.attention_spec import Spec
 from gptfast.kernels.attention_tuning import MAX_REGISTERS, length_bucket
 from gptfast.kernels.math import LOG2E
 
 MAX_SPLITS = 64
+MAX_BLOCK_D = 512  # the widest head-dim block; queries and keys past it add a tail block (key_blocks)
 MIN_KEYS_PER_SPLIT = 256  # below this a split's loads no longer hide the merge's cost
 
 
@@ -119,8 +121,13 @@ def attention_decode_kernel(
     head = (kv_head * group_size + rows % group_size).to(tl.int64)
     offs_d, d_mask, offs_dv, dv_mask = head_columns(SPEC)
     row_mask = query < seqlen_q
-    q = tl.load(Q + query[:, None] * q_strides[1] + head[:, None] * q_strides[2]
-                + offs_d[None, :] * q_strides[3], mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+    q_rows = Q + query * q_strides[1] + head * q_strides[2]
+    q = _columns(q_rows, offs_d, q_strides[3], row_mask[:, None] & d_mask[None, :])
+    if SPEC.BLOCK_D_TAIL:  # queries and keys wider than BLOCK_D: their columns past it (see Spec)
+        BLOCK_D_TAIL: tl.constexpr = SPEC.BLOCK_D_TAIL  # a shape needs a constexpr, not a field's plain int
+        offs_tail = SPEC.BLOCK_D + tl.arange(0, BLOCK_D_TAIL)
+        tail_mask = offs_tail < SPEC.HEAD_DIM
+        q_tail = _columns(q_rows, offs_tail, q_strides[3], row_mask[:, None] & tail_mask[None, :])
     seqlen_k = tl.load(SEQLENS + batch)
     first_key = 0
     if LEFTPAD_KEYS:
@@ -144,23 +151,33 @@ def attention_decode_kernel(
         page = tl.load(BLOCK_TABLE + batch * table_stride + start_n // page_size).to(tl.int64)
         slots = start_n % page_size + tl.arange(0, BLOCK_N)
         in_cache = (keys < seqlen_k)[:, None]
-        k = tl.load(K + page * k_strides[0] + slots[:, None] * k_strides[1] + offs_d[None, :] * k_strides[3],
-                    mask=in_cache & d_mask[None, :], other=0.0)
+        k_rows = K + page * k_strides[0] + slots * k_strides[1]
+        k = _columns(k_rows, offs_d, k_strides[3], in_cache & d_mask[None, :])
         qk = tl.dot(q, tl.trans(k), input_precision=SPEC.INPUT_PRECISION)
+        if SPEC.BLOCK_D_TAIL:
+            k_tail = _columns(k_rows, offs_tail, k_strides[3], in_cache & tail_mask[None, :])
+            qk = tl.dot(q_tail, tl.trans(k_tail), qk, input_precision=SPEC.INPUT_PRECISION)
         scores, scale, _ = tile_scores(qk, query[:, None], keys[None, :], seqlen_q, seqlen_k, Q, slope, diagonal,
                                        score_scales[0], score_scales[1], MASK_KIND=0, ALIBI=SPEC.ALIBI,
                                        SOFTCAP=SPEC.SOFTCAP)
         visible = (keys < seqlen_k)[None, :] & (keys[None, :] >= low) & (keys[None, :] <= high)
         scores = tl.where(visible, scores, float("-inf"))
         p, correction, row_sum, row_max = online_softmax(scores, scale, row_sum, row_max)
-        v = tl.load(V + page * v_strides[0] + slots[:, None] * v_strides[1] + offs_dv[None, :] * v_strides[3],
-                    mask=in_cache & dv_mask[None, :], other=0.0)
+        v = _columns(V + page * v_strides[0] + slots * v_strides[1], offs_dv, v_strides[3],
+                     in_cache & dv_mask[None, :])
         acc = tl.dot(p.to(v.dtype), v, acc * correction[:, None], input_precision=SPEC.INPUT_PRECISION)
     O += split * split_steps[0]
     _store_rows(acc, row_sum, row_max, O + query[:, None] * o_strides[1] + head[:, None] * o_strides[2]
                 + offs_dv[None, :] * o_strides[3],
                 LSE + split * split_steps[1] + head * lse_steps[1] + query * lse_steps[2],
                 row_mask[:, None] & dv_mask[None, :], row_mask, FINAL)
+
+
+@triton.jit
+def _columns(row_starts, columns, column_stride, mask):
+    """The (rows, columns) tile of a tensor whose rows start at row_starts (pointers, one per row), zeros where
+    mask is False."""
+    return tl.load(row_starts[:, None] + columns[None, :] * column_stride, mask=mask, other=0.0)
 
 
 @triton.jit
@@ -222,16 +239,16 @@ def attention_combine_kernel(O_PART, LSE_PART, O, LSE, SINKS, num_splits, rows, 
 # spills on every listed architecture at its largest query block (`gptfast inspect`): 64 rows (32 at head dim
 # 256) for 16-bit inputs, 16 for float32, whose full-precision dots hold far more registers.
 TILES = {"16-bit": [(64, 4, 2, (16, 32, 64)), (128, 8, 2, (16, 32, 64)), (32, 4, 3, (16, 32, 64, 128, 256)),
-                    (64, 8, 2, (128, 256))],
+                    (64, 8, 2, (128, 256)), (16, 4, 1, (512,)), (32, 4, 1, (512,)), (32, 8, 2, (512,))],
          "fp32": [(32, 8, 1, (16, 32, 64, 128)), (16, 8, 1, (16, 32, 64, 128, 256)), (16, 4, 1, (16, 32, 64, 128)),
                   (16, 16, 1, (256,))],
-         "interpreter": [(16, 1, 1, (16, 32, 64, 128, 256))]}
+         "interpreter": [(16, 1, 1, (16, 32, 64, 128, 256, 512))]}
 
 
 def query_block(rows, block_d, dtype):
     """Query rows per program for rows = Tq * group (query, head) pairs: 16 (tl.dot's least) up to the largest
     block TILES compile for."""
-    largest = 16 if dtype == torch.float32 else 64 if block_d <= 128 else 32
+    largest = 16 if dtype == torch.float32 or block_d > 256 else 64 if block_d <= 128 else 32
     return max(16, min(largest, next_power_of_2(rows)))
 
 
@@ -244,8 +261,8 @@ def _autotuner(table, block_d, page_size, bucket_k):
     fitting = [t for t in tiles if t[0] <= page_size and t[0] <= max(bucket_k, 16)] or [min(tiles)]
     cap = {} if interpreted else {"maxnreg": MAX_REGISTERS}
     configs = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s, **cap) for n, w, s, _ in fitting]
-    return triton.autotune(configs=tuned(configs), key=["SPEC", "BLOCK_M", "LEFTPAD_KEYS", "FINAL"])(
-        attention_decode_kernel)
+    return autotune(attention_decode_kernel, configs, key=["SPEC", "BLOCK_M", "LEFTPAD_KEYS", "FINAL"],
+                    scope=(page_size, bucket_k))
 
 
 def auto_splits(programs, capacity, device):
@@ -256,12 +273,21 @@ def auto_splits(programs, capacity, device):
     return max(1, min(wanted, triton.cdiv(capacity, MIN_KEYS_PER_SPLIT), MAX_SPLITS))
 
 
+def key_blocks(head_dim):
+    """(BLOCK_D, BLOCK_D_TAIL) of the queries' and keys' head dim: one padded block up to MAX_BLOCK_D, past it
+    (DeepSeek's absorbed MLA decoding: 576) a MAX_BLOCK_D block and the rest padded, not one block of 1024."""
+    if head_dim <= MAX_BLOCK_D:
+        return padded_head_dim(head_dim), 0
+    return MAX_BLOCK_D, padded_head_dim(head_dim - MAX_BLOCK_D)
+
+
 def decode_spec(q, v_cache, causal_right, window_left, softcap, alibi_slopes, sinks, chunk=0, varlen=False):
     """The attention_spec.Spec of a decoding call: its head dims, dots' precision and switches."""
     head_dim, head_dim_v = q.shape[3], v_cache.shape[3]
-    return Spec(head_dim, padded_head_dim(head_dim), head_dim_v, padded_head_dim(head_dim_v), input_precision(q.dtype),
+    block_d, tail = key_blocks(head_dim)
+    return Spec(head_dim, block_d, head_dim_v, padded_head_dim(head_dim_v), input_precision(q.dtype),
                 CAUSAL=causal_right >= 0, WINDOW=window_left >= 0, ALIBI=alibi_slopes is not None, SOFTCAP=softcap > 0,
-                SINKS=sinks is not None, CHUNK=chunk > 0, VARLEN=varlen)
+                SINKS=sinks is not None, CHUNK=chunk > 0, VARLEN=varlen, BLOCK_D_TAIL=tail)
 
 
 def decode_attention(q, k_cache, v_cache, block_table, seqlens, leftpad, softmax_scale, causal_right=-1,
@@ -295,7 +321,10 @@ def decode_attention(q, k_cache, v_cache, block_table, seqlens, leftpad, softmax
     lse_strides = lse_part.stride() if splits == 1 else lse_part.permute(0, 1, 3, 2).stride()  # (s, b, h, t)
     arch = device_arch(q.device)
     table = "interpreter" if arch == "interpreter" else "fp32" if q.dtype == torch.float32 else "16-bit"
-    kernel = _autotuner(table, spec.tile_dim, page_size, length_bucket(capacity))
+    # Keyed on the largest power of two within a page: the configs differ only by which key blocks (powers of
+    # two) fit in one, and a plain cache's page is its whole length, so the page itself made one autotuner, each
+    # timing its configs, per cache length.
+    kernel = _autotuner(table, spec.tile_dim, 1 << (page_size.bit_length() - 1), length_bucket(capacity))
     kernel[(row_blocks, batch * num_kv_heads, splits)](
         Q=q, K=k_cache, V=v_cache, O=out_part, LSE=lse_part, BLOCK_TABLE=block_table, SEQLENS=seqlens,
         LEFTPAD=leftpad, CU_SEQLENS_Q=cu_seqlens_q, ALIBI=slopes, SINKS=sinks, q_strides=q.stride(),

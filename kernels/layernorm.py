@@ -28,7 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from gptfast.kernels import device_arch, tuned
+from gptfast.kernels import device_arch
+from gptfast.kernels.autotune import autotune
 
 MAX_FUSED_N = 8192  # the largest padded row held in registers; longer rows are chunked
 CHUNK_N = 4096  # the chunk of a longer row
@@ -272,7 +273,7 @@ def weight_grad_kernel(PARTIAL, DW, DB, n_partials, n_cols, BLOCK_P: tl.constexp
 def autotuned(kernel, kernel_name, arch, block_n):
     # Keyed on the row length alone: the row count only changes the grid, and the block size (the other thing a
     # config's fit depends on) is fixed per cached autotuner by block_n.
-    return triton.autotune(configs=tuned(configs_for(kernel_name, arch, block_n)), key=["n_cols"])(kernel)
+    return autotune(kernel, configs_for(kernel_name, arch, block_n), key=["n_cols"])
 
 
 def _row_block(n_cols):

@@ -223,8 +223,9 @@ def test_flash_attn_func_wants_four_dims():
 
 @pytest.mark.parametrize("kwargs, args, gap", [
     ({}, _qkv(dtype=torch.float64), "float64"),
-    ({}, _qkv(shape_q=(1, 2, 8, 264)), "head_dim 264"),
-    ({}, _qkv(shape_v=(1, 2, 8, 272)), "value head_dim 272"),
+    ({}, _qkv(shape_q=(1, 2, 8, 520)), "head_dim 520"),
+    ({}, _qkv(shape_v=(1, 2, 8, 528)), "value head_dim 528"),
+    ({}, _qkv(shape_q=(1, 2, 8, 264)), "float32 inputs at head dims past 256"),
     (dict(scale=-0.5), _qkv(), "softmax_scale -0.5"),
     (dict(scale=0.0), _qkv(), "softmax_scale 0.0"),
 ])

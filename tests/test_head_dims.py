@@ -1,13 +1,15 @@
 """Head dims past the usual on the kernels: a value head dim unlike the query's (DeepSeek's MLA attends with
 192-wide queries and keys and 128-wide values), head dims that are not multiples of 8 (flash-attn's own tests
-use 59 and 111), against the float64 reference: output and every gradient, with the other features, varlen,
-both backward variants and gptfast.flex."""
+use 59 and 111), head dims past 256 (Gemma 4's global layers: 512), against the float64 reference: output and
+every gradient, with the other features, varlen, both backward variants and gptfast.flex."""
+import warnings
+
 import pytest
 import torch
 
 from gptfast import backend
 from gptfast.attention import flash_attn_func, flash_attn_varlen_func, scaled_dot_product_attention
-from gptfast.flex import create_block_mask, flex_attention, reference_flex
+from gptfast.flex import create_block_mask, flex_attention, noop_mask, reference_flex
 from gptfast.flex_mods import causal_mask
 from gptfast.kernels import attention_tuning as tuning
 from support import (BOTTOM_RIGHT, NONE, TOP_LEFT, bthd, check_against_reference, mask_args, random_qkv, seed_of,
@@ -26,13 +28,20 @@ CASES = [
     ((2, 1, 1, 33, 33, 3, 250), TOP_LEFT, torch.bfloat16),
 ]
 
+# Past 256 (padded to 512): 16-bit inputs, lengths 1, 7 and 33, Tq != Tk both ways, GQA, D != Dv.
+WIDE_CASES = [
+    ((1, 2, 1, 7, 7, 512, 512), TOP_LEFT, torch.bfloat16),
+    ((1, 1, 1, 1, 20, 300, 300), BOTTOM_RIGHT, torch.float16),
+    ((1, 2, 2, 33, 17, 384, 264), NONE, torch.bfloat16),
+]
+
 
 def case_id(case):
     shape, causal, dtype = case
     return f"{shape_id(shape[:6])}Dv{shape[6]}-{causal}-{str(dtype)[6:]}"
 
 
-@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("case", CASES + WIDE_CASES, ids=case_id)
 def test_head_dims_match_the_reference(case, kernels_only):
     shape, causal, dtype = case
     seed = seed_of(*case)
@@ -102,3 +111,43 @@ def test_a_kernel_that_drops_a_value_column_fails_the_check(kernels_only):
     dropped = lambda q, k, v: scaled_dot_product_attention(q, k, torch.cat([v[..., :-1], 0 * v[..., -1:]], -1))
     with pytest.raises(AssertionError, match="exceeds"):
         check_against_reference(q, k, v, NONE, dropped)
+
+
+def test_head_dim_512_with_every_feature_but_dropout(kernels_only):
+    """Head dim 320 (padded to 512) with a window, softcapping, ALiBi and sinks, GQA: the feature tiles of 512."""
+    q, k, v = random_qkv(1, 4, 2, 20, 27, 320, torch.bfloat16, seed=23)
+    slopes = torch.rand(4).to(DEVICE)
+    sinks = torch.randn(4, generator=torch.Generator().manual_seed(23)).to(DEVICE)
+    options = dict(causal=True, window_size=(9, 3), softcap=3.0, alibi_slopes=slopes)
+    run = lambda q, k, v, sinks: flash_attn_func(*bthd(q, k, v), sinks=sinks, **options).transpose(1, 2)
+    check_against_reference(q, k, v, BOTTOM_RIGHT, run, seed=23, sinks=sinks, window=(9, 3), softcap=3.0,
+                            alibi=slopes.expand(1, 4))
+
+
+@pytest.mark.parametrize("dtype, options, gap", [
+    (torch.bfloat16, dict(dropout_p=0.1), "dropout at head dims past 256"),
+    (torch.float32, {}, "float32 inputs at head dims past 256"),
+])
+def test_what_head_dims_past_256_leave_out_runs_pytorch_visibly(dtype, options, gap, monkeypatch):
+    """The 512-wide tiles hold neither dropout nor float32 (attention_core.kernel_gap): such a call warns and runs
+    PyTorch, or raises under the Triton backend."""
+    monkeypatch.setattr(backend, "_warned", set())
+    q, k, v = bthd(*random_qkv(1, 2, 2, 9, 9, 264, dtype, seed=3))
+    with backend.use_backend("triton"), pytest.raises(NotImplementedError, match=gap):
+        flash_attn_func(q, k, v, causal=True, **options)
+    with pytest.warns(UserWarning, match=gap):
+        out = flash_attn_func(q, k, v, causal=True, **options)
+    assert out.shape == q.shape and torch.isfinite(out).all()
+
+
+def test_flex_past_256_runs_pytorch_visibly(monkeypatch):
+    """gptfast.flex's mods past 256 run its reference (kernel_gap), with the same answer."""
+    monkeypatch.setattr(backend, "_warned", set())
+    q, k, v = random_qkv(1, 2, 2, 9, 9, 300, torch.bfloat16, seed=6)
+    with backend.use_backend("triton"), pytest.raises(NotImplementedError, match="flex's mods at head dims past"):
+        flex_attention(q, k, v)
+    with pytest.warns(UserWarning, match="flex's mods at head dims past"):
+        out = flex_attention(q, k, v)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(out, reference_flex(q, k, v, None, noop_mask, 300 ** -0.5)[0])

@@ -36,12 +36,17 @@ MODELS = {
         layer_types=["sliding_attention", "full_attention"])),
     "qwen3": lambda: transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**COMMON, num_key_value_heads=2,
                                                                             head_dim=16)),
-    # a global head dim unlike the sliding layers' (512 in the real model, past the kernels' 256: see the README)
+    # a global head dim unlike the sliding layers' (512 in the real model: test_gemma4s_global_head_dim_512)
     "gemma4": lambda: transformers.Gemma4ForCausalLM(transformers.Gemma4TextConfig(
         **COMMON, num_key_value_heads=2, head_dim=16, global_head_dim=32, sliding_window=5,
         layer_types=["sliding_attention", "full_attention"], vocab_size_per_layer_input=97,
         hidden_size_per_layer_input=16)),
 }
+# Gemma 4's real global head dim, which the kernels run in 16-bit only (attention_core.kernel_gap)
+WIDE_MODELS = {"gemma4_512": lambda: transformers.Gemma4ForCausalLM(transformers.Gemma4TextConfig(
+    **COMMON, num_key_value_heads=2, head_dim=16, global_head_dim=512, sliding_window=5,
+    layer_types=["sliding_attention", "full_attention"], vocab_size_per_layer_input=97,
+    hidden_size_per_layer_input=16))}
 
 
 def deepseek_v3():
@@ -86,7 +91,7 @@ def build(name, implementation, dtype=torch.float32, patched=False):
     """The model with random norm weights too (transformers starts them at one, or Gemma's at zero); patched:
     through patch_hf, so its LayerNorms or RMSNorms run gptfast's kernel as well."""
     torch.manual_seed(0)
-    model = (MODELS | SINK_MODELS)[name]()
+    model = (MODELS | SINK_MODELS | WIDE_MODELS)[name]()
     with torch.no_grad():
         for param_name, param in model.named_parameters():
             if "norm" in param_name or ".ln_" in param_name:
@@ -145,15 +150,20 @@ def test_training_forward_and_backward_match_eager(name, patched, launches, kern
         assert_accurate(f"{name} {key}", value, ref64[key], lowp[key], terms=16)
 
 
-@pytest.mark.parametrize("name", list(MODELS))
-def test_batched_greedy_generation_with_left_padding(name, launches):
-    """Two prompts of different lengths, the shorter padded on the left: the same tokens as eager attention."""
-    register()
+def left_padded_prompts():
+    """Two prompts of 9 and 5 tokens, the shorter padded on the left, and generate's settings: 6 greedy tokens."""
     ids = torch.randint(1, 97, (2, 9), generator=torch.Generator().manual_seed(3)).to(DEVICE)
     mask = torch.ones_like(ids)
     mask[0, :4] = 0
     ids[0, :4] = 0
-    settings = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    return ids, dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_batched_greedy_generation_with_left_padding(name, launches):
+    """Two prompts of different lengths, the shorter padded on the left: the same tokens as eager attention."""
+    register()
+    ids, settings = left_padded_prompts()
     with torch.no_grad():
         expected = build(name, "eager").eval().generate(ids, **settings)
         with backend.use_backend("triton"):
@@ -236,6 +246,26 @@ def test_gpt_oss_runs_its_sinks_on_the_kernels(kernels_only):
     assert any(key.endswith("sinks") for key in got)
     for key, value in got.items():
         assert_accurate(f"gpt_oss {key}", value, ref64[key], lowp[key], terms=16)
+
+
+def test_gemma4s_global_head_dim_512_runs_on_the_kernels(launches, kernels_only):
+    """In bfloat16 (512-wide heads run 16-bit): logits and every gradient against eager attention in float64, under
+    the rule with eager bfloat16 as the baseline; batched greedy generation with left padding gives eager's
+    tokens. Every attention call runs the kernels (triton forced, launches counted)."""
+    register()
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(7)).to(DEVICE)
+    got = forward_backward(build("gemma4_512", "gptfast", torch.bfloat16).train(), ids)
+    assert launches["forward"] == 2
+    ref64 = forward_backward(build("gemma4_512", "eager", torch.float64).train(), ids)
+    lowp = forward_backward(build("gemma4_512", "eager", torch.bfloat16).train(), ids)
+    for key, value in got.items():
+        assert_accurate(f"gemma4_512 {key}", value, ref64[key], lowp[key], terms=16)
+    prompts, settings = left_padded_prompts()
+    with torch.no_grad():
+        expected = build("gemma4_512", "eager", torch.bfloat16).eval().generate(prompts, **settings)
+        got = build("gemma4_512", "gptfast", torch.bfloat16).eval().generate(prompts, **settings)
+    assert torch.equal(got, expected)
+    assert launches["forward"] == 2 + 2 * 6
 
 
 @pytest.mark.parametrize("keyword", [{"output_attentions": True}, {"relative_bias": torch.zeros(1)}],

@@ -41,6 +41,20 @@ def test_every_head_dim_has_two_configs(name, table, features):
         assert len(configs) >= wanted, f"{name} on {table}: fewer than {wanted} configs for head dim {block_d}"
 
 
+@pytest.mark.parametrize("features", [False, True], ids=["plain", "features"])
+@pytest.mark.parametrize("name", ["forward", "backward_dkdv", "backward_dq"])
+@pytest.mark.parametrize("table", [arch for arch in inspect.ARCHS if arch != "sm_75"] + ["interpreter"])
+def test_head_dim_512_has_configs(name, table, features):
+    """Head dim 512 runs 16-bit inputs without flex mods (attention_core.kernel_gap): two configs or more per
+    16-bit table, but one for the dk/dv and dq kernels' feature tiles (the one that fits each arch) and in the
+    interpreter; none in float32 nor for mods, which run PyTorch."""
+    wanted = 1 if table == "interpreter" or (features and name != "forward") else 2
+    configs = attention_tuning.configs_for(name, table, 512, features)
+    assert len(configs) >= wanted, f"{name} on {table}: fewer than {wanted} configs for head dim 512"
+    assert not attention_tuning.configs_for(name, "fp32", 512, features)
+    assert table == "interpreter" or not attention_tuning.configs_for(name, table, 512, True, modded=True)
+
+
 def test_every_row_block_has_a_layernorm_config():
     for n_cols in (1, 100, 1024, layernorm.MAX_FUSED_N, 65536):
         block_n, _ = layernorm._row_block(n_cols)
@@ -84,12 +98,13 @@ def inspect_rows(*archs, dtypes=(), head_dims=(), kernels=()):
 
 def check_hopper(rows):
     """Hopper's plain attention runs on HGMMA in every load variant (at head dim 256 the dk/dv kernel and one dq
-    tile run HMMA), and its TMA variants issue TMA loads (UTMALDG). The single pass's extra product has BLOCK_M
-    rows: some of its tiles run HGMMA, the rest HMMA (at head dim 128 every 64-row tile spills)."""
+    tile run HMMA; at 512, where 16 or 32 rows fit, every kernel does), and its TMA variants issue TMA loads
+    (UTMALDG). The single pass's extra product has BLOCK_M rows: some of its tiles run HGMMA, the rest HMMA (at
+    head dim 128 every 64-row tile spills)."""
     hopper = [line for line in rows if line.startswith("sm_90") and "bf16" in line and "+features" not in line
               and "+flex:" not in line
               and any(f"attention_{kernel}_kernel" in line for kernel in ("forward", "backward_dq", "backward_dkdv"))]
-    two_kernel = [line for line in hopper if "+single-pass" not in line and (
+    two_kernel = [line for line in hopper if "+single-pass" not in line and "BLOCK_D=512" not in line and (
         "attention_forward_kernel" in line or "BLOCK_D=256" not in line)]
     assert len(two_kernel) > 20 and all("HGMMA" in line for line in two_kernel)
     assert any("HGMMA" in line for line in hopper if "+single-pass" in line)

@@ -117,6 +117,18 @@ def test_every_split_count_matches_the_reference(shape, causal, dtype):
             check(case, num_splits=splits, causal=causal)
 
 
+@pytest.mark.parametrize("head_dim, head_dim_v, dtype, page_size", [
+    (512, 512, torch.bfloat16, None), (300, 264, torch.float16, 16), (576, 512, torch.bfloat16, 16)])
+def test_head_dims_past_256(head_dim, head_dim_v, dtype, page_size):
+    """Gemma 4's global head dim 512; 300 with values 264 (both padded to 512) in pages; DeepSeek's absorbed MLA
+    decoding, queries and keys 576 (a 512 block and a tail) and values 512: GQA, new tokens, several query rows,
+    one split and several."""
+    case = Case([30, 9], 2, 2, 4, 2, head_dim, dtype, page_size=page_size, seed=12, head_dim_v=head_dim_v)
+    with backend.use_backend("triton"):
+        for splits in (1, 3):
+            check(case, num_splits=splits, causal=True)
+
+
 @pytest.mark.parametrize("page_size", [16, 32])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_paged_cache_with_new_tokens(page_size, dtype):
