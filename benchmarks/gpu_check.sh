@@ -123,7 +123,7 @@ if [ ${#PARTS[@]} -gt 0 ]; then
     rm -f "${PARTS[@]}"
     "$PY" "$REPO/benchmarks/plot.py" --output-dir "$OUT" "$OUT/results.json" 2>&1 | tee -a "$LOG"
     say "== summary (full table in report.md)"
-    grep -E '^Machine|T=4096|T=16384|N=4096|gpt2|lm loss|Tk=65536|varlen|flex|create_block|gpt-oss|deepseek|llama4' "$OUT/report.md" | head -n 60 | tee -a "$LOG"
+    grep -E '^Machine|T=4096|T=16384|N=4096|gpt2|lm loss|Tk=65536|varlen|flex|create_block|gpt-oss|deepseek|llama4|gemma4' "$OUT/report.md" | head -n 60 | tee -a "$LOG"
 else
     say "no benchmark results to report"
 fi

@@ -253,7 +253,8 @@ def compute_capability(device):
 
 def kernel_gap(q, v, softmax_scale, chunk=0, dropout_p=0.0, flex=False, decode=False):
     """Why the kernels cannot run this (already valid) call, or None when they can; flex: a gptfast.flex call,
-    decode: one for the decoding kernel (flash_attn_with_kvcache)."""
+    decode: one for the decoding kernel (flash_attn_with_kvcache, paged prefill), whose 512-wide tiles hold
+    chunks."""
     if chunk > 0 and dropout_p > 0:  # attention_spec.Spec.chunked says why
         return "attention_chunk with dropout (the chunked tiles leave dropout out to fit in registers)"
     if (gap := dtype_gap(("query", q))) is not None:
@@ -271,7 +272,7 @@ def kernel_gap(q, v, softmax_scale, chunk=0, dropout_p=0.0, flex=False, decode=F
         if head_dim > limit:
             return f"{name} {head_dim} (the kernels take up to {limit})"
     if max(q.shape[-1], v.shape[-1]) > FULL_FEATURE_HEAD_DIM:
-        left_out = ("dropout" if dropout_p > 0 else "attention_chunk" if chunk > 0 else
+        left_out = ("dropout" if dropout_p > 0 else "attention_chunk" if chunk > 0 and not decode else
                     "float32 inputs" if q.dtype == torch.float32 else "gptfast.flex's mods" if flex else None)
         if left_out is not None:
             return (f"{left_out} at head dims past {FULL_FEATURE_HEAD_DIM} (the 512-wide tiles spill with it: the "

@@ -150,7 +150,7 @@ def _paged_attention(q, k_cache, v_cache, block_table, cu_seqlens_q, cu_seqlens_
     differentiated = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     scale = softmax_scale_for(q.shape[-1], softmax_scale)
     if not (differentiated or dropout_p > 0 or return_attn_probs) and backend.use_triton(
-            "flash_attn_varlen_func", q.device, kernel_gap(q, v_cache, scale, chunk)):
+            "flash_attn_varlen_func", q.device, kernel_gap(q, v_cache, scale, chunk, decode=True)):
         return paged_kernel_attention(q, k_cache, v_cache, block_table, counts, cu_seqlens_q, max_seqlen_q, scale,
                                       causal, window_size, float(softcap), alibi_slopes, kernel_sinks(sinks),
                                       chunk)[0]

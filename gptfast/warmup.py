@@ -32,29 +32,39 @@ def add_arguments(parser):
         help="model dtype (default: bfloat16 on CUDA, float32 on CPU)")
 
 
-def train_shape(text, block_size):
-    """'8x1024' -> (8, 1024), checked against the model's block size."""
+def train_shape(text):
+    """'8x1024' -> (8, 1024)."""
     try:
         batch, length = (int(part) for part in text.lower().split("x"))
     except ValueError:
         raise ValueError(f"--train takes BATCHxLENGTH, such as 8x1024; got {text!r}") from None
-    if batch < 1 or not 1 <= length <= block_size:
-        raise ValueError(f"--train {text}: the batch must be at least 1 and the length from 1 to the model's block "
-                         f"size ({block_size})")
+    if batch < 1 or length < 1:
+        raise ValueError(f"--train {text}: the batch and the length must be at least 1")
     return batch, length
 
 
-def prefill_lengths(lengths, block_size):
-    """The prompt lengths to warm up: those given (checked), or the largest of each power-of-two bucket from 16
-    to the block size (each leaves room for the tokens generated after it)."""
+def check_arguments(args):
+    """The flags, checked before the model is loaded (ValueError naming the flag); returns the --train shapes."""
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if any(length < 1 for length in args.prefill or ()):
+        raise ValueError(f"--prefill must be at least 1, got {min(args.prefill)}")
+    return [train_shape(text) for text in args.train]
+
+
+def fitting(shapes, lengths, block_size):
+    """The --train shapes and the prompt lengths checked against the model's block size; the lengths default to
+    the largest of each power-of-two bucket from 16 to the block size, each leaving room for the 2 tokens
+    generated after it."""
+    if any(length > block_size for _, length in shapes):
+        raise ValueError(f"--train: a sequence length is past the model's block size ({block_size})")
     if lengths is None:
         buckets = [1 << n for n in range(4, (block_size - 1).bit_length() + 1)]
-        return sorted({min(bucket, block_size - 2) for bucket in buckets if block_size > 2})
-    for length in lengths:
-        if not 1 <= length <= block_size - 2:
-            raise ValueError(f"--prefill {length}: a prompt must be 1 to {block_size - 2} tokens (the block size "
-                             f"less the 2 tokens generated after it)")
-    return sorted(set(lengths))
+        lengths = [min(bucket, block_size - 2) for bucket in buckets if block_size > 2]
+    if any(length > block_size - 2 for length in lengths):
+        raise ValueError(f"--prefill: a prompt must be at most {block_size - 2} tokens (the model's block size "
+                         f"less the 2 tokens generated after it)")
+    return shapes, sorted(set(lengths))
 
 
 def steps(model, train, prefill, batch_size, device):
@@ -79,14 +89,12 @@ def steps(model, train, prefill, batch_size, device):
 
 
 def main(args):
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    shapes = check_arguments(args)
     device = device_named(args.device)
     folder = model_folder(args.model)
     model = GPT.from_pretrained(folder, device=device, dtype=dtype_named(args.dtype, device))
-    block_size = model.config.block_size
-    work = steps(model, [train_shape(text, block_size) for text in args.train],
-                 prefill_lengths(args.prefill, block_size), args.batch_size, device)
+    shapes, lengths = fitting(shapes, args.prefill, model.config.block_size)
+    work = steps(model, shapes, lengths, args.batch_size, device)
     print(f"[warming up {folder} on {device}: {len(work)} steps]", flush=True)
     progress, start = Progress(len(work)), time.perf_counter()
     for done, (label, run) in enumerate(work, 1):

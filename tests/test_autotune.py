@@ -106,6 +106,10 @@ def test_warmup_leaves_nothing_to_tune_for_its_shapes(tmp_path, capsys):
     assert cli(["warmup", "--model", str(tmp_path / "m"), "--train", "2x16", "--prefill", "9",
                 "--device", "cpu"]) == 0
     assert "warm: 2 steps" in capsys.readouterr().out
+    for flags, message in ((["--train", "2x64"], "--train: a sequence length is past the model's block size (32)"),
+                           (["--prefill", "31"], "--prefill: a prompt must be at most 30 tokens")):
+        assert cli(["warmup", "--model", str(tmp_path / "m"), "--device", "cpu", *flags]) == 2
+        assert message in capsys.readouterr().err
     model = GPT.from_pretrained(str(tmp_path / "m"))
     before = autotuners_made()
     ids = torch.randint(0, 64, (2, 16))

@@ -121,6 +121,8 @@ def usage_failures(trained, tmp_path):
         ([*train_run, "--allow-changes"], r"--allow-changes goes with --resume"),
         ([*train_run, "--fsdp"], r"--fsdp shards over the ranks torchrun starts: run `torchrun"),
         (["train", "--out", str(tmp_path / "empty-run"), "--resume", *TINY], r"holds no checkpoint"),
+        (["warmup", "--model", str(tmp_path / "nothing-here"), "--train", "8by1024"], r"--train takes BATCHxLENGTH"),
+        (["warmup", "--model", str(tmp_path / "nothing-here"), "--batch-size", "0"], r"--batch-size must be at least"),
     ]
 
 

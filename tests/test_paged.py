@@ -92,6 +92,18 @@ def test_paged_prefill_with_every_feature(monkeypatch):
     assert_accurate("out", out, ref, case.reference(case.q, case.pools, **options), terms=24)
 
 
+def test_paged_prefill_of_absorbed_mla(monkeypatch):
+    """DeepSeek's absorbed MLA over pages: queries and keys 576 wide (the decoding kernel's 512 block and tail),
+    values 512, one kv head, chunks, read in place."""
+    case = PagedCase([5, 1], [20, 9], 4, 1, 576, torch.bfloat16, seed=11, head_dim_v=512)
+    monkeypatch.setattr(varlen, "gather_pages", no_gather)
+    with backend.use_backend("triton"):
+        out = case.run(causal=True, attention_chunk=8)
+    ref64 = case.reference(case.q.double(), [p.double() for p in case.pools], causal=True, attention_chunk=8)
+    lowp = case.reference(case.q, case.pools, causal=True, attention_chunk=8)
+    assert_accurate("out", out, ref64, lowp, terms=576)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_paged_prefill_gradients_reach_the_pool(dtype):
     """With gradients the pages are gathered and run flash_attn_varlen_func's kernels: dq and each pool's gradient
