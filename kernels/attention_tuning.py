@@ -282,7 +282,7 @@ def fastest(key, runs, kernels=()):
         return next(iter(runs))
     if key not in _fastest:
         timed = lambda: min(runs, key=lambda name: triton.testing.do_bench(runs[name]))  # noqa: E731
-        _fastest[key] = stored_choice((key, *(kernel.cache_key for kernel in kernels)), timed)
+        _fastest[key] = stored_choice(key, timed, kernels)
     return _fastest[key]
 
 

@@ -48,10 +48,12 @@ def gpu_name():
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
-def stored_choice(key, choose):
+def stored_choice(key, choose, kernels=()):
     """choose()'s answer for key (a value whose str() describes it), measured once per GPU and kept in Triton's
-    cache directory beside the autotuners' timings (keyed by Triton's version, the GPU's name and str(key))."""
-    digest = hashlib.sha256(f"{triton.__version__}-{gpu_name()}-{key}".encode()).hexdigest()
+    cache directory beside the autotuners' timings (keyed by Triton's version, the GPU's name, str(key) and the
+    source hashes of kernels, the JIT functions choose runs)."""
+    sources = "-".join(kernel.cache_key for kernel in kernels)
+    digest = hashlib.sha256(f"{triton.__version__}-{gpu_name()}-{key}-{sources}".encode()).hexdigest()
     cache = get_cache_manager(digest)
     path = cache.get_file("choice.json")
     if path:
