@@ -237,7 +237,8 @@ def attention_combine_kernel(O_PART, LSE_PART, O, LSE, SINKS, num_splits, rows, 
 
 # (BLOCK_N, num_warps, num_stages, padded head dims), for 16-bit and float32 inputs; every entry compiles without
 # spills on every listed architecture at its largest query block (`gptfast inspect`): 64 rows (32 at head dim
-# 256) for 16-bit inputs, 16 for float32, whose full-precision dots hold far more registers.
+# 256, 16 at 512, DeepSeek's 576 with its tail included) for 16-bit inputs, 16 for float32, whose full-precision
+# dots hold far more registers (and which stop at 256: attention_core.kernel_gap).
 TILES = {"16-bit": [(64, 4, 2, (16, 32, 64)), (128, 8, 2, (16, 32, 64)), (32, 4, 3, (16, 32, 64, 128, 256)),
                     (64, 8, 2, (128, 256)), (16, 4, 1, (512,)), (32, 4, 1, (512,)), (32, 8, 2, (512,))],
          "fp32": [(32, 8, 1, (16, 32, 64, 128)), (16, 8, 1, (16, 32, 64, 128, 256)), (16, 4, 1, (16, 32, 64, 128)),
