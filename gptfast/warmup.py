@@ -52,10 +52,10 @@ def check_arguments(args):
     return [train_shape(text) for text in args.train]
 
 
-def fitting(shapes, lengths, block_size):
-    """The --train shapes and the prompt lengths checked against the model's block size; the lengths default to
-    the largest of each power-of-two bucket from 16 to the block size, each leaving room for the 2 tokens
-    generated after it."""
+def prompt_lengths(shapes, lengths, block_size):
+    """The prompt lengths to warm up, after checking them and the --train shapes against the model's block size:
+    those given, or the largest of each power-of-two bucket from 16 to the block size, each leaving room for the
+    2 tokens generated after it."""
     if any(length > block_size for _, length in shapes):
         raise ValueError(f"--train: a sequence length is past the model's block size ({block_size})")
     if lengths is None:
@@ -64,7 +64,7 @@ def fitting(shapes, lengths, block_size):
     if any(length > block_size - 2 for length in lengths):
         raise ValueError(f"--prefill: a prompt must be at most {block_size - 2} tokens (the model's block size "
                          f"less the 2 tokens generated after it)")
-    return shapes, sorted(set(lengths))
+    return sorted(set(lengths))
 
 
 def steps(model, train, prefill, batch_size, device):
@@ -93,7 +93,7 @@ def main(args):
     device = device_named(args.device)
     folder = model_folder(args.model)
     model = GPT.from_pretrained(folder, device=device, dtype=dtype_named(args.dtype, device))
-    shapes, lengths = fitting(shapes, args.prefill, model.config.block_size)
+    lengths = prompt_lengths(shapes, args.prefill, model.config.block_size)
     work = steps(model, shapes, lengths, args.batch_size, device)
     print(f"[warming up {folder} on {device}: {len(work)} steps]", flush=True)
     progress, start = Progress(len(work)), time.perf_counter()
