@@ -2,12 +2,13 @@
 # The one-call GPU check, for a CUDA machine with no network (an H200 lent for a few minutes):
 #   versions and the GPU; 1. the ceilings (copy bandwidth, bf16 matmul rate); 2. the kernel tests on CUDA,
 #   compiled, not interpreted, while other processes build what the benchmarks will run; 3. the benchmark suites
-#   at full size (torch.compile baselines last); 4. a markdown report and PNG charts.
+#   at full size (torch.compile baselines last); 4. a markdown report and PNG charts; then the first training
+#   step's time in a new process, with Triton's cache empty, warm, and after `gptfast warmup`.
 # Everything lands in OUTDIR; a short table ends the output. It runs on the machine's own python3 and packages
 # (torch 2.11 and triton 3.6 expected, not our pins) and imports gptfast from a copy of this checkout, so nothing
 # is installed. Each phase has its own time limit, so one slow phase cannot take the others' results with it:
 # 30+120+150+30+40+20+25+15+20+30+30+45 s, about 9.5 minutes (the compiled baselines also get the time the others
-# left unused).
+# left unused), and for the first step 90+30+120+30 s at most, about 2.5 minutes expected.
 # A limit sends SIGINT: pytest stops and still writes its summary and the benchmarks it finished.
 #
 # usage: benchmarks/gpu_check.sh OUTDIR
@@ -127,4 +128,21 @@ if [ ${#PARTS[@]} -gt 0 ]; then
 else
     say "no benchmark results to report"
 fi
+
+say "== first step: a GPT-2 small training step in a new process, Triton's cache empty, then warm, then after"
+say "   gptfast warmup filled a new one (benchmarks/first_step.py; load, first and second step in seconds)"
+# Last, so that a device run cut short loses only this. Each process gets a cache directory of its own choosing.
+FIRST=("$PY" "$REPO/benchmarks/first_step.py")
+SHAPE=$([ "$SMALL" = 1 ] && echo 2x32 || echo 8x1024)
+"${FIRST[@]}" save "$PKG/model" $([ "$SMALL" = 1 ] && echo --small) 2>&1 | tee -a "$LOG"
+for run in "empty cache:cold:90" "warm cache:cold:30" "warmup:warmup:120" "after gptfast warmup:warmup:30"; do
+    IFS=: read -r label cache seconds <<< "$run"
+    if [ "$label" = warmup ]; then
+        TRITON_CACHE_DIR="$PKG/cache_$cache" limit "$seconds" "$PY" -m gptfast warmup --model "$PKG/model" \
+            --train "$SHAPE" --prefill 16 2>&1 | tail -n 1 | tee -a "$LOG"
+    else
+        TRITON_CACHE_DIR="$PKG/cache_$cache" limit "$seconds" "${FIRST[@]}" step "$PKG/model" "$SHAPE" "$label" \
+            "$OUT/first_step.jsonl" 2>&1 | tail -n 1 | tee -a "$LOG"
+    fi
+done
 rm -rf "$PKG"

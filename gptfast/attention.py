@@ -8,11 +8,12 @@ PyTorch) is decided by ``gptfast.backend``.
 
 What the kernels cover: float16, bfloat16 and float32 (float32 uses tf32 only when
 ``torch.backends.cuda.matmul.allow_tf32`` is set); any head dim from 1 to 256, v's may differ from q's and k's
-(DeepSeek's MLA: 192 and 128); any sequence lengths; grouped-query attention; causal masks aligned top-left
-(torch's ``is_causal``, ``causal_upper_left``) or bottom-right (flash-attn's ``causal``, ``causal_lower_right``);
-sliding windows; boolean and additive masks of any broadcastable shape (an additive one gets its gradient); ALiBi;
-logit softcapping; learnable sinks; dropout on the attention weights. Everything else (float64, head dims past
-256) runs PyTorch under ``auto``, with a warning once per reason, and raises under ``GPTFAST_BACKEND=triton``.
+(DeepSeek's MLA: 192 and 128), and up to 512 for 16-bit inputs without dropout or chunks (attention_core.kernel_gap);
+any sequence lengths; grouped-query attention; causal masks aligned top-left (torch's ``is_causal``,
+``causal_upper_left``) or bottom-right (flash-attn's ``causal``, ``causal_lower_right``); sliding windows; chunks;
+boolean and additive masks of any broadcastable shape (an additive one gets its gradient); ALiBi; logit
+softcapping; learnable sinks; dropout on the attention weights. Everything else (float64, head dims past 512) runs
+PyTorch under ``auto``, with a warning once per reason, and raises under ``GPTFAST_BACKEND=triton``.
 """
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,8 @@ import torch.nn.functional as F
 from gptfast import backend
 from gptfast.attention_core import (CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, CAUSAL_TOP_LEFT, attend, check_flash_options,
                                     check_inputs, check_mask, check_sinks, chunk_size, kernel_gap, run_kernel,
-                                    softmax_scale_for, torch_attention)
+                                    softmax_scale_for, torch_attention, window_pair)
+from gptfast.checked import checked_once
 from gptfast.kvcache import flash_attn_with_kvcache
 from gptfast.varlen import flash_attn_varlen_func, flash_attn_varlen_kvpacked_func, flash_attn_varlen_qkvpacked_func
 
@@ -114,16 +116,11 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         out (B, Tq, Hq, Dv) in q's dtype; with return_attn_probs (out, lse, S_dmask), with return_lse (out, lse):
         lse (B, Hq, Tq) float32, natural log, +inf for a row that sees no key.
     """
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"{name} must be a 4-dim tensor (batch, seq_len, heads, head_dim), got "
-                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
-    window_size = check_flash_options(q.shape[0], q.shape[2], q.device, dropout_p, window_size, softcap,
-                                      alibi_slopes)
-    check_sinks(sinks, q.shape[2], q.device)
-    chunk = chunk_size(attention_chunk)
+    if isinstance(window_size, torch.Tensor):  # its values are the window: read before the checks' signature
+        window_size = window_pair(window_size)
+    window_size, chunk = checked_once(_check_flash_call, q, k, v, dropout_p, window_size, softcap, alibi_slopes,
+                                      sinks, attention_chunk)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    check_inputs(q, k, v, enable_gqa=True)
     causal = CAUSAL_BOTTOM_RIGHT if causal else CAUSAL_NONE
     softmax_scale = softmax_scale_for(q.shape[-1], softmax_scale)
     options = dict(causal=causal, window=window_size, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
@@ -137,6 +134,18 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
             probs = torch_attention(q, k, v, mask=None, dropout_p=0.0, softmax_scale=softmax_scale, **options)[2]
         return out, lse, probs if kept is None else torch.where(kept, probs, -probs)
     return (out, lse) if return_lse else out
+
+
+def _check_flash_call(q, k, v, dropout_p, window_size, softcap, alibi_slopes, sinks, attention_chunk):
+    """flash_attn_func's checks of its (B, T, H, D) inputs and options; returns (window (left, right), chunk)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-dim tensor (batch, seq_len, heads, head_dim), got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    window = check_flash_options(q.shape[0], q.shape[2], q.device, dropout_p, window_size, softcap, alibi_slopes)
+    check_sinks(sinks, q.shape[2], q.device)
+    check_inputs(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), enable_gqa=True)
+    return window, chunk_size(attention_chunk)
 
 
 def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),

@@ -5,6 +5,7 @@ gptfast.custom_ops), the input checks, the choice between the
 kernels and PyTorch (``gptfast.backend``, and kernel_gap for what the kernels do not cover), and the PyTorch path
 with the kernels' semantics. It imports torch only: Triton is imported by the first kernel call.
 """
+import functools
 import math
 import operator
 
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from gptfast import backend
+from gptfast.checked import checked_once
 from gptfast.custom_ops import custom_op
 from gptfast.dtypes import dtype_gap
 
@@ -248,18 +250,30 @@ def check_sinks(sinks, heads, device):
 
 def compute_capability(device):
     """(major, minor) of a CUDA device, None for any other."""
-    return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    if device.type != "cuda":
+        return None
+    return _cuda_capability(device) if device.index is not None else torch.cuda.get_device_capability(device)
+
+
+@functools.cache
+def _cuda_capability(device):
+    """A numbered CUDA device's capability, kept: torch's query costs microseconds a call."""
+    return torch.cuda.get_device_capability(device)
 
 
 def kernel_gap(q, v, softmax_scale, chunk=0, dropout_p=0.0, flex=False, decode=False):
     """Why the kernels cannot run this (already valid) call, or None when they can; flex: a gptfast.flex call,
     decode: one for the decoding kernel (flash_attn_with_kvcache, paged prefill), whose 512-wide tiles hold
-    chunks."""
+    chunks. Worked out once per signature (gptfast.checked)."""
+    return checked_once(_kernel_gap, q, v, softmax_scale, chunk, dropout_p, flex, decode,
+                        compute_capability(q.device))
+
+
+def _kernel_gap(q, v, softmax_scale, chunk, dropout_p, flex, decode, capability):
     if chunk > 0 and dropout_p > 0:  # attention_spec.Spec.chunked says why
         return "attention_chunk with dropout (the chunked tiles leave dropout out to fit in registers)"
     if (gap := dtype_gap(("query", q))) is not None:
         return gap
-    capability = compute_capability(q.device)
     if capability is not None and capability < (8, 0):
         # Measured with `gptfast inspect --arch sm_75`: a 64 x 64 float16 tl.dot compiles to 2048 FFMA and no HMMA,
         # and backward tiles of head dim 128 spill hundreds of bytes even at 16 x 16; torch's SDPA uses the chip's
@@ -306,10 +320,12 @@ def run_kernel(q, k, v, mask, alibi_slopes, causal, window, softcap, dropout_p, 
     elif mask is not None:
         mask = mask[(None,) * (4 - mask.dim())]
     seed_offset = draw_dropout_seed(q.device) if dropout_p > 0 else None
-    out, lse = flash_attention_op(as_bhtd(q), as_bhtd(k), as_bhtd(v), mask, alibi_slopes, kernel_sinks(sinks),
-                                  seed_offset, None, None, None, 0, 0, causal, window[0], window[1], chunk,
-                                  float(softcap), float(dropout_p), softmax_scale, bool(deterministic))
-    if q.dim() != 4:  # a reshape costs microseconds of host time even when it changes nothing
+    four_dims = q.dim() == 4  # a reshape costs microseconds of host time even when it changes nothing
+    out, lse = flash_attention_op(*((q, k, v) if four_dims else map(as_bhtd, (q, k, v))), mask, alibi_slopes,
+                                  kernel_sinks(sinks), seed_offset, None, None, None, 0, 0, causal, window[0],
+                                  window[1], chunk, float(softcap), float(dropout_p), softmax_scale,
+                                  bool(deterministic))
+    if not four_dims:
         out, lse = out.reshape(*q.shape[:-1], v.shape[-1]), lse.reshape(q.shape[:-1])
     return out, lse, seed_offset
 

@@ -5,11 +5,13 @@ an autograd formula), but calling through one costs about 12 us on this reposito
 wrapper (benchmarks/bench_host.py): as much as a small call's whole host work should be. A ``CustomOp`` registers
 the op as torch would and, when called outside torch.compile on plain tensors, runs the op's own implementation
 directly: through an autograd.Function built from the op's own setup_context and backward when a gradient will be
-needed, as it is when not. Fake tensors, functional tensors, DTensors and other subclasses take the op.
+needed, as it is when not. Fake tensors, functional tensors, DTensors and other subclasses, and functorch's
+transforms (vmap, grad), take the op.
 """
 import torch
 
 PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+PLAIN_VALUES = (type(None), bool, int, float, str, torch.dtype)  # the ops' other arguments
 
 
 class CustomOp:
@@ -26,15 +28,29 @@ class CustomOp:
 
     def register_autograd(self, backward, setup_context):
         self.op.register_autograd(backward, setup_context=setup_context)
-        self.function = type(f"Eager_{self.impl.__name__}", (torch.autograd.Function,),
-                             {"forward": staticmethod(self.impl), "setup_context": staticmethod(setup_context),
-                              "backward": staticmethod(backward)})
+        impl = self.impl
+
+        # forward(ctx, ...) rather than a separate setup_context: Function.apply binds a setup_context Function's
+        # arguments through inspect.signature on every call, about 150 us on this repository's CPU.
+        def forward(ctx, *inputs):
+            output = impl(*inputs)
+            setup_context(ctx, inputs, output)
+            return output
+
+        self.function = type(f"Eager_{impl.__name__}", (torch.autograd.Function,),
+                             {"forward": staticmethod(forward), "backward": staticmethod(backward)})
 
     def __call__(self, *inputs):
-        tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
-        if torch.compiler.is_compiling() or any(type(t) not in PLAIN_TENSORS for t in tensors):
+        needs_grad = False
+        for value in inputs:
+            kind = value.__class__
+            if kind in PLAIN_TENSORS:
+                needs_grad = needs_grad or value.requires_grad
+            elif kind not in PLAIN_VALUES:
+                return self.op(*inputs)  # a tensor subclass (or an unexpected value: the op's schema says)
+        if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
             return self.op(*inputs)
-        if self.function is not None and torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        if needs_grad and self.function is not None and torch.is_grad_enabled():
             return self.function.apply(*inputs)
         return self.impl(*inputs)
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from gptfast import backend
+from gptfast.checked import checked_once
 from gptfast.custom_ops import custom_op
 from gptfast.dtypes import dtype_gap
 
@@ -116,13 +117,22 @@ def _kernel_gap(input, weight, bias, *others):
 
 
 def _rows(t, n_cols):
-    """(..., N) -> (M, N) with unit column stride: a view whenever one exists."""
-    rows = t.reshape(-1, n_cols)
+    """(..., N) -> (M, N) with unit column stride: a view whenever one exists (t itself when it is one: a reshape
+    costs microseconds of host time even when it changes nothing)."""
+    rows = t if t.dim() == 2 else t.reshape(-1, n_cols)
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
 def _flat(t):
-    return None if t is None else t.reshape(-1)
+    return t if t is None or t.dim() == 1 else t.reshape(-1)
+
+
+def _checked_normalize(op, input, normalized_shape, weight, bias):
+    """_normalize's checks, once per signature (gptfast.checked): (normalized_shape as a tuple, the row length N,
+    what the kernel does not cover or None)."""
+    normalized_shape = _normalized_size(normalized_shape)
+    n_cols = _check(op, input, normalized_shape, weight, bias)
+    return normalized_shape, n_cols, _kernel_gap(input, weight, bias)
 
 
 def _torch_norm(input, normalized_shape, weight, bias, eps, rms):
@@ -133,12 +143,11 @@ def _torch_norm(input, normalized_shape, weight, bias, eps, rms):
 
 def _normalize(op, input, normalized_shape, weight, bias, eps, rms):
     """layer_norm or rms_norm (rms, bias None) of checked arguments, on the kernel or on PyTorch."""
-    normalized_shape = _normalized_size(normalized_shape)
-    n_cols = _check(op, input, normalized_shape, weight, bias)
-    if not backend.use_triton(op, input.device, _kernel_gap(input, weight, bias)):
+    normalized_shape, n_cols, gap = checked_once(_checked_normalize, op, input, normalized_shape, weight, bias)
+    if not backend.use_triton(op, input.device, gap):
         return _torch_norm(input, normalized_shape, weight, bias, eps, rms)
     y = _layer_norm(_rows(input, n_cols), None, _flat(weight), _flat(bias), float(eps), rms)[0]
-    return y.reshape(input.shape)
+    return y if input.dim() == 2 else y.reshape(input.shape)
 
 
 def _add_normalize(op, x, residual, weight, bias, eps, rms):

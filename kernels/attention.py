@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gptfast.kernels import device_arch, multiprocessors
+from gptfast.kernels import cdiv, device_arch, multiprocessors
 from gptfast.kernels.attention_blocks import (MASK_NONE, chunk_start, head_columns, mask_mods, online_softmax,
                                               softmax_start, tile_scores, visible_pairs)
 from gptfast.kernels.attention_spec import Call, Features, Flex, block_lists, describe
@@ -834,13 +834,9 @@ def dropout_keep_kernel(SEED, KEEP, num_heads, seqlen_q, seqlen_k, dropout_p,
 
 def empty_bthd(b, h, t, d, like):
     """A (B, H, T, D) tensor stored as (B, T, H, D) memory: the layout flash-attn returns, so that merging heads
-    afterwards (transpose(1, 2).reshape) is free."""
-    return new_bthd(b, h, t, d, like)
-
-
-def new_bthd(b, h, t, d, like, new=torch.empty):
-    """empty_bthd's tensor made by new (torch.empty or torch.zeros)."""
-    return new((b, t, h, d), dtype=like.dtype, device=like.device).transpose(1, 2)
+    afterwards (transpose(1, 2).reshape) is free. Made by empty_strided: an empty tensor transposed costs twice
+    the host time."""
+    return torch.empty_strided((b, h, t, d), (t * h * d, d, h * d, 1), dtype=like.dtype, device=like.device)
 
 
 def _tma_ready(t):
@@ -858,8 +854,9 @@ def _allow_descriptors(device):
 
 def attention_forward(q, k, v, softmax_scale, features=Features()):
     """Returns (out, lse): out (B, Hq, Tq, Dv) in q's dtype, lse (B, Hq, Tq) float32. See the module docstring."""
-    out = empty_bthd(*q.shape[:3], v.shape[3], q)
-    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    batch_q, heads, seqlen_q = q.shape[:3]
+    out = empty_bthd(batch_q, heads, seqlen_q, v.shape[3], q)
+    lse = torch.empty((batch_q, heads, seqlen_q), dtype=torch.float32, device=q.device)
     call = describe(q, k, v, features, softmax_scale)
     batch, rows, keys = call.shape
     arch = device_arch(q.device)
@@ -869,10 +866,10 @@ def attention_forward(q, k, v, softmax_scale, features=Features()):
     kernel = autotuned(attention_forward_kernel, "forward", arch, q.dtype, rows, keys, call.spec, variants)
 
     def grid(meta):
-        query_blocks = triton.cdiv(rows, meta["BLOCK_M"])
+        query_blocks = cdiv(rows, meta["BLOCK_M"])
         if meta["PERSISTENT"]:
-            return (min(query_blocks * batch * q.shape[1], multiprocessors(q.device)),)
-        return (query_blocks, batch * q.shape[1])
+            return (min(query_blocks * batch * heads, multiprocessors(q.device)),)
+        return (query_blocks, batch * heads)
     kernel[grid](Q=q, K=k, V=v, O=out, LSE=lse, q_strides=q.stride(), k_strides=k.stride(), v_strides=v.stride(),
                  o_strides=out.stride(), **call.kwargs)
     return out, lse
@@ -904,15 +901,16 @@ def _dkdv(backward, dq_acc=None):
     """(dk, dv) from the dk/dv kernel; with dq_acc (float32, (B, Hq, Tq, D), zeros) it also adds dq there: the
     single pass."""
     k = backward.k
-    # Keys past a sequence's seqused_k belong to no sequence: the kernel never writes their zero gradient.
-    new = torch.zeros if backward.call.spec.SEQUSED_K else torch.empty
-    dk = new_bthd(*k.shape, k, new)
-    dv = new_bthd(*backward.v.shape, backward.v, new)
+    dk = empty_bthd(*k.shape, k)
+    dv = empty_bthd(*backward.v.shape, backward.v)
+    if backward.call.spec.SEQUSED_K:  # keys past a sequence's seqused_k belong to none: never written, zero
+        dk.zero_()
+        dv.zero_()
     name = "backward_dkdv" if dq_acc is None else "backward_single_pass"
     batch, rows, keys = backward.call.shape
     kernel = autotuned(attention_backward_dkdv_kernel, name, device_arch(k.device), k.dtype, rows, keys,
                        backward.call.spec, backward.loads)
-    grid = lambda meta: (triton.cdiv(keys, meta["BLOCK_N"]), batch * k.shape[1])
+    grid = lambda meta: (cdiv(keys, meta["BLOCK_N"]), batch * k.shape[1])
     kernel[grid](DK=dk, DV=dv, DQ_ACC=dq_acc, dk_strides=dk.stride(), dv_strides=dv.stride(),
                  dq_acc_strides=dq_acc.stride() if dq_acc is not None else (0, 0, 0, 0),
                  **backward.tensors(blocks=block_lists(backward.flex.q_blocks) if backward.flex else None),
@@ -930,7 +928,7 @@ def _two_kernel_backward(backward, mask_grad):
     batch, rows, keys = backward.call.shape
     kernel = autotuned(attention_backward_dq_kernel, "backward_dq", device_arch(q.device), q.dtype, rows, keys,
                        backward.call.spec, backward.loads)
-    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), batch * q.shape[1])
+    grid = lambda meta: (cdiv(rows, meta["BLOCK_M"]), batch * q.shape[1])
     kernel[grid](DQ=dq, DBIAS=dmask, dq_strides=dq.stride(),
                  dbias_strides=dmask.stride() if mask_grad else (0, 0, 0, 0), **backward.tensors(),
                  BIAS_GRAD=mask_grad)
@@ -958,7 +956,7 @@ def attention_backward(grad_out, grad_lse, q, k, v, out, lse, softmax_scale, fea
     call = describe(q, k, v, features, softmax_scale)
     delta = torch.empty_like(lse)
     rows = delta_block(call.spec.BLOCK_DV)
-    attention_backward_delta_kernel[(triton.cdiv(seqlen_q, rows), batch * num_heads)](
+    attention_backward_delta_kernel[(cdiv(seqlen_q, rows), batch * num_heads)](
         out, grad_out, grad_lse, delta, *out.stride(), *grad_out.stride(), num_heads, seqlen_q,
         HEAD_DIM=call.spec.HEAD_DIM_V, BLOCK_D=call.spec.BLOCK_DV, BLOCK_M=rows, maxnreg=MAX_REGISTERS)
     arch = device_arch(q.device)
@@ -990,6 +988,6 @@ def dropout_keep_mask(seed_offset, batch, num_heads, seqlen_q, seqlen_k, dropout
     """The (B, Hq, Tq, Tk) bool keep mask that the kernels draw for seed_offset: the reference tests and
     return_attn_probs compare against."""
     keep = torch.empty((batch, num_heads, seqlen_q, seqlen_k), dtype=torch.bool, device=seed_offset.device)
-    grid = (triton.cdiv(seqlen_q, 16), triton.cdiv(seqlen_k, 16), batch * num_heads)
+    grid = (cdiv(seqlen_q, 16), cdiv(seqlen_k, 16), batch * num_heads)
     dropout_keep_kernel[grid](seed_offset, keep, num_heads, seqlen_q, seqlen_k, dropout_p, BLOCK_M=16, BLOCK_N=16)
     return keep

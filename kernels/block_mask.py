@@ -4,6 +4,7 @@ import torch
 import triton
 import triton.language as tl
 
+from gptfast.kernels import cdiv
 from gptfast.kernels.attention_blocks import mask_mods
 
 EMPTY, PARTIAL, FULL = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
@@ -37,7 +38,7 @@ def block_states(mask_mod, mask_args, batch, num_heads, seqlen_q, seqlen_k, bloc
     """(B, H, cdiv(Tq, block_q), cdiv(Tk, block_kv)) uint8 block states of the mask mod (a MASK_MOD tuple of
     terms, attention_spec.Spec) with its args, block_size = (block_q, block_kv)."""
     block_q, block_kv = block_size
-    rows, columns = triton.cdiv(seqlen_q, block_q), triton.cdiv(seqlen_k, block_kv)
+    rows, columns = cdiv(seqlen_q, block_q), cdiv(seqlen_k, block_kv)
     states = torch.empty((batch, num_heads, rows, columns), dtype=torch.uint8, device=device)
     block_states_kernel[(rows, batch * num_heads)](states, mask_args, num_heads, seqlen_q, seqlen_k, columns,
                                                    MASK_MOD=mask_mod, BLOCK_Q=block_q, BLOCK_KV=block_kv,

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gptfast.kernels import device_arch, input_precision, multiprocessors, next_power_of_2, padded_head_dim
+from gptfast.kernels import cdiv, device_arch, input_precision, multiprocessors, next_power_of_2, padded_head_dim
 from gptfast.kernels.autotune import autotune
 from gptfast.kernels.attention_blocks import chunk_start, head_columns, online_softmax, softmax_start, tile_scores
 from gptfast.kernels.attention_spec import Spec
@@ -270,8 +270,8 @@ def auto_splits(programs, capacity, device):
     """Splits per row block: enough programs to fill the GPU once (flash-decoding's aim), each with at least
     MIN_KEYS_PER_SPLIT keys of the cache's capacity, at most MAX_SPLITS. A rule on shapes only, so a CUDA graph
     captures a fixed grid."""
-    wanted = triton.cdiv(multiprocessors(device), programs)
-    return max(1, min(wanted, triton.cdiv(capacity, MIN_KEYS_PER_SPLIT), MAX_SPLITS))
+    wanted = cdiv(multiprocessors(device), programs)
+    return max(1, min(wanted, cdiv(capacity, MIN_KEYS_PER_SPLIT), MAX_SPLITS))
 
 
 def key_blocks(head_dim):
@@ -308,7 +308,7 @@ def decode_attention(q, k_cache, v_cache, block_table, seqlens, leftpad, softmax
     group = num_heads // num_kv_heads
     spec = decode_spec(q, v_cache, causal_right, window_left, softcap, alibi_slopes, sinks, chunk, queries is not None)
     block_m = query_block(rows_q * group, spec.tile_dim, q.dtype)
-    row_blocks = triton.cdiv(rows_q * group, block_m)
+    row_blocks = cdiv(rows_q * group, block_m)
     capacity = block_table.shape[1] * page_size
     splits = min(num_splits or auto_splits(row_blocks * batch * num_kv_heads, capacity, q.device), MAX_SPLITS)
     out = q.new_empty((*q.shape[:3], spec.HEAD_DIM_V))

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gptfast.kernels import device_arch
+from gptfast.kernels import cdiv, device_arch, next_power_of_2
 from gptfast.kernels.autotune import autotune
 
 MAX_FUSED_N = 8192  # the largest padded row held in registers; longer rows are chunked
@@ -278,7 +278,7 @@ def autotuned(kernel, kernel_name, arch, block_n):
 
 def _row_block(n_cols):
     """(BLOCK_N, ROW_FITS): the whole padded row when it fits, else CHUNK_N."""
-    block = triton.next_power_of_2(n_cols)
+    block = next_power_of_2(n_cols)
     return (block, True) if block <= MAX_FUSED_N else (CHUNK_N, False)
 
 
@@ -328,11 +328,11 @@ def layer_norm_backward(grad_y, grad_sum, x, weight, mean, rstd, dx_dtype, dresi
         grad_y, grad_y if grad_sum is None else grad_sum, x, x if weight is None else weight, mean, rstd, dx,
         dx if grad_sum is None else dresidual, partial,
         grad_y.stride(0), 0 if grad_sum is None else grad_sum.stride(0), x.stride(0), dx.stride(0),
-        n_rows, n_cols, triton.cdiv(n_rows, n_programs),
+        n_rows, n_cols, cdiv(n_rows, n_programs),
         HAS_WEIGHT=weight is not None, HAS_DSUM=grad_sum is not None, RMS=rms, BLOCK_N=block_n, ROW_FITS=row_fits)
     dweight = torch.empty(n_cols, dtype=torch.float32, device=x.device)
     dbias = torch.empty_like(dweight)
     block = 128 if x.device.type == "cuda" else 64
-    weight_grad_kernel[(triton.cdiv(n_cols, block),)](partial, dweight, dbias, n_programs, n_cols,
+    weight_grad_kernel[(cdiv(n_cols, block),)](partial, dweight, dbias, n_programs, n_cols,
                                                       BLOCK_P=32, BLOCK_N=block)
     return dx, dresidual, dweight, dbias

@@ -34,10 +34,14 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
         assert re.search(rf"^{suite}: exit status 0 after \d+ s in all; \d+ {closing}", result.stdout,
                          re.MULTILINE), result.stdout[-3000:]
     files = sorted(os.listdir(out))
-    assert files == ["add_layer_norm.png", "attention.png", "ceilings.json", "check.log", "layer_norm.png",
-                     "report.md", "results.json"]
+    assert files == ["add_layer_norm.png", "attention.png", "ceilings.json", "check.log", "first_step.jsonl",
+                     "layer_norm.png", "report.md", "results.json"]
     report = (out / "report.md").read_text()
     assert "| attention fwd bfloat16 D=64 causal T=128 (gptfast) |" in report and "ceilings measured" in report
+    first_steps = [json.loads(line) for line in (out / "first_step.jsonl").read_text().splitlines()]
+    assert [record["label"] for record in first_steps] == ["empty cache", "warm cache", "after gptfast warmup"]
+    assert all(record["first_step_s"] > 0 and record["second_step_s"] > 0 for record in first_steps)
+    assert "[warm: 2 steps in" in result.stdout  # gptfast warmup's last line: a training step and a generation
 
 
 def test_gpu_check_explains_itself():
