@@ -1,6 +1,6 @@
 """Attention, forward and forward+backward: gptfast (the autotuner's choice, and each variant forced: the
 pointer-loading forward with the two-kernel backward, and the TMA forward, plain or persistent, with the single-pass
-backward; kernels/attention_tuning.py) against
+backward; kernels/attention_tuning.py; and the FP8 forward on float8 inputs, gptfast.fp8, beside bfloat16's) against
 torch's SDPA (its default choice and each of its flash, cuDNN, efficient and math backends), and flash_attn when it
 is installed.
 
@@ -16,7 +16,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from harness import DEVICE, FULL, GPTFAST_BACKEND, measure, rotating
 from gptfast import use_backend
-from gptfast.attention import scaled_dot_product_attention
+from gptfast.attention import flash_attn_func, scaled_dot_product_attention
 from gptfast.kernels.attention_tuning import VariantUnavailable, forced_variants
 
 if FULL:
@@ -42,6 +42,12 @@ def _gptfast(q, k, v, causal):
         return scaled_dot_product_attention(q, k, v, is_causal=causal)
 
 
+def _gptfast_fp8(q, k, v, causal):
+    """The FP8 forward (gptfast.fp8) on float8 inputs made beforehand (make_inputs), descales 1."""
+    with use_backend(GPTFAST_BACKEND):
+        return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal).transpose(1, 2)
+
+
 def _flash_attn(q, k, v, causal):
     from flash_attn import flash_attn_func
     return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal).transpose(1, 2)
@@ -52,6 +58,7 @@ IMPLS = {
     "gptfast-pointers-two-kernel": _gptfast,
     "gptfast-tma-single-pass": _gptfast,
     "gptfast-persistent-single-pass": _gptfast,
+    "gptfast-fp8": _gptfast_fp8,
     "torch-sdpa": lambda q, k, v, causal: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
     "torch-flash": _sdpa_with(SDPBackend.FLASH_ATTENTION),
     "torch-cudnn": _sdpa_with(SDPBackend.CUDNN_ATTENTION),
@@ -62,7 +69,7 @@ IMPLS = {
 # gptfast's variants, forced for the whole step (forward and backward): attention_tuning's docstring.
 FORCED = {"gptfast-pointers-two-kernel": ("pointers", "two_kernel"), "gptfast-tma-single-pass": ("tma", "single_pass"),
           "gptfast-persistent-single-pass": ("tma_persistent", "single_pass")}
-GPU_ONLY = {"torch-flash", "torch-cudnn", "torch-efficient", "flash_attn", *FORCED}
+GPU_ONLY = {"torch-flash", "torch-cudnn", "torch-efficient", "flash_attn", "gptfast-fp8", *FORCED}
 
 
 def cannot_run(impl, error):
@@ -95,12 +102,16 @@ def test_attention(benchmark, case, impl):
         pytest.skip(f"the math backend materialises the T x T scores; skipped past T={MATH_MAX_SEQLEN}")
     if impl == "flash_attn":
         pytest.importorskip("flash_attn")
+    if impl == "gptfast-fp8" and (mode != "fwd" or dtype != torch.bfloat16 or head_dim > 128
+                                  or torch.cuda.get_device_capability() < (8, 9)):
+        pytest.skip("the FP8 forward is timed beside bfloat16's at head dims 64 and 128, on sm_89 and newer")
     batch, heads = TOKENS // seqlen, WIDTH // head_dim
     backward = mode == "fwd_bwd"
+    inputs_dtype = torch.float8_e4m3fn if impl == "gptfast-fp8" else dtype
 
     def make_inputs():
         make = lambda: torch.randn(batch, heads, seqlen, head_dim, device=DEVICE, dtype=dtype,
-                                   requires_grad=backward)
+                                   requires_grad=backward).to(inputs_dtype)
         return make(), make(), make(), torch.randn(batch, heads, seqlen, head_dim, device=DEVICE, dtype=dtype)
 
     take = rotating(make_inputs, 4 * batch * heads * seqlen * head_dim * dtype.itemsize)

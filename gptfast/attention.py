@@ -12,8 +12,9 @@ What the kernels cover: float16, bfloat16 and float32 (float32 uses tf32 only wh
 any sequence lengths; grouped-query attention; causal masks aligned top-left (torch's ``is_causal``,
 ``causal_upper_left``) or bottom-right (flash-attn's ``causal``, ``causal_lower_right``); sliding windows; chunks;
 boolean and additive masks of any broadcastable shape (an additive one gets its gradient); ALiBi; logit
-softcapping; learnable sinks; dropout on the attention weights. Everything else (float64, head dims past 512) runs
-PyTorch under ``auto``, with a warning once per reason, and raises under ``GPTFAST_BACKEND=triton``.
+softcapping; learnable sinks; dropout on the attention weights; and a forward on float8 e4m3 inputs with flash-attn
+3's descales (gptfast.fp8). Everything else (float64, head dims past 512) runs PyTorch under ``auto``, with a
+warning once per reason, and raises under ``GPTFAST_BACKEND=triton``.
 """
 import torch
 import torch.nn.functional as F
@@ -23,12 +24,13 @@ from gptfast.attention_core import (CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, CAUSAL_TOP
                                     check_inputs, check_mask, check_sinks, chunk_size, kernel_gap, run_kernel,
                                     softmax_scale_for, torch_attention, window_pair)
 from gptfast.checked import checked_once
+from gptfast.fp8 import FP8, check_fp8, fp8_attention, fp8_descales, is_fp8_call, quantize_fp8
 from gptfast.kvcache import flash_attn_with_kvcache
 from gptfast.varlen import flash_attn_varlen_func, flash_attn_varlen_kvpacked_func, flash_attn_varlen_qkvpacked_func
 
 __all__ = ["scaled_dot_product_attention", "flash_attn_func", "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func",
            "flash_attn_varlen_func", "flash_attn_varlen_kvpacked_func", "flash_attn_varlen_qkvpacked_func",
-           "flash_attn_with_kvcache"]
+           "flash_attn_with_kvcache", "quantize_fp8"]
 
 
 def _causal_mode(attn_mask, is_causal):
@@ -83,7 +85,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                     alibi_slopes=None, deterministic=False, return_attn_probs=False, *, return_lse=False, sinks=None,
-                    attention_chunk=0):
+                    attention_chunk=0, q_descale=None, k_descale=None, v_descale=None, out_dtype=None):
     """flash-attn 2's ``flash_attn_func``, same signature and argument order, on gptfast's kernels.
 
     Args:
@@ -112,19 +114,32 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
             same chunk of C positions as i + Tk - Tq (Llama 4's chunked attention), on top of causal and
             window_size. With dropout too the call runs PyTorch (a warning under auto): the kernels' chunked
             tiles leave dropout out to fit in registers.
+        q_descale, k_descale, v_descale, out_dtype (keyword only, flash-attn 3's FP8 forward, gptfast.fp8): with
+            torch.float8_e4m3fn q, k and v, float32 (B, Hkv) descales (or scalar tensors; None for 1) that
+            multiply them back to their real values; the output is out_dtype (default bfloat16). Forward only.
+            gptfast.fp8.quantize_fp8 makes such inputs.
     Returns:
-        out (B, Tq, Hq, Dv) in q's dtype; with return_attn_probs (out, lse, S_dmask), with return_lse (out, lse):
-        lse (B, Hq, Tq) float32, natural log, +inf for a row that sees no key.
+        out (B, Tq, Hq, Dv) in q's dtype (out_dtype for FP8 inputs); with return_attn_probs (out, lse, S_dmask), with
+        return_lse (out, lse): lse (B, Hq, Tq) float32, natural log, +inf for a row that sees no key.
     """
     if isinstance(window_size, torch.Tensor):  # its values are the window: read before the checks' signature
         window_size = window_pair(window_size)
     window_size, chunk = checked_once(_check_flash_call, q, k, v, dropout_p, window_size, softcap, alibi_slopes,
                                       sinks, attention_chunk)
+    if is_fp8_call(q, k, v, (q_descale, k_descale, v_descale)):
+        check_fp8(q, k, v, dropout_p, return_attn_probs, torch.bfloat16 if out_dtype is None else out_dtype)
+        descale = fp8_descales(q, k, q_descale, k_descale, v_descale)
+    elif out_dtype is not None:
+        raise ValueError("out_dtype applies to FP8 inputs only (the output is in q's dtype)")
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     causal = CAUSAL_BOTTOM_RIGHT if causal else CAUSAL_NONE
     softmax_scale = softmax_scale_for(q.shape[-1], softmax_scale)
     options = dict(causal=causal, window=window_size, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
                    chunk=chunk)
+    if q.dtype == FP8:
+        out, lse = fp8_attention(q, k, v, descale, **options, softmax_scale=softmax_scale,
+                                 out_dtype=torch.bfloat16 if out_dtype is None else out_dtype)
+        return (out.transpose(1, 2), lse) if return_lse else out.transpose(1, 2)
     out, lse, kept = attend(q, k, v, **options, dropout_p=dropout_p, softmax_scale=softmax_scale,
                             need_lse=return_lse or return_attn_probs, need_keep=return_attn_probs,
                             deterministic=deterministic)
@@ -149,24 +164,28 @@ def _check_flash_call(q, k, v, dropout_p, window_size, softcap, alibi_slopes, si
 
 
 def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
-                             softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+                             softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False, *,
+                             q_descale=None, k_descale=None, v_descale=None, out_dtype=None):
     """flash-attn 2's ``flash_attn_kvpacked_func``: kv (B, Tk, 2, Hkv, D), keys then values, read as views.
-    Everything else as flash_attn_func."""
+    Everything else as flash_attn_func (the FP8 keywords too)."""
     if not isinstance(kv, torch.Tensor) or kv.dim() != 5 or kv.shape[2] != 2:
         raise ValueError(f"kv must be a (batch, seq_len, 2, heads, head_dim) tensor, got "
                          f"{tuple(kv.shape) if isinstance(kv, torch.Tensor) else type(kv).__name__}")
     k, v = kv.unbind(dim=2)
     return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                           deterministic, return_attn_probs)
+                           deterministic, return_attn_probs, q_descale=q_descale, k_descale=k_descale,
+                           v_descale=v_descale, out_dtype=out_dtype)
 
 
 def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
-                              softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+                              softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False, *,
+                              q_descale=None, k_descale=None, v_descale=None, out_dtype=None):
     """flash-attn 2's ``flash_attn_qkvpacked_func``: qkv (B, T, 3, H, D), the fused projection's output, read as
-    views (no copy). Everything else as flash_attn_func."""
+    views (no copy). Everything else as flash_attn_func (the FP8 keywords too)."""
     if not isinstance(qkv, torch.Tensor) or qkv.dim() != 5 or qkv.shape[2] != 3:
         raise ValueError(f"qkv must be a (batch, seq_len, 3, heads, head_dim) tensor, got "
                          f"{tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__}")
     q, k, v = qkv.unbind(dim=2)
     return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                           deterministic, return_attn_probs)
+                           deterministic, return_attn_probs, q_descale=q_descale, k_descale=k_descale,
+                           v_descale=v_descale, out_dtype=out_dtype)

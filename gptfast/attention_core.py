@@ -261,18 +261,24 @@ def _cuda_capability(device):
     return torch.cuda.get_device_capability(device)
 
 
-def kernel_gap(q, v, softmax_scale, chunk=0, dropout_p=0.0, flex=False, decode=False):
+def kernel_gap(q, v, softmax_scale, chunk=0, dropout_p=0.0, flex=False, decode=False, fp8=False):
     """Why the kernels cannot run this (already valid) call, or None when they can; flex: a gptfast.flex call,
     decode: one for the decoding kernel (flash_attn_with_kvcache, paged prefill), whose 512-wide tiles hold
-    chunks. Worked out once per signature (gptfast.checked)."""
-    return checked_once(_kernel_gap, q, v, softmax_scale, chunk, dropout_p, flex, decode,
+    chunks; fp8: gptfast.fp8's forward of float8 e4m3 inputs, which needs sm_89 or newer and head dims to 256
+    (other calls take 16- and 32-bit inputs only). Worked out once per signature (gptfast.checked)."""
+    return checked_once(_kernel_gap, q, v, softmax_scale, chunk, dropout_p, flex, decode, fp8,
                         compute_capability(q.device))
 
 
-def _kernel_gap(q, v, softmax_scale, chunk, dropout_p, flex, decode, capability):
+def _kernel_gap(q, v, softmax_scale, chunk, dropout_p, flex, decode, fp8, capability):
     if chunk > 0 and dropout_p > 0:  # attention_spec.Spec.chunked says why
         return "attention_chunk with dropout (the chunked tiles leave dropout out to fit in registers)"
-    if (gap := dtype_gap(("query", q))) is not None:
+    if fp8:
+        if capability is not None and capability < (8, 9):
+            return "FP8 attention on GPUs before sm_89 (they have no FP8 tensor cores)"
+        if max(q.shape[-1], v.shape[-1]) > FULL_FEATURE_HEAD_DIM:
+            return f"FP8 attention at head dims past {FULL_FEATURE_HEAD_DIM}"
+    elif (gap := dtype_gap(("query", q))) is not None:
         return gap
     if capability is not None and capability < (8, 0):
         # Measured with `gptfast inspect --arch sm_75`: a 64 x 64 float16 tl.dot compiles to 2048 FFMA and no HMMA,
@@ -405,7 +411,15 @@ def attend(q, k, v, causal=CAUSAL_NONE, window=(-1, -1), mask=None, softcap=0.0,
             from gptfast.kernels.attention import dropout_keep_mask
             kept = dropout_keep_mask(seed_offset, *q.shape[:3], k.shape[2], float(dropout_p))
         return out, lse, kept
-    if need_lse or need_keep or window != (-1, -1) or softcap > 0 or alibi_slopes is not None or (
+    return pytorch_attention(q, k, v, causal, window, mask, softcap, alibi_slopes, dropout_p, softmax_scale,
+                             need_lse or need_keep, sinks, chunk)
+
+
+def pytorch_attention(q, k, v, causal, window, mask, softcap, alibi_slopes, dropout_p, softmax_scale, need_lse,
+                      sinks=None, chunk=0):
+    """attend's PyTorch path, (out, lse or None, kept): F.scaled_dot_product_attention where it can express the
+    call and no lse is needed, else torch_attention."""
+    if need_lse or window != (-1, -1) or softcap > 0 or alibi_slopes is not None or (
             sinks is not None) or chunk > 0 or (mask is not None and causal != CAUSAL_NONE):
         out, lse, _, kept = torch_attention(q, k, v, causal, window, mask, softcap, alibi_slopes, dropout_p,
                                              softmax_scale, sinks, chunk)

@@ -3,8 +3,9 @@ report what the hardware would see: registers, spills, shared memory and tensor-
 
 Triton compiles for a named target without a device (``triton.compile(ASTSource(...), target=GPUTarget(...))``);
 the ``cuobjdump`` shipped in Triton's wheel reads the resulting cubin. The argument types mirror what Triton's JIT
-derives at a real launch: tensor pointers of the inspected dtype (the statistics buffers are float32), 16-byte
-aligned; strides divisible by 16; the unit last-dim strides of attention specialised to 1; other ints i32.
+derives at a real launch: tensor pointers of the inspected dtype (the statistics buffers are float32; the FP8
+forward's inputs float8 e4m3 and its output bfloat16), 16-byte aligned; strides divisible by 16; the unit
+last-dim strides of attention specialised to 1; other ints i32.
 A config fails when it does not compile, spills registers to local memory, needs more registers than one
 multiprocessor holds for its block (16 warps at over 128 registers: it would not launch) or more shared memory than
 the chip has; the command then exits 1.
@@ -28,13 +29,15 @@ ARCHS = {"sm_75": 75, "sm_80": 80, "sm_86": 86, "sm_89": 89, "sm_90": 90, "sm_10
 SHARED_LIMIT = {"sm_75": 65536, "sm_80": 166912, "sm_86": 101376, "sm_89": 101376, "sm_90": 232448,
                 "sm_100": 232448, "sm_120": 101376}
 # Tensor-core instructions in SASS: Blackwell's tcgen05 (UTC*MMA), Hopper's wgmma (HGMMA), mma.sync (HMMA).
-TENSOR_CORE_OPS = re.compile(r"\b(UTC[A-Z]*MMA|HGMMA|HMMA)\b")
+TENSOR_CORE_OPS = re.compile(r"\b(UTC[A-Z]*MMA|[HQ]GMMA|[HQ]MMA)\b")
 TMA_OPS = re.compile(r"\b(UTMALDG|UTMASTG|UBLKCP)\b")
-FLOAT32_POINTERS = {"LSE", "DELTA", "GRAD_LSE", "SINKS", "MEAN", "RSTD", "PARTIAL", "DW", "DB", "ALIBI", "DBIAS",
-                    "LOSS", "ROW_SCALE", "DQ_ACC", "O_PART", "LSE_PART"}
+FLOAT32_POINTERS = {"LSE", "DELTA", "GRAD_LSE", "SINKS", "DESCALE", "MEAN", "RSTD", "PARTIAL", "DW", "DB", "ALIBI",
+                    "DBIAS", "LOSS", "ROW_SCALE", "DQ_ACC", "O_PART", "LSE_PART"}
 INT32_POINTERS = {"CU_SEQLENS_Q", "CU_SEQLENS_K", "SEQUSED_K", "BLOCK_TABLE", "SEQLENS", "LEFTPAD"}
 FLOAT_SCALARS = {"qk_scale", "softmax_scale", "eps", "softcap", "dropout_p", "keep_scale", "label_smoothing"}
-INSPECTED_DTYPES = ("bf16", "fp32")
+INSPECTED_DTYPES = ("bf16", "fp32", "fp8")
+FP8_ARCHS = ("sm_89", "sm_90", "sm_100", "sm_120")  # FP8 tensor cores: the FP8 attention forward (gptfast.fp8)
+TRITON_TYPES = {"fp8": "fp8e4nv"}  # an inspected dtype's pointer type where Triton's name differs
 KERNEL_MODULES = ("attention", "flex", "decode", "layernorm", "cross_entropy")
 # The attention kernels' tuple arguments (attention_spec.describe) other than strides, which hold 4 ints (the last,
 # a unit head-dim stride, specialised to 1) except the slopes' 2. A split's steps are multiples of 16 at the head
@@ -88,15 +91,17 @@ ATTENTION_KERNELS = {"forward": "attention_forward_kernel", "backward_dkdv": "at
                      "backward_single_pass": "attention_backward_dkdv_kernel"}
 
 
-def arch_dtypes(arch, dtypes):
-    """The dtypes inspected on an arch: "bf16" stands for the 16-bit type, float16 on Turing (no bfloat16)."""
-    return ["fp16" if dtype == "bf16" and arch == "sm_75" else dtype for dtype in dtypes]
+def arch_dtypes(arch, dtypes, fp8=False):
+    """The dtypes inspected on an arch: "bf16" stands for the 16-bit type, float16 on Turing (no bfloat16); "fp8"
+    (float8 e4m3) only for a kernel that takes it (fp8: the attention forward) on an arch with FP8_ARCHS."""
+    return ["fp16" if dtype == "bf16" and arch == "sm_75" else dtype for dtype in dtypes
+            if dtype != "fp8" or fp8 and arch in FP8_ARCHS]
 
 
 def _variant_constexprs(name, arch, dtype, spec):
     """The constexpr sets that select each variant of one tuning list's kernel (attention_tuning's docstring), with
     the tensors that variant does not read as None."""
-    tma = arch in tuning().TMA_ARCHS and dtype != "fp32" and not spec.has_features
+    tma = arch in tuning().TMA_ARCHS and dtype == "bf16" and not spec.has_features
     absent = absent_tensors(spec, ATTENTION_KERNELS[name])
     if name == "forward":
         variants = tuning().FORWARD_VARIANTS if tma else ("pointers",)
@@ -138,9 +143,13 @@ def attention_specs(every, block_d, dtype):
     in 16-bit also DeepSeek's MLA shape (queries and keys 192 wide, values 128), which takes the tiles of the wider
     head dim.
     (In float32, sm_90's 16-warp dk/dv tile holds 137 registers there: a block past the register file, which
-    Triton's autotuner skips at launch as out of resources.)"""
+    Triton's autotuner skips at launch as out of resources.) In fp8 (the forward only): FP8 plain, and every
+    feature of an FP8 call with and without chunks, to head dims of 256."""
     precision = "ieee" if dtype == "fp32" else "tf32"  # fp32 runs ieee unless tf32 is allowed
     makes = (spec_class().every_feature, spec_class().chunked) if every else (spec_class().plain,)
+    if dtype == "fp8":  # the forward of flash_attn_func's features (no mask or dropout), head dims 32 to 256
+        return [make(block_d, "ieee")._replace(FP8=True, DROPOUT=False, MASK_KIND=0) for make in makes
+                if tuning().FP8_MIN_K <= block_d <= 256]
     if block_d > 256:  # calls with dropout or chunks run PyTorch there (attention_core.kernel_gap)
         return [make(block_d, precision)._replace(DROPOUT=False) for make in makes[:1]]
     specs = [make(block_d, precision) for make in makes]
@@ -156,10 +165,12 @@ def attention_jobs(arch, dtypes=INSPECTED_DTYPES):
         return []
     jobs = []
     for name, kernel in ATTENTION_KERNELS.items():
-        for dtype in arch_dtypes(arch, dtypes):
+        for dtype in arch_dtypes(arch, dtypes, fp8=name == "forward"):
             table = "fp32" if dtype == "fp32" else arch
             for every, tables in ((False, tuning().CONFIGS), (True, tuning().FEATURE_CONFIGS)):
                 for tile in tables[name][table]:
+                    if dtype == "fp8" and tile.block_n < tuning().FP8_MIN_K:  # attention_tuning.configs_for: why
+                        continue
                     for spec in (spec for block_d in tile.dims for spec in attention_specs(every, block_d, dtype)):
                         for variant in _variant_constexprs(name, arch, dtype, spec):
                             constexprs = (("SPEC", spec), *variant, ("BLOCK_M", tile.block_m),
@@ -344,7 +355,8 @@ def signature(fn, dtype, constexprs, types=None):
             partial = name == "O" and consts.get("FINAL") is False  # a split's partial output: float32
             sig[name] = ("*fp32" if name in FLOAT32_POINTERS or partial else "*i64" if name in ("SEED", "TARGET") else
                          "*i32" if name in INT32_POINTERS else
-                         "*i1" if name == "KEEP" or name == "MASK" and consts["SPEC"].MASK_KIND == 1 else f"*{dtype}")
+                         "*i1" if name == "KEEP" or name == "MASK" and consts["SPEC"].MASK_KIND == 1 else
+                         "*bf16" if name == "O" and dtype == "fp8" else f"*{TRITON_TYPES.get(dtype, dtype)}")
             attrs[(index,)] = [["tt.divisibility", 16]]
         elif name[:9] in ("stride_m", "stride_a", "stride_g") and len(name) == 9 or name == "stride_scale":
             sig[name] = "i32"  # a mask's, the slopes' or the loss scale's strides: 0 along broadcast dims, often 1
@@ -484,8 +496,9 @@ def add_arguments(parser):
     parser.add_argument("--kernel", choices=KERNEL_MODULES, action="append",
                         help="which kernels (repeatable; default: all)")
     parser.add_argument("--dtype", choices=INSPECTED_DTYPES, action="append",
-                        help="input dtype to compile for (repeatable; default: both; bf16 stands for 16-bit inputs: "
-                             "fp16 compiles as bf16 would, and on sm_75 fp16 is compiled instead)")
+                        help="input dtype to compile for (repeatable; default: all; bf16 stands for 16-bit inputs: "
+                             "fp16 compiles as bf16 would, and on sm_75 fp16 is compiled instead; fp8: the FP8 "
+                             "attention forward, on sm_89 and newer)")
     parser.add_argument("--head-dim", type=int, choices=(16, 32, 64, 128, 256, 512), action="append",
                         help="padded head dim of the attention kernels to compile (repeatable; default: all)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel compiler processes")

@@ -72,6 +72,10 @@ def cdiv(a, b):
     return -(-a // b)
 
 
-def padded_head_dim(head_dim):
-    """The block a head dim is padded to: the next power of two, at least 16 (tl.dot's smallest K)."""
-    return max(16, next_power_of_2(head_dim))
+def padded_head_dim(head_dim, fp8=False):
+    """The block a head dim is padded to: the next power of two, at least 16 (tl.dot's smallest K), 32 for float8
+    inputs (tl.dot's smallest K for them)."""
+    return max(FP8_MIN_K if fp8 else 16, next_power_of_2(head_dim))
+
+
+FP8_MIN_K = 32

@@ -25,7 +25,8 @@ output 0 and lse +inf, as in FlashAttention, so its backward terms vanish.
 
 Every other feature is a switch of the same kernels, compiled out when off: a boolean or additive mask read
 through its strides (the additive one's gradient with BIAS_GRAD), ALiBi slopes, Gemma 2's logit softcapping, and
-dropout on the attention weights from Philox numbers regenerated in the backward. The switches travel as one
+dropout on the attention weights from Philox numbers regenerated in the backward, and in the forward float8 inputs
+with per-(batch, kv head) descales (FP8, gptfast.fp8). The switches travel as one
 constexpr, SPEC (attention_spec.Spec), with the call's other arguments grouped in tuples: strides (4 per tensor),
 dims (batch, Hq, group size, Tq, Tk), bounds (causal_offset, window_offset, alibi_offset, chunk) and scales (qk_scale,
 softmax_scale, softcap, dropout_p, keep_scale); an absent tensor is None.
@@ -49,6 +50,10 @@ from gptfast.kernels.attention_spec import Call, Features, Flex, block_lists, de
 from gptfast.kernels.attention_tuning import (MAX_REGISTERS, autotuned, backward_choices, backward_loads,
                                                delta_block, fastest, forward_variants, length_bucket)
 from gptfast.kernels.math import LOG2E
+
+# The weights of an FP8 forward enter P @ V as float8 e4m3 times this: its smallest normal number is 2^-6, so
+# unscaled weights below 0.016 would lose precision and those below 2^-9 vanish; scaled, its range ends at 448.
+FP8_P_SCALE = tl.constexpr(256.0)
 
 
 @triton.jit
@@ -395,6 +400,8 @@ def _forward_blocks(acc, row_sum, row_max, q, offs_m, d_masks, k_source, v_sourc
         # v is loaded only now, so it is not live in registers during the softmax (the dq loop below loads it
         # with k instead: each order is the one that compiles without spills, per `gptfast inspect`).
         v = _rows(v_source, start_n, kv_row_strides[1], v_mask, TMA=TMA)
+        if SPEC.FP8:  # P @ V in float8 too (FlashAttention-3's choice), P scaled up so that small weights stay normal
+            p *= FP8_P_SCALE
         acc = tl.dot(p.to(v.dtype), v, acc * correction[:, None], input_precision=SPEC.INPUT_PRECISION)
         row_max = new_max
     return acc, row_sum, row_max
@@ -402,14 +409,14 @@ def _forward_blocks(acc, row_sum, row_max, q, offs_m, d_masks, k_source, v_sourc
 
 @triton.jit
 def attention_forward_kernel(
-        Q, K, V, O, LSE, MASK, ALIBI, SEED, CU_SEQLENS_Q, CU_SEQLENS_K, SEQUSED_K, SINKS, mods, blocks,
+        Q, K, V, O, LSE, MASK, ALIBI, SEED, CU_SEQLENS_Q, CU_SEQLENS_K, SEQUSED_K, SINKS, DESCALE, mods, blocks,
         q_strides, k_strides, v_strides, o_strides, mask_strides, alibi_strides, dims, bounds, scales,
         SPEC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr,
         PERSISTENT: tl.constexpr):
     """One program: BLOCK_M query rows of one (batch, head), B * Hq of them (with VARLEN a batch is a sequence of
     the packed tensors, see _sequence, and dims' lengths are the totals). The arguments are attention_spec's
-    Call's and the tensors' strides (4 each). MASK, ALIBI, SEED, the CU_SEQLENS, SEQUSED_K and SINKS are read only
-    when SPEC says so (else None). Two tuning choices on Hopper and newer: TMA loads K and V through tensor
+    Call's and the tensors' strides (4 each). MASK, ALIBI, SEED, the CU_SEQLENS, SEQUSED_K, SINKS and DESCALE are
+    read only when SPEC says so (else None). Two tuning choices on Hopper and newer: TMA loads K and V through tensor
     descriptors (their rows' strides must be 16-byte multiples, their last dim contiguous); PERSISTENT runs about
     one program per multiprocessor, each looping over (query block, head) tiles, the longest causal tiles (the last
     query blocks) first, so that no program starts late on a long tile (a persistent schedule, as in FlashAttention-3
@@ -428,15 +435,15 @@ def attention_forward_kernel(
             query_block = tl.num_programs(0) - 1 - tl.program_id(0)
             batch_head = tl.program_id(1)
         _forward_tile(query_block, batch_head, Q, K, V, O, LSE, MASK, ALIBI, SEED, CU_SEQLENS_Q, CU_SEQLENS_K,
-                      SEQUSED_K, SINKS, mods, blocks, q_strides, k_strides, v_strides, o_strides, mask_strides,
-                      alibi_strides, dims, bounds, scales, SPEC, BLOCK_M, BLOCK_N, TMA)
+                      SEQUSED_K, SINKS, DESCALE, mods, blocks, q_strides, k_strides, v_strides, o_strides,
+                      mask_strides, alibi_strides, dims, bounds, scales, SPEC, BLOCK_M, BLOCK_N, TMA)
 
 
 @triton.jit
 def _forward_tile(
         query_block, batch_head, Q, K, V, O, LSE, MASK, ALIBI, SEED, CU_SEQLENS_Q, CU_SEQLENS_K, SEQUSED_K, SINKS,
-        mods, blocks, q_strides, k_strides, v_strides, o_strides, mask_strides, alibi_strides, dims, bounds, scales,
-        SPEC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr):
+        DESCALE, mods, blocks, q_strides, k_strides, v_strides, o_strides, mask_strides, alibi_strides, dims, bounds,
+        scales, SPEC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr):
     """The forward of one tile: query rows [query_block * BLOCK_M, + BLOCK_M) of (batch, head) = batch_head."""
     start_m, batch, head, kv_head = _query_program(query_block, batch_head, dims[1], dims[2], BLOCK_M)
     memory_batch, q_start, k_start, seq = _sequence(CU_SEQLENS_Q, CU_SEQLENS_K, SEQUSED_K, batch, dims, bounds,
@@ -450,6 +457,9 @@ def _forward_tile(
     V += _head(v_strides, memory_batch, kv_head, k_start)
     O += _head(o_strides, memory_batch, head, q_start)
     LSE += (memory_batch * dims[1] + head) * dims[3] + q_start
+    if SPEC.FP8:  # float8 queries and keys: q . k = (q8 . k8) * q_descale * k_descale, one factor on the scales
+        qk_descale = tl.load(DESCALE + batch * (dims[1] // dims[2]) + kv_head)
+        scales = (scales[0] * qk_descale, scales[1] * qk_descale, scales[2], scales[3], scales[4])
     scoring = _scoring(MASK, ALIBI, mods, mask_strides, alibi_strides, batch, head, scales, SPEC)
     dropping = _dropping(SEED, batch_head, scales, SPEC)
 
@@ -496,6 +506,8 @@ def _forward_tile(
     empty = row_sum == 0.0
     row_sum = tl.where(empty, 1.0, row_sum)
     out = acc / row_sum[:, None]
+    if SPEC.FP8:  # the weights went through float8 times FP8_P_SCALE (_forward_blocks), the values times their descale
+        out *= tl.load(DESCALE + (dims[0] + batch) * (dims[1] // dims[2]) + kv_head) / FP8_P_SCALE
     lse = tl.where(empty, float("inf"), (row_max + tl.log2(row_sum)) / LOG2E)
     tl.store(LSE + offs_m, lse, mask=offs_m < seqlen_q)
     o_mask = (offs_m[:, None] < seqlen_q) & dv_mask[None, :]
@@ -832,11 +844,11 @@ def dropout_keep_kernel(SEED, KEEP, num_heads, seqlen_q, seqlen_k, dropout_p,
 # Launchers. They trust their caller (gptfast.attention checks every argument once, at the edge) and launch by
 # keyword: the tensors of the kernel and their strides, then the Call's arguments (attention_spec.describe).
 
-def empty_bthd(b, h, t, d, like):
-    """A (B, H, T, D) tensor stored as (B, T, H, D) memory: the layout flash-attn returns, so that merging heads
-    afterwards (transpose(1, 2).reshape) is free. Made by empty_strided: an empty tensor transposed costs twice
-    the host time."""
-    return torch.empty_strided((b, h, t, d), (t * h * d, d, h * d, 1), dtype=like.dtype, device=like.device)
+def empty_bthd(b, h, t, d, like, dtype=None):
+    """A (B, H, T, D) tensor of dtype (default like's) on like's device, stored as (B, T, H, D) memory: the layout
+    flash-attn returns, so that merging heads afterwards (transpose(1, 2).reshape) is free. Made by empty_strided:
+    an empty tensor transposed costs twice the host time."""
+    return torch.empty_strided((b, h, t, d), (t * h * d, d, h * d, 1), dtype=dtype or like.dtype, device=like.device)
 
 
 def _tma_ready(t):
@@ -852,10 +864,11 @@ def _allow_descriptors(device):
     triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=device))
 
 
-def attention_forward(q, k, v, softmax_scale, features=Features()):
-    """Returns (out, lse): out (B, Hq, Tq, Dv) in q's dtype, lse (B, Hq, Tq) float32. See the module docstring."""
+def attention_forward(q, k, v, softmax_scale, features=Features(), out_dtype=None):
+    """Returns (out, lse): out (B, Hq, Tq, Dv) in out_dtype (default q's), lse (B, Hq, Tq) float32. See the module
+    docstring."""
     batch_q, heads, seqlen_q = q.shape[:3]
-    out = empty_bthd(batch_q, heads, seqlen_q, v.shape[3], q)
+    out = empty_bthd(batch_q, heads, seqlen_q, v.shape[3], q, out_dtype)
     lse = torch.empty((batch_q, heads, seqlen_q), dtype=torch.float32, device=q.device)
     call = describe(q, k, v, features, softmax_scale)
     batch, rows, keys = call.shape
@@ -890,8 +903,8 @@ class _Backward(NamedTuple):
 
     def tensors(self, **overrides):
         """The keyword arguments both backward kernels take for the inputs, with overrides of the Call's (but
-        SINKS: the forward's lse holds the sinks)."""
-        kwargs = {name: value for name, value in self.call.kwargs.items() if name != "SINKS"}
+        SINKS: the forward's lse holds the sinks; and DESCALE: FP8 runs the forward only)."""
+        kwargs = {name: value for name, value in self.call.kwargs.items() if name not in ("SINKS", "DESCALE")}
         return dict(Q=self.q, K=self.k, V=self.v, DO=self.grad_out, LSE=self.lse, DELTA=self.delta,
                     q_strides=self.q.stride(), k_strides=self.k.stride(), v_strides=self.v.stride(),
                     do_strides=self.grad_out.stride(), **{**kwargs, **overrides})

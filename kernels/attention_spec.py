@@ -28,7 +28,8 @@ class Spec(NamedTuple):
     attention, flash-attn 3's attention_chunk), a bound like WINDOW's; SEQUSED_K (with VARLEN): each sequence uses
     only its first SEQUSED_K[b] keys (flash-attn 3's seqused_k). BLOCK_D_TAIL (the decoding kernel only): queries
     and keys wider than BLOCK_D (512) have their columns past it in a second block of this width (DeepSeek's
-    absorbed MLA decoding: 576 = 512 + 64, where one block would pad to 1024); 0 without.
+    absorbed MLA decoding: 576 = 512 + 64, where one block would pad to 1024); 0 without. FP8 (the forward only):
+    q, k and v are float8 e4m3 with per-(batch, kv head) descales (flash-attn 3's FP8 forward, Features.descale).
 
     Programmable attention (gptfast.flex; its calls set none of the switches above but the head dims and
     INPUT_PRECISION): SCORE_MOD, a @triton.jit score_mod(score, batch, head, q_idx, kv_idx, args) -> score;
@@ -60,6 +61,7 @@ class Spec(NamedTuple):
     SPARSE_Q: int = 0
     SPARSE_KV: int = 0
     BLOCK_D_TAIL: int = 0
+    FP8: bool = False
 
     def __repr__(self):
         """The spec with each mod named by its source hash (a JITFunction's cache_key, its dependencies' included):
@@ -91,7 +93,7 @@ class Spec(NamedTuple):
         """The names of the optional tensors this spec never reads: the launchers pass them as None."""
         unused = {"MASK": not self.MASK_KIND, "ALIBI": not self.ALIBI, "SEED": not self.DROPOUT,
                   "CU_SEQLENS_Q": not self.VARLEN, "CU_SEQLENS_K": not self.VARLEN,
-                  "SEQUSED_K": not self.SEQUSED_K, "SINKS": not self.SINKS,
+                  "SEQUSED_K": not self.SEQUSED_K, "SINKS": not self.SINKS, "DESCALE": not self.FP8,
                   "mods": not self.modded, "blocks": not self.SPARSE_Q}
         return tuple(name for name, off in unused.items() if off)
 
@@ -146,7 +148,9 @@ class Features(NamedTuple):
     sequence with varlen, as flash-attn 3's attention_chunk), on top of the causal mode and the window. seqused_k:
     None, or with varlen int32 (num_seqs,): sequence b uses keys [cu_seqlens_k[b], + seqused_k[b]) only, its Tk
     (flash-attn 3's), and the rows after them up to the next sequence's take no part. flex: None
-    or the Flex of a gptfast.flex call (its mods and block lists), with every other field at its default."""
+    or the Flex of a gptfast.flex call (its mods and block lists), with every other field at its default.
+    descale: None, or for float8 q, k and v (the forward only) float32 (2, B, Hkv), contiguous: per (batch or
+    sequence, kv head) the product of q's and k's descales, then v's."""
     causal: int = CAUSAL_NONE
     window: tuple = (-1, -1)
     mask: torch.Tensor | None = None
@@ -160,6 +164,7 @@ class Features(NamedTuple):
     chunk: int = 0
     seqused_k: torch.Tensor | None = None
     flex: "Flex | None" = None
+    descale: torch.Tensor | None = None
 
 
 class Flex(NamedTuple):
@@ -210,8 +215,8 @@ class Call(NamedTuple):
 
 def describe(q, k, v, features, softmax_scale):
     """The Call for q (B, Hq, Tq, D), k (B, Hkv, Tk, D) and v (B, Hkv, Tk, Dv) (packed: B = 1, T the totals) with
-    features. kwargs: the optional tensors (MASK, ALIBI, SEED, CU_SEQLENS_Q, CU_SEQLENS_K, SEQUSED_K, SINKS; None
-    when absent), the flex call's mods and blocks (None without; see with_flex), mask_strides (4) and
+    features. kwargs: the optional tensors (MASK, ALIBI, SEED, CU_SEQLENS_Q, CU_SEQLENS_K, SEQUSED_K, SINKS,
+    DESCALE; None when absent), the flex call's mods and blocks (None without; see with_flex), mask_strides (4) and
     alibi_strides (2) (0 where broadcast or absent), dims (batch, Hq, group size, Tq, Tk), bounds (causal_offset,
     window_offset, alibi_offset, chunk size) and scales (softmax_scale * log2(e), softmax_scale, softcap, dropout_p,
     1 / (1 - dropout_p)), and SPEC.
@@ -228,12 +233,13 @@ def describe(q, k, v, features, softmax_scale):
             _described.clear()
         _described[key] = call = call._replace(kwargs={**call.kwargs, **dict.fromkeys(_TENSORS)})
     if features.mask is None and features.alibi_slopes is None and features.seed_offset is None and (
-            features.varlen is None and features.sinks is None and features.seqused_k is None):
+            features.varlen is None and features.sinks is None and features.seqused_k is None
+            and features.descale is None):
         return call
     return call._replace(kwargs={**call.kwargs, **_tensors(features, call.shape, q.shape[1], q.shape[2], k.shape[2])})
 
 
-_TENSORS = ("MASK", "ALIBI", "SEED", "CU_SEQLENS_Q", "CU_SEQLENS_K", "SEQUSED_K", "SINKS")
+_TENSORS = ("MASK", "ALIBI", "SEED", "CU_SEQLENS_Q", "CU_SEQLENS_K", "SEQUSED_K", "SINKS", "DESCALE")
 _described = {}  # describe's Calls by _signature, their tensors None (a kept mask would never be freed)
 _MAX_DESCRIBED = 4096
 
@@ -250,7 +256,8 @@ def _signature(q, k, v, features, softmax_scale):
             None if mask is None else (mask.dtype, mask.shape, mask.stride()),
             None if slopes is None else (slopes.shape, slopes.stride()),
             None if varlen is None else (varlen[0].shape, varlen[2], varlen[3]),
-            features.seed_offset is None, features.sinks is None, features.seqused_k is None)
+            features.seed_offset is None, features.sinks is None, features.seqused_k is None,
+            features.descale is None)
 
 
 def _tensors(features, shape, num_heads, seqlen_q, seqlen_k):
@@ -261,7 +268,7 @@ def _tensors(features, shape, num_heads, seqlen_q, seqlen_k):
     return dict(MASK=None if mask is None else mask.expand(shape[0], num_heads, seqlen_q, seqlen_k),
                 ALIBI=None if slopes is None else slopes.expand(shape[0], num_heads), SEED=features.seed_offset,
                 CU_SEQLENS_Q=cu_seqlens[0], CU_SEQLENS_K=cu_seqlens[1], SEQUSED_K=features.seqused_k,
-                SINKS=features.sinks)
+                SINKS=features.sinks, DESCALE=features.descale)
 
 
 def _describe(q, k, v, features, softmax_scale):
@@ -276,11 +283,12 @@ def _describe(q, k, v, features, softmax_scale):
     mask, slopes = tensors["MASK"], tensors["ALIBI"]
     mask_kind = MASK_NONE if mask is None else MASK_BOOLEAN if mask.dtype == torch.bool else MASK_ADDITIVE
     head_dim_v = v.shape[3]
-    spec = Spec(head_dim, padded_head_dim(head_dim), head_dim_v, padded_head_dim(head_dim_v), input_precision(q.dtype),
-                CAUSAL=right >= 0, WINDOW=left >= 0, MASK_KIND=mask_kind.value, ALIBI=slopes is not None,
-                SOFTCAP=features.softcap > 0, DROPOUT=features.dropout_p > 0, VARLEN=features.varlen is not None,
-                SINKS=features.sinks is not None, CHUNK=features.chunk > 0,
-                SEQUSED_K=features.seqused_k is not None)
+    fp8 = features.descale is not None  # q . k's K is the head dim: float8's must be 32 or more
+    spec = Spec(head_dim, padded_head_dim(head_dim, fp8), head_dim_v, padded_head_dim(head_dim_v),
+                input_precision(q.dtype), CAUSAL=right >= 0, WINDOW=left >= 0, MASK_KIND=mask_kind.value,
+                ALIBI=slopes is not None, SOFTCAP=features.softcap > 0, DROPOUT=features.dropout_p > 0,
+                VARLEN=features.varlen is not None, SINKS=features.sinks is not None, CHUNK=features.chunk > 0,
+                SEQUSED_K=features.seqused_k is not None, FP8=fp8)
     # Bottom-right offsets count Tk - Tq; with varlen the kernels add each sequence's own.
     offset = 0 if features.causal == CAUSAL_TOP_LEFT or features.varlen else seqlen_k - seqlen_q
     kwargs = dict(**tensors, mods=None, blocks=None,

@@ -31,7 +31,7 @@ from typing import NamedTuple
 import torch
 import triton
 
-from gptfast.kernels import AUTOTUNE, next_power_of_2
+from gptfast.kernels import AUTOTUNE, FP8_MIN_K, next_power_of_2
 from gptfast.kernels.autotune import autotune, stored_choice
 
 
@@ -195,11 +195,13 @@ def config_table(arch, dtype):
     return "fp32" if dtype == torch.float32 and arch != "interpreter" else arch
 
 
-def configs_for(kernel_name, table, block_d, features=False, variant="pointers", modded=False):
+def configs_for(kernel_name, table, block_d, features=False, variant="pointers", modded=False, fp8=False):
     """The triton.Config list of one kernel in one table that serves a padded head dim of block_d; with features
     (a mask, ALiBi, softcapping, dropout, or gptfast.flex's mods: modded), FEATURE_CONFIGS'. The configs carry the
-    variant's switches (FORWARD_SWITCHES for the forward, LOAD_SWITCHES for the backward kernels)."""
-    tiles = (FEATURE_CONFIGS if features else CONFIGS)[kernel_name][table]
+    variant's switches (FORWARD_SWITCHES for the forward, LOAD_SWITCHES for the backward kernels). fp8 (the FP8
+    forward) keeps the tiles of 32 keys or more: P @ V's K, which float8 dots need at 32 or more on the GPU."""
+    tiles = [tile for tile in (FEATURE_CONFIGS if features else CONFIGS)[kernel_name][table]
+             if not fp8 or tile.block_n >= FP8_MIN_K or table == "interpreter"]
     cap = {} if table == "interpreter" else {"maxnreg": MAX_REGISTERS}
     switches = (FORWARD_SWITCHES if kernel_name == "forward" else LOAD_SWITCHES)[variant]
     return [triton.Config({"BLOCK_M": t.block_m, "BLOCK_N": t.block_n, **switches}, num_warps=t.warps,
@@ -300,9 +302,9 @@ def fitting(configs, bucket_q, bucket_k):
 
 
 @functools.cache
-def _autotuner(kernel, kernel_name, table, block_d, features, modded, variants, bucket_q, bucket_k):
+def _autotuner(kernel, kernel_name, table, block_d, features, modded, fp8, variants, bucket_q, bucket_k):
     configs = [config for variant in variants for config in configs_for(kernel_name, table, block_d, features,
-                                                                         variant, modded)]
+                                                                         variant, modded, fp8)]
     # One autotuner per (length buckets, table, head dim) keyed on the call's spec, whose switches change the
     # work per program; the input dtype is in every autotuner's key. The single pass adds into DQ_ACC: zeroed
     # between timing runs.
@@ -314,10 +316,10 @@ def _autotuner(kernel, kernel_name, table, block_d, features, modded, variants, 
 def autotuned(kernel, kernel_name, arch, dtype, seqlen_q, seqlen_k, spec, variants=("pointers",)):
     """The kernel wrapped in an autotuner over the configs that serve the arch, input dtype, padded head dim (the
     wider of the two, Spec.tile_dim),
-    features (attention_spec.Spec.has_features, modded) and length buckets, for each of the variants
+    features (attention_spec.Spec.has_features, modded), FP8 and length buckets, for each of the variants
     (configs_for)."""
     return _autotuner(kernel, kernel_name, config_table(arch, dtype), spec.tile_dim, spec.has_features, spec.modded,
-                      variants, length_bucket(seqlen_q), length_bucket(seqlen_k))
+                      spec.FP8, variants, length_bucket(seqlen_q), length_bucket(seqlen_k))
 
 
 def largest_tile(arch, dtype):

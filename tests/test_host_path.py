@@ -35,6 +35,7 @@ def other_values():
         "sinks": [torch.zeros(HEADS)],
         "chunk": [4],
         "seqused_k": [torch.tensor([3, 2], dtype=torch.int32)],
+        "descale": [torch.ones(2, BATCH, 2)],
     }
 
 

@@ -134,6 +134,18 @@ def test_flex_variants_compile_for_h100():
     assert all(row["tensor_cores"] == "HGMMA" for row in rows if row["job"].kernel == "attention_forward_kernel")
 
 
+def test_fp8_forward_compiles_on_fp8_tensor_cores():
+    """The FP8 forward (gptfast.fp8), its first plain tile at head dim 64 on each FP8 arch: no spills, within shared
+    memory, on the arch's FP8 tensor-core instructions (Ada's and consumer Blackwell's mma QMMA, Hopper's wgmma
+    QGMMA, Blackwell's tcgen05 UTCQMMA); no FP8 configs before sm_89. Every FP8 config runs under -m slow."""
+    jobs = [next(job for job in inspect.attention_jobs(arch, ("fp8",)) if job.block_d() == 64)
+            for arch in inspect.FP8_ARCHS]
+    rows = list(inspect.compile_jobs(jobs, workers=2))
+    assert [inspect.problems(row) for row in rows] == [None] * 4
+    assert [row["tensor_cores"] for row in rows] == ["QMMA", "QGMMA", "UTCQMMA", "QMMA"]
+    assert not [job for job in inspect.attention_jobs("sm_80", ("fp8",)) if job.dtype == "fp8"]
+
+
 @pytest.mark.slow
 def test_inspect_command_passes_for_every_arch():
     """Every listed arch; Blackwell's data-center chip runs its own tensor-core instructions (tcgen05, UTC*MMA)."""
