@@ -70,7 +70,7 @@ def test_timings_are_read_back_from_disk_in_their_own_scope(disk, monkeypatch):
 def test_every_autotuner_keeps_its_timings_on_a_gpu(monkeypatch):
     """Each launcher's autotuner is scoped and caches on disk (which Triton turns off in the interpreter)."""
     monkeypatch.setattr(triton.knobs.runtime, "interpret", False)
-    made = [attention_tuning._autotuner.__wrapped__(_copy_kernel, "forward", "sm_90", 64, False, False,
+    made = [attention_tuning._autotuner.__wrapped__(_copy_kernel, "forward", "sm_90", 64, False, False, False,
                                                     ("pointers",), 1024, 1024),
             decode._autotuner.__wrapped__("16-bit", 64, 16, 1024),
             layernorm.autotuned.__wrapped__(_copy_kernel, "forward", "sm_90", 1024)]
