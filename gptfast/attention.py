@@ -24,7 +24,7 @@ from gptfast.attention_core import (CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, CAUSAL_TOP
                                     check_inputs, check_mask, check_sinks, chunk_size, kernel_gap, run_kernel,
                                     softmax_scale_for, torch_attention, window_pair)
 from gptfast.checked import checked_once
-from gptfast.fp8 import FP8, check_fp8, fp8_attention, fp8_descales, is_fp8_call, quantize_fp8
+from gptfast.fp8 import check_fp8, fp8_attention, fp8_descales, is_fp8_call, quantize_fp8
 from gptfast.kvcache import flash_attn_with_kvcache
 from gptfast.varlen import flash_attn_varlen_func, flash_attn_varlen_kvpacked_func, flash_attn_varlen_qkvpacked_func
 
@@ -126,8 +126,10 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         window_size = window_pair(window_size)
     window_size, chunk = checked_once(_check_flash_call, q, k, v, dropout_p, window_size, softcap, alibi_slopes,
                                       sinks, attention_chunk)
+    descale = None
     if is_fp8_call(q, k, v, (q_descale, k_descale, v_descale)):
-        check_fp8(q, k, v, dropout_p, return_attn_probs, torch.bfloat16 if out_dtype is None else out_dtype)
+        out_dtype = torch.bfloat16 if out_dtype is None else out_dtype
+        check_fp8(q, k, v, dropout_p, return_attn_probs, out_dtype)
         descale = fp8_descales(q, k, q_descale, k_descale, v_descale)
     elif out_dtype is not None:
         raise ValueError("out_dtype applies to FP8 inputs only (the output is in q's dtype)")
@@ -136,9 +138,8 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     softmax_scale = softmax_scale_for(q.shape[-1], softmax_scale)
     options = dict(causal=causal, window=window_size, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
                    chunk=chunk)
-    if q.dtype == FP8:
-        out, lse = fp8_attention(q, k, v, descale, **options, softmax_scale=softmax_scale,
-                                 out_dtype=torch.bfloat16 if out_dtype is None else out_dtype)
+    if descale is not None:
+        out, lse = fp8_attention(q, k, v, descale, **options, softmax_scale=softmax_scale, out_dtype=out_dtype)
         return (out.transpose(1, 2), lse) if return_lse else out.transpose(1, 2)
     out, lse, kept = attend(q, k, v, **options, dropout_p=dropout_p, softmax_scale=softmax_scale,
                             need_lse=return_lse or return_attn_probs, need_keep=return_attn_probs,

@@ -5,7 +5,6 @@ gptfast.custom_ops), the input checks, the choice between the
 kernels and PyTorch (``gptfast.backend``, and kernel_gap for what the kernels do not cover), and the PyTorch path
 with the kernels' semantics. It imports torch only: Triton is imported by the first kernel call.
 """
-import functools
 import math
 import operator
 
@@ -16,6 +15,7 @@ from gptfast import backend
 from gptfast.checked import checked_once
 from gptfast.custom_ops import custom_op
 from gptfast.dtypes import dtype_gap
+from gptfast.kernels import cuda_capability
 
 # The same constants as gptfast.kernels.attention_spec, repeated so that the PyTorch path never imports Triton.
 CAUSAL_NONE, CAUSAL_TOP_LEFT, CAUSAL_BOTTOM_RIGHT = 0, 1, 2
@@ -250,15 +250,7 @@ def check_sinks(sinks, heads, device):
 
 def compute_capability(device):
     """(major, minor) of a CUDA device, None for any other."""
-    if device.type != "cuda":
-        return None
-    return _cuda_capability(device) if device.index is not None else torch.cuda.get_device_capability(device)
-
-
-@functools.cache
-def _cuda_capability(device):
-    """A numbered CUDA device's capability, kept: torch's query costs microseconds a call."""
-    return torch.cuda.get_device_capability(device)
+    return cuda_capability(device) if device.type == "cuda" else None
 
 
 def kernel_gap(q, v, softmax_scale, chunk=0, dropout_p=0.0, flex=False, decode=False, fp8=False):

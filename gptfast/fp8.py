@@ -88,8 +88,7 @@ def fp8_descales(q, k, q_descale, k_descale, v_descale):
                              f"tensor, got {tuple(descale.shape)}")
         return descale.expand(batch, kv_heads)
 
-    return torch.stack((full("q_descale", q_descale) * full("k_descale", k_descale),
-                        full("v_descale", v_descale))).contiguous()
+    return torch.stack((full("q_descale", q_descale) * full("k_descale", k_descale), full("v_descale", v_descale)))
 
 
 @custom_op("gptfast::flash_attention_fp8")

@@ -24,15 +24,18 @@ def device_arch(device):
     """The tuning-table key of a device: 'interpreter' on the CPU, else 'sm_XY' for its compute capability. A
     capability without a table of its own takes the nearest older one (the oldest for older chips), with a
     warning once."""
-    if device.type != "cuda":
-        return "interpreter"
-    return _cuda_arch(device) if device.index is not None else arch_of(torch.cuda.get_device_capability(device))
+    return "interpreter" if device.type != "cuda" else arch_of(cuda_capability(device))
+
+
+def cuda_capability(device):
+    """(major, minor) of a CUDA device, kept per numbered device (a tensor's): torch's query costs microseconds a
+    call."""
+    return _numbered_capability(device) if device.index is not None else torch.cuda.get_device_capability(device)
 
 
 @functools.cache
-def _cuda_arch(device):
-    """device_arch of a numbered CUDA device (a tensor's), kept: torch's capability query costs microseconds."""
-    return arch_of(torch.cuda.get_device_capability(device))
+def _numbered_capability(device):
+    return torch.cuda.get_device_capability(device)
 
 
 @functools.cache
