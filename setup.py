@@ -12,7 +12,7 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.10",
-    packages=["gptfast", "gptfast.kernels"],
+    packages=["gptfast", "gptfast.distributed", "gptfast.kernels"],
     package_dir={"gptfast": "gptfast", "gptfast.kernels": "kernels"},
     # A range, not a pin: a CUDA box keeps the torch it has; requirements.txt pins the CPU build for CI.
     install_requires=[

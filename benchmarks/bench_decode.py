@@ -1,10 +1,12 @@
 """Decoding attention, one query per sequence against a long KV cache (Tq = 1): gptfast's split-KV kernel
-(flash_attn_with_kvcache, splits chosen by its rule), the same kernel held to one split, gptfast's prefill kernel
-(flash_attn_func: one program per block of query rows), and torch's SDPA, at cache lengths 1k to 64k.
+(flash_attn_with_kvcache, splits chosen by its rule), the same kernel reading a float8 e4m3 cache (vLLM's
+k_scale/v_scale, here 1), the same kernel held to one split, gptfast's prefill kernel (flash_attn_func: one program
+per block of query rows), and torch's SDPA, at cache lengths 1k to 64k.
 
 Decoding reads the whole cache once and does little arithmetic on it, so it is counted as memory traffic, as
-flash-decoding's write-up measures it: GB/s = the bytes of K and V read (2 * B * Tk * Hkv * D * 2 for 16-bit)
-over the time. Heads as Llama 3 8B's: 32 query heads over 8 kv heads, D = 128.
+flash-decoding's write-up measures it: GB/s = the bytes of K and V read (2 * B * Tk * Hkv * D * 2 for 16-bit, * 1
+for float8) over the time; tokens/s = B (one new token per sequence) over the time. Heads as Llama 3 8B's: 32
+query heads over 8 kv heads, D = 128.
 """
 import pytest
 import torch
@@ -38,6 +40,7 @@ def _sdpa(q, k, v):
 
 
 IMPLS = {"gptfast-split-kv": lambda q, k, v: _split_kv(q, k, v, 0),
+         "gptfast-split-kv-fp8-cache": lambda q, k, v: _split_kv(q, k, v, 0),  # float8 k, v (test_decode_attention)
          "gptfast-one-split": lambda q, k, v: _split_kv(q, k, v, 1),
          "gptfast-prefill-kernel": _prefill_kernel,
          "torch-sdpa": _sdpa}
@@ -47,13 +50,16 @@ IMPLS = {"gptfast-split-kv": lambda q, k, v: _split_kv(q, k, v, 0),
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("cache_length", CACHE_LENGTHS)
 def test_decode_attention(benchmark, cache_length, batch, impl):
+    cache_dtype = torch.float8_e4m3fn if impl.endswith("fp8-cache") else DTYPE
+
     def make_inputs():
         return (torch.randn(batch, 1, HEADS, HEAD_DIM, device=DEVICE, dtype=DTYPE),
-                torch.randn(batch, cache_length, KV_HEADS, HEAD_DIM, device=DEVICE, dtype=DTYPE),
-                torch.randn(batch, cache_length, KV_HEADS, HEAD_DIM, device=DEVICE, dtype=DTYPE))
+                torch.randn(batch, cache_length, KV_HEADS, HEAD_DIM, device=DEVICE, dtype=DTYPE).to(cache_dtype),
+                torch.randn(batch, cache_length, KV_HEADS, HEAD_DIM, device=DEVICE, dtype=DTYPE).to(cache_dtype))
 
-    cache_bytes = 2 * batch * cache_length * KV_HEADS * HEAD_DIM * DTYPE.itemsize
+    cache_bytes = 2 * batch * cache_length * KV_HEADS * HEAD_DIM * cache_dtype.itemsize
     take = rotating(make_inputs, cache_bytes)
     attend = IMPLS[impl]
     measure(benchmark, lambda: attend(*take()), cpu_twin="torch-sdpa", group=f"decode attention B={batch} "
-            f"Tk={cache_length}", impl=impl, bytes_moved=cache_bytes, op="decode", batch=batch, seqlen=cache_length)
+            f"Tk={cache_length}", impl=impl, bytes_moved=cache_bytes, op="decode", batch=batch, seqlen=cache_length,
+            tokens=batch)

@@ -7,7 +7,7 @@
 # Everything lands in OUTDIR; a short table ends the output. It runs on the machine's own python3 and packages
 # (torch 2.11 and triton 3.6 expected, not our pins) and imports gptfast from a copy of this checkout, so nothing
 # is installed. Each phase has its own time limit, so one slow phase cannot take the others' results with it:
-# 30+120+150+30+40+20+25+15+20+30+30+45 s, about 9.5 minutes (the compiled baselines also get the time the others
+# 30+120+150+30+40+20+30+15+20+30+30+45 s, about 9.5 minutes (the compiled baselines also get the time the others
 # left unused), and for the first step 90+30+120+30 s at most, about 2.5 minutes expected.
 # A limit sends SIGINT: pytest stops and still writes its summary and the benchmarks it finished.
 #
@@ -75,7 +75,7 @@ limit 120 "${PYTEST[@]}" -q -n "$([ "$SMALL" = 1 ] && echo 2 || echo 6)" --bench
     "$REPO/benchmarks/bench_flex.py" "$REPO/benchmarks/bench_models.py" > "$OUT/build.txt" 2>&1 &
 BUILD=$!
 TESTS=()
-for arg in ${GPU_CHECK_TESTS:-tests/test_attention.py tests/test_attention_variants.py tests/test_varlen.py tests/test_kvcache.py tests/test_layernorm.py tests/test_model.py tests/test_packing.py tests/test_hf.py tests/test_flex.py tests/test_sinks.py tests/test_head_dims.py tests/test_chunked.py tests/test_paged.py -n 10}; do
+for arg in ${GPU_CHECK_TESTS:-tests/test_attention.py tests/test_attention_variants.py tests/test_varlen.py tests/test_kvcache.py tests/test_layernorm.py tests/test_model.py tests/test_packing.py tests/test_hf.py tests/test_flex.py tests/test_sinks.py tests/test_head_dims.py tests/test_chunked.py tests/test_paged.py tests/test_fp8.py -n 10}; do
     if [ -e "$REPO/${arg%%::*}" ]; then TESTS+=("$REPO/$arg"); else TESTS+=("$arg"); fi  # paths are the repo's
 done
 # The whole output goes to the log, its end to the screen; up to 10 failures, so one does not hide the rest.
@@ -103,7 +103,7 @@ run_suite attention 150 "$REPO/benchmarks/bench_attention.py"
 run_suite layernorm 30 "$REPO/benchmarks/bench_layernorm.py" -m "not compiled"
 run_suite gpt 40 "$REPO/benchmarks/bench_gpt.py" -m "not compiled"
 run_suite loss 20 "$REPO/benchmarks/bench_loss.py"
-run_suite decode 25 "$REPO/benchmarks/bench_decode.py"
+run_suite decode 30 "$REPO/benchmarks/bench_decode.py"
 run_suite varlen 15 "$REPO/benchmarks/bench_varlen.py"
 run_suite flex 20 "$REPO/benchmarks/bench_flex.py" -m "not compiled"
 run_suite models 30 "$REPO/benchmarks/bench_models.py"

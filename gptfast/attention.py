@@ -130,7 +130,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     if is_fp8_call(q, k, v, (q_descale, k_descale, v_descale)):
         out_dtype = torch.bfloat16 if out_dtype is None else out_dtype
         check_fp8(q, k, v, dropout_p, return_attn_probs, out_dtype)
-        descale = fp8_descales(q, k, q_descale, k_descale, v_descale)
+        descale = fp8_descales(q.shape[0], k.shape[2], q.device, q_descale, k_descale, v_descale)
     elif out_dtype is not None:
         raise ValueError("out_dtype applies to FP8 inputs only (the output is in q's dtype)")
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -139,7 +139,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     options = dict(causal=causal, window=window_size, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
                    chunk=chunk)
     if descale is not None:
-        out, lse = fp8_attention(q, k, v, descale, **options, softmax_scale=softmax_scale, out_dtype=out_dtype)
+        out, lse = fp8_attention(q, k, v, descale, out_dtype, **options, softmax_scale=softmax_scale)
         return (out.transpose(1, 2), lse) if return_lse else out.transpose(1, 2)
     out, lse, kept = attend(q, k, v, **options, dropout_p=dropout_p, softmax_scale=softmax_scale,
                             need_lse=return_lse or return_attn_probs, need_keep=return_attn_probs,

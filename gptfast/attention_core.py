@@ -32,12 +32,14 @@ def _empty_bthd(b, h, t, d, like):
     return torch.empty((b, t, h, d), dtype=like.dtype, device=like.device).transpose(1, 2)
 
 
-def _features(mask, alibi_slopes, sinks, seed_offset, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q,
-              max_seqlen_k, causal, window_left, window_right, chunk, softcap, dropout_p, deterministic=False):
+def kernel_features(mask, alibi_slopes, sinks, seed_offset, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q,
+                    max_seqlen_k, causal, window_left, window_right, chunk, softcap, dropout_p, deterministic=False,
+                    descale=None):
+    """The kernels' attention_spec.Features from a custom op's flat arguments."""
     from gptfast.kernels.attention_spec import Features
     varlen = None if cu_seqlens_q is None else (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     return Features(causal, (window_left, window_right), mask, alibi_slopes, softcap, dropout_p, seed_offset,
-                    deterministic, varlen, sinks, chunk, seqused_k)
+                    deterministic, varlen, sinks, chunk, seqused_k, descale=descale)
 
 
 @custom_op("gptfast::flash_attention")
@@ -53,8 +55,9 @@ def flash_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
     cu_seqlens (varlen) q, k, v are (1, H, total, D), the sequences packed along T (seqused_k: None or int32
     (num_seqs,), the keys each uses); else the max lengths are unused."""
     from gptfast.kernels.attention import attention_forward
-    features = _features(mask, alibi_slopes, sinks, seed_offset, cu_seqlens_q, cu_seqlens_k, seqused_k,
-                         max_seqlen_q, max_seqlen_k, causal, window_left, window_right, chunk, softcap, dropout_p)
+    features = kernel_features(mask, alibi_slopes, sinks, seed_offset, cu_seqlens_q, cu_seqlens_k, seqused_k,
+                               max_seqlen_q, max_seqlen_k, causal, window_left, window_right, chunk, softcap,
+                               dropout_p)
     return attention_forward(q, k, v, softmax_scale, features)
 
 
@@ -77,9 +80,9 @@ def flash_attention_backward_op(
     """(dq, dk, dv, dmask, dsinks); dmask is (B, Hq, Tq, Tk) float32 with mask_grad, dsinks (Hq,) float32 with
     sinks, else each empty."""
     from gptfast.kernels.attention import attention_backward
-    features = _features(mask, alibi_slopes, sinks, seed_offset, cu_seqlens_q, cu_seqlens_k, seqused_k,
-                         max_seqlen_q, max_seqlen_k, causal, window_left, window_right, chunk, softcap, dropout_p,
-                         deterministic)
+    features = kernel_features(mask, alibi_slopes, sinks, seed_offset, cu_seqlens_q, cu_seqlens_k, seqused_k,
+                               max_seqlen_q, max_seqlen_k, causal, window_left, window_right, chunk, softcap,
+                               dropout_p, deterministic)
     dq, dk, dv, dmask, dsinks = attention_backward(grad_out, grad_lse, q, k, v, out, lse, softmax_scale, features,
                                                    mask_grad)
     empty = lambda: q.new_empty(0, dtype=torch.float32)  # one each: a custom op's outputs may not alias
@@ -256,8 +259,9 @@ def compute_capability(device):
 def kernel_gap(q, v, softmax_scale, chunk=0, dropout_p=0.0, flex=False, decode=False, fp8=False):
     """Why the kernels cannot run this (already valid) call, or None when they can; flex: a gptfast.flex call,
     decode: one for the decoding kernel (flash_attn_with_kvcache, paged prefill), whose 512-wide tiles hold
-    chunks; fp8: gptfast.fp8's forward of float8 e4m3 inputs, which needs sm_89 or newer and head dims to 256
-    (other calls take 16- and 32-bit inputs only). Worked out once per signature (gptfast.checked)."""
+    chunks; fp8: gptfast.fp8's forward of float8 e4m3 inputs, which needs head dims to 256 (other calls take 16-
+    and 32-bit queries only). float8 values (v: the FP8 forward's, or a decoding call's caches) need sm_89 or
+    newer. Worked out once per signature (gptfast.checked)."""
     return checked_once(_kernel_gap, q, v, softmax_scale, chunk, dropout_p, flex, decode, fp8,
                         compute_capability(q.device))
 
@@ -265,9 +269,10 @@ def kernel_gap(q, v, softmax_scale, chunk=0, dropout_p=0.0, flex=False, decode=F
 def _kernel_gap(q, v, softmax_scale, chunk, dropout_p, flex, decode, fp8, capability):
     if chunk > 0 and dropout_p > 0:  # attention_spec.Spec.chunked says why
         return "attention_chunk with dropout (the chunked tiles leave dropout out to fit in registers)"
+    if v.dtype == torch.float8_e4m3fn and capability is not None and capability < (8, 9):
+        # FP8 inputs, or a decoding call's float8 caches: Triton 3.6 compiles float8 e4m3 for sm_89 and newer only
+        return "float8 e4m3 tensors on GPUs before sm_89 (Triton compiles float8 e4m3 from sm_89 on)"
     if fp8:
-        if capability is not None and capability < (8, 9):
-            return "FP8 attention on GPUs before sm_89 (they have no FP8 tensor cores)"
         if max(q.shape[-1], v.shape[-1]) > FULL_FEATURE_HEAD_DIM:
             return f"FP8 attention at head dims past {FULL_FEATURE_HEAD_DIM}"
     elif (gap := dtype_gap(("query", q))) is not None:
@@ -328,16 +333,17 @@ def run_kernel(q, k, v, mask, alibi_slopes, causal, window, softcap, dropout_p, 
     return out, lse, seed_offset
 
 
-def flag_pattern(seqlen_q, seqlen_k, causal, window, device, chunk=0):
-    """(diagonal, hidden), both (Tq, Tk): diagonal[i, j] = j - (i + Tk - Tq), 0 on the bottom-right diagonal
-    (ALiBi's distance); hidden[i, j] whether the causal mode, the window (left, right) and chunks of size chunk
-    (when > 0: position i + Tk - Tq and key j in different chunks) hide key j from query i."""
+def flag_pattern(seqlen_q, seqlen_k, causal, window, device, chunk=0, shift=0):
+    """(diagonal, hidden), both (Tq, Tk): diagonal[i, j] = j - (i + Tk - Tq + shift), 0 on the bottom-right
+    diagonal (ALiBi's distance; shift: attention_spec.Features'); hidden[i, j] whether the causal mode, the window
+    (left, right) and chunks of size chunk (when > 0: position i + Tk - Tq and key j in different chunks) hide key
+    j from query i."""
     diagonal = (torch.arange(seqlen_k, device=device)[None, :] - torch.arange(seqlen_q, device=device)[:, None]
-                - (seqlen_k - seqlen_q))
+                - (seqlen_k - seqlen_q + shift))
     left, right = window
     if causal != CAUSAL_NONE:
         right = 0
-    offset = seqlen_q - seqlen_k if causal == CAUSAL_TOP_LEFT else 0  # top-left: the diagonal is j = i
+    offset = seqlen_k - seqlen_q + shift if causal == CAUSAL_TOP_LEFT else 0  # top-left: the diagonal is j = i
     hidden = torch.zeros_like(diagonal, dtype=torch.bool)
     if right >= 0:
         hidden |= diagonal + offset > right
@@ -350,19 +356,19 @@ def flag_pattern(seqlen_q, seqlen_k, causal, window, device, chunk=0):
 
 
 def torch_attention(q, k, v, causal, window, mask, softcap, alibi_slopes, dropout_p, softmax_scale, sinks=None,
-                    chunk=0):
+                    chunk=0, shift=0):
     """PyTorch for what F.scaled_dot_product_attention cannot do (windows, softcapping, ALiBi, sinks, the lse),
     with the kernels' semantics, on (B, H, T, D) inputs: (out, lse, probs, kept), probs (B, Hq, Tq, Tk) being the
     softmax before dropout and kept its keep mask (None without dropout; torch's random numbers, not the
     kernels'). sinks: None or (Hq,), one learned logit per query head that joins every row's softmax denominator
-    and takes no value (gpt-oss's s_aux); the lse then includes it. chunk: see flag_pattern."""
+    and takes no value (gpt-oss's s_aux); the lse then includes it. chunk, shift: see flag_pattern."""
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     scores = (q.to(work) @ k.to(work).transpose(-1, -2)) * softmax_scale
     if softcap > 0:
         scores = softcap * torch.tanh(scores / softcap)
-    diagonal, hidden = flag_pattern(q.shape[-2], k.shape[-2], causal, window, q.device, chunk)
+    diagonal, hidden = flag_pattern(q.shape[-2], k.shape[-2], causal, window, q.device, chunk, shift)
     if alibi_slopes is not None:
         slopes = alibi_slopes.expand(q.shape[0], q.shape[1]).to(work)
         scores = scores - slopes[:, :, None, None] * diagonal.abs().to(work)

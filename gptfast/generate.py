@@ -30,6 +30,8 @@ def add_arguments(parser):
     add("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when available)")
     add("--dtype", choices=DTYPE_NAMES, default="auto",
         help="model dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    add("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
+        help="the KV cache's dtype: auto (the model's) or fp8 (float8 e4m3, per-head scales: half the memory)")
 
 
 def check_arguments(args):
@@ -87,7 +89,8 @@ def main(args):
     start = time.perf_counter()
     model.generate(torch.tensor([ids], device=device), max_new_tokens, do_sample=not args.greedy,
                    temperature=0.8 if args.temperature is None else args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, eos_token_id=tokenizer.eos_token_id, generator=generator, on_token=stream)
+                   top_p=args.top_p, eos_token_id=tokenizer.eos_token_id, generator=generator, on_token=stream,
+                   kv_cache_dtype=args.kv_cache_dtype)
     seconds = time.perf_counter() - start
     sys.stdout.write(tokenizer.decode(new)[len(shown[0]):] + "\n")
     print(f"[{len(new)} tokens in {seconds:.2f} s: {len(new) / max(seconds, 1e-9):.1f} tokens/s]", file=sys.stderr)

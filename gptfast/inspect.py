@@ -38,6 +38,9 @@ FLOAT_SCALARS = {"qk_scale", "softmax_scale", "eps", "softcap", "dropout_p", "ke
 INSPECTED_DTYPES = ("bf16", "fp32", "fp8")
 FP8_ARCHS = ("sm_89", "sm_90", "sm_100", "sm_120")  # FP8 tensor cores: the FP8 attention forward (gptfast.fp8)
 TRITON_TYPES = {"fp8": "fp8e4nv"}  # an inspected dtype's pointer type where Triton's name differs
+# The tensors an "fp8" job's kernel takes in float8 e4m3 (its other data tensors are bfloat16): the FP8 forward's
+# inputs (gptfast.fp8), the decoding kernel's caches (gptfast.kvcache's float8 caches).
+FP8_TENSORS = {"attention_forward_kernel": ("Q", "K", "V"), "attention_decode_kernel": ("K", "V")}
 KERNEL_MODULES = ("attention", "flex", "decode", "layernorm", "cross_entropy")
 # The attention kernels' tuple arguments (attention_spec.describe) other than strides, which hold 4 ints (the last,
 # a unit head-dim stride, specialised to 1) except the slopes' 2. A split's steps are multiples of 16 at the head
@@ -93,7 +96,8 @@ ATTENTION_KERNELS = {"forward": "attention_forward_kernel", "backward_dkdv": "at
 
 def arch_dtypes(arch, dtypes, fp8=False):
     """The dtypes inspected on an arch: "bf16" stands for the 16-bit type, float16 on Turing (no bfloat16); "fp8"
-    (float8 e4m3) only for a kernel that takes it (fp8: the attention forward) on an arch with FP8_ARCHS."""
+    (float8 e4m3) only for a kernel that takes it (fp8: the attention forward, the decoding kernel's float8 caches)
+    on an arch with FP8_ARCHS."""
     return ["fp16" if dtype == "bf16" and arch == "sm_75" else dtype for dtype in dtypes
             if dtype != "fp8" or fp8 and arch in FP8_ARCHS]
 
@@ -178,7 +182,7 @@ def attention_jobs(arch, dtypes=INSPECTED_DTYPES):
                             jobs.append(Job("attention", kernel, arch, dtype, constexprs, tile.warps, tile.stages,
                                             tuning().MAX_REGISTERS))
     for dtype in arch_dtypes(arch, dtypes):
-        for block_d in tuning().UP_TO_512:
+        for block_d in (() if dtype == "fp8" else tuning().UP_TO_512):  # the merge's inputs are float32 alone
             constexprs = (("HEAD_DIM", block_d), ("BLOCK_D", block_d), ("BLOCK_M", tuning().delta_block(block_d)))
             jobs.append(Job("attention", "attention_backward_delta_kernel", arch, dtype, constexprs, 4, 1,
                             tuning().MAX_REGISTERS))
@@ -263,7 +267,7 @@ def _flex_job(job):
 def decode_jobs(arch, dtypes=INSPECTED_DTYPES):
     """The split-KV decoding kernel's tiles at their largest query block, plain (writing float32 partials) and
     with every feature (packed queries of paged prefill included; writing the result), and the merge (with sinks);
-    none where attention has no table."""
+    none where attention has no table. In fp8: the 16-bit tiles reading float8 caches."""
     import torch
 
     from gptfast.kernels import decode
@@ -274,9 +278,9 @@ def decode_jobs(arch, dtypes=INSPECTED_DTYPES):
     every = (dict(CAUSAL=True, WINDOW=True, ALIBI=True, SOFTCAP=True, SINKS=True, CHUNK=True, VARLEN=True),
              (("LEFTPAD_KEYS", True), ("FINAL", True)))
     jobs = []
-    for dtype in arch_dtypes(arch, dtypes):
+    for dtype in arch_dtypes(arch, dtypes, fp8=True):
         precision = "ieee" if dtype == "fp32" else "tf32"
-        for block_n, warps, stages, dims in decode.TILES["fp32" if dtype == "fp32" else "16-bit"]:
+        for block_n, warps, stages, dims in decode.tiles("fp32" if dtype == "fp32" else "16-bit", dtype == "fp8"):
             for block_d in dims:
                 for switches, constexprs in (plain, every):
                     block_m = decode.query_block(64, block_d, torch.float32 if dtype == "fp32" else torch.bfloat16)
@@ -284,7 +288,7 @@ def decode_jobs(arch, dtypes=INSPECTED_DTYPES):
                                  (("SPEC", spec), *constexprs, ("BLOCK_M", block_m), ("BLOCK_N", block_n)), warps,
                                  stages, tuning().MAX_REGISTERS) for spec in decode_specs(block_d, precision, switches,
                                                                                          dtype)]
-        for block_d in tuning().UP_TO_512:
+        for block_d in (() if dtype == "fp8" else tuning().UP_TO_512):  # the merge's inputs are float32 alone
             constexprs = (("HEAD_DIM", block_d), ("BLOCK_D", block_d), ("BLOCK_S", decode.MAX_SPLITS),
                           ("WITH_SINK", True))
             jobs.append(Job("decode", "attention_combine_kernel", arch, dtype, constexprs, 4, 1))
@@ -294,7 +298,7 @@ def decode_jobs(arch, dtypes=INSPECTED_DTYPES):
 def decode_specs(block_d, precision, switches, dtype):
     """The decoding kernel's specs on a tile of a padded head dim: its own, and at 512 in 16-bit also DeepSeek's
     absorbed MLA decoding (queries and keys 576: a 512 block and a 64-wide tail; values 512)."""
-    spec = spec_class().dims(block_d, precision, **switches)
+    spec = spec_class().dims(block_d, precision, **switches, FP8=dtype == "fp8")
     if block_d == 512 and dtype != "fp32":
         return [spec, spec._replace(HEAD_DIM=576, BLOCK_D_TAIL=64)]
     return [spec]
@@ -356,7 +360,8 @@ def signature(fn, dtype, constexprs, types=None):
             sig[name] = ("*fp32" if name in FLOAT32_POINTERS or partial else "*i64" if name in ("SEED", "TARGET") else
                          "*i32" if name in INT32_POINTERS else
                          "*i1" if name == "KEEP" or name == "MASK" and consts["SPEC"].MASK_KIND == 1 else
-                         "*bf16" if name == "O" and dtype == "fp8" else f"*{TRITON_TYPES.get(dtype, dtype)}")
+                         "*bf16" if dtype == "fp8" and name not in FP8_TENSORS[fn.__name__] else
+                         f"*{TRITON_TYPES.get(dtype, dtype)}")
             attrs[(index,)] = [["tt.divisibility", 16]]
         elif name[:9] in ("stride_m", "stride_a", "stride_g") and len(name) == 9 or name == "stride_scale":
             sig[name] = "i32"  # a mask's, the slopes' or the loss scale's strides: 0 along broadcast dims, often 1
@@ -498,7 +503,7 @@ def add_arguments(parser):
     parser.add_argument("--dtype", choices=INSPECTED_DTYPES, action="append",
                         help="input dtype to compile for (repeatable; default: all; bf16 stands for 16-bit inputs: "
                              "fp16 compiles as bf16 would, and on sm_75 fp16 is compiled instead; fp8: the FP8 "
-                             "attention forward, on sm_89 and newer)")
+                             "attention forward and the decoding kernel's float8 caches, on sm_89 and newer)")
     parser.add_argument("--head-dim", type=int, choices=(16, 32, 64, 128, 256, 512), action="append",
                         help="padded head dim of the attention kernels to compile (repeatable; default: all)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel compiler processes")

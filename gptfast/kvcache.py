@@ -11,6 +11,7 @@ import torch
 from gptfast import backend
 from gptfast.attention_core import (CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, attend, check_flash_options, check_sinks,
                                     chunk_size, kernel_gap, kernel_sinks, softmax_scale_for)
+from gptfast.fp8 import FP8, to_fp8
 
 MIN_PAGE_SIZE = 16
 
@@ -45,9 +46,14 @@ def _check_tensors(q, k_cache, v_cache, k, v, block_table, cache_batch_idx):
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"{name} must be a 4-dim tensor, got {shape_of(t)}")
-        if t.dtype != q.dtype or t.device != q.device:
-            raise ValueError(f"{name} must share q's dtype and device ({q.dtype}, {q.device}), got {t.dtype}, "
-                             f"{t.device}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    if q.dtype == FP8:
+        raise ValueError("q must be in a 16- or 32-bit dtype: flash_attn_with_kvcache takes float8 caches (k_scale, "
+                         "v_scale), not float8 queries")
+    if k_cache.dtype != v_cache.dtype or k_cache.dtype not in (q.dtype, FP8):
+        raise ValueError(f"k_cache and v_cache must both be in q's dtype ({q.dtype}) or both torch.float8_e4m3fn "
+                         f"(with k_scale and v_scale), got {k_cache.dtype} and {v_cache.dtype}")
     batch, _, heads, head_dim = q.shape
     if (k_cache.shape[:3] != v_cache.shape[:3] or k_cache.shape[3] != head_dim or heads % k_cache.shape[2]
             or v_cache.shape[3] < 1):
@@ -90,18 +96,48 @@ def _check_rotary(rotary_cos, rotary_sin, head_dim, device):
                          f"{rotary_sin.device}")
 
 
+def cache_descales(k_scale, v_scale, k_cache, batch):
+    """For float8 caches, the decoding kernel's descale: float32 (2, batch, Hkv), contiguous, k_scale's then
+    v_scale's value per kv head (vLLM's k_scale and v_scale: a stored float8 value times its scale is the real
+    one; a float32 tensor of one value or of one per kv head, (Hkv,); None for 1). None for caches in q's dtype,
+    which take no scale."""
+    if k_cache.dtype != FP8:
+        if k_scale is not None or v_scale is not None:
+            raise ValueError(f"k_scale and v_scale apply to torch.float8_e4m3fn caches only; these are {k_cache.dtype}")
+        return None
+    kv_heads = k_cache.shape[2]
+
+    def per_head(name, scale):
+        if scale is None:
+            return torch.ones(kv_heads, device=k_cache.device)
+        if (not isinstance(scale, torch.Tensor) or scale.dtype != torch.float32 or scale.dim() > 1
+                or scale.numel() not in (1, kv_heads)):
+            raise ValueError(f"{name} must be a float32 tensor of one value or of one per kv head ({kv_heads},), got "
+                             f"{(scale.dtype, tuple(scale.shape)) if isinstance(scale, torch.Tensor) else scale!r}")
+        if scale.device != k_cache.device:
+            raise ValueError(f"{name} is on {scale.device} but the caches are on {k_cache.device}")
+        return scale.reshape(-1).expand(kv_heads)
+
+    scales = torch.stack((per_head("k_scale", k_scale), per_head("v_scale", v_scale)))
+    return scales[:, None].expand(2, batch, kv_heads).contiguous()
+
+
 def capturing(device):
     return torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
 
 def _check_values(seqlens, new_tokens, capacity, block_table, num_pages, cache_batch_idx, cache_rows, leftpad,
-                  rotary_rows, rotary_positions):
+                  rotary_rows, rotary_positions, descale):
     """The values no shape shows, read with one synchronisation (skipped under torch.compile and CUDA-graph
     capture, where a read would break the graph)."""
     if capturing(seqlens.device):
         return
     parts = [seqlens, *(t.flatten() for t in (block_table, cache_batch_idx, leftpad) if t is not None)]
+    if descale is not None:  # the count of scales that are not positive and finite, last
+        parts.append((~((descale > 0) & descale.isfinite())).sum().int()[None])
     values = torch.cat(parts).tolist()
+    if descale is not None and values.pop():
+        raise ValueError(f"k_scale and v_scale must be positive and finite, got {descale[:, 0].tolist()}")
     lengths, rest = values[:seqlens.numel()], values[seqlens.numel():]
     if min(lengths) < 0 or max(lengths) + new_tokens > capacity:
         raise ValueError(f"cache_seqlens must be in [0, {capacity - new_tokens}] so that the {new_tokens} new "
@@ -147,7 +183,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                             cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
                             softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                             rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False, *,
-                            sinks=None, attention_chunk=0):
+                            sinks=None, attention_chunk=0, k_scale=None, v_scale=None):
     """flash-attn 2's ``flash_attn_with_kvcache``, same signature and argument order, on gptfast's kernels.
 
     Args:
@@ -172,6 +208,11 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             denominator (gpt-oss), as flash_attn_func's; the split-KV merge counts them once.
         attention_chunk (keyword only, flash-attn 3's): 0, or a chunk size C: query t sees only the keys of its
             own chunk of C positions, counted from the sequence's first key after cache_leftpad (Llama 4).
+        k_scale, v_scale (keyword only, vLLM's FP8 KV cache): with torch.float8_e4m3fn caches, float32 tensors of
+            one value or of one per kv head (Hkv,), None for 1: a stored key is its float8 value times k_scale.
+            New k and v (in q's dtype) are divided by them and rounded to float8 as they are written, saturating
+            at +-448. The kernel widens the float8 keys and values to q's dtype as it loads them (sm_89 and newer;
+            elsewhere PyTorch on the dequantised keys, with a warning under ``auto``).
     Returns:
         out (B, Tq, Hq, Dv) in q's dtype, or (out, lse).
     """
@@ -193,23 +234,26 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         cache_seqlens = torch.full((batch,), capacity if cache_seqlens is None else cache_seqlens,
                                    dtype=torch.int32, device=q.device)
     check_int32("cache_seqlens", cache_seqlens, (batch,), q.device)
+    descale = cache_descales(k_scale, v_scale, k_cache, batch)
     local = causal or window_size != (-1, -1) or chunk > 0
     new_tokens = 0 if k is None else k.shape[1]
     _check_values(cache_seqlens, new_tokens, capacity, block_table, k_cache.shape[0], cache_batch_idx,
                   k_cache.shape[0], cache_leftpad, None if rotary_cos is None else rotary_cos.shape[0],
-                  max(new_tokens, q.shape[1] if local else 1))
+                  max(new_tokens, q.shape[1] if local else 1), descale)
     rotary = None if rotary_cos is None else (rotary_cos, rotary_sin, rotary_interleaved)
     out, lse = cached_attention(q, k_cache, v_cache, k, v, cache_seqlens, table, cache_leftpad, rotary,
-                                softmax_scale, causal, window_size, softcap, alibi_slopes, num_splits, sinks, chunk)
+                                softmax_scale, causal, window_size, softcap, alibi_slopes, num_splits, sinks, chunk,
+                                descale)
     return (out, lse) if return_softmax_lse else out
 
 
 def cached_attention(q, k_cache, v_cache, k, v, seqlens, block_table, leftpad=None, rotary=None,
                      softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
-                     num_splits=0, sinks=None, chunk=0):
+                     num_splits=0, sinks=None, chunk=0, descale=None):
     """flash_attn_with_kvcache for checked arguments, without reading any value (so a CUDA graph can capture it):
     block_table (B, pages) int32 (a plain cache's rows as (B, 1)), seqlens int32 (B,), rotary None or (cos, sin,
-    interleaved), chunk 0 or attention_chunk. Returns (out (B, Tq, Hq, Dv), lse (B, Hq, Tq))."""
+    interleaved), chunk 0 or attention_chunk, descale None or for float8 caches cache_descales'. Returns (out
+    (B, Tq, Hq, Dv), lse (B, Hq, Tq))."""
     if rotary is not None:
         cos, sin, interleaved = rotary
         start = seqlens[:, None].long()
@@ -221,6 +265,8 @@ def cached_attention(q, k_cache, v_cache, k, v, seqlens, block_table, leftpad=No
             k = apply_rotary(k, cos, sin, start + torch.arange(k.shape[1], device=q.device), interleaved)
     if k is not None:
         pages, slots = _cache_slots(seqlens, block_table, k.shape[1], k_cache.shape[1])
+        if descale is not None:
+            k, v = (to_fp8(new, 1 / scale[:, None, :, None]) for new, scale in zip((k, v), descale))
         k_cache[pages, slots] = k
         v_cache[pages, slots] = v
         seqlens = seqlens + k.shape[1]
@@ -229,20 +275,24 @@ def cached_attention(q, k_cache, v_cache, k, v, seqlens, block_table, leftpad=No
         from gptfast.kernels.decode import decode_attention
         return decode_attention(q, k_cache, v_cache, block_table, seqlens, leftpad, softmax_scale,
                                 0 if causal else window_size[1], window_size[0], float(softcap), alibi_slopes,
-                                num_splits, kernel_sinks(sinks), chunk)
+                                num_splits, kernel_sinks(sinks), chunk, descale=descale)
     return _per_sequence(q, k_cache, v_cache, seqlens, block_table, leftpad, softmax_scale, causal, window_size,
-                         softcap, alibi_slopes, sinks, chunk)
+                         softcap, alibi_slopes, sinks, chunk, descale)
 
 
 def _per_sequence(q, k_cache, v_cache, seqlens, block_table, leftpad, softmax_scale, causal, window_size, softcap,
-                  alibi_slopes, sinks, chunk):
-    """PyTorch's path: each sequence's visible keys gathered and attended alone. Returns (out, lse)."""
+                  alibi_slopes, sinks, chunk, descale):
+    """PyTorch's path: each sequence's visible keys gathered (float8 ones dequantised to q's dtype) and attended
+    alone. Returns (out, lse)."""
     lengths = seqlens.tolist()
     pads = [0] * len(lengths) if leftpad is None else leftpad.tolist()
     outs, lses = [], []
     for b, (pad, length) in enumerate(zip(pads, lengths)):
         keys, values = (cache[block_table[b].long()].flatten(0, 1)[pad:length].transpose(0, 1)[None]
                         for cache in (k_cache, v_cache))
+        if descale is not None:
+            keys, values = ((t.float() * scale[b][:, None, None]).to(q.dtype)
+                            for t, scale in zip((keys, values), descale))
         slopes = alibi_slopes if alibi_slopes is None or alibi_slopes.dim() == 1 else alibi_slopes[b]
         out, lse, _ = attend(q[b:b + 1].transpose(1, 2), keys, values, CAUSAL_BOTTOM_RIGHT if causal else CAUSAL_NONE,
                              window_size, None, softcap, slopes, 0.0, softmax_scale, need_lse=True,

@@ -15,6 +15,7 @@ from gptfast import checkpoint
 from gptfast.attention import flash_attn_func
 from gptfast.config import GPTConfig
 from gptfast.decoder import GraphedDecodeStep, decode_step, prefill, prompts_of
+from gptfast.fp8 import FP8, FP8_MAX, to_fp8
 from gptfast.kvcache import cached_attention
 from gptfast.layernorm import LayerNorm, add_layer_norm
 from gptfast.loss import linear_cross_entropy
@@ -27,24 +28,40 @@ __all__ = ["GPT", "GPTConfig", "KVCache"]  # GPTConfig lives in gptfast.config; 
 class KVCache:
     """The static cache of one generate call, in flash_attn_with_kvcache's layout: keys and values (n_layer, B,
     max_len, H, D), allocated once, at the prefill, in the dtype the keys come in (so it also serves under
-    autocast); seqlens int32 (B,), the tokens each sequence holds (prompts of different lengths differ);
-    block_table int32 (B, 1), each sequence's cache row. A decode step writes its token's keys at seqlens and
-    then adds 1 in place, so a CUDA graph of the step replays with no input but the token."""
+    autocast) or in float8 e4m3 (dtype torch.float8_e4m3fn: half the bytes a decode step reads); seqlens int32
+    (B,), the tokens each sequence holds (prompts of different lengths differ); block_table int32 (B, 1), each
+    sequence's cache row. A decode step writes its token's keys at seqlens and then adds 1 in place, so a CUDA
+    graph of the step replays with no input but the token.
 
-    def __init__(self, config, batch, max_len, device):
+    A float8 cache keeps, per layer, the kernel's descales (n_layer, 2, B, H) float32: per head, the largest
+    magnitude of the prompts' keys (then values) over FP8_HEADROOM * 448, so later tokens up to FP8_HEADROOM times
+    larger are stored unclipped (larger ones saturate)."""
+    FP8_HEADROOM = 4.0  # costs no relative precision but in values under 1/7000 of the top (float8's subnormals)
+
+    def __init__(self, config, batch, max_len, device, dtype=None):
         self.shape = (config.n_layer, batch, max_len, config.n_head, config.n_embd // config.n_head)
-        self.keys = self.values = None
+        self.dtype = dtype
+        self.keys = self.values = self.descales = None
         self.seqlens = torch.zeros(batch, dtype=torch.int32, device=device)
         self.block_table = torch.arange(batch, dtype=torch.int32, device=device)[:, None]
 
     def write_prompts(self, layer, k, v, packed):
         """k, v: (total, H, D) of the prompts packed as `packed` (gptfast.packing.Packed), written from position
-        0 of each sequence's row."""
+        0 of each sequence's row (in float8, scaled by this layer's new descales, for a float8 cache)."""
         if self.keys is None:
-            self.keys = k.new_zeros(self.shape)
-            self.values = v.new_zeros(self.shape)
+            self.keys, self.values = (k.new_zeros(self.shape, dtype=self.dtype) for _ in range(2))
+            if self.dtype == FP8:
+                self.descales = torch.ones((self.shape[0], 2, self.shape[1], self.shape[3]), device=k.device)
+        if self.dtype == FP8:
+            amax = torch.stack([torch.linalg.vector_norm(t, float("inf"), dim=(0, 2)) for t in (k, v)]).float()
+            self.descales[layer] = torch.where(amax > 0, amax * (self.FP8_HEADROOM / FP8_MAX), 1.0)[:, None]
+            k, v = (to_fp8(t, 1 / scale[0][:, None]) for t, scale in zip((k, v), self.descales[layer]))
         self.keys[layer][packed.sequence, packed.positions] = k
         self.values[layer][packed.sequence, packed.positions] = v
+
+    def descale(self, layer):
+        """The decoding kernel's descale of a layer: (2, B, H) float32, or None for a cache in the model's dtype."""
+        return None if self.descales is None else self.descales[layer]
 
 
 class CausalSelfAttention(nn.Module):
@@ -56,6 +73,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.attn_dropout = config.dropout  # on the attention weights, inside the kernel
+        self.context_parallel = None  # a gptfast.distributed.context.ContextParallel: GPT.use_context_parallel
 
     def forward(self, x, cache=None, packed=None):
         """x (B, T, C). packed: x is (1, total, C), sequences packed as described (training on packed documents,
@@ -72,7 +90,9 @@ class CausalSelfAttention(nn.Module):
                                  causal=True)[None]
         elif cache is not None:  # writes k, v at cache.seqlens, attends to everything up to them (bottom-right)
             y = cached_attention(q, cache.keys[self.layer], cache.values[self.layer], k, v, cache.seqlens,
-                                 cache.block_table, causal=True)[0]
+                                 cache.block_table, causal=True, descale=cache.descale(self.layer))[0]
+        elif self.context_parallel is not None:  # x holds this rank's tokens of sequences sharded over a group
+            y = self.context_parallel.causal_attention(q, k, v)
         else:
             y = flash_attn_func(q, k, v, dropout_p=dropout_p, causal=True)
         return self.resid_dropout(self.c_proj(y.reshape(batch, seqlen, width)))
@@ -120,6 +140,7 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
+        self.context_parallel = None  # see use_context_parallel
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
@@ -143,6 +164,15 @@ class GPT(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def use_context_parallel(self, context_parallel):
+        """Takes sequences sharded over a group's ranks from now on (training): context_parallel, a
+        gptfast.distributed.context.ContextParallel, gives each token's position in the whole sequence and runs
+        the attention across the group; None: whole sequences again. The attention's dropout is not applied."""
+        self.context_parallel = context_parallel
+        for module in self.modules():
+            if isinstance(module, CausalSelfAttention):
+                module.context_parallel = context_parallel
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
@@ -178,6 +208,8 @@ class GPT(nn.Module):
             positions = packed.positions
         elif cache is not None:
             positions = cache.seqlens[:, None].long() + torch.arange(idx.shape[1], device=idx.device)
+        elif self.context_parallel is not None:
+            positions = self.context_parallel.positions(idx.shape[1], idx.device)
         else:
             positions = torch.arange(idx.shape[1], device=idx.device)
         hidden = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
@@ -226,7 +258,8 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, do_sample=True, temperature=1.0, top_k=None, top_p=None,
-                 eos_token_id=None, use_cache=True, generator=None, on_token=None, cuda_graph=None):
+                 eos_token_id=None, use_cache=True, generator=None, on_token=None, cuda_graph=None,
+                 kv_cache_dtype=None):
         """Continue each prompt by up to max_new_tokens tokens.
 
         Args:
@@ -241,12 +274,15 @@ class GPT(nn.Module):
             generator: a torch.Generator for reproducible sampling.
             on_token: called with each new (B,) token tensor, for streaming.
             cuda_graph: run the decode step as a captured CUDA graph (default: on CUDA, with the cache).
+            kv_cache_dtype: None or "auto" (the model's), or "fp8" (torch.float8_e4m3fn, per-head scales from the
+                prompts: KVCache): half the cache's memory and of what each decode step reads, for a small error.
         Returns:
             (B, T + n) int64 for a tensor idx, else a list of 1-dim tensors (prompt and its n new tokens), n <=
             max_new_tokens. Stops early, with a warning, at the block size.
         """
         prompts, batched = prompts_of(idx)
         _check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p)
+        cache_dtype = _cache_dtype(kv_cache_dtype, use_cache)
         if not use_cache and not batched:
             raise ValueError("generate(use_cache=False) takes a (batch, seq_len) tensor of equal-length prompts")
         longest = max(len(p) for p in prompts)
@@ -259,7 +295,7 @@ class GPT(nn.Module):
             max_new_tokens = self.config.block_size - longest
         device = self.lm_head.weight.device
         if use_cache:
-            step, logits = self._cached_decoder(prompts, max_new_tokens, device, cuda_graph)
+            step, logits = self._cached_decoder(prompts, max_new_tokens, device, cuda_graph, cache_dtype)
         else:
             step, logits = self._uncached_decoder(idx)
         new = self._decode(step, logits, max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id,
@@ -268,11 +304,12 @@ class GPT(nn.Module):
             return torch.cat([idx, new], dim=1)
         return [torch.cat([p.to(device), row]) for p, row in zip(prompts, new)]
 
-    def _cached_decoder(self, prompts, max_new_tokens, device, cuda_graph):
+    def _cached_decoder(self, prompts, max_new_tokens, device, cuda_graph, cache_dtype):
         """(step, first logits): the prefill done, a function of the last tokens (B,) returning the next logits."""
         if cuda_graph and device.type != "cuda":
             raise ValueError(f"generate(cuda_graph=True) needs the model on a CUDA device, not {device}")
-        cache = KVCache(self.config, len(prompts), max(len(p) for p in prompts) + max_new_tokens, device)
+        cache = KVCache(self.config, len(prompts), max(len(p) for p in prompts) + max_new_tokens, device,
+                        cache_dtype)
         logits = prefill(self, prompts, cache)
         if cuda_graph is None:
             cuda_graph = device.type == "cuda"
@@ -343,6 +380,17 @@ def _check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p):
             raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
         if top_p is not None and not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def _cache_dtype(kv_cache_dtype, use_cache):
+    """generate's kv_cache_dtype as KVCache's dtype: None (the model's) or torch.float8_e4m3fn."""
+    if kv_cache_dtype in (None, "auto"):
+        return None
+    if kv_cache_dtype not in ("fp8", FP8):
+        raise ValueError(f"kv_cache_dtype must be None, 'auto' or 'fp8', got {kv_cache_dtype!r}")
+    if not use_cache:
+        raise ValueError("kv_cache_dtype='fp8' needs use_cache=True")
+    return FP8
 
 
 def _next_token(logits, do_sample, temperature, top_k, top_p, generator):

@@ -4,6 +4,7 @@
     gptfast train --data corpus/ --tokenizer gpt2-folder/ --n-layer 12 --n-embd 768
     torchrun --nproc_per_node=2 -m gptfast train    # DDP: NCCL on CUDA, gloo on CPU; rank 0 logs and saves
     torchrun --nproc_per_node=8 -m gptfast train --fsdp ...   # FSDP2: parameters, gradients, AdamW state sharded
+    torchrun --nproc_per_node=8 -m gptfast train --context-parallel 4 ...  # each sequence over 4 ranks, 2 batches
 
 The run folder (--out) is laid out and guarded as gptfast.runs describes: one trainer at a time, log.jsonl,
 checkpoint-<step>/ folders and ``latest``. SIGINT or SIGTERM saves a checkpoint and exits. --resume continues a
@@ -24,6 +25,7 @@ import torch
 from gptfast import backend, checkpoint
 from gptfast.data import Batches, gptfast_home, prepare
 from gptfast.devices import DTYPE_NAMES, device_named, dtype_named
+from gptfast.distributed.context import METHODS, ContextParallel
 from gptfast.model import GPT, GPTConfig
 from gptfast.progress import Progress
 from gptfast.runs import RunFolder, load_train_state
@@ -90,6 +92,12 @@ def add_arguments(parser):
         help="pack documents: cut each window at the files (and end-of-text tokens) it crosses, so no token attends "
              "across a document; off by default, as in nanoGPT and GPT-2's training, whose windows cross documents")
     add("--compile", action="store_true", help="torch.compile the model")
+    add("--context-parallel", type=int, default=1, metavar="N",
+        help="under torchrun, shard each sequence over groups of N ranks (context parallelism: long sequences; the "
+             "batch is split over the groups, data x context); --block-size a multiple of 2N (default 1)")
+    add("--cp-method", choices=METHODS, default="ring",
+        help="context parallelism's attention: ring (keys and values passed around the group, the default) or "
+             "all-to-all (DeepSpeed Ulysses: sequence shards traded for head shards; --n-head a multiple of N)")
     add("--fsdp", action="store_true",
         help="under torchrun, shard the model, gradients and optimizer state over the ranks with FSDP2 (each block, "
              "then the root) instead of replicating them with DDP; for models whose training state does not fit one "
@@ -125,6 +133,16 @@ def check_arguments(args):
     if args.fsdp and "RANK" not in os.environ:
         raise ValueError("--fsdp shards over the ranks torchrun starts: run `torchrun --nproc_per_node=N -m gptfast "
                          "train --fsdp ...`")
+    if args.context_parallel < 1:
+        raise ValueError(f"--context-parallel must be at least 1, got {args.context_parallel}")
+    if args.context_parallel > 1:
+        size, world = args.context_parallel, int(os.environ.get("WORLD_SIZE", "1"))
+        if "RANK" not in os.environ or world % size:
+            raise ValueError(f"--context-parallel {size} shards each sequence over that many of the ranks torchrun "
+                             f"starts (a multiple of it): run `torchrun --nproc_per_node={size} -m gptfast train "
+                             f"--context-parallel {size} ...`")
+        if args.pack or args.dropout:
+            raise ValueError("--context-parallel does not take --pack or --dropout yet (its attention has neither)")
     if args.fsdp and args.dtype == "float16":
         raise ValueError("--fsdp with --dtype float16 is not supported (its loss scaling does not shard); use bfloat16")
     device = device_named(args.device)
@@ -258,14 +276,19 @@ class Trainer:
     """One rank's model, optimizer, batches and mixed precision, and what the loop does with them: a training
     step, an evaluation, a checkpoint. Data-parallel under torchrun: DDP, or FSDP2 with fsdp."""
 
-    def __init__(self, model, settings, splits, device, rank, world, compile_model=False, fsdp=False):
+    def __init__(self, model, settings, splits, device, rank, world, compile_model=False, fsdp=False, context=None):
         self.model, self.settings, self.splits, self.device = model, settings, splits, device
-        self.rank, self.world, self.fsdp = rank, world, fsdp
+        self.rank, self.world, self.fsdp, self.context = rank, world, fsdp, context
         self.block_size = settings["block_size"]
+        # With context parallelism a group of ranks shares each batch, every rank taking its tokens of each
+        # sequence: its loss is the mean over them, and DDP's (or FSDP's) mean over all ranks is the batch's.
+        share = 1 if context is None else context.world
+        data_rank, data_world = rank // share, world // share
+        model.use_context_parallel(context)
         # Where documents begin, found once per split (a scan of the tokens when the tokenizer has an end-of-text).
         self.document_starts = ({name: corpus.document_starts(model.config.eos_token_id)
                                  for name, corpus in splits.items()} if settings["pack"] else {})
-        self.batches = self.sampler("train", settings["seed"], shard=(rank, world))
+        self.batches = self.sampler("train", settings["seed"], shard=(data_rank, data_world))
         if fsdp:
             shard(model)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -278,7 +301,11 @@ class Trainer:
         if world > 1 and not fsdp:
             self.forward = torch.nn.parallel.DistributedDataParallel(
                 self.forward, device_ids=[device.index] if device.type == "cuda" else None)
-        self.tokens_per_step = settings["batch_size"] * self.block_size * settings["grad_accum"] * world
+        self.tokens_per_step = settings["batch_size"] * self.block_size * settings["grad_accum"] * data_world
+
+    def local(self, x, y):
+        """This rank's tokens of a batch: all of them, or its shard of each sequence under context parallelism."""
+        return (x, y) if self.context is None else (self.context.shard(x), self.context.shard(y))
 
     def sampler(self, split, seed, shard=(0, 1)):
         """Batches of a split; with --pack, cut at its documents (files, and end-of-text tokens where the
@@ -297,6 +324,7 @@ class Trainer:
         loss_sum = 0.0
         for micro in range(accum):
             x, y, packed = self.batches.next(self.device)
+            x, y = self.local(x, y)
             # Gradients are reduced across ranks on the last micro-batch only.
             last = micro == accum - 1
             if self.fsdp:
@@ -335,7 +363,11 @@ class Trainer:
             for _ in range(eval_iters):
                 x, y, packed = sampler.next(self.device)
                 with self.autocast():
-                    total += self.model(x, y, packed).item()
+                    loss = self.model(*self.local(x, y), packed)
+                if self.context is not None:  # the group's ranks hold equal shares of the sequence
+                    torch.distributed.all_reduce(loss, group=self.context.group)
+                    loss /= self.context.world
+                total += loss.item()
             losses[name] = total / eval_iters
         self.model.train()
         return losses
@@ -353,6 +385,7 @@ class Trainer:
         state = {"iter": step, "settings": self.settings, "config": dataclasses.asdict(self.model.config),
                  "optimizer": optimizer,
                  "scaler": self.scaler.state_dict(), "world": self.world,
+                 "context_parallel": 1 if self.context is None else self.context.world,
                  "batches_rng": self.batches.generator.get_state(),
                  "torch_rng": gathered(torch.get_rng_state(), self.world)}
         if self.device.type == "cuda":
@@ -362,9 +395,11 @@ class Trainer:
     def restore(self, state):
         """Puts a checkpoint's optimizer, scaler and random states back (the weights were loaded before)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-        if state["world"] != self.world:
-            raise ValueError(f"--resume: the run was saved with {state['world']} ranks; resume it with the same "
-                             f"number (now {self.world}) to continue it exactly")
+        context = 1 if self.context is None else self.context.world
+        if (state["world"], state.get("context_parallel", 1)) != (self.world, context):
+            raise ValueError(f"--resume: the run was saved with {state['world']} ranks, --context-parallel "
+                             f"{state.get('context_parallel', 1)}; resume it with the same (now {self.world}, "
+                             f"{context}) to continue it exactly")
         set_optimizer_state_dict(self.model, self.optimizer, optim_state_dict=state["optimizer"],
                                  options=StateDictOptions(full_state_dict=True))
         if state["scaler"] and self.scaler.is_enabled():
@@ -492,7 +527,8 @@ def main(args):
         model.to(device)
         torch.manual_seed(settings["seed"] + rank)  # dropout: each rank its own (a resume restores them)
         splits = load_splits(settings, tokenizer, rank, world)
-        trainer = Trainer(model, settings, splits, device, rank, world, args.compile, args.fsdp)
+        context = context_parallel(args, model.config, world, device)
+        trainer = Trainer(model, settings, splits, device, rank, world, args.compile, args.fsdp, context)
         start = continue_run(trainer, run, state, changes, say) if state else 0
         say(f"training {model.num_params() / 1e6:.2f}M parameters on {device} ({world} rank{'s' * (world > 1)}), "
             f"{len(splits['train'].tokens):,} train tokens, {trainer.tokens_per_step:,} tokens per step, run folder "
@@ -504,6 +540,23 @@ def main(args):
             say(f"done: checkpoint in {run.latest() if rank == 0 else out}")
     finish_distributed(world)
     return 0
+
+
+def context_parallel(args, config, world, device):
+    """The ContextParallel of --context-parallel N (None for 1): ranks laid out on a 2-D DeviceMesh (data x context,
+    the context dimension innermost: ranks r N to r N + N - 1 share data shard r)."""
+    size = args.context_parallel
+    if size == 1:
+        return None
+    if config.block_size % (2 * size):
+        raise ValueError(f"--context-parallel {size} zigzag-shards each sequence into {2 * size} pieces: "
+                         f"--block-size ({config.block_size}) must be a multiple of {2 * size}")
+    if args.cp_method == "all-to-all" and config.n_head % size:
+        raise ValueError(f"--cp-method all-to-all gives each rank n_head / {size} heads: --n-head "
+                         f"({config.n_head}) must be a multiple of {size}")
+    from torch.distributed.device_mesh import init_device_mesh
+    mesh = init_device_mesh(device.type, (world // size, size), mesh_dim_names=("data", "context"))
+    return ContextParallel(mesh["context"].get_group(), mesh.get_local_rank("context"), size, args.cp_method)
 
 
 def finish_distributed(world):

@@ -12,6 +12,7 @@ import torch
 from gptfast import backend
 from gptfast.kvcache import capturing
 from gptfast.paged import check_paged, gather_pages, key_counts, paged_kernel_attention
+from gptfast.fp8 import check_fp8, dequantized, fp8_descales, fp8_kernel_attention, is_fp8_call
 from gptfast.attention_core import (CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, attend, check_flash_options, check_inputs,
                                     check_sinks, chunk_size, draw_dropout_seed, flash_attention_op, kernel_gap,
                                     kernel_sinks, softmax_scale_for, torch_attention)
@@ -67,7 +68,8 @@ def check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, total_q, total_k, max_seqlen_q,
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                            deterministic=False, return_attn_probs=False, block_table=None, *, sinks=None,
-                           attention_chunk=0, seqused_k=None):
+                           attention_chunk=0, seqused_k=None, q_descale=None, k_descale=None, v_descale=None,
+                           out_dtype=None):
     """flash-attn 2's ``flash_attn_varlen_func``, same signature and argument order, on gptfast's kernels.
 
     Args:
@@ -88,6 +90,9 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         seqused_k (keyword only): None, or int32 (num_seqs,) (flash-attn 3's): sequence b uses only its first
             seqused_k[b] keys (rows [cu_seqlens_k[b], + seqused_k[b])), which make its Tk for the masks'
             alignment; the rest of its rows take no part (their gradients are 0).
+        q_descale, k_descale, v_descale, out_dtype (keyword only, flash-attn 3's FP8 forward, gptfast.fp8): with
+            torch.float8_e4m3fn q, k and v, float32 (num_seqs, Hkv) descales or scalar tensors (None for 1); the
+            output is out_dtype (default bfloat16). Forward only; not with block_table.
     Returns:
         out (total_q, Hq, D) in q's dtype; with return_attn_probs (out, lse (Hq, total_q) float32, S_dmask
         (num_seqs, Hq, max_seqlen_q, max_seqlen_k): each sequence's weights, dropped ones negated, zero-padded).
@@ -107,6 +112,17 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     chunk = chunk_size(attention_chunk)
     check_inputs(*(t.transpose(0, 1) for t in (q, *(t.flatten(0, 1) if paged else t for t in (k, v)))),
                  enable_gqa=True)
+    if is_fp8_call(q, k, v, (q_descale, k_descale, v_descale)):
+        out_dtype = torch.bfloat16 if out_dtype is None else out_dtype
+        check_fp8(q, k, v, dropout_p, return_attn_probs, out_dtype)
+        if paged:
+            raise ValueError("FP8 inputs do not take block_table; flash_attn_with_kvcache reads float8 caches")
+        descale = fp8_descales(num_seqs, k.shape[1], q.device, q_descale, k_descale, v_descale)
+        return _fp8_varlen(q, k, v, descale, out_dtype, (cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q,
+                                                          max_seqlen_k), softmax_scale, causal, window_size, softcap,
+                           alibi_slopes, sinks, chunk)
+    if out_dtype is not None:
+        raise ValueError("out_dtype applies to FP8 inputs only (the output is in q's dtype)")
     if paged:
         return _paged_attention(q, k, v, block_table, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                 dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
@@ -160,6 +176,23 @@ def _paged_attention(q, k_cache, v_cache, block_table, cu_seqlens_q, cu_seqlens_
                             sinks=sinks, chunk=chunk)
 
 
+def _fp8_varlen(q, k, v, descale, out_dtype, sequences, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                sinks, chunk):
+    """flash_attn_varlen_func's FP8 forward for checked float8 q (total_q, Hq, D), k, v (total_k, Hkv, D) and
+    their descale (fp8_descales'): out (total_q, Hq, Dv) in out_dtype, on the kernels or, where they cannot run,
+    each sequence attended alone on the dequantised inputs."""
+    packed = [t.transpose(0, 1).unsqueeze(0) for t in (q, k, v)]  # (1, H, total, D) views
+    options = _options(q, softmax_scale, causal, window_size, softcap, alibi_slopes, sinks, chunk)
+    if backend.use_triton("flash_attn_varlen_func", q.device, kernel_gap(packed[0], packed[2],
+                                                                         options["softmax_scale"], chunk, fp8=True)):
+        out = fp8_kernel_attention(*packed, descale, out_dtype, **options, sequences=sequences)[0]
+    else:
+        tokens = [torch.repeat_interleave(torch.arange(len(cu) - 1, device=q.device), cu.diff(), output_size=total)
+                  for cu, total in ((sequences[0], q.shape[0]), (sequences[1], k.shape[0]))]
+        out = _per_sequence(*dequantized(*packed, descale, tokens), sequences, options, 0.0, False)[0].to(out_dtype)
+    return out[0].transpose(0, 1)
+
+
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                      softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                      deterministic=False, return_attn_probs=False, *, sinks=None, chunk=0, seqused_k=None):
@@ -167,10 +200,8 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     model that checked its packing once calls it without a synchronisation per layer."""
     num_seqs = cu_seqlens_q.numel() - 1
     packed = [t.transpose(0, 1).unsqueeze(0) for t in (q, k, v)]  # (1, H, total, D) views
-    softmax_scale = softmax_scale_for(q.shape[-1], softmax_scale)
-    causal = CAUSAL_BOTTOM_RIGHT if causal else CAUSAL_NONE
-    options = dict(causal=causal, window=tuple(window_size), softcap=float(softcap), alibi_slopes=alibi_slopes,
-                   softmax_scale=softmax_scale, sinks=sinks, chunk=chunk)
+    options = _options(q, softmax_scale, causal, window_size, softcap, alibi_slopes, sinks, chunk)
+    softmax_scale, causal = options["softmax_scale"], options["causal"]
     sequences = (cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k)
     if backend.use_triton("flash_attn_varlen_func", q.device, kernel_gap(packed[0], packed[2], softmax_scale, chunk,
                                                                          dropout_p)):
@@ -188,6 +219,13 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     if return_attn_probs:
         return out, lse[0], _attention_probs(*packed, sequences, options, kept)
     return out
+
+
+def _options(q, softmax_scale, causal, window_size, softcap, alibi_slopes, sinks, chunk):
+    """attend's keyword arguments for a packed call's flags (causal aligned bottom-right in each sequence)."""
+    scale = softmax_scale_for(q.shape[-1], softmax_scale)
+    return dict(causal=CAUSAL_BOTTOM_RIGHT if causal else CAUSAL_NONE, window=tuple(window_size),
+                softcap=float(softcap), alibi_slopes=alibi_slopes, softmax_scale=scale, sinks=sinks, chunk=chunk)
 
 
 def _slices(cu_seqlens_q, cu_seqlens_k, seqused_k):

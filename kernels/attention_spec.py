@@ -28,8 +28,9 @@ class Spec(NamedTuple):
     attention, flash-attn 3's attention_chunk), a bound like WINDOW's; SEQUSED_K (with VARLEN): each sequence uses
     only its first SEQUSED_K[b] keys (flash-attn 3's seqused_k). BLOCK_D_TAIL (the decoding kernel only): queries
     and keys wider than BLOCK_D (512) have their columns past it in a second block of this width (DeepSeek's
-    absorbed MLA decoding: 576 = 512 + 64, where one block would pad to 1024); 0 without. FP8 (the forward only):
-    q, k and v are float8 e4m3 with per-(batch, kv head) descales (flash-attn 3's FP8 forward, Features.descale).
+    absorbed MLA decoding: 576 = 512 + 64, where one block would pad to 1024); 0 without. FP8: in the forward, q, k
+    and v are float8 e4m3 with per-(batch, kv head) descales (flash-attn 3's FP8 forward, Features.descale); in the
+    decoding kernel, the caches are (q keeps its dtype; gptfast.kvcache's k_scale and v_scale).
 
     Programmable attention (gptfast.flex; its calls set none of the switches above but the head dims and
     INPUT_PRECISION): SCORE_MOD, a @triton.jit score_mod(score, batch, head, q_idx, kv_idx, args) -> score;
@@ -150,7 +151,9 @@ class Features(NamedTuple):
     (flash-attn 3's), and the rows after them up to the next sequence's take no part. flex: None
     or the Flex of a gptfast.flex call (its mods and block lists), with every other field at its default.
     descale: None, or for float8 q, k and v (the forward only) float32 (2, B, Hkv), contiguous: per (batch or
-    sequence, kv head) the product of q's and k's descales, then v's."""
+    sequence, kv head) the product of q's and k's descales, then v's. shift: added to every query's position
+    (query i sits at i + Tk - Tq + shift; the causal bound, the window and ALiBi's distance follow it; not with
+    chunks): context parallelism's blocks (gptfast.distributed) pair one chunk's queries with another's keys."""
     causal: int = CAUSAL_NONE
     window: tuple = (-1, -1)
     mask: torch.Tensor | None = None
@@ -165,6 +168,7 @@ class Features(NamedTuple):
     seqused_k: torch.Tensor | None = None
     flex: "Flex | None" = None
     descale: torch.Tensor | None = None
+    shift: int = 0
 
 
 class Flex(NamedTuple):
@@ -257,7 +261,7 @@ def _signature(q, k, v, features, softmax_scale):
             None if slopes is None else (slopes.shape, slopes.stride()),
             None if varlen is None else (varlen[0].shape, varlen[2], varlen[3]),
             features.seed_offset is None, features.sinks is None, features.seqused_k is None,
-            features.descale is None)
+            features.descale is None, features.shift)
 
 
 def _tensors(features, shape, num_heads, seqlen_q, seqlen_k):
@@ -290,13 +294,13 @@ def _describe(q, k, v, features, softmax_scale):
                 VARLEN=features.varlen is not None, SINKS=features.sinks is not None, CHUNK=features.chunk > 0,
                 SEQUSED_K=features.seqused_k is not None, FP8=fp8)
     # Bottom-right offsets count Tk - Tq; with varlen the kernels add each sequence's own.
-    offset = 0 if features.causal == CAUSAL_TOP_LEFT or features.varlen else seqlen_k - seqlen_q
+    diagonal = (0 if features.varlen else seqlen_k - seqlen_q) + features.shift
+    offset = 0 if features.causal == CAUSAL_TOP_LEFT else diagonal
     kwargs = dict(**tensors, mods=None, blocks=None,
                   mask_strides=mask.stride() if mask is not None else (0, 0, 0, 0),
                   alibi_strides=slopes.stride() if slopes is not None else (0, 0),
                   dims=(shape[0], num_heads, num_heads // k.shape[1], seqlen_q, seqlen_k),
-                  bounds=(offset + max(right, 0), offset - max(left, 0), 0 if features.varlen else seqlen_k - seqlen_q,
-                          features.chunk),
+                  bounds=(offset + max(right, 0), offset - max(left, 0), diagonal, features.chunk),
                   scales=(softmax_scale * LOG2E.value, softmax_scale, features.softcap, features.dropout_p,
                           1.0 / (1.0 - features.dropout_p)),
                   SPEC=spec)

@@ -93,7 +93,7 @@ def _key_span(row_block, seqlen_q, seqlen_k, first_key, group_size, window_sides
 
 @triton.jit
 def attention_decode_kernel(
-        Q, K, V, O, LSE, BLOCK_TABLE, SEQLENS, LEFTPAD, CU_SEQLENS_Q, ALIBI, SINKS,
+        Q, K, V, O, LSE, BLOCK_TABLE, SEQLENS, LEFTPAD, CU_SEQLENS_Q, ALIBI, SINKS, DESCALE,
         q_strides, k_strides, v_strides, o_strides, lse_steps, split_steps, table_stride, alibi_strides, sizes,
         window_sides, score_scales,
         SPEC: tl.constexpr, LEFTPAD_KEYS: tl.constexpr, FINAL: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -142,6 +142,9 @@ def attention_decode_kernel(
     low, high = _row_keys(query, seqlen_q, seqlen_k, first_key, window_sides, SPEC)
     K += kv_head * k_strides[2]
     V += kv_head * v_strides[2]
+    qk_scale = score_scales[0]
+    if SPEC.FP8:  # q . k = (q . k8) * k_descale: one factor on the scale, none per key (vLLM scales each tile)
+        qk_scale *= tl.load(DESCALE + tl.program_id(1))
     BLOCK_DV: tl.constexpr = SPEC.BLOCK_DV  # a shape needs a constexpr, not a field's plain int
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     row_sum, row_max = softmax_start(SINKS, head, BLOCK_M, SPEC.SINKS and FINAL)
@@ -152,20 +155,22 @@ def attention_decode_kernel(
         slots = start_n % page_size + tl.arange(0, BLOCK_N)
         in_cache = (keys < seqlen_k)[:, None]
         k_rows = K + page * k_strides[0] + slots * k_strides[1]
-        k = _columns(k_rows, offs_d, k_strides[3], in_cache & d_mask[None, :])
+        k = _columns(k_rows, offs_d, k_strides[3], in_cache & d_mask[None, :]).to(q.dtype)
         qk = tl.dot(q, tl.trans(k), input_precision=SPEC.INPUT_PRECISION)
         if SPEC.BLOCK_D_TAIL:
-            k_tail = _columns(k_rows, offs_tail, k_strides[3], in_cache & tail_mask[None, :])
+            k_tail = _columns(k_rows, offs_tail, k_strides[3], in_cache & tail_mask[None, :]).to(q.dtype)
             qk = tl.dot(q_tail, tl.trans(k_tail), qk, input_precision=SPEC.INPUT_PRECISION)
         scores, scale, _ = tile_scores(qk, query[:, None], keys[None, :], seqlen_q, seqlen_k, Q, slope, diagonal,
-                                       score_scales[0], score_scales[1], MASK_KIND=0, ALIBI=SPEC.ALIBI,
+                                       qk_scale, score_scales[1], MASK_KIND=0, ALIBI=SPEC.ALIBI,
                                        SOFTCAP=SPEC.SOFTCAP)
         visible = (keys < seqlen_k)[None, :] & (keys[None, :] >= low) & (keys[None, :] <= high)
         scores = tl.where(visible, scores, float("-inf"))
         p, correction, row_sum, row_max = online_softmax(scores, scale, row_sum, row_max)
         v = _columns(V + page * v_strides[0] + slots * v_strides[1], offs_dv, v_strides[3],
-                     in_cache & dv_mask[None, :])
+                     in_cache & dv_mask[None, :]).to(q.dtype)
         acc = tl.dot(p.to(v.dtype), v, acc * correction[:, None], input_precision=SPEC.INPUT_PRECISION)
+    if SPEC.FP8:  # the values' descale, on the sum (a partial's too: the merge is linear in them)
+        acc *= tl.load(DESCALE + tl.num_programs(1) + tl.program_id(1))
     O += split * split_steps[0]
     _store_rows(acc, row_sum, row_max, O + query[:, None] * o_strides[1] + head[:, None] * o_strides[2]
                 + offs_dv[None, :] * o_strides[3],
@@ -246,6 +251,12 @@ TILES = {"16-bit": [(64, 4, 2, (16, 32, 64)), (128, 8, 2, (16, 32, 64)), (32, 4,
          "interpreter": [(16, 1, 1, (16, 32, 64, 128, 256, 512))]}
 
 
+def tiles(table, fp8=False):
+    """TILES[table], for float8 caches with at most 2 stages: widening float8 tiles takes registers, and sm_120's
+    every-feature tile at head dim 128 spilled 56 bytes with 3 (`gptfast inspect --dtype fp8 --kernel decode`)."""
+    return TILES[table] if not fp8 else list(dict.fromkeys((n, w, min(s, 2), d) for n, w, s, d in TILES[table]))
+
+
 def query_block(rows, block_d, dtype):
     """Query rows per program for rows = Tq * group (query, head) pairs: 16 (tl.dot's least) up to the largest
     block TILES compile for."""
@@ -254,12 +265,12 @@ def query_block(rows, block_d, dtype):
 
 
 @functools.cache
-def _autotuner(table, block_d, page_size, bucket_k):
-    """An autotuner over the tiles of TILES[table] that serve block_d, with key blocks no longer than a page (a
-    block must not cross one) nor the cache's length bucket; the smallest one if none fits."""
+def _autotuner(table, block_d, page_size, bucket_k, fp8):
+    """An autotuner over the tiles (see tiles) that serve block_d, with key blocks no longer than a page (a block
+    must not cross one) nor the cache's length bucket; the smallest one if none fits."""
     interpreted = table == "interpreter"
-    tiles = [t for t in TILES[table] if block_d in t[3]]
-    fitting = [t for t in tiles if t[0] <= page_size and t[0] <= max(bucket_k, 16)] or [min(tiles)]
+    tiles_d = [t for t in tiles(table, fp8) if block_d in t[3]]
+    fitting = [t for t in tiles_d if t[0] <= page_size and t[0] <= max(bucket_k, 16)] or [min(tiles_d)]
     cap = {} if interpreted else {"maxnreg": MAX_REGISTERS}
     configs = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s, **cap) for n, w, s, _ in fitting]
     return autotune(attention_decode_kernel, configs, key=["SPEC", "BLOCK_M", "LEFTPAD_KEYS", "FINAL"],
@@ -288,19 +299,21 @@ def decode_spec(q, v_cache, causal_right, window_left, softcap, alibi_slopes, si
     block_d, tail = key_blocks(head_dim)
     return Spec(head_dim, block_d, head_dim_v, padded_head_dim(head_dim_v), input_precision(q.dtype),
                 CAUSAL=causal_right >= 0, WINDOW=window_left >= 0, ALIBI=alibi_slopes is not None, SOFTCAP=softcap > 0,
-                SINKS=sinks is not None, CHUNK=chunk > 0, VARLEN=varlen, BLOCK_D_TAIL=tail)
+                SINKS=sinks is not None, CHUNK=chunk > 0, VARLEN=varlen, BLOCK_D_TAIL=tail,
+                FP8=v_cache.dtype == torch.float8_e4m3fn)
 
 
 def decode_attention(q, k_cache, v_cache, block_table, seqlens, leftpad, softmax_scale, causal_right=-1,
                      window_left=-1, softcap=0.0, alibi_slopes=None, num_splits=0, sinks=None, chunk=0,
-                     queries=None):
+                     queries=None, descale=None):
     """Returns (out (B, Tq, Hq, Dv) in q's dtype, lse (B, Hq, Tq) float32) for the layouts of the module
     docstring. causal_right: -1 for no causal bound, else flash-attn's right window size (0 when causal);
     window_left: -1 or the left window size. alibi_slopes: None or float32 broadcastable to (B, Hq). num_splits:
     0 chooses (auto_splits); more than MAX_SPLITS is capped there. sinks: None or float32 (Hq,), contiguous.
     chunk: 0, or the chunk size (chunks counted from each sequence's first visible key). queries: None, or
     (cu_seqlens_q int32 (B + 1,), max_seqlen_q) for queries of B sequences packed along Tq (q (1, total_q, Hq, D);
-    out and lse then (1, total_q, Hq, Dv) and (1, Hq, total_q))."""
+    out and lse then (1, total_q, Hq, Dv) and (1, Hq, total_q)). descale: None, or for float8 e4m3 caches float32
+    (2, B, Hkv), contiguous: what multiplies each (batch, kv head)'s stored keys, then values, back to their values."""
     _, seqlen_q, num_heads = q.shape[:3]
     batch = block_table.shape[0]
     cu_seqlens_q, rows_q = (None, seqlen_q) if queries is None else queries
@@ -325,11 +338,11 @@ def decode_attention(q, k_cache, v_cache, block_table, seqlens, leftpad, softmax
     # Keyed on the largest power of two within a page: the configs differ only by which key blocks (powers of
     # two) fit in one, and a plain cache's page is its whole length, so the page itself made one autotuner, each
     # timing its configs, per cache length.
-    kernel = _autotuner(table, spec.tile_dim, 1 << (page_size.bit_length() - 1), length_bucket(capacity))
+    kernel = _autotuner(table, spec.tile_dim, 1 << (page_size.bit_length() - 1), length_bucket(capacity), spec.FP8)
     kernel[(row_blocks, batch * num_kv_heads, splits)](
         Q=q, K=k_cache, V=v_cache, O=out_part, LSE=lse_part, BLOCK_TABLE=block_table, SEQLENS=seqlens,
-        LEFTPAD=leftpad, CU_SEQLENS_Q=cu_seqlens_q, ALIBI=slopes, SINKS=sinks, q_strides=q.stride(),
-        k_strides=k_cache.stride(), v_strides=v_cache.stride(), o_strides=out_part.stride()[1:],
+        LEFTPAD=leftpad, CU_SEQLENS_Q=cu_seqlens_q, ALIBI=slopes, SINKS=sinks, DESCALE=descale,
+        q_strides=q.stride(), k_strides=k_cache.stride(), v_strides=v_cache.stride(), o_strides=out_part.stride()[1:],
         lse_steps=lse_strides[1:], split_steps=(out_part.stride(0), lse_strides[0]), table_stride=block_table.stride(0),
         alibi_strides=slopes.stride() if slopes is not None else (0, 0),
         sizes=(num_kv_heads, group, rows_q, page_size), window_sides=(causal_right, window_left, chunk),

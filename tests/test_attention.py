@@ -12,10 +12,11 @@ import triton.language as tl
 from hypothesis import given, settings, strategies as st
 from torch.nn.attention.bias import causal_lower_right, causal_upper_left
 
-from gptfast import backend
+from gptfast import attention_core, backend
 from gptfast.attention import flash_attn_func, scaled_dot_product_attention
 from gptfast.attention_core import as_bhtd, draw_dropout_seed
-from gptfast.kernels.attention import _chunk_key_range, _chunk_query_range, _key_range, _query_range
+from gptfast.kernels.attention import (_chunk_key_range, _chunk_query_range, _key_range, _query_range,
+                                      attention_backward, attention_forward)
 from gptfast.kernels.attention_spec import Features, describe
 from support import (BOTTOM_RIGHT, NONE, TOP_LEFT, bthd, check_against_reference, kernel_keep_mask, mask_args,
                      random_qkv, reference_attention, seed_of, shape_id)
@@ -119,6 +120,39 @@ def test_flash_attn_func_torch_path_matches_the_kernel(seqlen_q, seqlen_k):
                              *flash_attn_func(q, k, v, causal=True, return_lse=True))
     for kernel, reference in zip(results["triton"], results["torch"]):
         torch.testing.assert_close(kernel, reference, atol=1e-5, rtol=1e-5)
+
+
+class ShiftedKernels(torch.autograd.Function):
+    """The kernels' forward and backward for Features with a window of (3, -1) and softcap 5: what
+    gptfast.distributed's ring runs for a pair of chunks."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, features):
+        out, lse = attention_forward(q, k, v, 0.25, features)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.features = features
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        return (*attention_backward(grad_out.contiguous(), torch.zeros_like(lse), q, k, v, out, lse, 0.25,
+                                    ctx.features)[:3], None)
+
+
+@pytest.mark.parametrize("seqlen_q, seqlen_k", [(19, 45), (9, 4)])
+def test_top_left_and_shifted_diagonals_on_both_paths(seqlen_q, seqlen_k):
+    """torch's is_causal (top-left) and Features.shift (every query moved along the keys; here by Tq - Tk, which
+    makes the bottom-right diagonal the top-left one), with a window and softcapping, forward and backward, on
+    the kernels and on PyTorch's path: each against the float64 top-left reference."""
+    q, k, v = random_qkv(2, 4, 2, seqlen_q, seqlen_k, 16, torch.float32, seed=seqlen_q)
+    for causal, shift in ((attention_core.CAUSAL_TOP_LEFT, 0), (attention_core.CAUSAL_BOTTOM_RIGHT,
+                                                                seqlen_q - seqlen_k)):
+        features = Features(causal, (3, -1), softcap=5.0, shift=shift)
+        for run in (lambda q, k, v: ShiftedKernels.apply(q, k, v, features),
+                    lambda q, k, v: attention_core.torch_attention(q, k, v, causal, (3, -1), None, 5.0, None, 0.0,
+                                                                   0.25, shift=shift)[0]):
+            check_against_reference(q, k, v, TOP_LEFT, run, scale=0.25, window=(3, -1), softcap=5.0)
 
 
 def test_rows_that_see_no_key_are_zero_with_zero_gradients():

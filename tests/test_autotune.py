@@ -72,7 +72,7 @@ def test_every_autotuner_keeps_its_timings_on_a_gpu(monkeypatch):
     monkeypatch.setattr(triton.knobs.runtime, "interpret", False)
     made = [attention_tuning._autotuner.__wrapped__(_copy_kernel, "forward", "sm_90", 64, False, False, False,
                                                     ("pointers",), 1024, 1024),
-            decode._autotuner.__wrapped__("16-bit", 64, 16, 1024),
+            decode._autotuner.__wrapped__("16-bit", 64, 16, 1024, False),
             layernorm.autotuned.__wrapped__(_copy_kernel, "forward", "sm_90", 1024)]
     assert all(isinstance(tuner, autotune.Scoped) and tuner.cache_results for tuner in made)
     assert made[0].scope == (1024, 1024) and made[1].scope == (16, 1024)

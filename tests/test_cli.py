@@ -48,6 +48,21 @@ def test_generate_continues_the_newest_run(home, trained):
     assert "top-p" in run_cli("generate", "--help").stdout
 
 
+def test_generate_with_an_fp8_cache(trained, capsys, monkeypatch):
+    """--kv-cache-dtype fp8 reaches GPT.generate, which runs with it (tests/test_model.py checks the float8 cache's
+    logits)."""
+    from gptfast.model import GPT
+    generate, asked = GPT.generate, []
+
+    def recording(*args, **kwargs):
+        asked.append(kwargs["kv_cache_dtype"])
+        return generate(*args, **kwargs)
+    monkeypatch.setattr(GPT, "generate", recording)
+    assert cli(["generate", "--model", str(trained[0]), "--device", "cpu", "--max-new-tokens", "3", "--greedy",
+                "--kv-cache-dtype", "fp8"]) == 0
+    assert asked == ["fp8"] and "3 tokens in" in capsys.readouterr().err
+
+
 def test_help_answers_without_importing_torch():
     code = ("import sys\nfrom gptfast.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
             "assert 'torch' not in sys.modules, 'gptfast --help imported torch'")
@@ -120,6 +135,8 @@ def usage_failures(trained, tmp_path):
         ([*train_run, "--init-from", str(run / "checkpoint-2"), "--n-layer", "3"], r"--n-layer: with --init-from"),
         ([*train_run, "--allow-changes"], r"--allow-changes goes with --resume"),
         ([*train_run, "--fsdp"], r"--fsdp shards over the ranks torchrun starts: run `torchrun"),
+        ([*train_run, "--context-parallel", "2"], r"--context-parallel 2 shards each sequence over that many of the"),
+        ([*train_run, "--context-parallel", "0"], r"--context-parallel must be at least 1"),
         (["train", "--out", str(tmp_path / "empty-run"), "--resume", *TINY], r"holds no checkpoint"),
         (["warmup", "--model", str(tmp_path / "nothing-here"), "--train", "8by1024"], r"--train takes BATCHxLENGTH"),
         (["warmup", "--model", str(tmp_path / "nothing-here"), "--batch-size", "0"], r"--batch-size must be at least"),

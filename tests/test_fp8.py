@@ -3,12 +3,15 @@ float64 attention of the dequantised inputs (so the only differences are the ker
 in float8 for P @ V, the output in bfloat16), under tests/tolerance.py's rule with PyTorch emulating those
 roundings as the baseline; quantize_fp8; the fallback before sm_89; bad calls; and the error against attention on
 the unquantised inputs, random and with outlier channels, which the README states."""
+import itertools
+
 import pytest
 import torch
 
 from gptfast import attention_core, backend
 from gptfast.attention import flash_attn_func, quantize_fp8, scaled_dot_product_attention
 from gptfast.fp8 import FP8
+from gptfast.varlen import flash_attn_varlen_func
 from support import BOTTOM_RIGHT, NONE, reference_attention, seed_of, shape_id
 from tolerance import DEVICE, assert_accurate
 
@@ -117,6 +120,34 @@ def test_fp8_falls_back_before_sm_89(monkeypatch):
     torch.testing.assert_close(out.double(), expected, rtol=1e-2, atol=1e-2)
 
 
+def test_fp8_varlen_matches_each_sequence():
+    """flash_attn_varlen_func on float8 sequences packed along T (query lengths 1, 7, 40; key lengths 9, 7, 57),
+    per-(sequence, kv head) descales, GQA, causal with a window: the packed output matches each sequence's
+    reference, on the kernels and on PyTorch's path (each sequence alone on its dequantised inputs)."""
+    _, quantized = quantized_inputs((3, 4, 2, 40, 57, 40), 23)
+    (q8, qd), (k8, kd), (v8, vd) = quantized
+    lengths_q, lengths_k = [1, 7, 40], [9, 7, 57]
+    q, k, v = dequantized(quantized, 4)
+    spec = dict(causal=BOTTOM_RIGHT, window=(20, 0))
+    parts = [(q[b:b + 1, :, :tq], k[b:b + 1, :, :tk], v[b:b + 1, :, :tk]) for b, (tq, tk)
+             in enumerate(zip(lengths_q, lengths_k))]
+    reference = torch.cat([reference_attention(*part, **spec)[0].transpose(0, 1) for part in parts])
+    emulated = torch.cat([emulated_fp8(*part, **spec)[0].transpose(0, 1) for part in parts])
+
+    def packed(t, lengths):
+        return torch.cat([t[b, :n] for b, n in enumerate(lengths)])
+
+    cu_seqlens_q, cu_seqlens_k = (torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32,
+                                               device=DEVICE) for lengths in (lengths_q, lengths_k))
+    for kernels in ("triton", "torch"):
+        with backend.use_backend(kernels):
+            out = flash_attn_varlen_func(packed(q8, lengths_q), packed(k8, lengths_k), packed(v8, lengths_k),
+                                         cu_seqlens_q, cu_seqlens_k, 40, 57, causal=True, window_size=(20, 0),
+                                         q_descale=qd, k_descale=kd, v_descale=vd)
+        assert out.dtype == torch.bfloat16
+        assert_accurate("out", out, reference, emulated, terms=57)
+
+
 def test_fp8_rejects_what_it_cannot_run():
     """Mixed dtypes, gradients, dropout, attention probabilities, bad descales and out_dtypes; and float8 inputs to
     an API without descales (torch's SDPA signature), which the kernels do not take."""
@@ -142,6 +173,13 @@ def test_fp8_rejects_what_it_cannot_run():
         flash_attn_func(q, k, v, out_dtype=torch.bfloat16)
     with backend.use_backend("triton"), pytest.raises(NotImplementedError, match="float8_e4m3fn"):
         scaled_dot_product_attention(q8.transpose(1, 2), k8.transpose(1, 2), v8.transpose(1, 2))  # no descales
+    cu_seqlens = torch.tensor([0, 5], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="out_dtype applies to FP8 inputs only"):
+        flash_attn_varlen_func(q[0], k[0], v[0], cu_seqlens, cu_seqlens, 5, 5, out_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="FP8 inputs do not take block_table"):
+        pool = torch.zeros(1, 16, 2, 16, device=DEVICE).to(FP8)
+        flash_attn_varlen_func(q8[0], pool, pool, cu_seqlens, cu_seqlens, 5, 5,
+                               block_table=torch.zeros(1, 1, dtype=torch.int32, device=DEVICE))
 
 
 def test_quantize_fp8_per_head_per_group_and_per_tensor():

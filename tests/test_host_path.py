@@ -36,6 +36,7 @@ def other_values():
         "chunk": [4],
         "seqused_k": [torch.tensor([3, 2], dtype=torch.int32)],
         "descale": [torch.ones(2, BATCH, 2)],
+        "shift": [-3, 5],
     }
 
 

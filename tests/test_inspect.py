@@ -135,16 +135,20 @@ def test_flex_variants_compile_for_h100():
     assert all(row["tensor_cores"] == "HGMMA" for row in rows if row["job"].kernel == "attention_forward_kernel")
 
 
-def test_fp8_forward_compiles_on_fp8_tensor_cores():
+def test_fp8_kernels_compile_on_tensor_cores():
     """The FP8 forward (gptfast.fp8), its first plain tile at head dim 64 on each FP8 arch: no spills, within shared
     memory, on the arch's FP8 tensor-core instructions (Ada's and consumer Blackwell's mma QMMA, Hopper's wgmma
-    QGMMA, Blackwell's tcgen05 UTCQMMA); no FP8 configs before sm_89. Every FP8 config runs under -m slow."""
-    jobs = [next(job for job in inspect.attention_jobs(arch, ("fp8",)) if job.block_d() == 64)
-            for arch in inspect.FP8_ARCHS]
+    QGMMA, Blackwell's tcgen05 UTCQMMA); the decoding kernel reading float8 caches (gptfast.kvcache), its first
+    tile there, on the 16-bit ones it widens them for (HMMA, HGMMA, UTCHMMA); no FP8 configs before sm_89. Every
+    FP8 config runs under -m slow."""
+    jobs = [next(job for job in make(arch, ("fp8",)) if job.block_d() == 64)
+            for make in (inspect.attention_jobs, inspect.decode_jobs) for arch in inspect.FP8_ARCHS]
     rows = list(inspect.compile_jobs(jobs, workers=2))
-    assert [inspect.problems(row) for row in rows] == [None] * 4
-    assert [row["tensor_cores"] for row in rows] == ["QMMA", "QGMMA", "UTCQMMA", "QMMA"]
-    assert not [job for job in inspect.attention_jobs("sm_80", ("fp8",)) if job.dtype == "fp8"]
+    assert [inspect.problems(row) for row in rows] == [None] * 8
+    assert [row["tensor_cores"] for row in rows] == ["QMMA", "QGMMA", "UTCQMMA", "QMMA",
+                                                     "HMMA", "HGMMA", "UTCHMMA", "HMMA"]
+    assert not [job for make in (inspect.attention_jobs, inspect.decode_jobs)
+                for job in make("sm_80", ("fp8",)) if job.dtype == "fp8"]
 
 
 @pytest.mark.slow

@@ -1,11 +1,13 @@
 """flash_attn_with_kvcache and the split-KV decoding kernel against a float64 reference built from each sequence's
 keys: every split count, plain and paged caches (pages of 16 and 32, scattered), new keys written in place,
-rotary embedding (interleaved or not), left padding, GQA, Tq > 1, every feature, every dtype; bad input."""
+rotary embedding (interleaved or not), left padding, GQA, Tq > 1, every feature, every dtype, float8 caches with
+vLLM's scales (against the keys and values they dequantise to); bad input."""
+import copy
 
 import pytest
 import torch
 
-from gptfast import backend
+from gptfast import attention_core, backend
 from gptfast.kvcache import flash_attn_with_kvcache
 from support import BOTTOM_RIGHT, NONE, reference_attention, seed_of
 from tolerance import DEVICE, DTYPES, assert_accurate
@@ -138,9 +140,14 @@ def test_paged_cache_with_new_tokens(page_size, dtype):
         k_cache, _ = check(case, num_splits=2, causal=True)
     for b, length in enumerate(case.lengths):
         for i in range(3):
-            position = length + i
-            page = case.block_table[b, position // page_size].item()
-            assert torch.equal(k_cache[page, position % page_size], case.k[b, i])
+            assert torch.equal(slot(case, k_cache, b, length + i), case.k[b, i])
+
+
+def slot(case, cache, b, position):
+    """The (Hkv, D) keys or values at a sequence's position in case's plain or paged cache."""
+    if case.page_size is None:
+        return cache[b, position]
+    return cache[case.block_table[b, position // case.page_size].item(), position % case.page_size]
 
 
 @pytest.mark.parametrize("interleaved", [True, False])
@@ -195,6 +202,72 @@ def test_torch_path_matches_the_reference():
         check(case, leftpad=[3, 0], causal=True, attention_chunk=4)
 
 
+FP8 = torch.float8_e4m3fn
+
+
+def fp8_of(x, scale):
+    """x (..., Hkv, D) divided by its kv head's scale (Hkv,) and rounded to float8 e4m3 by PyTorch from float64,
+    saturating at +-448."""
+    return (x.double() / scale.double()[:, None]).clamp(-448, 448).to(FP8)
+
+
+def fp8_cases(case, k_scale, v_scale):
+    """(k_cache, v_cache, reference case): case's caches stored in float8 with per-head scales (Hkv,), and a copy
+    of case whose keys and values, the new ones too, are what they dequantise to, in float64."""
+    reference = copy.copy(case)
+    for name, scale in (("keys", k_scale), ("values", v_scale), ("k", k_scale), ("v", v_scale)):
+        setattr(reference, name, fp8_of(getattr(case, name), scale).double() * scale.double()[:, None])
+    k_cache, v_cache = (fp8_of(cache, scale) for cache, scale in zip(case.caches(), (k_scale, v_scale)))
+    return k_cache, v_cache, reference
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("per", ["head", "tensor"])
+def test_fp8_cache_matches_the_dequantised_reference(per, dtype):
+    """float8 e4m3 caches with vLLM's k_scale and v_scale, per kv head (paged) or per tensor (plain): the output
+    equals attention over the keys and values they dequantise to, under the usual rule (the kernel widens float8
+    exactly and folds the scales into the softmax scale and the output); new tokens are quantised as written
+    (saturating: the scales put some past 448); GQA, an empty cache, one split and several."""
+    case = Case([0, 7, 100], 2, 2, 4, 2, 24, dtype, page_size=16 if per == "head" else None, seed=seed_of(per))
+    gen = torch.Generator().manual_seed(seed_of(per, dtype))
+    k_scale, v_scale = ((torch.rand(2 if per == "head" else (), generator=gen) * 0.006 + 0.006).to(DEVICE)
+                        for _ in range(2))
+    per_head = [scale.expand(2) for scale in (k_scale, v_scale)]
+    k_cache, v_cache, reference = fp8_cases(case, *per_head)
+    with backend.use_backend("triton"):
+        for splits in (1, 3):
+            k_written, v_written = k_cache.clone(), v_cache.clone()
+            out = flash_attn_with_kvcache(case.q, k_written, v_written, case.k, case.v, cache_seqlens=case.seqlens,
+                                          block_table=case.block_table, causal=True, num_splits=splits,
+                                          k_scale=k_scale, v_scale=v_scale)
+            assert_accurate("out", out, reference.reference(torch.float64, causal=True),
+                            reference.reference(dtype, causal=True), terms=24)
+    for b, length in enumerate(case.lengths):
+        for i in range(2):
+            assert torch.equal(slot(case, k_written, b, length + i).float(), fp8_of(case.k[b, i], per_head[0]).float())
+            assert torch.equal(slot(case, v_written, b, length + i).float(), fp8_of(case.v[b, i], per_head[1]).float())
+
+
+def test_fp8_cache_on_pytorch_and_before_sm_89(monkeypatch):
+    """PyTorch's path dequantises the gathered keys; on an sm_80 GPU auto warns once and takes it, triton raises
+    (Triton compiles float8 e4m3 from sm_89 on)."""
+    case = Case([30, 3], 1, 1, 4, 2, 32, torch.bfloat16, page_size=16, seed=21)
+    scale = torch.full((2,), 0.01, device=DEVICE)
+    k_cache, v_cache, reference = fp8_cases(case, scale, scale)
+    call = lambda: flash_attn_with_kvcache(case.q, k_cache.clone(), v_cache.clone(), case.k, case.v,  # noqa: E731
+                                           cache_seqlens=case.seqlens, block_table=case.block_table, causal=True,
+                                           k_scale=scale, v_scale=scale)
+    expected = reference.reference(torch.float64, causal=True), reference.reference(torch.bfloat16, causal=True)
+    with backend.use_backend("torch"):
+        assert_accurate("out", call(), *expected, terms=32)
+    monkeypatch.setattr(attention_core, "compute_capability", lambda device: (8, 0))
+    backend._warned.clear()
+    with backend.use_backend("triton"), pytest.raises(NotImplementedError, match="before sm_89"):
+        call()
+    with backend.use_backend("auto"), pytest.warns(UserWarning, match="before sm_89"):
+        assert_accurate("out", call(), *expected, terms=32)
+
+
 def test_bad_input_raises():
     case = Case([10, 4], 2, 1, 2, 2, 16, torch.float32)
     k_cache, v_cache = case.caches()
@@ -223,3 +296,15 @@ def test_bad_input_raises():
         call(rotary_cos=torch.ones(20, 9, device=DEVICE), rotary_sin=torch.ones(20, 9, device=DEVICE))
     with pytest.raises(ValueError, match="num_splits"):
         call(num_splits=-1)
+    one = torch.ones((), device=DEVICE)
+    with pytest.raises(ValueError, match="apply to torch.float8_e4m3fn caches only"):
+        call(k_scale=one)
+    fp8_cache = k_cache.to(FP8)
+    with pytest.raises(ValueError, match="must both be in q's dtype"):
+        call(k_cache=fp8_cache)
+    with pytest.raises(ValueError, match="not float8 queries"):
+        flash_attn_with_kvcache(case.q.to(FP8), fp8_cache, fp8_cache, cache_seqlens=case.seqlens)
+    with pytest.raises(ValueError, match=r"k_scale must be a float32 tensor of one value or of one per kv head \(2,\)"):
+        call(k_cache=fp8_cache, v_cache=fp8_cache, k_scale=torch.ones(3, device=DEVICE))
+    with pytest.raises(ValueError, match="positive and finite"):
+        call(k_cache=fp8_cache, v_cache=fp8_cache, v_scale=-one)

@@ -242,6 +242,24 @@ def test_fsdp_trains_like_one_process_and_resumes_exactly(home, corpus):
         torch.testing.assert_close(weight, expected, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_context_parallel_trains_like_one_process_and_resumes_exactly(home, corpus):
+    """Two gloo ranks sharing each sequence (--context-parallel 2, zigzag shards) train on the batches one process
+    trains on: the same losses to 1e-5, with ring attention and with all-to-all; a resumed ring run equals an
+    uninterrupted one."""
+    common = ["--data", corpus, "--eval-interval", "2", "--log-interval", "1", "--lr-decay-iters", "4", *QUICK]
+    single, ring, split, all_to_all = (str(home / name) for name in ("single", "ring", "ring-split", "all-to-all"))
+    assert cli(["train", "--out", single, "--max-iters", "4", *common]) == 0
+    torchrun("--out", ring, "--max-iters", "4", "--context-parallel", "2", *common)
+    torchrun("--out", split, "--max-iters", "2", "--context-parallel", "2", *common)
+    torchrun("--out", split, "--max-iters", "4", "--context-parallel", "2", "--resume", *common)
+    torchrun("--out", all_to_all, "--max-iters", "4", "--context-parallel", "2", "--cp-method", "all-to-all",
+             *common)
+    losses = {name: [r["train_loss"] for r in step_records(name)] for name in (single, ring, split, all_to_all)}
+    assert len(losses[single]) == 4 and losses[split] == losses[ring]
+    for one, *sharded in zip(losses[single], losses[ring], losses[all_to_all]):
+        assert all(abs(loss - one) <= 1e-5 * abs(one) for loss in sharded)
+
+
 def test_sigterm_saves_and_exits_cleanly(home, corpus):
     out = str(home / "signal")
     common = ["--out", out, "--data", corpus, "--log-interval", "1", *QUICK]

@@ -1,0 +1,293 @@
+"""Ring attention: context parallelism by passing keys and values around the ranks of a process group.
+
+Each rank keeps its shard of the queries and, N times, attends to one rank's shard of the keys and values while
+the next shard is already on its way (torch.distributed.batch_isend_irecv), merging the partial outputs exactly
+through their log-sum-exp: out = sum_s e^(lse_s - lse) out_s with lse = log sum_s e^lse_s (Liu, Zaharia and
+Abbeel, 2023, "Ring Attention with Blockwise Transformers"; zhuzilin's ring-flash-attention). The backward passes
+the keys and values around again, each rank adding its queries' share of dk and dv into accumulators that travel
+with them; every block's gradient comes from the whole output and lse (dscores = p * (dp - delta), p = e^(s -
+lse)), which gptfast's backward kernels take as they are.
+
+A block is one pair of sequence pieces: this rank's queries of one piece against another rank's keys of one piece
+(zigzag shards hold two, gptfast.distributed.zigzag). A pair whose every key is visible runs without a mask (pairs
+that share a side are merged into one call); one whose keys are all hidden (the causal future, outside the window)
+is skipped; the rest run with the causal bound and window placed by attention_spec.Features.shift, the distance
+between the two pieces' first positions, so the kernels skip the hidden tiles as on one GPU.
+"""
+import functools
+import math
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+
+from gptfast import backend
+from gptfast.attention_core import (CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, check_flash_options, check_sinks, kernel_gap,
+                                    softmax_scale_for, torch_attention)
+from gptfast.distributed.zigzag import check_layout, chunks
+from gptfast.distributed.shapes import check_same_shapes
+
+
+class Options(NamedTuple):
+    """A ring_attention call's flags, checked: flash_attn_func's meanings, over the whole sequence."""
+    scale: float
+    causal: bool
+    window: tuple
+    softcap: float
+
+
+class Ring:
+    """Point-to-point exchanges with the neighbours of this rank in a process group: send to rank + 1, receive from
+    rank - 1."""
+
+    def __init__(self, group):
+        self.group = group or dist.group.WORLD
+        self.rank, self.world = dist.get_rank(self.group), dist.get_world_size(self.group)
+        self.send_to = dist.get_global_rank(self.group, (self.rank + 1) % self.world)
+        self.receive_from = dist.get_global_rank(self.group, (self.rank - 1) % self.world)
+
+    def pass_on(self, tensors):
+        """Starts sending each contiguous tensor on and receiving as many alike; returns (received, wait): the
+        received tensors hold their data once wait() has returned."""
+        received = [torch.empty_like(t) for t in tensors]
+        ops = [op for sent, into in zip(tensors, received)
+               for op in (dist.P2POp(dist.isend, sent, self.send_to, self.group),
+                          dist.P2POp(dist.irecv, into, self.receive_from, self.group))]
+        requests = dist.batch_isend_irecv(ops)
+        return received, lambda: [request.wait() for request in requests]
+
+
+def pair(q_start, k_start, length, causal, window):
+    """How the queries at positions [q_start, + length) see the keys at [k_start, + length): "none", "all" or
+    "some", under the causal bound and flash-attn's window (left, right), -1 unbounded."""
+    left, right = window
+    if causal:
+        right = 0
+    shift = q_start - k_start  # query i minus key j ranges over shift -+ (length - 1)
+    fewest, most = shift - (length - 1), shift + (length - 1)
+    lowest = -right if right >= 0 else -math.inf  # key <= query + right
+    highest = left if left >= 0 else math.inf  # key >= query - left
+    if most < lowest or fewest > highest:
+        return "none"
+    return "all" if lowest <= fewest and most <= highest else "some"
+
+
+@functools.cache
+def plan(layout, rank, source, world, local_length, causal, window):
+    """The calls of the step where this rank's queries meet source's keys: [(query rows, key rows, shift)], slices
+    of the two shards, shift None for a call whose every key every query sees. Pairs that see everything are
+    merged along a side they share (a shard holds at most two adjacent pieces of equal length)."""
+    calls, seen_whole = [], {}
+    for q_start, q_row, length in chunks(layout, rank, world, local_length):
+        for k_start, k_row, _ in chunks(layout, source, world, local_length):
+            kind = pair(q_start, k_start, length, causal, window)
+            if kind == "some":
+                calls.append((slice(q_row, q_row + length), slice(k_row, k_row + length), q_start - k_start))
+            elif kind == "all":
+                seen_whole.setdefault(q_row, []).append(k_row)
+    by_keys = {}
+    for q_row, k_rows in seen_whole.items():
+        by_keys.setdefault((k_rows[0], k_rows[-1] + length), []).append(q_row)
+    for (k_first, k_end), q_rows in by_keys.items():
+        calls.append((slice(q_rows[0], q_rows[-1] + length), slice(k_first, k_end), None))
+    return calls
+
+
+def block_features(causal, window, softcap, shift):
+    """The kernels' Features of one call of the plan (attention_spec.Features)."""
+    from gptfast.kernels.attention_spec import Features
+    if shift is None:
+        return Features(softcap=softcap)
+    return Features(CAUSAL_BOTTOM_RIGHT if causal else CAUSAL_NONE, window, softcap=softcap, shift=shift)
+
+
+def block_forward(q, k, v, shift, options, kernels):
+    """One call's partial attention: (out (B, Hq, Tq, Dv) float32 (float64 for float64 inputs), lse (B, Hq, Tq),
+    -inf where a row sees no key), on the kernels or on PyTorch. q, k, v (B, H, T, D) views."""
+    scale, causal, window, softcap = options
+    if kernels:
+        from gptfast.kernels.attention import attention_forward
+        out, lse = attention_forward(q, k, v, scale, block_features(causal, window, softcap, shift), torch.float32)
+    else:
+        work = torch.float64 if q.dtype == torch.float64 else torch.float32
+        out, lse = torch_attention(*(t.to(work) for t in (q, k, v)), *_torch_flags(causal, window, shift), None,
+                                   softcap, None, 0.0, scale, shift=shift or 0)[:2]
+    return out, lse.masked_fill(lse == math.inf, -math.inf)
+
+
+def block_backward(grad_out, q, k, v, out, lse, shift, options, kernels):
+    """One call's (dq, dk, dv) given the whole attention's out and lse (the rows' own slices, lse +inf for a row
+    that sees no key at all): the gradient of this block's share of out."""
+    scale, causal, window, softcap = options
+    if kernels:
+        from gptfast.kernels.attention import attention_backward
+        return attention_backward(grad_out, torch.zeros_like(lse), q, k, v, out, lse, scale,
+                                  block_features(causal, window, softcap, shift))[:3]
+    # PyTorch: the block recomputed with autograd. out = sum_b w_b out_b with w_b = e^(lse_b - lse), so the block's
+    # out_b receives w_b dO and its lse_b receives w_b (dO . out_b - dO . out).
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    with torch.enable_grad():
+        leaves = [t.detach().to(work).requires_grad_() for t in (q, k, v)]
+        block_out, block_lse = torch_attention(*leaves, *_torch_flags(causal, window, shift), None, softcap, None,
+                                               0.0, scale, shift=shift or 0)[:2]
+        block_lse = block_lse.masked_fill(block_lse == math.inf, -math.inf)
+        weight = torch.exp(block_lse - lse).detach()
+        grad_out = grad_out.to(work)
+        delta = (grad_out * out.to(work)).sum(-1)
+        grad_lse = weight * ((grad_out * block_out.detach()).sum(-1) - delta)
+        return torch.autograd.grad((block_out, block_lse), leaves, (weight[..., None] * grad_out, grad_lse))
+
+
+def _torch_flags(causal, window, shift):
+    """torch_attention's (causal, window) for a call of the plan (see block_features)."""
+    if shift is None:
+        return CAUSAL_NONE, (-1, -1)
+    return CAUSAL_BOTTOM_RIGHT if causal else CAUSAL_NONE, window
+
+
+def merge(out, lse, rows, block_out, block_lse):
+    """Adds a call's partial attention into rows of the running out (B, Hq, T, Dv) and lse (B, Hq, T), exactly
+    (-inf: nothing seen yet)."""
+    old = lse[:, :, rows]
+    new = torch.logaddexp(old, block_lse)
+    keep, take = (torch.exp(part - new).nan_to_num(0.0) for part in (old, block_lse))  # -inf - -inf: none seen
+    out[:, :, rows] = out[:, :, rows] * keep[..., None] + block_out * take[..., None]
+    lse[:, :, rows] = new
+
+
+def ring_forward(q, k, v, ring, layout, options, kernels):
+    """(out, lse): out (B, Hq, T, Dv) in (B, T, Hq, Dv) memory and lse (B, Hq, T), -inf for rows that saw nothing,
+    float32 (float64 for float64 inputs); q (B, T, Hq, D), k, v (B, T, Hkv, D) contiguous: this rank's shards."""
+    batch, length, heads = q.shape[:3]
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out = q.new_zeros((batch, length, heads, v.shape[3]), dtype=work).transpose(1, 2)
+    lse = q.new_full((batch, heads, length), -math.inf, dtype=work)
+    keys_values = (k, v)
+    for step in range(ring.world):
+        if step + 1 < ring.world:  # the next shard travels while this one is attended
+            incoming, wait = ring.pass_on(keys_values)
+        source = (ring.rank - step) % ring.world
+        keys, values = (t.transpose(1, 2) for t in keys_values)
+        for rows, key_rows, shift in plan(layout, ring.rank, source, ring.world, length, options.causal,
+                                          options.window):
+            block_out, block_lse = block_forward(rows_of(q, rows), keys[:, :, key_rows], values[:, :, key_rows],
+                                                 shift, options, kernels)
+            merge(out, lse, rows, block_out, block_lse)
+        if step + 1 < ring.world:
+            wait()
+            keys_values = incoming
+    return out, lse
+
+
+def rows_of(t, rows):
+    """Rows of a (B, T, H, D) tensor as a (B, H, rows, D) view."""
+    return t.transpose(1, 2)[:, :, rows]
+
+
+def ring_backward(grad_out, q, k, v, out, lse, ring, layout, options, kernels):
+    """(dq, dk, dv) in float32 (float64 for float64 inputs), (B, H, T, D) each, for this rank's shards (q, k, v,
+    grad_out and out (B, T, H, D) contiguous; lse (B, Hq, T) the whole attention's). The accumulators of dk and dv
+    travel with the keys and values they belong to and, after the last step, reach their own rank."""
+    length = q.shape[1]
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    grad_q = torch.zeros(q.transpose(1, 2).shape, dtype=work, device=q.device)
+    keys_values, arriving, arrived = (k, v), None, None
+    for step in range(ring.world):
+        if step + 1 < ring.world:
+            incoming, wait = ring.pass_on(keys_values)
+        source = (ring.rank - step) % ring.world
+        grads = [torch.zeros(t.transpose(1, 2).shape, dtype=work, device=q.device) for t in keys_values]
+        for rows, key_rows, shift in plan(layout, ring.rank, source, ring.world, length, options.causal,
+                                          options.window):
+            block = block_backward(rows_of(grad_out, rows), rows_of(q, rows), rows_of(keys_values[0], key_rows),
+                                   rows_of(keys_values[1], key_rows), rows_of(out, rows),
+                                   lse[:, :, rows].contiguous(), shift, options, kernels)
+            grad_q[:, :, rows] += block[0]
+            grads[0][:, :, key_rows] += block[1]
+            grads[1][:, :, key_rows] += block[2]
+        if arriving is not None:  # what the ranks before added for these keys, sent while this step ran
+            arriving()
+            grads = [mine + theirs for mine, theirs in zip(grads, arrived)]
+        if ring.world > 1:
+            arrived, arriving = ring.pass_on(grads)
+        if step + 1 < ring.world:
+            wait()
+            keys_values = incoming
+    if arriving is not None:
+        arriving()
+        grads = arrived
+    return grad_q, *grads
+
+
+class RingAttention(torch.autograd.Function):
+    """ring_attention's autograd: forward and backward as above, the sinks joining the merged softmax once."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, sinks, ring, layout, options, kernels):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        out, lse = ring_forward(q, k, v, ring, layout, options, kernels)
+        if sinks is not None:  # a logit per head in every row's denominator, taking no value
+            with_sinks = torch.logaddexp(lse, sinks.float()[None, :, None])
+            out = out * torch.exp(lse - with_sinks).nan_to_num(0.0)[..., None]
+            lse = with_sinks
+        out = out.to(q.dtype).transpose(1, 2)  # (B, T, Hq, Dv), contiguous
+        ctx.save_for_backward(q, k, v, sinks, out, lse.masked_fill(lse == -math.inf, math.inf))
+        ctx.ring, ctx.layout, ctx.options, ctx.kernels = ring, layout, options, kernels
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, sinks, out, lse = ctx.saved_tensors
+        grad_out = grad_out.to(q.dtype).contiguous()
+        grads = ring_backward(grad_out, q, k, v, out, lse, ctx.ring, ctx.layout, ctx.options, ctx.kernels)
+        dq, dk, dv = (g.transpose(1, 2).to(t.dtype) for g, t in zip(grads, (q, k, v)))
+        dsinks = None
+        if sinks is not None and ctx.needs_input_grad[3]:  # this rank's rows' share, as for every other weight
+            delta = (grad_out.float() * out.float()).sum(-1).transpose(1, 2)
+            dsinks = -(torch.exp(sinks.float()[None, :, None] - lse) * delta).sum((0, 2)).to(sinks.dtype)
+        return dq, dk, dv, dsinks, None, None, None, None
+
+
+def ring_attention(q, k, v, group=None, causal=True, softmax_scale=None, window_size=(-1, -1), softcap=0.0,
+                   sinks=None, layout="zigzag"):
+    """Attention over a sequence sharded across the ranks of group, by passing keys and values around the ring.
+
+    Args:
+        q: (B, T / N, Hq, D), k, v: (B, T / N, Hkv, D) and (.., .., Hkv, Dv): this rank's shard of the sequence,
+            flash-attn's layout, laid out as `layout` says (gptfast.distributed.zigzag: "zigzag", pieces r and
+            2N - 1 - r of 2N, which balances causal work; or "contiguous"); Hq a multiple of Hkv. Every rank
+            passes the same shapes (checked once per shape).
+        group: the process group (default: the whole world); N its size.
+        causal, softmax_scale, window_size, softcap: as flash_attn_func's, over the whole sequence.
+        sinks: None or (Hq,) learned logits in every row's softmax denominator (gpt-oss); its gradient is this
+            rank's rows' share (sum it over the group, as DDP does for every weight).
+    Returns:
+        out (B, T / N, Hq, Dv) in q's dtype: this rank's rows of the whole sequence's attention. Differentiable in
+        q, k, v and sinks.
+    The kernels run each block (Features.shift places the causal bound and window); where they cannot run,
+    PyTorch does (warned once under ``auto``). Not yet: ALiBi, chunks, dropout, packed sequences.
+    """
+    ring = Ring(group)
+    _check(q, k, v, ring, layout)
+    window = check_flash_options(q.shape[0], q.shape[2], q.device, 0.0, window_size, softcap, None)
+    check_sinks(sinks, q.shape[2], q.device)
+    scale = softmax_scale_for(q.shape[-1], softmax_scale)
+    kernels = backend.use_triton("ring_attention", q.device, kernel_gap(q.transpose(1, 2), v.transpose(1, 2), scale))
+    options = Options(scale, bool(causal), tuple(window), float(softcap))
+    return RingAttention.apply(q, k, v, sinks, ring, layout, options, kernels)
+
+
+def _check(q, k, v, ring, layout):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a (batch, seq_len / world, heads, head_dim) tensor, got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must share a dtype and a device, got {q.dtype}, {k.dtype}, {v.dtype} on "
+                         f"{q.device}, {k.device}, {v.device}")
+    if q.shape[:2] != k.shape[:2] or k.shape[:3] != v.shape[:3] or q.shape[3] != k.shape[3] or q.shape[2] % k.shape[2]:
+        raise ValueError(f"q (B, T, Hq, D), k (B, T, Hkv, D) and v (B, T, Hkv, Dv) must share B and T, k and v "
+                         f"their heads, q and k D, with Hq a multiple of Hkv; got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    check_layout(layout, q.shape[1] * ring.world, ring.world, f"the sequence ({q.shape[1]} tokens per rank)")
+    check_same_shapes(ring.group, q, k, v)
