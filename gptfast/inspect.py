@@ -446,11 +446,24 @@ def _compiling_children():
 
 
 def compile_jobs(jobs, workers):
-    """Compiles the jobs in spawned worker processes; yields their rows in order."""
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        with _compiling_children():  # map submits every job: the workers start inside
-            rows = pool.map(compile_job, jobs)
-        yield from rows
+    """Compiles the jobs in spawned worker processes, new ones for each architecture; yields their rows in order.
+
+    Triton 3.6 carries state from one target's compilation to the next in a process, as a real run (one GPU, one
+    target) never does: the decoding kernel's float8 caches compiled for sm_90 and then for sm_89 failed in ptxas
+    (a bf16-from-f16 conversion only sm_90 has), and sm_90's after sm_89's took 146 registers instead of 168."""
+    by_arch = {}
+    for index, job in enumerate(jobs):
+        by_arch.setdefault(job.arch, []).append(index)
+    done, first_pending = {}, 0
+    for indices in by_arch.values():
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            with _compiling_children():  # map submits every job: the workers start inside
+                rows = pool.map(compile_job, [jobs[i] for i in indices])
+            for index, row in zip(indices, rows):
+                done[index] = row
+                while first_pending in done:
+                    yield done.pop(first_pending)
+                    first_pending += 1
 
 
 def run(archs, kernels, dtypes, workers, out=sys.stdout, head_dims=()):

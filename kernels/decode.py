@@ -252,9 +252,12 @@ TILES = {"16-bit": [(64, 4, 2, (16, 32, 64)), (128, 8, 2, (16, 32, 64)), (32, 4,
 
 
 def tiles(table, fp8=False):
-    """TILES[table], for float8 caches with at most 2 stages: widening float8 tiles takes registers, and sm_120's
-    every-feature tile at head dim 128 spilled 56 bytes with 3 (`gptfast inspect --dtype fp8 --kernel decode`)."""
-    return TILES[table] if not fp8 else list(dict.fromkeys((n, w, min(s, 2), d) for n, w, s, d in TILES[table]))
+    """TILES[table]; for float8 caches, whose widening takes registers, with at most 2 stages and 64 keys a block:
+    on sm_120 the every-feature tiles spilled with 3 stages at head dim 128 (56 bytes) and with 128 keys at 64 (16
+    bytes) (`gptfast inspect --dtype fp8 --kernel decode`)."""
+    if not fp8:
+        return TILES[table]
+    return list(dict.fromkeys((n, w, min(s, 2), d) for n, w, s, d in TILES[table] if n <= 64))
 
 
 def query_block(rows, block_d, dtype):

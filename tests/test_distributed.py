@@ -2,7 +2,8 @@
 attention against the float64 attention of the whole sequence on one process, output and every gradient (dq, dk,
 dv of each rank's shard; the sinks' summed over the ranks), under tests/tolerance.py's rule; causal and not, GQA,
 windows, softcapping, sinks, zigzag and contiguous shards, odd piece lengths; the kernels through the interpreter
-at tiny sizes and PyTorch's path at larger ones; the zigzag helpers; bad input."""
+at tiny sizes and PyTorch's path at larger ones; the zigzag helpers; shapes that differ between ranks, and other
+bad input."""
 import datetime
 import os
 import tempfile
@@ -19,19 +20,20 @@ from tolerance import assert_accurate
 TIMEOUT = datetime.timedelta(seconds=120)  # a failing rank ends the others' collectives instead of hanging them
 
 
-def run_ranks(world, cases):
-    """Runs each case on world processes joined in one gloo group; a failure in any rank fails the test."""
+def run_ranks(world, checks):
+    """Runs each check(rank, world, **options) of checks, (check, options) pairs, on world processes joined in one
+    gloo group; a failure in any rank fails the test."""
     with tempfile.TemporaryDirectory() as folder:
-        torch.multiprocessing.spawn(_rank_main, args=(world, folder, cases), nprocs=world, join=True)
+        torch.multiprocessing.spawn(_rank_main, args=(world, folder, checks), nprocs=world, join=True)
 
 
-def _rank_main(rank, world, folder, cases):
+def _rank_main(rank, world, folder, checks):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{os.path.join(folder, 'rendezvous')}", rank=rank,
                             world_size=world, timeout=TIMEOUT)
     try:
-        for case in cases:
-            check_case(rank, world, **case)
+        for check, options in checks:
+            check(rank, world, **options)
     finally:
         dist.destroy_process_group()
 
@@ -77,6 +79,14 @@ def _whole_sequence(q, k, v, sinks, grad, work, spec):
     return flash(out.detach()), *(flash(t.grad) for t in leaves), None if sink is None else sink.grad
 
 
+def check_mismatched_shapes(rank, world):
+    """A rank passing another length than the others gets a ValueError on every rank, not a hang."""
+    q = torch.randn(1, 4 + 2 * rank, 2, 16)
+    for attention in (ring_attention, all_to_all_attention):
+        with pytest.raises(ValueError, match="same shapes"):
+            attention(q, q, q)
+
+
 TWO_RANKS = [
     dict(method="ring", layout="zigzag", dtype=torch.float32, kernels=True),
     dict(method="ring", layout="zigzag", dtype=torch.bfloat16, kernels=True, batch=2, seed=1),
@@ -97,11 +107,11 @@ FOUR_RANKS = [
 
 
 def test_two_ranks_match_one_process():
-    run_ranks(2, TWO_RANKS)
+    run_ranks(2, [(check_case, case) for case in TWO_RANKS] + [(check_mismatched_shapes, {})])
 
 
 def test_four_ranks_match_one_process():
-    run_ranks(4, FOUR_RANKS)
+    run_ranks(4, [(check_case, case) for case in FOUR_RANKS])
 
 
 def test_zigzag_shards_and_unshards():
