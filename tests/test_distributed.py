@@ -1,9 +1,9 @@
 """Context parallelism (gptfast.distributed) on gloo process groups of 2 and 4 CPU processes: ring and all-to-all
 attention against the float64 attention of the whole sequence on one process, output and every gradient (dq, dk,
 dv of each rank's shard; the sinks' summed over the ranks), under tests/tolerance.py's rule; causal and not, GQA,
-windows, softcapping, sinks, zigzag and contiguous shards, odd piece lengths; the kernels through the interpreter
-at tiny sizes and PyTorch's path at larger ones; the zigzag helpers; shapes that differ between ranks, and other
-bad input."""
+windows, softcapping, ALiBi, sinks, zigzag and contiguous shards, odd piece lengths; the kernels through the
+interpreter at tiny sizes and PyTorch's path at larger ones; the zigzag helpers; shapes that differ between ranks,
+and other bad input."""
 import datetime
 import os
 import tempfile
@@ -39,7 +39,7 @@ def _rank_main(rank, world, folder, checks):
 
 
 def check_case(rank, world, method, layout, dtype, kernels, batch=1, heads=4, kv_heads=2, length=None, head_dim=24,
-               causal=True, window=(-1, -1), softcap=0.0, with_sinks=False, seed=0):
+               causal=True, window=(-1, -1), softcap=0.0, with_sinks=False, with_alibi=False, seed=0):
     """One call of method ("ring" or "all-to-all") on this rank's shards of random inputs that every rank draws
     alike, against the whole sequence's float64 reference (and PyTorch in dtype, the rule's baseline)."""
     gen = torch.Generator().manual_seed(seed)
@@ -48,11 +48,12 @@ def check_case(rank, world, method, layout, dtype, kernels, batch=1, heads=4, kv
     k, v = (torch.randn(batch, length, kv_heads, head_dim, generator=gen) for _ in range(2))
     grad = torch.randn(batch, length, heads, head_dim, generator=gen)
     sinks = torch.randn(heads, generator=gen) if with_sinks else None
-    spec = dict(causal=BOTTOM_RIGHT if causal else NONE, window=window, softcap=softcap)
+    slopes = torch.rand(batch, heads, generator=gen) if with_alibi else None
+    spec = dict(causal=BOTTOM_RIGHT if causal else NONE, window=window, softcap=softcap, alibi=slopes)
     references = [_whole_sequence(q, k, v, sinks, grad, work, spec) for work in (torch.float64, dtype)]
     leaves = [zigzag_shard(t, rank, world, layout=layout).to(dtype).requires_grad_() for t in (q, k, v)]
     local_sinks = None if sinks is None else sinks.clone().requires_grad_()
-    options = dict(causal=causal, window_size=window, softcap=softcap, sinks=local_sinks)
+    options = dict(causal=causal, window_size=window, softcap=softcap, sinks=local_sinks, alibi_slopes=slopes)
     with backend.use_backend("triton" if kernels else "torch"):
         if method == "ring":
             out = ring_attention(*leaves, layout=layout, **options)
@@ -94,10 +95,14 @@ TWO_RANKS = [
          with_sinks=True, seed=2),
     dict(method="ring", layout="contiguous", dtype=torch.float32, kernels=True, causal=False, kv_heads=4, seed=3),
     dict(method="all-to-all", layout="contiguous", dtype=torch.bfloat16, kernels=True, window=(5, 0), seed=4),
+    dict(method="ring", layout="zigzag", dtype=torch.float32, kernels=True, batch=2, with_alibi=True, seed=11),
+    dict(method="all-to-all", layout="zigzag", dtype=torch.float32, kernels=True, with_alibi=True, seed=12),
     dict(method="all-to-all", layout="zigzag", dtype=torch.float32, kernels=True, with_sinks=True, seed=5),
     dict(method="ring", layout="zigzag", dtype=torch.float32, kernels=False, length=256, head_dim=32,
          window=(70, 0), seed=6),
     dict(method="all-to-all", layout="zigzag", dtype=torch.float32, kernels=False, length=256, head_dim=32, seed=7),
+    dict(method="ring", layout="zigzag", dtype=torch.float32, kernels=False, length=96, window=(30, 0),
+         with_alibi=True, seed=13),
 ]
 FOUR_RANKS = [
     dict(method="ring", layout="zigzag", dtype=torch.float32, kernels=True, length=24, window=(7, 0), seed=8),

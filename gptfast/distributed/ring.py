@@ -29,11 +29,19 @@ from gptfast.distributed.shapes import check_same_shapes
 
 
 class Options(NamedTuple):
-    """A ring_attention call's flags, checked: flash_attn_func's meanings, over the whole sequence."""
+    """A ring_attention call's flags, checked: flash_attn_func's meanings, over the whole sequence (alibi_slopes
+    None or float32, broadcastable to (B, Hq))."""
     scale: float
     causal: bool
     window: tuple
     softcap: float
+    alibi_slopes: torch.Tensor | None = None
+
+    def steps(self, layout, ring, source, local_length):
+        """plan's calls of a step, each as (query rows, key rows, Features)."""
+        calls = plan(layout, ring.rank, source, ring.world, local_length, self.causal, self.window,
+                     self.alibi_slopes is None)
+        return [(rows, key_rows, block_features(self, shift, masked)) for rows, key_rows, shift, masked in calls]
 
 
 class Ring:
@@ -73,63 +81,61 @@ def pair(q_start, k_start, length, causal, window):
 
 
 @functools.cache
-def plan(layout, rank, source, world, local_length, causal, window):
-    """The calls of the step where this rank's queries meet source's keys: [(query rows, key rows, shift)], slices
-    of the two shards, shift None for a call whose every key every query sees. Pairs that see everything are
-    merged along a side they share (a shard holds at most two adjacent pieces of equal length)."""
+def plan(layout, rank, source, world, local_length, causal, window, merge):
+    """The calls of the step where this rank's queries meet source's keys: [(query rows, key rows, shift, masked)]:
+    slices of the two shards; shift, the distance between the two pieces' first positions (attention_spec.Features
+    .shift), None for a merged call; masked, whether the causal bound or the window hide some keys. With merge
+    (not with ALiBi, whose distances need each pair's own shift), pairs that see everything are merged along a
+    side they share (a shard holds at most two adjacent pieces of equal length)."""
     calls, seen_whole = [], {}
     for q_start, q_row, length in chunks(layout, rank, world, local_length):
         for k_start, k_row, _ in chunks(layout, source, world, local_length):
             kind = pair(q_start, k_start, length, causal, window)
-            if kind == "some":
-                calls.append((slice(q_row, q_row + length), slice(k_row, k_row + length), q_start - k_start))
+            if kind == "some" or kind == "all" and not merge:
+                calls.append((slice(q_row, q_row + length), slice(k_row, k_row + length), q_start - k_start,
+                              kind == "some"))
             elif kind == "all":
                 seen_whole.setdefault(q_row, []).append(k_row)
     by_keys = {}
     for q_row, k_rows in seen_whole.items():
         by_keys.setdefault((k_rows[0], k_rows[-1] + length), []).append(q_row)
     for (k_first, k_end), q_rows in by_keys.items():
-        calls.append((slice(q_rows[0], q_rows[-1] + length), slice(k_first, k_end), None))
+        calls.append((slice(q_rows[0], q_rows[-1] + length), slice(k_first, k_end), None, False))
     return calls
 
 
-def block_features(causal, window, softcap, shift):
-    """The kernels' Features of one call of the plan (attention_spec.Features)."""
+def block_features(options, shift, masked):
+    """The attention_spec.Features of one call of the plan."""
     from gptfast.kernels.attention_spec import Features
-    if shift is None:
-        return Features(softcap=softcap)
-    return Features(CAUSAL_BOTTOM_RIGHT if causal else CAUSAL_NONE, window, softcap=softcap, shift=shift)
+    causal = CAUSAL_BOTTOM_RIGHT if options.causal and masked else CAUSAL_NONE
+    return Features(causal, options.window if masked else (-1, -1), alibi_slopes=options.alibi_slopes,
+                    softcap=options.softcap, shift=shift or 0)
 
 
-def block_forward(q, k, v, shift, options, kernels):
+def block_forward(q, k, v, features, scale, kernels):
     """One call's partial attention: (out (B, Hq, Tq, Dv) float32 (float64 for float64 inputs), lse (B, Hq, Tq),
     -inf where a row sees no key), on the kernels or on PyTorch. q, k, v (B, H, T, D) views."""
-    scale, causal, window, softcap = options
     if kernels:
         from gptfast.kernels.attention import attention_forward
-        out, lse = attention_forward(q, k, v, scale, block_features(causal, window, softcap, shift), torch.float32)
+        out, lse = attention_forward(q, k, v, scale, features, torch.float32)
     else:
         work = torch.float64 if q.dtype == torch.float64 else torch.float32
-        out, lse = torch_attention(*(t.to(work) for t in (q, k, v)), *_torch_flags(causal, window, shift), None,
-                                   softcap, None, 0.0, scale, shift=shift or 0)[:2]
+        out, lse = _torch_block(*(t.to(work) for t in (q, k, v)), features, scale)
     return out, lse.masked_fill(lse == math.inf, -math.inf)
 
 
-def block_backward(grad_out, q, k, v, out, lse, shift, options, kernels):
+def block_backward(grad_out, q, k, v, out, lse, features, scale, kernels):
     """One call's (dq, dk, dv) given the whole attention's out and lse (the rows' own slices, lse +inf for a row
     that sees no key at all): the gradient of this block's share of out."""
-    scale, causal, window, softcap = options
     if kernels:
         from gptfast.kernels.attention import attention_backward
-        return attention_backward(grad_out, torch.zeros_like(lse), q, k, v, out, lse, scale,
-                                  block_features(causal, window, softcap, shift))[:3]
+        return attention_backward(grad_out, torch.zeros_like(lse), q, k, v, out, lse, scale, features)[:3]
     # PyTorch: the block recomputed with autograd. out = sum_b w_b out_b with w_b = e^(lse_b - lse), so the block's
     # out_b receives w_b dO and its lse_b receives w_b (dO . out_b - dO . out).
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     with torch.enable_grad():
         leaves = [t.detach().to(work).requires_grad_() for t in (q, k, v)]
-        block_out, block_lse = torch_attention(*leaves, *_torch_flags(causal, window, shift), None, softcap, None,
-                                               0.0, scale, shift=shift or 0)[:2]
+        block_out, block_lse = _torch_block(*leaves, features, scale)
         block_lse = block_lse.masked_fill(block_lse == math.inf, -math.inf)
         weight = torch.exp(block_lse - lse).detach()
         grad_out = grad_out.to(work)
@@ -138,11 +144,10 @@ def block_backward(grad_out, q, k, v, out, lse, shift, options, kernels):
         return torch.autograd.grad((block_out, block_lse), leaves, (weight[..., None] * grad_out, grad_lse))
 
 
-def _torch_flags(causal, window, shift):
-    """torch_attention's (causal, window) for a call of the plan (see block_features)."""
-    if shift is None:
-        return CAUSAL_NONE, (-1, -1)
-    return CAUSAL_BOTTOM_RIGHT if causal else CAUSAL_NONE, window
+def _torch_block(q, k, v, features, scale):
+    """(out, lse) of a call on PyTorch's path, with the kernels' meaning of features."""
+    return torch_attention(q, k, v, features.causal, features.window, None, features.softcap, features.alibi_slopes,
+                           0.0, scale, shift=features.shift)[:2]
 
 
 def merge(out, lse, rows, block_out, block_lse):
@@ -168,10 +173,9 @@ def ring_forward(q, k, v, ring, layout, options, kernels):
             incoming, wait = ring.pass_on(keys_values)
         source = (ring.rank - step) % ring.world
         keys, values = (t.transpose(1, 2) for t in keys_values)
-        for rows, key_rows, shift in plan(layout, ring.rank, source, ring.world, length, options.causal,
-                                          options.window):
+        for rows, key_rows, features in options.steps(layout, ring, source, length):
             block_out, block_lse = block_forward(rows_of(q, rows), keys[:, :, key_rows], values[:, :, key_rows],
-                                                 shift, options, kernels)
+                                                 features, options.scale, kernels)
             merge(out, lse, rows, block_out, block_lse)
         if step + 1 < ring.world:
             wait()
@@ -197,11 +201,10 @@ def ring_backward(grad_out, q, k, v, out, lse, ring, layout, options, kernels):
             incoming, wait = ring.pass_on(keys_values)
         source = (ring.rank - step) % ring.world
         grads = [torch.zeros(t.transpose(1, 2).shape, dtype=work, device=q.device) for t in keys_values]
-        for rows, key_rows, shift in plan(layout, ring.rank, source, ring.world, length, options.causal,
-                                          options.window):
+        for rows, key_rows, features in options.steps(layout, ring, source, length):
             block = block_backward(rows_of(grad_out, rows), rows_of(q, rows), rows_of(keys_values[0], key_rows),
                                    rows_of(keys_values[1], key_rows), rows_of(out, rows),
-                                   lse[:, :, rows].contiguous(), shift, options, kernels)
+                                   lse[:, :, rows].contiguous(), features, options.scale, kernels)
             grad_q[:, :, rows] += block[0]
             grads[0][:, :, key_rows] += block[1]
             grads[1][:, :, key_rows] += block[2]
@@ -249,7 +252,7 @@ class RingAttention(torch.autograd.Function):
 
 
 def ring_attention(q, k, v, group=None, causal=True, softmax_scale=None, window_size=(-1, -1), softcap=0.0,
-                   sinks=None, layout="zigzag"):
+                   alibi_slopes=None, sinks=None, layout="zigzag"):
     """Attention over a sequence sharded across the ranks of group, by passing keys and values around the ring.
 
     Args:
@@ -258,26 +261,29 @@ def ring_attention(q, k, v, group=None, causal=True, softmax_scale=None, window_
             2N - 1 - r of 2N, which balances causal work; or "contiguous"); Hq a multiple of Hkv. Every rank
             passes the same shapes (checked once per shape).
         group: the process group (default: the whole world); N its size.
-        causal, softmax_scale, window_size, softcap: as flash_attn_func's, over the whole sequence.
+        causal, softmax_scale, window_size, softcap, alibi_slopes: as flash_attn_func's, over the whole sequence
+            (ALiBi's distances are positions in it).
         sinks: None or (Hq,) learned logits in every row's softmax denominator (gpt-oss); its gradient is this
             rank's rows' share (sum it over the group, as DDP does for every weight).
     Returns:
         out (B, T / N, Hq, Dv) in q's dtype: this rank's rows of the whole sequence's attention. Differentiable in
         q, k, v and sinks.
     The kernels run each block (Features.shift places the causal bound and window); where they cannot run,
-    PyTorch does (warned once under ``auto``). Not yet: ALiBi, chunks, dropout, packed sequences.
+    PyTorch does (warned once under ``auto``). Not yet: chunks, dropout, packed sequences.
     """
     ring = Ring(group)
     _check(q, k, v, ring, layout)
-    window = check_flash_options(q.shape[0], q.shape[2], q.device, 0.0, window_size, softcap, None)
+    window = check_flash_options(q.shape[0], q.shape[2], q.device, 0.0, window_size, softcap, alibi_slopes)
     check_sinks(sinks, q.shape[2], q.device)
     scale = softmax_scale_for(q.shape[-1], softmax_scale)
     kernels = backend.use_triton("ring_attention", q.device, kernel_gap(q.transpose(1, 2), v.transpose(1, 2), scale))
-    options = Options(scale, bool(causal), tuple(window), float(softcap))
+    options = Options(scale, bool(causal), tuple(window), float(softcap), alibi_slopes)
     return RingAttention.apply(q, k, v, sinks, ring, layout, options, kernels)
 
 
 def _check(q, k, v, ring, layout):
+    """Raises a clear error for shards no rank can attend: shapes, dtypes, devices, a length the layout cannot
+    split, shapes unlike the other ranks'."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"{name} must be a (batch, seq_len / world, heads, head_dim) tensor, got "
