@@ -88,6 +88,22 @@ def check_mismatched_shapes(rank, world):
             attention(q, q, q)
 
 
+def check_all_to_all_compiles(rank, world):
+    """torch.compile captures all_to_all_attention whole (fullgraph; aot_eager, as no C++ compiler is needed), and
+    the compiled call gives the eager output and gradients."""
+    gen = torch.Generator().manual_seed(14 + rank)
+    q, k, v = (torch.randn(1, 8, 4, 16, generator=gen).requires_grad_() for _ in range(3))
+    grad = torch.randn(1, 8, 4, 16, generator=gen)
+    compiled = torch.compile(all_to_all_attention, backend="aot_eager", fullgraph=True)
+    results = []
+    with backend.use_backend("triton"):
+        for attention in (all_to_all_attention, compiled):
+            out = attention(q, k, v, layout="zigzag", causal=True, window_size=(5, 0))
+            results.append((out, *torch.autograd.grad(out, (q, k, v), grad)))
+    for eager, traced in zip(*results):
+        torch.testing.assert_close(traced, eager)
+
+
 TWO_RANKS = [
     dict(method="ring", layout="zigzag", dtype=torch.float32, kernels=True),
     dict(method="ring", layout="zigzag", dtype=torch.bfloat16, kernels=True, batch=2, seed=1),
@@ -112,7 +128,8 @@ FOUR_RANKS = [
 
 
 def test_two_ranks_match_one_process():
-    run_ranks(2, [(check_case, case) for case in TWO_RANKS] + [(check_mismatched_shapes, {})])
+    run_ranks(2, [(check_case, case) for case in TWO_RANKS] + [(check_mismatched_shapes, {}),
+                                                                 (check_all_to_all_compiles, {})])
 
 
 def test_four_ranks_match_one_process():

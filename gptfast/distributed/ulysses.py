@@ -1,8 +1,9 @@
 """All-to-all context parallelism (DeepSpeed Ulysses: Jacobs et al., 2023): each rank trades its sequence shard
 of every head for the whole sequence of 1/N of the heads, attends to them locally with any feature of
-flash_attn_func, and trades back. Two all-to-alls each way per call, of q, k, v and the output; no ring."""
+flash_attn_func, and trades back: an all-to-all for each of q, k and v, and one for the output; no ring."""
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 
 from gptfast.attention import flash_attn_func
 from gptfast.distributed.shapes import check_same_shapes
@@ -12,35 +13,21 @@ from gptfast.distributed.zigzag import check_layout, positions
 def swap(x, group, to_heads, order):
     """to_heads: this rank's shard (B, T / N, H, D) of every head -> the whole sequence (B, T, H / N, D) of its
     heads (rank r takes heads [r H / N, (r + 1) H / N)); else back. order: None (contiguous shards), or the
-    position in the sequence of each token in rank order (zigzag shards), which the whole sequence is sorted by."""
+    position in the sequence of each token in rank order (zigzag shards), which the whole sequence is sorted by.
+    Differentiable (the gradient swaps back) and traceable by torch.compile: torch's functional all-to-all."""
     world = dist.get_world_size(group)
     if to_heads:
         batch, length, heads, dim = x.shape
         sent = x.reshape(batch, length, world, heads // world, dim).permute(2, 0, 1, 3, 4).contiguous()
-        received = torch.empty_like(sent)
-        dist.all_to_all_single(received, sent, group=group)  # received[s]: rank s's tokens of this rank's heads
+        received = funcol.all_to_all_single_autograd(sent, None, None, group)  # [s]: rank s's tokens, my heads
         whole = received.permute(1, 0, 2, 3, 4).reshape(batch, world * length, heads // world, dim)
         return whole if order is None else whole[:, torch.argsort(order)]
     if order is not None:
         x = x[:, order]
     batch, length, heads, dim = x.shape
     sent = x.reshape(batch, world, length // world, heads, dim).transpose(0, 1).contiguous()
-    received = torch.empty_like(sent)
-    dist.all_to_all_single(received, sent, group=group)  # received[s]: this rank's tokens of rank s's heads
+    received = funcol.all_to_all_single_autograd(sent, None, None, group)  # [s]: my tokens, rank s's heads
     return received.permute(1, 2, 0, 3, 4).reshape(batch, length // world, world * heads, dim)
-
-
-class Swap(torch.autograd.Function):
-    """swap with autograd: the gradient swaps back."""
-
-    @staticmethod
-    def forward(ctx, x, group, to_heads, order):
-        ctx.group, ctx.to_heads, ctx.order = group, to_heads, order
-        return swap(x, group, to_heads, order)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return swap(grad.contiguous(), ctx.group, not ctx.to_heads, ctx.order), None, None, None
 
 
 def all_to_all_attention(q, k, v, group=None, layout="contiguous", **options):
@@ -73,5 +60,5 @@ def all_to_all_attention(q, k, v, group=None, layout="contiguous", **options):
             options[name] = options[name][..., heads]
     order = None if layout == "contiguous" else torch.cat(
         [positions(length, r, world, layout, q.device) for r in range(world)])
-    out = flash_attn_func(*(Swap.apply(t, group, True, order) for t in (q, k, v)), **options)
-    return Swap.apply(out, group, False, order)
+    out = flash_attn_func(*(swap(t, group, True, order) for t in (q, k, v)), **options)
+    return swap(out, group, False, order)
