@@ -355,6 +355,11 @@ def flag_pattern(seqlen_q, seqlen_k, causal, window, device, chunk=0, shift=0):
     return diagonal, hidden
 
 
+def work_dtype(dtype):
+    """The dtype PyTorch's paths compute attention in for inputs of dtype: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def torch_attention(q, k, v, causal, window, mask, softcap, alibi_slopes, dropout_p, softmax_scale, sinks=None,
                     chunk=0, shift=0):
     """PyTorch for what F.scaled_dot_product_attention cannot do (windows, softcapping, ALiBi, sinks, the lse),
@@ -364,7 +369,7 @@ def torch_attention(q, k, v, causal, window, mask, softcap, alibi_slopes, dropou
     and takes no value (gpt-oss's s_aux); the lse then includes it. chunk, shift: see flag_pattern."""
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    work = work_dtype(q.dtype)
     scores = (q.to(work) @ k.to(work).transpose(-1, -2)) * softmax_scale
     if softcap > 0:
         scores = softcap * torch.tanh(scores / softcap)

@@ -18,7 +18,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from gptfast import backend
-from gptfast.attention_core import check_inputs, kernel_gap, softmax_scale_for
+from gptfast.attention_core import check_inputs, kernel_gap, softmax_scale_for, work_dtype
 from gptfast.kernels.block_mask import EMPTY, FULL, PARTIAL
 
 
@@ -243,7 +243,7 @@ def reference_flex(query, key, value, score_mod, mask_mod, scale):
     out 0 for a row that sees no key (FlexAttention's convention). Computes in float32 (float64 for float64)."""
     group = query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
-    work = torch.float64 if query.dtype == torch.float64 else torch.float32
+    work = work_dtype(query.dtype)
     scores = (query.to(work) @ key.to(work).transpose(-1, -2)) * scale
     shape = (*query.shape[:2], query.shape[2], key.shape[2])
     if score_mod is not None:

@@ -23,9 +23,9 @@ import torch.distributed as dist
 
 from gptfast import backend
 from gptfast.attention_core import (CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, check_flash_options, check_sinks, kernel_gap,
-                                    softmax_scale_for, torch_attention)
-from gptfast.distributed.zigzag import check_layout, chunks
-from gptfast.distributed.shapes import check_same_shapes
+                                    softmax_scale_for, torch_attention, work_dtype)
+from gptfast.distributed.shapes import check_shards
+from gptfast.distributed.zigzag import chunks
 
 
 class Options(NamedTuple):
@@ -119,7 +119,7 @@ def block_forward(q, k, v, features, scale, kernels):
         from gptfast.kernels.attention import attention_forward
         out, lse = attention_forward(q, k, v, scale, features, torch.float32)
     else:
-        work = torch.float64 if q.dtype == torch.float64 else torch.float32
+        work = work_dtype(q.dtype)
         out, lse = _torch_block(*(t.to(work) for t in (q, k, v)), features, scale)
     return out, lse.masked_fill(lse == math.inf, -math.inf)
 
@@ -132,7 +132,7 @@ def block_backward(grad_out, q, k, v, out, lse, features, scale, kernels):
         return attention_backward(grad_out, torch.zeros_like(lse), q, k, v, out, lse, scale, features)[:3]
     # PyTorch: the block recomputed with autograd. out = sum_b w_b out_b with w_b = e^(lse_b - lse), so the block's
     # out_b receives w_b dO and its lse_b receives w_b (dO . out_b - dO . out).
-    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    work = work_dtype(q.dtype)
     with torch.enable_grad():
         leaves = [t.detach().to(work).requires_grad_() for t in (q, k, v)]
         block_out, block_lse = _torch_block(*leaves, features, scale)
@@ -164,7 +164,7 @@ def ring_forward(q, k, v, ring, layout, options, kernels):
     """(out, lse): out (B, Hq, T, Dv) in (B, T, Hq, Dv) memory and lse (B, Hq, T), -inf for rows that saw nothing,
     float32 (float64 for float64 inputs); q (B, T, Hq, D), k, v (B, T, Hkv, D) contiguous: this rank's shards."""
     batch, length, heads = q.shape[:3]
-    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    work = work_dtype(q.dtype)
     out = q.new_zeros((batch, length, heads, v.shape[3]), dtype=work).transpose(1, 2)
     lse = q.new_full((batch, heads, length), -math.inf, dtype=work)
     keys_values = (k, v)
@@ -193,7 +193,7 @@ def ring_backward(grad_out, q, k, v, out, lse, ring, layout, options, kernels):
     grad_out and out (B, T, H, D) contiguous; lse (B, Hq, T) the whole attention's). The accumulators of dk and dv
     travel with the keys and values they belong to and, after the last step, reach their own rank."""
     length = q.shape[1]
-    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    work = work_dtype(q.dtype)
     grad_q = torch.zeros(q.transpose(1, 2).shape, dtype=work, device=q.device)
     keys_values, arriving, arrived = (k, v), None, None
     for step in range(ring.world):
@@ -272,28 +272,10 @@ def ring_attention(q, k, v, group=None, causal=True, softmax_scale=None, window_
     PyTorch does (warned once under ``auto``). Not yet: chunks, dropout, packed sequences.
     """
     ring = Ring(group)
-    _check(q, k, v, ring, layout)
+    check_shards(q, k, v, ring.group, layout)
     window = check_flash_options(q.shape[0], q.shape[2], q.device, 0.0, window_size, softcap, alibi_slopes)
     check_sinks(sinks, q.shape[2], q.device)
     scale = softmax_scale_for(q.shape[-1], softmax_scale)
     kernels = backend.use_triton("ring_attention", q.device, kernel_gap(q.transpose(1, 2), v.transpose(1, 2), scale))
     options = Options(scale, bool(causal), tuple(window), float(softcap), alibi_slopes)
     return RingAttention.apply(q, k, v, sinks, ring, layout, options, kernels)
-
-
-def _check(q, k, v, ring, layout):
-    """Raises a clear error for shards no rank can attend: shapes, dtypes, devices, a length the layout cannot
-    split, shapes unlike the other ranks'."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"{name} must be a (batch, seq_len / world, heads, head_dim) tensor, got "
-                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
-    if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
-        raise ValueError(f"q, k and v must share a dtype and a device, got {q.dtype}, {k.dtype}, {v.dtype} on "
-                         f"{q.device}, {k.device}, {v.device}")
-    if q.shape[:2] != k.shape[:2] or k.shape[:3] != v.shape[:3] or q.shape[3] != k.shape[3] or q.shape[2] % k.shape[2]:
-        raise ValueError(f"q (B, T, Hq, D), k (B, T, Hkv, D) and v (B, T, Hkv, Dv) must share B and T, k and v "
-                         f"their heads, q and k D, with Hq a multiple of Hkv; got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
-    check_layout(layout, q.shape[1] * ring.world, ring.world, f"the sequence ({q.shape[1]} tokens per rank)")
-    check_same_shapes(ring.group, q, k, v)

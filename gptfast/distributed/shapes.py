@@ -3,6 +3,8 @@ sized message would otherwise wait until the group's timeout, or read garbage.""
 import torch
 import torch.distributed as dist
 
+from gptfast.distributed.zigzag import check_layout
+
 _agreed = set()  # (group, local signature) pairs every rank has confirmed
 
 
@@ -21,3 +23,23 @@ def check_same_shapes(group, *tensors):
         raise ValueError(f"every rank of the group must pass tensors of the same shapes and dtypes; got, by rank: "
                          f"{everyone}")
     _agreed.add((id(group), signature))
+
+
+def check_shards(q, k, v, group, layout):
+    """Raises a clear error for shards no rank can attend: q (B, T / N, Hq, D), k (B, T / N, Hkv, D), v (B, T / N,
+    Hkv, Dv) of one dtype and device with Hq a multiple of Hkv, a length layout can split over the group's N
+    ranks, and the same shapes on every rank."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a (batch, seq_len / world, heads, head_dim) tensor, got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must share a dtype and a device, got {q.dtype}, {k.dtype}, {v.dtype} on "
+                         f"{q.device}, {k.device}, {v.device}")
+    if q.shape[:2] != k.shape[:2] or k.shape[:3] != v.shape[:3] or q.shape[3] != k.shape[3] or q.shape[2] % k.shape[2]:
+        raise ValueError(f"q (B, T, Hq, D), k (B, T, Hkv, D) and v (B, T, Hkv, Dv) must share B and T, k and v "
+                         f"their heads, q and k D, with Hq a multiple of Hkv; got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    world = dist.get_world_size(group)
+    check_layout(layout, q.shape[1] * world, world, f"the sequence ({q.shape[1]} tokens per rank)")
+    check_same_shapes(group, q, k, v)

@@ -6,8 +6,8 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
 from gptfast.attention import flash_attn_func
-from gptfast.distributed.shapes import check_same_shapes
-from gptfast.distributed.zigzag import check_layout, positions
+from gptfast.distributed.shapes import check_shards
+from gptfast.distributed.zigzag import positions
 
 
 def swap(x, group, to_heads, order):
@@ -44,16 +44,13 @@ def all_to_all_attention(q, k, v, group=None, layout="contiguous", **options):
     """
     group = group or dist.group.WORLD
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.shape[2] % world:
-            raise ValueError(f"{name} must be (batch, seq_len / world, heads, head_dim) with heads a multiple of the "
-                             f"group's {world} ranks, got "
-                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    check_shards(q, k, v, group, layout)
+    if k.shape[2] % world:
+        raise ValueError(f"all_to_all_attention gives each of the group's {world} ranks a share of the heads: q's and "
+                         f"k's heads must be multiples of {world}, got {q.shape[2]} and {k.shape[2]}")
     if options.get("return_lse") or options.get("return_attn_probs"):
         raise ValueError("all_to_all_attention returns the output only (no return_lse or return_attn_probs)")
     length = q.shape[1] * world
-    check_layout(layout, length, world, f"the sequence ({q.shape[1]} tokens per rank)")
-    check_same_shapes(group, q, k, v)
     heads = slice(rank * q.shape[2] // world, (rank + 1) * q.shape[2] // world)
     for name in ("alibi_slopes", "sinks"):  # per-head arguments: this rank's heads
         if options.get(name) is not None:
