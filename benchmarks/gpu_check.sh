@@ -7,7 +7,7 @@
 # Everything lands in OUTDIR; a short table ends the output. It runs on the machine's own python3 and packages
 # (torch 2.11 and triton 3.6 expected, not our pins) and imports gptfast from a copy of this checkout, so nothing
 # is installed. Each phase has its own time limit, so one slow phase cannot take the others' results with it:
-# 30+120+150+30+40+20+30+15+20+30+30+45 s, about 9.5 minutes (the compiled baselines also get the time the others
+# 30+120+150+30+40+20+30+15+20+30+20+30+45 s, about 9.5 minutes (the compiled baselines also get the time the others
 # left unused), and for the first step 90+30+120+30 s at most, about 2.5 minutes expected.
 # A limit sends SIGINT: pytest stops and still writes its summary and the benchmarks it finished.
 #
@@ -72,7 +72,8 @@ say "   build the benchmarks' kernels and compiled baselines, running each once,
 limit 120 "${PYTEST[@]}" -q -n "$([ "$SMALL" = 1 ] && echo 2 || echo 6)" --benchmark-disable -k "gptfast or compiled" \
     "$REPO/benchmarks/bench_attention.py" "$REPO/benchmarks/bench_layernorm.py" "$REPO/benchmarks/bench_gpt.py" \
     "$REPO/benchmarks/bench_loss.py" "$REPO/benchmarks/bench_decode.py" "$REPO/benchmarks/bench_varlen.py" \
-    "$REPO/benchmarks/bench_flex.py" "$REPO/benchmarks/bench_models.py" > "$OUT/build.txt" 2>&1 &
+    "$REPO/benchmarks/bench_flex.py" "$REPO/benchmarks/bench_models.py" "$REPO/benchmarks/bench_ring.py" \
+    > "$OUT/build.txt" 2>&1 &
 BUILD=$!
 TESTS=()
 for arg in ${GPU_CHECK_TESTS:-tests/test_attention.py tests/test_attention_variants.py tests/test_varlen.py tests/test_kvcache.py tests/test_layernorm.py tests/test_model.py tests/test_packing.py tests/test_hf.py tests/test_flex.py tests/test_sinks.py tests/test_head_dims.py tests/test_chunked.py tests/test_paged.py tests/test_fp8.py -n 10}; do
@@ -107,6 +108,16 @@ run_suite decode 30 "$REPO/benchmarks/bench_decode.py"
 run_suite varlen 15 "$REPO/benchmarks/bench_varlen.py"
 run_suite flex 20 "$REPO/benchmarks/bench_flex.py" -m "not compiled"
 run_suite models 30 "$REPO/benchmarks/bench_models.py"
+run_suite ring 20 "$REPO/benchmarks/bench_ring.py"
+# Ring attention over real ranks where the machine has several GPUs (two gloo processes on a CPU dry run).
+GPUS=$( (command -v nvidia-smi >/dev/null && nvidia-smi -L 2>/dev/null) | grep -c '^GPU')
+if [ "$GPUS" -ge 2 ] || [ "$SMALL" = 1 ]; then
+    limit 60 "$PY" -m torch.distributed.run --standalone --nproc-per-node "$([ "$GPUS" -ge 2 ] && echo "$GPUS" || echo 2)" \
+        "$REPO/benchmarks/bench_ring.py" "$OUT/ring_ranks.jsonl" > "$OUT/ring_ranks.txt" 2>&1
+    say "ring over $GPUS GPUs: exit status $?; $(tail -n 1 "$OUT/ring_ranks.jsonl" 2>/dev/null)"
+    cat "$OUT/ring_ranks.txt" >> "$LOG"
+    rm -f "$OUT/ring_ranks.txt"
+fi
 # torch.compile baselines last: building them takes most of their time, and a run cut short loses only itself.
 # They also share what the phases before them left unused of their limits, the whole check ending by 555 s.
 SPARE=$((555 - SECONDS - 105)); [ "$SPARE" -lt 0 ] && SPARE=0

@@ -142,7 +142,8 @@ def check_arguments(args):
                              f"starts (a multiple of it): run `torchrun --nproc_per_node={size} -m gptfast train "
                              f"--context-parallel {size} ...`")
         if args.pack or args.dropout:
-            raise ValueError("--context-parallel does not take --pack or --dropout yet (its attention has neither)")
+            raise ValueError("--context-parallel does not take --pack or --dropout yet: drop them (packed documents "
+                             "would each need a length that splits into 2N pieces; ring attention has no dropout)")
     if args.fsdp and args.dtype == "float16":
         raise ValueError("--fsdp with --dtype float16 is not supported (its loss scaling does not shard); use bfloat16")
     device = device_named(args.device)

@@ -18,7 +18,7 @@ from gptfast.attention_core import (CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, attend, ch
                                     kernel_sinks, softmax_scale_for, torch_attention)
 
 
-def _check_packed(name, t, dims, parts=None):
+def check_packed(name, t, dims, parts=None):
     """t is a 3-dim tensor, or with parts a 4-dim one holding that many tensors along dim 1 (qkv, kv)."""
     if not isinstance(t, torch.Tensor) or t.dim() != (3 if parts is None else 4) or parts and t.shape[1] != parts:
         raise ValueError(f"{name} must be a {3 if parts is None else 4}-dim tensor {dims}, got "
@@ -97,11 +97,11 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         out (total_q, Hq, D) in q's dtype; with return_attn_probs (out, lse (Hq, total_q) float32, S_dmask
         (num_seqs, Hq, max_seqlen_q, max_seqlen_k): each sequence's weights, dropped ones negated, zero-padded).
     """
-    _check_packed("q", q, "(total_q, nheads, head_dim)")
+    check_packed("q", q, "(total_q, nheads, head_dim)")
     paged = block_table is not None
     if not paged:
-        _check_packed("k", k, "(total_k, nheads_k, head_dim)")
-        _check_packed("v", v, "(total_k, nheads_k, head_dim)")
+        check_packed("k", k, "(total_k, nheads_k, head_dim)")
+        check_packed("v", v, "(total_k, nheads_k, head_dim)")
     check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, q.shape[0], None if paged else k.shape[0], max_seqlen_q,
                      max_seqlen_k, q.device, seqused_k)
     num_seqs = cu_seqlens_q.numel() - 1
@@ -138,7 +138,7 @@ def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
     """flash-attn 2's ``flash_attn_varlen_qkvpacked_func``: qkv (total, 3, H, D), the packed sequences' fused
     projection, read as views (no copy); cu_seqlens and max_seqlen serve queries and keys. Everything else as
     flash_attn_varlen_func."""
-    _check_packed("qkv", qkv, "(total, 3, nheads, head_dim)", parts=3)
+    check_packed("qkv", qkv, "(total, 3, nheads, head_dim)", parts=3)
     q, k, v = qkv.unbind(dim=1)
     return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, softmax_scale,
                                   causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs)
@@ -149,7 +149,7 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
                                     alibi_slopes=None, deterministic=False, return_attn_probs=False):
     """flash-attn 2's ``flash_attn_varlen_kvpacked_func``: kv (total_k, 2, Hkv, D), keys then values, read as
     views. Everything else as flash_attn_varlen_func."""
-    _check_packed("kv", kv, "(total_k, 2, nheads_k, head_dim)", parts=2)
+    check_packed("kv", kv, "(total_k, 2, nheads_k, head_dim)", parts=2)
     k, v = kv.unbind(dim=1)
     return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
                                   softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
@@ -249,7 +249,8 @@ def _check_seqused(seqused_k, num_seqs, device):
         raise ValueError(f"seqused_k is on {seqused_k.device} but q is on {device}")
 
 
-def _sequence_slopes(alibi_slopes, b):
+def sequence_slopes(alibi_slopes, b):
+    """Sequence b's ALiBi slopes: (Hq,) or (num_seqs, Hq) slopes (None: None)."""
     return alibi_slopes if alibi_slopes is None or alibi_slopes.dim() == 1 else alibi_slopes[b]
 
 
@@ -262,7 +263,7 @@ def _per_sequence(q, k, v, sequences, options, dropout_p, need_keep):
                        device=q.device) if need_keep and dropout_p > 0 else None)
     for b, rows, keys in _slices(cu_seqlens_q, cu_seqlens_k, seqused_k):
         out, lse, keep = attend(q[:, :, rows], k[:, :, keys], v[:, :, keys],
-                                **{**options, "alibi_slopes": _sequence_slopes(options["alibi_slopes"], b)},
+                                **{**options, "alibi_slopes": sequence_slopes(options["alibi_slopes"], b)},
                                 dropout_p=dropout_p, need_lse=True, need_keep=kept is not None,
                                 op="flash_attn_varlen_func")
         outs.append(out)
@@ -281,7 +282,7 @@ def _attention_probs(q, k, v, sequences, options, kept):
         for b, rows, keys in _slices(cu_seqlens_q, cu_seqlens_k, seqused_k):
             weights = torch_attention(q[:, :, rows], k[:, :, keys], v[:, :, keys], options["causal"],
                                       options["window"], None, options["softcap"],
-                                      _sequence_slopes(options["alibi_slopes"], b), 0.0, options["softmax_scale"],
+                                      sequence_slopes(options["alibi_slopes"], b), 0.0, options["softmax_scale"],
                                       options["sinks"], options["chunk"])[2]
             probs[b, :, :weights.shape[2], :weights.shape[3]] = weights[0]
     return probs if kept is None else torch.where(kept, probs, -probs)

@@ -149,6 +149,16 @@ def test_usage_failures_are_one_line(trained, tmp_path, home, capsys):
         assert_one_line(capsys, message)
 
 
+def test_context_parallel_refuses_packing_and_dropout(tmp_path, monkeypatch, capsys):
+    """Under torchrun (its RANK and WORLD_SIZE), before any process group starts."""
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for extra in (["--pack"], ["--dropout", "0.1"]):
+        argv = ["train", "--out", str(tmp_path / "cp"), "--max-iters", "2", *TINY, "--context-parallel", "2", *extra]
+        assert cli(argv) == 2, argv
+        assert_one_line(capsys, r"--context-parallel does not take --pack or --dropout yet: drop them")
+
+
 def test_a_corrupt_train_state_is_refused_on_resume(trained, tmp_path, capsys):
     run = damaged_copy(trained, tmp_path, lambda c: truncate(c / "train_state.pt"))
     assert cli(["train", "--out", str(run), "--resume", "--max-iters", "4", *TINY]) == 2

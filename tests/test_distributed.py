@@ -1,10 +1,11 @@
 """Context parallelism (gptfast.distributed) on gloo process groups of 2 and 4 CPU processes: ring and all-to-all
 attention against the float64 attention of the whole sequence on one process, output and every gradient (dq, dk,
 dv of each rank's shard; the sinks' summed over the ranks), under tests/tolerance.py's rule; causal and not, GQA,
-windows, softcapping, ALiBi, sinks, zigzag and contiguous shards, odd piece lengths; the kernels through the
-interpreter at tiny sizes and PyTorch's path at larger ones; the zigzag helpers; shapes that differ between ranks,
-and other bad input."""
+windows, softcapping, ALiBi, sinks, zigzag and contiguous shards, odd piece lengths, packed sequences; the kernels
+through the interpreter at tiny sizes and PyTorch's path at larger ones; the zigzag helpers; shapes that differ
+between ranks, and other bad input."""
 import datetime
+import itertools
 import os
 import sys
 import tempfile
@@ -48,35 +49,58 @@ def _rank_main(rank, world, folder, checks):
 
 
 def check_case(rank, world, method, layout, dtype, kernels, batch=1, heads=4, kv_heads=2, length=None, head_dim=24,
-               causal=True, window=(-1, -1), softcap=0.0, with_sinks=False, with_alibi=False, seed=0):
+               causal=True, window=(-1, -1), softcap=0.0, with_sinks=False, with_alibi=False, seed=0, lengths=None):
     """One call of method ("ring" or "all-to-all") on this rank's shards of random inputs that every rank draws
-    alike, against the whole sequence's float64 reference (and PyTorch in dtype, the rule's baseline)."""
+    alike, against the whole sequence's float64 reference (and PyTorch in dtype, the rule's baseline). With
+    lengths (ring only): sequences of those lengths packed along one axis (batch 1), cu_seqlens given."""
     gen = torch.Generator().manual_seed(seed)
-    length = length or 10 * world
+    length = sum(lengths) if lengths else length or 10 * world
     q = torch.randn(batch, length, heads, head_dim, generator=gen)
     k, v = (torch.randn(batch, length, kv_heads, head_dim, generator=gen) for _ in range(2))
     grad = torch.randn(batch, length, heads, head_dim, generator=gen)
     sinks = torch.randn(heads, generator=gen) if with_sinks else None
-    slopes = torch.rand(batch, heads, generator=gen) if with_alibi else None
+    slopes = torch.rand(len(lengths) if lengths else batch, heads, generator=gen) if with_alibi else None
     spec = dict(causal=BOTTOM_RIGHT if causal else NONE, window=window, softcap=softcap, alibi=slopes)
-    references = [_whole_sequence(q, k, v, sinks, grad, work, spec) for work in (torch.float64, dtype)]
-    leaves = [zigzag_shard(t, rank, world, layout=layout).to(dtype).requires_grad_() for t in (q, k, v)]
+    references = [_whole_sequences(q, k, v, sinks, grad, work, spec, lengths) for work in (torch.float64, dtype)]
+    cu_seqlens = None if lengths is None else torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
+    if cu_seqlens is None:
+        shard = lambda t: zigzag_shard(t, rank, world, layout=layout)  # noqa: E731
+    else:  # flash_attn_varlen_func's layout, (total / N, H, D), and the local cumulative lengths
+        shard = lambda t: zigzag_shard(t[0], rank, world, dim=0, layout=layout, cu_seqlens=cu_seqlens)  # noqa: E731
+    leaves = [shard(t).to(dtype).requires_grad_() for t in (q, k, v)]
     local_sinks = None if sinks is None else sinks.clone().requires_grad_()
     options = dict(causal=causal, window_size=window, softcap=softcap, sinks=local_sinks, alibi_slopes=slopes)
+    if cu_seqlens is not None:
+        options["cu_seqlens"] = cu_seqlens // world
     with backend.use_backend("triton" if kernels else "torch"):
         if method == "ring":
             out = ring_attention(*leaves, layout=layout, **options)
         else:
             out = all_to_all_attention(*leaves, layout=layout, **options)
-        out.backward(zigzag_shard(grad, rank, world, layout=layout).to(dtype))
+        out.backward(shard(grad).to(dtype))
     results = [out, *(t.grad for t in leaves)]
     for name, got, exact, lowp in zip(("out", "dq", "dk", "dv"), results, *references):
-        shard = lambda t: zigzag_shard(t, rank, world, layout=layout)  # noqa: E731
         assert_accurate(f"{method} {layout} rank {rank}: {name}", got, shard(exact), shard(lowp), terms=length)
     if sinks is not None:
         dist.all_reduce(local_sinks.grad)  # each rank's share: its rows' (ring) or its heads' (all-to-all)
         assert_accurate(f"{method} {layout} dsinks", local_sinks.grad, references[0][4], references[1][4],
                         terms=length, dtype=dtype)
+
+
+def _whole_sequences(q, k, v, sinks, grad, work, spec, lengths):
+    """(out, dq, dk, dv, dsinks) of the whole sequence's attention in work, in flash-attn's layout; with lengths,
+    each packed sequence's alone (ALiBi's slopes one row per sequence), joined again."""
+    if lengths is None:
+        return _whole_sequence(q, k, v, sinks, grad, work, spec)
+    parts, start = [], 0
+    for b, length in enumerate(lengths):
+        rows = slice(start, start + length)
+        slopes = None if spec["alibi"] is None else spec["alibi"][b:b + 1]
+        parts.append(_whole_sequence(*(t[:, rows] for t in (q, k, v)), sinks, grad[:, rows], work,
+                                     {**spec, "alibi": slopes}))
+        start += length
+    joined = [torch.cat(tensors, 1) for tensors in zip(*(part[:4] for part in parts))]
+    return (*joined, None if sinks is None else sum(part[4] for part in parts))
 
 
 def _whole_sequence(q, k, v, sinks, grad, work, spec):
@@ -90,25 +114,39 @@ def _whole_sequence(q, k, v, sinks, grad, work, spec):
 
 
 def check_mismatched_shapes(rank, world):
-    """A rank passing another length than the others gets a ValueError on every rank, not a hang."""
+    """A rank passing another length than the others (or other packed sequences) gets a ValueError on every rank,
+    not a hang; bad packings get theirs."""
     q = torch.randn(1, 4 + 2 * rank, 2, 16)
     for attention in (ring_attention, all_to_all_attention):
         with pytest.raises(ValueError, match="same shapes"):
             attention(q, q, q)
+    packed = torch.randn(8, 2, 16)  # packed sequences whose lengths differ between the ranks, or are bad anywhere
+    with pytest.raises(ValueError, match="same shapes"):
+        ring_attention(packed, packed, packed, cu_seqlens=torch.tensor([0, 2 + 2 * rank, 8], dtype=torch.int32))
+    for cu_seqlens, match in (([0, 3, 8], "sequence 0 .3 tokens per rank. .* needs a multiple of 4"),
+                              ([0, 2, 6], "from 0 to the 8 packed tokens"), ([0, 6, 4, 8], "without decreasing")):
+        with pytest.raises(ValueError, match=match):
+            ring_attention(packed, packed, packed, cu_seqlens=torch.tensor(cu_seqlens, dtype=torch.int32))
+    with pytest.raises(ValueError, match="cu_seqlens must be an int32"):
+        ring_attention(packed, packed, packed, cu_seqlens=torch.tensor([0, 8]))
+    with pytest.raises(ValueError, match="q must be a 3-dim"):
+        ring_attention(q, q, q, cu_seqlens=torch.tensor([0, 4], dtype=torch.int32))
 
 
-def check_all_to_all_compiles(rank, world):
-    """torch.compile captures all_to_all_attention whole (fullgraph; aot_eager, as no C++ compiler is needed), and
-    the compiled call gives the eager output and gradients."""
+def check_compiles(rank, world, method):
+    """torch.compile captures ring or all-to-all attention whole (fullgraph; aot_eager, as no C++ compiler is
+    needed), and the compiled call gives the eager output and gradients (the sinks' too)."""
     gen = torch.Generator().manual_seed(14 + rank)
     q, k, v = (torch.randn(1, 8, 4, 16, generator=gen).requires_grad_() for _ in range(3))
+    sinks = torch.randn(4, generator=gen).requires_grad_()
     grad = torch.randn(1, 8, 4, 16, generator=gen)
-    compiled = torch.compile(all_to_all_attention, backend="aot_eager", fullgraph=True)
+    attention = ring_attention if method == "ring" else all_to_all_attention
+    compiled = torch.compile(attention, backend="aot_eager", fullgraph=True)
     results = []
     with backend.use_backend("triton"):
-        for attention in (all_to_all_attention, compiled):
-            out = attention(q, k, v, layout="zigzag", causal=True, window_size=(5, 0))
-            results.append((out, *torch.autograd.grad(out, (q, k, v), grad)))
+        for call in (attention, compiled):
+            out = call(q, k, v, layout="zigzag", causal=True, window_size=(5, 0), sinks=sinks)
+            results.append((out, *torch.autograd.grad(out, (q, k, v, sinks), grad)))
     for eager, traced in zip(*results):
         torch.testing.assert_close(traced, eager)
 
@@ -128,17 +166,25 @@ TWO_RANKS = [
     dict(method="all-to-all", layout="zigzag", dtype=torch.float32, kernels=False, length=256, head_dim=32, seed=7),
     dict(method="ring", layout="zigzag", dtype=torch.float32, kernels=False, length=96, window=(30, 0),
          with_alibi=True, seed=13),
+    dict(method="ring", layout="zigzag", dtype=torch.float32, kernels=True, lengths=(12, 4, 20), window=(5, 0),
+         with_alibi=True, with_sinks=True, seed=15),
+    dict(method="ring", layout="contiguous", dtype=torch.bfloat16, kernels=True, lengths=(6, 2, 10), causal=False,
+         softcap=5.0, seed=16),
+    dict(method="ring", layout="zigzag", dtype=torch.float32, kernels=False, lengths=(64, 8, 120), window=(30, 0),
+         seed=17),
 ]
 FOUR_RANKS = [
     dict(method="ring", layout="zigzag", dtype=torch.float32, kernels=True, length=24, window=(7, 0), seed=8),
     dict(method="ring", layout="zigzag", dtype=torch.float32, kernels=False, length=96, causal=False, seed=9),
     dict(method="all-to-all", layout="zigzag", dtype=torch.float32, kernels=True, length=24, kv_heads=4, seed=10),
+    dict(method="ring", layout="zigzag", dtype=torch.float32, kernels=True, lengths=(8, 16), seed=18),
 ]
 
 
 def test_two_ranks_match_one_process():
     run_ranks(2, [(check_case, case) for case in TWO_RANKS] + [(check_mismatched_shapes, {}),
-                                                                 (check_all_to_all_compiles, {})])
+                                                                 (check_compiles, dict(method="all-to-all")),
+                                                                 (check_compiles, dict(method="ring"))])
 
 
 def test_four_ranks_match_one_process():
@@ -155,7 +201,15 @@ def test_zigzag_shards_and_unshards():
     assert torch.equal(zigzag_unshard(shards), x)
     assert torch.equal(zigzag_unshard([zigzag_shard(x, r, 3, layout="contiguous") for r in range(3)],
                                       layout="contiguous"), x)
+    cu_seqlens = torch.tensor([0, 4, 4, 12], dtype=torch.int32)  # packed sequences, each split alone
+    packed = [zigzag_shard(x[0], rank, 2, dim=0, cu_seqlens=cu_seqlens) for rank in range(2)]
+    assert [s.tolist() for s in packed] == [[0, 3, 4, 5, 10, 11], [1, 2, 6, 7, 8, 9]]
+    assert torch.equal(zigzag_unshard(packed, dim=0, cu_seqlens=cu_seqlens), x[0])
     with pytest.raises(ValueError, match="needs a multiple of 6"):
         zigzag_shard(torch.zeros(1, 10), 0, 3)
+    with pytest.raises(ValueError, match="sequence 1 has 6 tokens"):
+        zigzag_shard(x[0], 0, 2, dim=0, cu_seqlens=[0, 4, 10, 12])
+    with pytest.raises(ValueError, match="cu_seqlens ends at 8 but x has 12"):
+        zigzag_shard(x[0], 0, 2, dim=0, cu_seqlens=[0, 4, 8])
     with pytest.raises(ValueError, match="layout must be one of"):
         zigzag_shard(x, 0, 3, layout="striped")

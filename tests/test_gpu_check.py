@@ -16,7 +16,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Each suite's closing pytest line on the CPU: its cases ran; the torch.compile baselines build only on CUDA.
 SUITES = {"attention": "passed", "layernorm": "passed", "gpt": "passed", "loss": "passed", "decode": "passed",
-          "varlen": "passed", "models": "passed", "layernorm_compiled": "skipped", "gpt_compiled": "skipped"}
+          "varlen": "passed", "models": "passed", "ring": "passed", "layernorm_compiled": "skipped",
+          "gpt_compiled": "skipped"}
 
 
 def test_gpu_check_dry_run_on_cpu(tmp_path):
@@ -35,13 +36,15 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
                          re.MULTILINE), result.stdout[-3000:]
     files = sorted(os.listdir(out))
     assert files == ["add_layer_norm.png", "attention.png", "ceilings.json", "check.log", "first_step.jsonl",
-                     "layer_norm.png", "report.md", "results.json"]
+                     "layer_norm.png", "report.md", "results.json", "ring_ranks.jsonl"]
     report = (out / "report.md").read_text()
     assert "| attention fwd bfloat16 D=64 causal T=128 (gptfast) |" in report and "ceilings measured" in report
     first_steps = [json.loads(line) for line in (out / "first_step.jsonl").read_text().splitlines()]
     assert [record["label"] for record in first_steps] == ["empty cache", "warm cache", "after gptfast warmup"]
     assert all(record["first_step_s"] > 0 and record["second_step_s"] > 0 for record in first_steps)
     assert "[warm: 2 steps in" in result.stdout  # gptfast warmup's last line: a training step and a generation
+    ring = json.loads((out / "ring_ranks.jsonl").read_text())  # two gloo ranks' ring against one process
+    assert ring["world"] == 2 and ring["ring_s"] > 0 and ring["one_gpu_s"] > 0
 
 
 def test_gpu_check_explains_itself():

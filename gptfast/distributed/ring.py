@@ -12,7 +12,10 @@ A block is one pair of sequence pieces: this rank's queries of one piece against
 (zigzag shards hold two, gptfast.distributed.zigzag). A pair whose every key is visible runs without a mask (pairs
 that share a side are merged into one call); one whose keys are all hidden (the causal future, outside the window)
 is skipped; the rest run with the causal bound and window placed by attention_spec.Features.shift, the distance
-between the two pieces' first positions, so the kernels skip the hidden tiles as on one GPU.
+between the two pieces' first positions, so the kernels skip the hidden tiles as on one GPU. Packed sequences
+(cu_seqlens) are each split over the ranks on their own, and each sequence's pairs are blocks of their own.
+
+Forward and backward are custom ops with the messages inside, so torch.compile takes a call whole.
 """
 import functools
 import math
@@ -24,24 +27,41 @@ import torch.distributed as dist
 from gptfast import backend
 from gptfast.attention_core import (CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, check_flash_options, check_sinks, kernel_gap,
                                     softmax_scale_for, torch_attention, work_dtype)
+from gptfast.custom_ops import custom_op
 from gptfast.distributed.shapes import check_shards
-from gptfast.distributed.zigzag import chunks
+from gptfast.distributed.zigzag import check_layout, chunks
+from gptfast.varlen import check_packed, sequence_slopes
 
 
 class Options(NamedTuple):
     """A ring_attention call's flags, checked: flash_attn_func's meanings, over the whole sequence (alibi_slopes
-    None or float32, broadcastable to (B, Hq))."""
+    None or float32, broadcastable to (B, Hq), or (num_seqs, Hq) with lengths); lengths: None, or each packed
+    sequence's token count on this rank."""
     scale: float
     causal: bool
     window: tuple
     softcap: float
     alibi_slopes: torch.Tensor | None = None
+    lengths: tuple | None = None
 
     def steps(self, layout, ring, source, local_length):
-        """plan's calls of a step, each as (query rows, key rows, Features)."""
-        calls = plan(layout, ring.rank, source, ring.world, local_length, self.causal, self.window,
-                     self.alibi_slopes is None)
-        return [(rows, key_rows, block_features(self, shift, masked)) for rows, key_rows, shift, masked in calls]
+        """The calls of a step, each as (query rows, key rows, Features): plan's, or for packed sequences each
+        sequence's in turn, its rows offset to where it starts."""
+        if self.lengths is None:
+            return self._calls(layout, ring, source, local_length, 0, self.alibi_slopes)
+        calls, start = [], 0
+        for b, length in enumerate(self.lengths):
+            calls += self._calls(layout, ring, source, length, start, sequence_slopes(self.alibi_slopes, b))
+            start += length
+        return calls
+
+    def _calls(self, layout, ring, source, length, start, slopes):
+        if length == 0:
+            return []
+        calls = plan(layout, ring.rank, source, ring.world, length, self.causal, self.window, slopes is None)
+        at = lambda rows: slice(rows.start + start, rows.stop + start)  # noqa: E731
+        return [(at(rows), at(key_rows), block_features(self, shift, masked, slopes))
+                for rows, key_rows, shift, masked in calls]
 
 
 class Ring:
@@ -104,11 +124,11 @@ def plan(layout, rank, source, world, local_length, causal, window, merge):
     return calls
 
 
-def block_features(options, shift, masked):
+def block_features(options, shift, masked, alibi_slopes):
     """The attention_spec.Features of one call of the plan."""
     from gptfast.kernels.attention_spec import Features
     causal = CAUSAL_BOTTOM_RIGHT if options.causal and masked else CAUSAL_NONE
-    return Features(causal, options.window if masked else (-1, -1), alibi_slopes=options.alibi_slopes,
+    return Features(causal, options.window if masked else (-1, -1), alibi_slopes=alibi_slopes,
                     softcap=options.softcap, shift=shift or 0)
 
 
@@ -130,18 +150,20 @@ def block_backward(grad_out, q, k, v, out, lse, features, scale, kernels):
     if kernels:
         from gptfast.kernels.attention import attention_backward
         return attention_backward(grad_out, torch.zeros_like(lse), q, k, v, out, lse, scale, features)[:3]
-    # PyTorch: the block recomputed with autograd. out = sum_b w_b out_b with w_b = e^(lse_b - lse), so the block's
-    # out_b receives w_b dO and its lse_b receives w_b (dO . out_b - dO . out).
+    # PyTorch: the block recomputed under torch.func.vjp (which works inside a custom op, below autograd). out =
+    # sum_b w_b out_b with w_b = e^(lse_b - lse), so the block's out_b receives w_b dO and its lse_b receives
+    # w_b (dO . out_b - dO . out).
     work = work_dtype(q.dtype)
-    with torch.enable_grad():
-        leaves = [t.detach().to(work).requires_grad_() for t in (q, k, v)]
-        block_out, block_lse = _torch_block(*leaves, features, scale)
-        block_lse = block_lse.masked_fill(block_lse == math.inf, -math.inf)
-        weight = torch.exp(block_lse - lse).detach()
-        grad_out = grad_out.to(work)
-        delta = (grad_out * out.to(work)).sum(-1)
-        grad_lse = weight * ((grad_out * block_out.detach()).sum(-1) - delta)
-        return torch.autograd.grad((block_out, block_lse), leaves, (weight[..., None] * grad_out, grad_lse))
+
+    def block(q, k, v):
+        block_out, block_lse = _torch_block(q, k, v, features, scale)
+        return block_out, block_lse.masked_fill(block_lse == math.inf, -math.inf)
+    (block_out, block_lse), vjp = torch.func.vjp(block, *(t.to(work) for t in (q, k, v)))
+    weight = torch.exp(block_lse - lse)
+    grad_out = grad_out.to(work)
+    delta = (grad_out * out.to(work)).sum(-1)
+    grad_lse = weight * ((grad_out * block_out).sum(-1) - delta)
+    return vjp((weight[..., None] * grad_out, grad_lse))
 
 
 def _torch_block(q, k, v, features, scale):
@@ -222,60 +244,136 @@ def ring_backward(grad_out, q, k, v, out, lse, ring, layout, options, kernels):
     return grad_q, *grads
 
 
-class RingAttention(torch.autograd.Function):
-    """ring_attention's autograd: forward and backward as above, the sinks joining the merged softmax once."""
+@custom_op("gptfast::ring_attention")
+def ring_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor | None,
+                      alibi_slopes: torch.Tensor | None, group_name: str, layout: str, scale: float, causal: bool,
+                      window_left: int, window_right: int, softcap: float, lengths: list[int] | None,
+                      kernels: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """ring_attention's forward as a custom op (torch.compile takes it whole; the messages are inside): (out (B, T,
+    Hq, Dv) in q's dtype, contiguous; lse (B, Hq, T) float32 (float64 for float64 inputs), the sinks' included,
+    +inf for rows that saw nothing, as the backward kernels take it). group_name names the process group."""
+    ring, options = _ring_options(group_name, scale, causal, window_left, window_right, softcap, alibi_slopes, lengths)
+    out, lse = ring_forward(q.contiguous(), k.contiguous(), v.contiguous(), ring, layout, options, kernels)
+    if sinks is not None:  # a logit per head in every row's denominator, taking no value
+        with_sinks = torch.logaddexp(lse, sinks.to(lse.dtype)[None, :, None])
+        out = out * torch.exp(lse - with_sinks).nan_to_num(0.0)[..., None]
+        lse = with_sinks
+    return out.to(q.dtype).transpose(1, 2), lse.masked_fill(lse == -math.inf, math.inf)
 
-    @staticmethod
-    def forward(ctx, q, k, v, sinks, ring, layout, options, kernels):
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        out, lse = ring_forward(q, k, v, ring, layout, options, kernels)
-        if sinks is not None:  # a logit per head in every row's denominator, taking no value
-            with_sinks = torch.logaddexp(lse, sinks.float()[None, :, None])
-            out = out * torch.exp(lse - with_sinks).nan_to_num(0.0)[..., None]
-            lse = with_sinks
-        out = out.to(q.dtype).transpose(1, 2)  # (B, T, Hq, Dv), contiguous
-        ctx.save_for_backward(q, k, v, sinks, out, lse.masked_fill(lse == -math.inf, math.inf))
-        ctx.ring, ctx.layout, ctx.options, ctx.kernels = ring, layout, options, kernels
-        return out
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v, sinks, out, lse = ctx.saved_tensors
-        grad_out = grad_out.to(q.dtype).contiguous()
-        grads = ring_backward(grad_out, q, k, v, out, lse, ctx.ring, ctx.layout, ctx.options, ctx.kernels)
-        dq, dk, dv = (g.transpose(1, 2).to(t.dtype) for g, t in zip(grads, (q, k, v)))
-        dsinks = None
-        if sinks is not None and ctx.needs_input_grad[3]:  # this rank's rows' share, as for every other weight
-            delta = (grad_out.float() * out.float()).sum(-1).transpose(1, 2)
-            dsinks = -(torch.exp(sinks.float()[None, :, None] - lse) * delta).sum((0, 2)).to(sinks.dtype)
-        return dq, dk, dv, dsinks, None, None, None, None
+@ring_attention_op.register_fake
+def _(q, k, v, sinks, alibi_slopes, group_name, layout, scale, causal, window_left, window_right, softcap, lengths,
+      kernels):
+    batch, length, heads = q.shape[:3]
+    return (q.new_empty((batch, length, heads, v.shape[3])),
+            q.new_empty((batch, heads, length), dtype=work_dtype(q.dtype)))
+
+
+@custom_op("gptfast::ring_attention_backward")
+def ring_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                               sinks: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor,
+                               alibi_slopes: torch.Tensor | None, group_name: str, layout: str, scale: float,
+                               causal: bool, window_left: int, window_right: int, softcap: float,
+                               lengths: list[int] | None, kernels: bool
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, dsinks) for ring_attention_op's (out, lse): dsinks (Hq,) this rank's rows' share in sinks'
+    dtype, empty without sinks."""
+    ring, options = _ring_options(group_name, scale, causal, window_left, window_right, softcap, alibi_slopes, lengths)
+    q, k, v, grad_out = (t.contiguous() for t in (q, k, v, grad_out.to(q.dtype)))
+    grads = ring_backward(grad_out, q, k, v, out, lse, ring, layout, options, kernels)
+    dq, dk, dv = (g.transpose(1, 2).to(t.dtype) for g, t in zip(grads, (q, k, v)))
+    if sinks is None:
+        return dq, dk, dv, q.new_empty(0)
+    delta = (grad_out.to(lse.dtype) * out.to(lse.dtype)).sum(-1).transpose(1, 2)
+    return dq, dk, dv, -(torch.exp(sinks.to(lse.dtype)[None, :, None] - lse) * delta).sum((0, 2)).to(sinks.dtype)
+
+
+@ring_attention_backward_op.register_fake
+def _(grad_out, q, k, v, sinks, out, lse, alibi_slopes, group_name, layout, scale, causal, window_left, window_right,
+      softcap, lengths, kernels):
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+            q.new_empty(0) if sinks is None else torch.empty_like(sinks))
+
+
+def _ring_options(group_name, scale, causal, window_left, window_right, softcap, alibi_slopes, lengths):
+    """The Ring of the named group and the call's Options."""
+    group = dist.distributed_c10d._resolve_process_group(group_name)  # as torch's functional collectives name groups
+    return Ring(group), Options(scale, causal, (window_left, window_right), softcap, alibi_slopes,
+                                None if lengths is None else tuple(lengths))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, sinks, alibi_slopes, *flags = inputs
+    ctx.save_for_backward(q, k, v, sinks, alibi_slopes, *output)
+    ctx.flags = flags
+
+
+def _backward(ctx, grad_out, _):
+    q, k, v, sinks, alibi_slopes, out, lse = ctx.saved_tensors
+    dq, dk, dv, dsinks = ring_attention_backward_op(grad_out, q, k, v, sinks, out, lse, alibi_slopes, *ctx.flags)
+    return dq, dk, dv, dsinks if ctx.needs_input_grad[3] else None, *([None] * (1 + len(ctx.flags)))
+
+
+ring_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def ring_attention(q, k, v, group=None, causal=True, softmax_scale=None, window_size=(-1, -1), softcap=0.0,
-                   alibi_slopes=None, sinks=None, layout="zigzag"):
+                   alibi_slopes=None, sinks=None, layout="zigzag", cu_seqlens=None):
     """Attention over a sequence sharded across the ranks of group, by passing keys and values around the ring.
 
     Args:
         q: (B, T / N, Hq, D), k, v: (B, T / N, Hkv, D) and (.., .., Hkv, Dv): this rank's shard of the sequence,
             flash-attn's layout, laid out as `layout` says (gptfast.distributed.zigzag: "zigzag", pieces r and
             2N - 1 - r of 2N, which balances causal work; or "contiguous"); Hq a multiple of Hkv. Every rank
-            passes the same shapes (checked once per shape).
+            passes the same shapes (checked once per shape). With cu_seqlens: (total / N, Hq, D) and (total / N,
+            Hkv, D | Dv), flash_attn_varlen_func's layout: this rank's part of each packed sequence, one after
+            another (zigzag_shard(x, rank, N, dim=0, layout=layout, cu_seqlens=the whole's) lays them out).
         group: the process group (default: the whole world); N its size.
-        causal, softmax_scale, window_size, softcap, alibi_slopes: as flash_attn_func's, over the whole sequence
-            (ALiBi's distances are positions in it).
+        causal, softmax_scale, window_size, softcap, alibi_slopes: as flash_attn_func's (flash_attn_varlen_func's
+            with cu_seqlens), over the whole sequence (ALiBi's distances are positions in it).
         sinks: None or (Hq,) learned logits in every row's softmax denominator (gpt-oss); its gradient is this
             rank's rows' share (sum it over the group, as DDP does for every weight).
+        cu_seqlens: None, or int32 (num_seqs + 1,) cumulative lengths of the packed sequences' parts on this rank
+            (the whole sequences' // N; each sequence splits as layout says; the same on every rank). Its values
+            are read: on the CPU that costs no synchronisation.
     Returns:
-        out (B, T / N, Hq, Dv) in q's dtype: this rank's rows of the whole sequence's attention. Differentiable in
-        q, k, v and sinks.
-    The kernels run each block (Features.shift places the causal bound and window); where they cannot run,
-    PyTorch does (warned once under ``auto``). Not yet: chunks, dropout, packed sequences.
+        out (B, T / N, Hq, Dv) (with cu_seqlens (total / N, Hq, Dv)) in q's dtype: this rank's rows of the whole
+        sequence's attention. Differentiable in q, k, v and sinks.
+    The kernels run each block (Features.shift places the causal bound and window; each packed sequence is a
+    block of its own); where they cannot run, PyTorch does (warned once under ``auto``). Forward and backward are
+    custom ops, so torch.compile takes a call whole (cu_seqlens' values are read before: a graph break). Not yet:
+    chunks, dropout.
     """
-    ring = Ring(group)
-    check_shards(q, k, v, ring.group, layout)
-    window = check_flash_options(q.shape[0], q.shape[2], q.device, 0.0, window_size, softcap, alibi_slopes)
+    group = group or dist.group.WORLD
+    packed = cu_seqlens is not None
+    if packed:
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            check_packed(name, t, "(total / N, heads, head_dim)")
+        lengths = local_lengths(cu_seqlens, q.shape[0], dist.get_world_size(group), layout)
+        q, k, v = (t.unsqueeze(0) for t in (q, k, v))
+    check_shards(q, k, v, group, layout, lengths if packed else ())
+    batch = len(lengths) if packed else q.shape[0]
+    window = check_flash_options(batch, q.shape[2], q.device, 0.0, window_size, softcap, alibi_slopes)
     check_sinks(sinks, q.shape[2], q.device)
     scale = softmax_scale_for(q.shape[-1], softmax_scale)
     kernels = backend.use_triton("ring_attention", q.device, kernel_gap(q.transpose(1, 2), v.transpose(1, 2), scale))
-    options = Options(scale, bool(causal), tuple(window), float(softcap), alibi_slopes)
-    return RingAttention.apply(q, k, v, sinks, ring, layout, options, kernels)
+    out = ring_attention_op(q, k, v, sinks, alibi_slopes, group.group_name, layout, scale, bool(causal), window[0],
+                            window[1], float(softcap), lengths if packed else None, kernels)[0]
+    return out[0] if packed else out
+
+
+def local_lengths(cu_seqlens, total, world, layout):
+    """Each packed sequence's token count on this rank, from cu_seqlens (read), checked: int32 (num_seqs + 1,)
+    from 0 to total, never decreasing, each length one that layout splits (2 pieces for zigzag)."""
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or (
+            cu_seqlens.numel() < 2):
+        got = (cu_seqlens.dtype, tuple(cu_seqlens.shape)) if isinstance(cu_seqlens, torch.Tensor) else cu_seqlens
+        raise ValueError(f"cu_seqlens must be an int32 tensor of shape (num_seqs + 1,), got {got!r}")
+    bounds = cu_seqlens.tolist()
+    lengths = [end - start for start, end in zip(bounds, bounds[1:])]
+    if bounds[0] != 0 or min(lengths) < 0 or bounds[-1] != total:
+        raise ValueError(f"cu_seqlens must run from 0 to the {total} packed tokens of q without decreasing, got "
+                         f"{bounds}")
+    for b, length in enumerate(lengths):
+        check_layout(layout, length * world, world, f"sequence {b} ({length} tokens per rank)")
+    return lengths

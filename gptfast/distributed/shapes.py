@@ -6,29 +6,32 @@ import torch.distributed as dist
 from gptfast.distributed.zigzag import check_layout
 
 _agreed = set()  # (group, local signature) pairs every rank has confirmed
+_MAX_AGREED = 4096  # packed sequences bring new lengths each batch
 
 
-def check_same_shapes(group, *tensors):
-    """Raises a ValueError on every rank unless every rank of group passes tensors of the same shapes and dtypes:
-    one all_gather of the signatures per new local signature (skipped under torch.compile). A shape that changes
-    on some ranks only, later, is left to the group's timeout."""
+def check_same_shapes(group, *tensors, lengths=()):
+    """Raises a ValueError on every rank unless every rank of group passes tensors of the same shapes and dtypes
+    (and the same packed sequence lengths): one all_gather of the signatures per new local signature (skipped
+    under torch.compile). A shape that changes on some ranks only, later, is left to the group's timeout."""
     if torch.compiler.is_compiling():
         return
-    signature = tuple((tuple(t.shape), str(t.dtype)) for t in tensors)
+    signature = tuple((tuple(t.shape), str(t.dtype)) for t in tensors) + tuple(lengths)
     if (id(group), signature) in _agreed:
         return
+    if len(_agreed) >= _MAX_AGREED:
+        _agreed.clear()
     everyone = [None] * dist.get_world_size(group)
     dist.all_gather_object(everyone, signature, group=group)
     if any(other != signature for other in everyone):
-        raise ValueError(f"every rank of the group must pass tensors of the same shapes and dtypes; got, by rank: "
-                         f"{everyone}")
+        raise ValueError(f"every rank of the group must pass tensors of the same shapes and dtypes (and sequence "
+                         f"lengths); got, by rank: {everyone}")
     _agreed.add((id(group), signature))
 
 
-def check_shards(q, k, v, group, layout):
+def check_shards(q, k, v, group, layout, lengths=()):
     """Raises a clear error for shards no rank can attend: q (B, T / N, Hq, D), k (B, T / N, Hkv, D), v (B, T / N,
     Hkv, Dv) of one dtype and device with Hq a multiple of Hkv, a length layout can split over the group's N
-    ranks, and the same shapes on every rank."""
+    ranks, and the same shapes (and lengths, each packed sequence's on this rank) on every rank."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"{name} must be a (batch, seq_len / world, heads, head_dim) tensor, got "
@@ -42,4 +45,4 @@ def check_shards(q, k, v, group, layout):
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
     world = dist.get_world_size(group)
     check_layout(layout, q.shape[1] * world, world, f"the sequence ({q.shape[1]} tokens per rank)")
-    check_same_shapes(group, q, k, v)
+    check_same_shapes(group, q, k, v, lengths=lengths)
