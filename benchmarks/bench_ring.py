@@ -66,7 +66,7 @@ def simulated_rank(q, k, v, grad, ring, backward):
         if backward:
             out = out.to(q.dtype).transpose(1, 2)
             lse = lse.masked_fill(lse == -math.inf, math.inf)
-            ring_backward(grad, q, k, v, out, lse, ring, "zigzag", options, KERNELS_RUN)
+            ring_backward(grad, torch.zeros_like(lse), q, k, v, out, lse, ring, "zigzag", options, KERNELS_RUN)
 
 
 def whole_sequence(impl, q, k, v, grad, backward):

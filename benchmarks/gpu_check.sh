@@ -12,7 +12,8 @@
 # A limit sends SIGINT: pytest stops and still writes its summary and the benchmarks it finished.
 #
 # usage: benchmarks/gpu_check.sh OUTDIR
-# env:   PYTHON (default python3); GPU_CHECK_SMALL=1 for a CPU dry run of every phase at tiny sizes;
+# env:   PYTHON (default python3); GPU_CHECK_SMALL=1 for a CPU dry run of every phase at tiny sizes (but the
+#        torch.compile baselines where no GPU is: they build on CUDA only);
 #        GPU_CHECK_TESTS (pytest arguments for phase 2, paths relative to the repository; default the kernel
 #        and model test files).
 set -uo pipefail
@@ -120,11 +121,15 @@ if [ "$GPUS" -ge 2 ] || [ "$SMALL" = 1 ]; then
 fi
 # torch.compile baselines last: building them takes most of their time, and a run cut short loses only itself.
 # They also share what the phases before them left unused of their limits, the whole check ending by 555 s.
-SPARE=$((555 - SECONDS - 105)); [ "$SPARE" -lt 0 ] && SPARE=0
-run_suite layernorm_compiled $((30 + SPARE / 4)) "$REPO/benchmarks/bench_layernorm.py" -m compiled
-run_suite flex_compiled $((30 + SPARE / 4)) "$REPO/benchmarks/bench_flex.py" -m compiled
-LAST=$((555 - SECONDS)); [ "$LAST" -lt 45 ] && LAST=45
-run_suite gpt_compiled "$LAST" "$REPO/benchmarks/bench_gpt.py" -m compiled
+if [ "$SMALL" = 1 ] && [ "$GPUS" -eq 0 ]; then
+    say "compiled baselines: not run (a CPU dry run: they build on CUDA only)"
+else
+    SPARE=$((555 - SECONDS - 105)); [ "$SPARE" -lt 0 ] && SPARE=0
+    run_suite layernorm_compiled $((30 + SPARE / 4)) "$REPO/benchmarks/bench_layernorm.py" -m compiled
+    run_suite flex_compiled $((30 + SPARE / 4)) "$REPO/benchmarks/bench_flex.py" -m compiled
+    LAST=$((555 - SECONDS)); [ "$LAST" -lt 45 ] && LAST=45
+    run_suite gpt_compiled "$LAST" "$REPO/benchmarks/bench_gpt.py" -m compiled
+fi
 
 say "== 4/4 report"
 PARTS=()

@@ -27,6 +27,16 @@ def device_arch(device):
     return "interpreter" if device.type != "cuda" else arch_of(cuda_capability(device))
 
 
+def remember(memo, key, value, limit=4096):
+    """memo[key] = value; returns value. A memo of host work per signature (shapes and flags) empties itself when
+    it holds limit entries rather than grow without bound (generation meets a new key length each step; packed
+    batches bring new sequence lengths)."""
+    if len(memo) >= limit:
+        memo.clear()
+    memo[key] = value
+    return value
+
+
 def cuda_capability(device):
     """(major, minor) of a CUDA device, kept per numbered device (a tensor's): torch's query costs microseconds a
     call."""

@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 import torch
 
-from gptfast.kernels import input_precision, padded_head_dim
+from gptfast.kernels import input_precision, padded_head_dim, remember
 from gptfast.kernels.attention_blocks import MASK_ADDITIVE, MASK_BOOLEAN, MASK_NONE
 from gptfast.kernels.math import LOG2E
 
@@ -233,9 +233,7 @@ def describe(q, k, v, features, softmax_scale):
         call = _describe(q, k, v, features, softmax_scale)
         if key is None:  # a flex call: its mods and block lists are not in a signature
             return call
-        if len(_described) >= _MAX_DESCRIBED:  # generation meets a new key length each step
-            _described.clear()
-        _described[key] = call = call._replace(kwargs={**call.kwargs, **dict.fromkeys(_TENSORS)})
+        call = remember(_described, key, call._replace(kwargs={**call.kwargs, **dict.fromkeys(_TENSORS)}))
     if features.mask is None and features.alibi_slopes is None and features.seed_offset is None and (
             features.varlen is None and features.sinks is None and features.seqused_k is None
             and features.descale is None):
@@ -245,7 +243,6 @@ def describe(q, k, v, features, softmax_scale):
 
 _TENSORS = ("MASK", "ALIBI", "SEED", "CU_SEQLENS_Q", "CU_SEQLENS_K", "SEQUSED_K", "SINKS", "DESCALE")
 _described = {}  # describe's Calls by _signature, their tensors None (a kept mask would never be freed)
-_MAX_DESCRIBED = 4096
 
 
 def _signature(q, k, v, features, softmax_scale):

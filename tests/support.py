@@ -34,13 +34,14 @@ def kernels_only():
 
 
 def reference_attention(q, k, v, causal=NONE, scale=None, window=(-1, -1), softcap=0.0, alibi=None, mask=None,
-                        keep=None, dropout_p=0.0, sinks=None, chunk=0):
+                        keep=None, dropout_p=0.0, sinks=None, chunk=0, need_lse=False):
     """Plain attention in q's dtype: scores, masked softmax in float32 (as torch's math backend), weighted sum.
     q: (..., Hq, Tq, D), k and v: (..., Hkv, Tk, D). A row that sees no key gives 0. window is flash-attn's
     (bottom-right aligned; causal sets its right side to 0), alibi float32 (B, Hq), mask bool or additive and
     broadcastable to the scores, keep the dropout's keep mask (B, Hq, Tq, Tk), sinks (Hq,) a logit per head in
     every row's softmax that takes no value, chunk > 0 the size of the chunks outside which query i (at position
-    i + Tk - Tq) sees no key."""
+    i + Tk - Tq) sees no key. need_lse: return (out, lse), lse (..., Hq, Tq) the log-sum-exp of each row's scores
+    (the sink's included) in float32 or float64, +inf for a row that sees nothing."""
     group = q.shape[-3] // k.shape[-3]
     k, v = k.repeat_interleave(group, dim=-3), v.repeat_interleave(group, dim=-3)
     scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
@@ -69,11 +70,15 @@ def reference_attention(q, k, v, causal=NONE, scale=None, window=(-1, -1), softc
     if sinks is None:
         weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)
     else:
-        sink_column = sinks.to(work)[:, None, None].expand(*scores.shape[:-1], 1)
-        weights = torch.softmax(torch.cat([scores, sink_column], dim=-1), dim=-1)[..., :-1]
+        scores = torch.cat([scores, sinks.to(work)[:, None, None].expand(*scores.shape[:-1], 1)], dim=-1)
+        weights = torch.softmax(scores, dim=-1)[..., :-1]
     if keep is not None:
         weights = weights * keep / (1 - dropout_p)
-    return weights.to(q.dtype) @ v
+    out = weights.to(q.dtype) @ v
+    if need_lse:
+        lse = torch.logsumexp(scores, dim=-1)
+        return out, lse.masked_fill(lse == float("-inf"), float("inf"))
+    return out
 
 def random_qkv(batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim, dtype, seed, head_dim_v=None):
     """Standard-normal q (B, Hq, Tq, D), k (B, Hkv, Tk, D) and v (B, Hkv, Tk, Dv), Dv = head_dim_v or D."""

@@ -58,10 +58,12 @@ def check_case(rank, world, method, layout, dtype, kernels, batch=1, heads=4, kv
     q = torch.randn(batch, length, heads, head_dim, generator=gen)
     k, v = (torch.randn(batch, length, kv_heads, head_dim, generator=gen) for _ in range(2))
     grad = torch.randn(batch, length, heads, head_dim, generator=gen)
+    grad_lse = torch.randn(batch, length, heads, generator=gen) * (method == "ring")  # all-to-all returns no lse
     sinks = torch.randn(heads, generator=gen) if with_sinks else None
     slopes = torch.rand(len(lengths) if lengths else batch, heads, generator=gen) if with_alibi else None
     spec = dict(causal=BOTTOM_RIGHT if causal else NONE, window=window, softcap=softcap, alibi=slopes)
-    references = [_whole_sequences(q, k, v, sinks, grad, work, spec, lengths) for work in (torch.float64, dtype)]
+    references = [_whole_sequences(q, k, v, sinks, grad, grad_lse, work, spec, lengths)
+                  for work in (torch.float64, dtype)]
     cu_seqlens = None if lengths is None else torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
     if cu_seqlens is None:
         shard = lambda t: zigzag_shard(t, rank, world, layout=layout)  # noqa: E731
@@ -73,44 +75,48 @@ def check_case(rank, world, method, layout, dtype, kernels, batch=1, heads=4, kv
     if cu_seqlens is not None:
         options["cu_seqlens"] = cu_seqlens // world
     with backend.use_backend("triton" if kernels else "torch"):
-        if method == "ring":
-            out = ring_attention(*leaves, layout=layout, **options)
+        if method == "ring":  # lse (B, Hq, T / N), packed (Hq, total / N): compared and differentiated too
+            out, lse = ring_attention(*leaves, layout=layout, return_lse=True, **options)
+            torch.autograd.backward([out, lse], [shard(grad).to(dtype), shard(grad_lse).transpose(-1, -2)])
+            lse = lse.transpose(-1, -2)
         else:
-            out = all_to_all_attention(*leaves, layout=layout, **options)
-        out.backward(shard(grad).to(dtype))
-    results = [out, *(t.grad for t in leaves)]
-    for name, got, exact, lowp in zip(("out", "dq", "dk", "dv"), results, *references):
-        assert_accurate(f"{method} {layout} rank {rank}: {name}", got, shard(exact), shard(lowp), terms=length)
+            out, lse = all_to_all_attention(*leaves, layout=layout, **options), None
+            out.backward(shard(grad).to(dtype))
+    results = [out, lse, *(t.grad for t in leaves)]
+    for name, got, exact, lowp in zip(("out", "lse", "dq", "dk", "dv"), results, *references):
+        if got is not None:
+            assert_accurate(f"{method} {layout} rank {rank}: {name}", got, shard(exact), shard(lowp), terms=length)
     if sinks is not None:
         dist.all_reduce(local_sinks.grad)  # each rank's share: its rows' (ring) or its heads' (all-to-all)
-        assert_accurate(f"{method} {layout} dsinks", local_sinks.grad, references[0][4], references[1][4],
+        assert_accurate(f"{method} {layout} dsinks", local_sinks.grad, references[0][5], references[1][5],
                         terms=length, dtype=dtype)
 
 
-def _whole_sequences(q, k, v, sinks, grad, work, spec, lengths):
-    """(out, dq, dk, dv, dsinks) of the whole sequence's attention in work, in flash-attn's layout; with lengths,
-    each packed sequence's alone (ALiBi's slopes one row per sequence), joined again."""
+def _whole_sequences(q, k, v, sinks, grad, grad_lse, work, spec, lengths):
+    """(out, lse, dq, dk, dv, dsinks) of the whole sequence's attention in work, in flash-attn's layout (lse (B, T,
+    Hq)), grad and grad_lse the gradients of out and lse; with lengths, each packed sequence's alone (ALiBi's
+    slopes one row per sequence), joined again."""
     if lengths is None:
-        return _whole_sequence(q, k, v, sinks, grad, work, spec)
+        return _whole_sequence(q, k, v, sinks, grad, grad_lse, work, spec)
     parts, start = [], 0
     for b, length in enumerate(lengths):
         rows = slice(start, start + length)
         slopes = None if spec["alibi"] is None else spec["alibi"][b:b + 1]
-        parts.append(_whole_sequence(*(t[:, rows] for t in (q, k, v)), sinks, grad[:, rows], work,
+        parts.append(_whole_sequence(*(t[:, rows] for t in (q, k, v)), sinks, grad[:, rows], grad_lse[:, rows], work,
                                      {**spec, "alibi": slopes}))
         start += length
-    joined = [torch.cat(tensors, 1) for tensors in zip(*(part[:4] for part in parts))]
-    return (*joined, None if sinks is None else sum(part[4] for part in parts))
+    joined = [torch.cat(tensors, 1) for tensors in zip(*(part[:5] for part in parts))]
+    return (*joined, None if sinks is None else sum(part[5] for part in parts))
 
 
-def _whole_sequence(q, k, v, sinks, grad, work, spec):
-    """(out, dq, dk, dv, dsinks) of the whole sequence's attention in work, in flash-attn's layout."""
+def _whole_sequence(q, k, v, sinks, grad, grad_lse, work, spec):
+    """(out, lse, dq, dk, dv, dsinks) of the whole sequence's attention in work, in flash-attn's layout."""
     leaves = [t.to(work, copy=True).transpose(1, 2).requires_grad_() for t in (q, k, v)]
     sink = None if sinks is None else sinks.to(work, copy=True).requires_grad_()
-    out = reference_attention(*leaves, sinks=sink, **spec)
-    out.backward(grad.to(work).transpose(1, 2))
-    flash = lambda t: t.transpose(1, 2)  # noqa: E731
-    return flash(out.detach()), *(flash(t.grad) for t in leaves), None if sink is None else sink.grad
+    out, lse = reference_attention(*leaves, sinks=sink, need_lse=True, **spec)
+    torch.autograd.backward([out, lse], [grad.to(work).transpose(1, 2), grad_lse.to(lse.dtype).transpose(1, 2)])
+    flash = lambda t: t.detach().transpose(1, 2)  # noqa: E731
+    return flash(out), flash(lse), *(flash(t.grad) for t in leaves), None if sink is None else sink.grad
 
 
 def check_mismatched_shapes(rank, world):
@@ -168,16 +174,13 @@ TWO_RANKS = [
          with_alibi=True, seed=13),
     dict(method="ring", layout="zigzag", dtype=torch.float32, kernels=True, lengths=(12, 4, 20), window=(5, 0),
          with_alibi=True, with_sinks=True, seed=15),
-    dict(method="ring", layout="contiguous", dtype=torch.bfloat16, kernels=True, lengths=(6, 2, 10), causal=False,
-         softcap=5.0, seed=16),
-    dict(method="ring", layout="zigzag", dtype=torch.float32, kernels=False, lengths=(64, 8, 120), window=(30, 0),
-         seed=17),
+    dict(method="ring", layout="contiguous", dtype=torch.float32, kernels=False, lengths=(64, 8, 120), causal=False,
+         softcap=5.0, seed=17),
 ]
 FOUR_RANKS = [
     dict(method="ring", layout="zigzag", dtype=torch.float32, kernels=True, length=24, window=(7, 0), seed=8),
     dict(method="ring", layout="zigzag", dtype=torch.float32, kernels=False, length=96, causal=False, seed=9),
     dict(method="all-to-all", layout="zigzag", dtype=torch.float32, kernels=True, length=24, kv_heads=4, seed=10),
-    dict(method="ring", layout="zigzag", dtype=torch.float32, kernels=True, lengths=(8, 16), seed=18),
 ]
 
 

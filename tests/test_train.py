@@ -192,12 +192,13 @@ def test_bf16_autocast_training(home, corpus):
 
 
 def test_kernels_train_like_the_pytorch_reference(home, corpus):
-    """Under the interpreter, float32: the fused kernels' losses stay within 1e-4 relative of PyTorch's over a
-    few steps (both round differently at 1e-7; training amplifies that only slowly)."""
+    """Under the interpreter, float32: the fused kernels' losses stay within 1e-4 relative of PyTorch's over two
+    steps, the second after an optimizer step on the kernels' gradients (both round differently at 1e-7; training
+    amplifies that only slowly)."""
     losses = {}
     for kernels in ("triton", "torch"):
         out = str(home / kernels)
-        assert cli(["train", "--out", out, "--data", corpus, "--max-iters", "3", "--eval-interval", "3",
+        assert cli(["train", "--out", out, "--data", corpus, "--max-iters", "2", "--eval-interval", "2",
                     "--eval-iters", "1", "--log-interval", "1", "--kernels", kernels, *TINY]) == 0
         losses[kernels] = [r["train_loss"] for r in step_records(out)]
     for fused, reference in zip(losses["triton"], losses["torch"]):

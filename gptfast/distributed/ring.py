@@ -144,15 +144,16 @@ def block_forward(q, k, v, features, scale, kernels):
     return out, lse.masked_fill(lse == math.inf, -math.inf)
 
 
-def block_backward(grad_out, q, k, v, out, lse, features, scale, kernels):
-    """One call's (dq, dk, dv) given the whole attention's out and lse (the rows' own slices, lse +inf for a row
-    that sees no key at all): the gradient of this block's share of out."""
+def block_backward(grad_out, grad_lse, q, k, v, out, lse, features, scale, kernels):
+    """One call's (dq, dk, dv) given the whole attention's out, lse and their gradients (the rows' own slices,
+    lse +inf for a row that sees no key at all, grad_lse float32 (B, Hq, rows), contiguous): the gradient of
+    this block's share of them."""
     if kernels:
         from gptfast.kernels.attention import attention_backward
-        return attention_backward(grad_out, torch.zeros_like(lse), q, k, v, out, lse, scale, features)[:3]
+        return attention_backward(grad_out, grad_lse, q, k, v, out, lse, scale, features)[:3]
     # PyTorch: the block recomputed under torch.func.vjp (which works inside a custom op, below autograd). out =
-    # sum_b w_b out_b with w_b = e^(lse_b - lse), so the block's out_b receives w_b dO and its lse_b receives
-    # w_b (dO . out_b - dO . out).
+    # sum_b w_b out_b and lse = log sum_b e^lse_b with w_b = e^(lse_b - lse), so the block's out_b receives
+    # w_b dO and its lse_b receives w_b (dO . out_b - dO . out + dlse).
     work = work_dtype(q.dtype)
 
     def block(q, k, v):
@@ -161,9 +162,8 @@ def block_backward(grad_out, q, k, v, out, lse, features, scale, kernels):
     (block_out, block_lse), vjp = torch.func.vjp(block, *(t.to(work) for t in (q, k, v)))
     weight = torch.exp(block_lse - lse)
     grad_out = grad_out.to(work)
-    delta = (grad_out * out.to(work)).sum(-1)
-    grad_lse = weight * ((grad_out * block_out).sum(-1) - delta)
-    return vjp((weight[..., None] * grad_out, grad_lse))
+    delta = (grad_out * out.to(work)).sum(-1) - grad_lse
+    return vjp((weight[..., None] * grad_out, weight * ((grad_out * block_out).sum(-1) - delta)))
 
 
 def _torch_block(q, k, v, features, scale):
@@ -210,10 +210,11 @@ def rows_of(t, rows):
     return t.transpose(1, 2)[:, :, rows]
 
 
-def ring_backward(grad_out, q, k, v, out, lse, ring, layout, options, kernels):
+def ring_backward(grad_out, grad_lse, q, k, v, out, lse, ring, layout, options, kernels):
     """(dq, dk, dv) in float32 (float64 for float64 inputs), (B, H, T, D) each, for this rank's shards (q, k, v,
-    grad_out and out (B, T, H, D) contiguous; lse (B, Hq, T) the whole attention's). The accumulators of dk and dv
-    travel with the keys and values they belong to and, after the last step, reach their own rank."""
+    grad_out and out (B, T, H, D) contiguous; lse (B, Hq, T) the whole attention's, grad_lse its gradient, of
+    lse's dtype). The accumulators of dk and dv travel with the keys and values they belong to and, after the last
+    step, reach their own rank."""
     length = q.shape[1]
     work = work_dtype(q.dtype)
     grad_q = torch.zeros(q.transpose(1, 2).shape, dtype=work, device=q.device)
@@ -224,9 +225,10 @@ def ring_backward(grad_out, q, k, v, out, lse, ring, layout, options, kernels):
         source = (ring.rank - step) % ring.world
         grads = [torch.zeros(t.transpose(1, 2).shape, dtype=work, device=q.device) for t in keys_values]
         for rows, key_rows, features in options.steps(layout, ring, source, length):
-            block = block_backward(rows_of(grad_out, rows), rows_of(q, rows), rows_of(keys_values[0], key_rows),
-                                   rows_of(keys_values[1], key_rows), rows_of(out, rows),
-                                   lse[:, :, rows].contiguous(), features, options.scale, kernels)
+            block = block_backward(rows_of(grad_out, rows), grad_lse[:, :, rows].contiguous(), rows_of(q, rows),
+                                   rows_of(keys_values[0], key_rows), rows_of(keys_values[1], key_rows),
+                                   rows_of(out, rows), lse[:, :, rows].contiguous(), features, options.scale,
+                                   kernels)
             grad_q[:, :, rows] += block[0]
             grads[0][:, :, key_rows] += block[1]
             grads[1][:, :, key_rows] += block[2]
@@ -270,27 +272,31 @@ def _(q, k, v, sinks, alibi_slopes, group_name, layout, scale, causal, window_le
 
 
 @custom_op("gptfast::ring_attention_backward")
-def ring_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+def ring_attention_backward_op(grad_out: torch.Tensor, grad_lse: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                               v: torch.Tensor,
                                sinks: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor,
                                alibi_slopes: torch.Tensor | None, group_name: str, layout: str, scale: float,
                                causal: bool, window_left: int, window_right: int, softcap: float,
                                lengths: list[int] | None, kernels: bool
                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv, dsinks) for ring_attention_op's (out, lse): dsinks (Hq,) this rank's rows' share in sinks'
-    dtype, empty without sinks."""
+    """(dq, dk, dv, dsinks) for ring_attention_op's (out, lse) and their gradients: dsinks (Hq,) this rank's rows'
+    share in sinks' dtype, empty without sinks."""
     ring, options = _ring_options(group_name, scale, causal, window_left, window_right, softcap, alibi_slopes, lengths)
     q, k, v, grad_out = (t.contiguous() for t in (q, k, v, grad_out.to(q.dtype)))
-    grads = ring_backward(grad_out, q, k, v, out, lse, ring, layout, options, kernels)
+    grad_lse = grad_lse.to(lse.dtype).contiguous()
+    grads = ring_backward(grad_out, grad_lse, q, k, v, out, lse, ring, layout, options, kernels)
     dq, dk, dv = (g.transpose(1, 2).to(t.dtype) for g, t in zip(grads, (q, k, v)))
     if sinks is None:
         return dq, dk, dv, q.new_empty(0)
-    delta = (grad_out.to(lse.dtype) * out.to(lse.dtype)).sum(-1).transpose(1, 2)
+    # a sink's logit joins lse and takes its weight e^(sink - lse) from every value: d/dsink = that weight times
+    # (dlse - dO . out)
+    delta = (grad_out.to(lse.dtype) * out.to(lse.dtype)).sum(-1).transpose(1, 2) - grad_lse
     return dq, dk, dv, -(torch.exp(sinks.to(lse.dtype)[None, :, None] - lse) * delta).sum((0, 2)).to(sinks.dtype)
 
 
 @ring_attention_backward_op.register_fake
-def _(grad_out, q, k, v, sinks, out, lse, alibi_slopes, group_name, layout, scale, causal, window_left, window_right,
-      softcap, lengths, kernels):
+def _(grad_out, grad_lse, q, k, v, sinks, out, lse, alibi_slopes, group_name, layout, scale, causal, window_left,
+      window_right, softcap, lengths, kernels):
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
             q.new_empty(0) if sinks is None else torch.empty_like(sinks))
 
@@ -308,9 +314,12 @@ def _setup_context(ctx, inputs, output):
     ctx.flags = flags
 
 
-def _backward(ctx, grad_out, _):
+def _backward(ctx, grad_out, grad_lse):
     q, k, v, sinks, alibi_slopes, out, lse = ctx.saved_tensors
-    dq, dk, dv, dsinks = ring_attention_backward_op(grad_out, q, k, v, sinks, out, lse, alibi_slopes, *ctx.flags)
+    grad_out = torch.zeros_like(out) if grad_out is None else grad_out
+    grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse
+    dq, dk, dv, dsinks = ring_attention_backward_op(grad_out, grad_lse, q, k, v, sinks, out, lse, alibi_slopes,
+                                                    *ctx.flags)
     return dq, dk, dv, dsinks if ctx.needs_input_grad[3] else None, *([None] * (1 + len(ctx.flags)))
 
 
@@ -318,7 +327,7 @@ ring_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def ring_attention(q, k, v, group=None, causal=True, softmax_scale=None, window_size=(-1, -1), softcap=0.0,
-                   alibi_slopes=None, sinks=None, layout="zigzag", cu_seqlens=None):
+                   alibi_slopes=None, sinks=None, layout="zigzag", cu_seqlens=None, return_lse=False):
     """Attention over a sequence sharded across the ranks of group, by passing keys and values around the ring.
 
     Args:
@@ -336,9 +345,12 @@ def ring_attention(q, k, v, group=None, causal=True, softmax_scale=None, window_
         cu_seqlens: None, or int32 (num_seqs + 1,) cumulative lengths of the packed sequences' parts on this rank
             (the whole sequences' // N; each sequence splits as layout says; the same on every rank). Its values
             are read: on the CPU that costs no synchronisation.
+        return_lse: also return the lse.
     Returns:
         out (B, T / N, Hq, Dv) (with cu_seqlens (total / N, Hq, Dv)) in q's dtype: this rank's rows of the whole
-        sequence's attention. Differentiable in q, k, v and sinks.
+        sequence's attention; with return_lse (out, lse): lse (B, Hq, T / N) (with cu_seqlens (Hq, total / N))
+        float32 (float64 for float64 inputs), natural log, the sinks' included, +inf for a row that sees no key.
+        Differentiable in q, k, v and sinks.
     The kernels run each block (Features.shift places the causal bound and window; each packed sequence is a
     block of its own); where they cannot run, PyTorch does (warned once under ``auto``). Forward and backward are
     custom ops, so torch.compile takes a call whole (cu_seqlens' values are read before: a graph break). Not yet:
@@ -357,9 +369,11 @@ def ring_attention(q, k, v, group=None, causal=True, softmax_scale=None, window_
     check_sinks(sinks, q.shape[2], q.device)
     scale = softmax_scale_for(q.shape[-1], softmax_scale)
     kernels = backend.use_triton("ring_attention", q.device, kernel_gap(q.transpose(1, 2), v.transpose(1, 2), scale))
-    out = ring_attention_op(q, k, v, sinks, alibi_slopes, group.group_name, layout, scale, bool(causal), window[0],
-                            window[1], float(softcap), lengths if packed else None, kernels)[0]
-    return out[0] if packed else out
+    out, lse = ring_attention_op(q, k, v, sinks, alibi_slopes, group.group_name, layout, scale, bool(causal),
+                                 window[0], window[1], float(softcap), lengths if packed else None, kernels)
+    if packed:
+        out, lse = out[0], lse[0]
+    return (out, lse) if return_lse else out
 
 
 def local_lengths(cu_seqlens, total, world, layout):

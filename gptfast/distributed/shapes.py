@@ -4,9 +4,9 @@ import torch
 import torch.distributed as dist
 
 from gptfast.distributed.zigzag import check_layout
+from gptfast.kernels import remember
 
-_agreed = set()  # (group, local signature) pairs every rank has confirmed
-_MAX_AGREED = 4096  # packed sequences bring new lengths each batch
+_agreed = {}  # (group, local signature) pairs every rank has confirmed
 
 
 def check_same_shapes(group, *tensors, lengths=()):
@@ -18,14 +18,12 @@ def check_same_shapes(group, *tensors, lengths=()):
     signature = tuple((tuple(t.shape), str(t.dtype)) for t in tensors) + tuple(lengths)
     if (id(group), signature) in _agreed:
         return
-    if len(_agreed) >= _MAX_AGREED:
-        _agreed.clear()
     everyone = [None] * dist.get_world_size(group)
     dist.all_gather_object(everyone, signature, group=group)
     if any(other != signature for other in everyone):
         raise ValueError(f"every rank of the group must pass tensors of the same shapes and dtypes (and sequence "
                          f"lengths); got, by rank: {everyone}")
-    _agreed.add((id(group), signature))
+    remember(_agreed, (id(group), signature), True)
 
 
 def check_shards(q, k, v, group, layout, lengths=()):
