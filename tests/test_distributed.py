@@ -49,7 +49,8 @@ def _rank_main(rank, world, folder, checks):
 
 
 def check_case(rank, world, method, layout, dtype, kernels, batch=1, heads=4, kv_heads=2, length=None, head_dim=24,
-               causal=True, window=(-1, -1), softcap=0.0, with_sinks=False, with_alibi=False, seed=0, lengths=None):
+               causal=True, window=(-1, -1), softcap=0.0, with_sinks=False, with_alibi=False, seed=0, lengths=None,
+               chunk=0):
     """One call of method ("ring" or "all-to-all") on this rank's shards of random inputs that every rank draws
     alike, against the whole sequence's float64 reference (and PyTorch in dtype, the rule's baseline). With
     lengths (ring only): sequences of those lengths packed along one axis (batch 1), cu_seqlens given."""
@@ -61,7 +62,7 @@ def check_case(rank, world, method, layout, dtype, kernels, batch=1, heads=4, kv
     grad_lse = torch.randn(batch, length, heads, generator=gen) * (method == "ring")  # all-to-all returns no lse
     sinks = torch.randn(heads, generator=gen) if with_sinks else None
     slopes = torch.rand(len(lengths) if lengths else batch, heads, generator=gen) if with_alibi else None
-    spec = dict(causal=BOTTOM_RIGHT if causal else NONE, window=window, softcap=softcap, alibi=slopes)
+    spec = dict(causal=BOTTOM_RIGHT if causal else NONE, window=window, softcap=softcap, alibi=slopes, chunk=chunk)
     references = [_whole_sequences(q, k, v, sinks, grad, grad_lse, work, spec, lengths)
                   for work in (torch.float64, dtype)]
     cu_seqlens = None if lengths is None else torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
@@ -71,7 +72,8 @@ def check_case(rank, world, method, layout, dtype, kernels, batch=1, heads=4, kv
         shard = lambda t: zigzag_shard(t[0], rank, world, dim=0, layout=layout, cu_seqlens=cu_seqlens)  # noqa: E731
     leaves = [shard(t).to(dtype).requires_grad_() for t in (q, k, v)]
     local_sinks = None if sinks is None else sinks.clone().requires_grad_()
-    options = dict(causal=causal, window_size=window, softcap=softcap, sinks=local_sinks, alibi_slopes=slopes)
+    options = dict(causal=causal, window_size=window, softcap=softcap, sinks=local_sinks, alibi_slopes=slopes,
+                   attention_chunk=chunk)
     if cu_seqlens is not None:
         options["cu_seqlens"] = cu_seqlens // world
     with backend.use_backend("triton" if kernels else "torch"):
@@ -135,6 +137,8 @@ def check_mismatched_shapes(rank, world):
             ring_attention(packed, packed, packed, cu_seqlens=torch.tensor(cu_seqlens, dtype=torch.int32))
     with pytest.raises(ValueError, match="cu_seqlens must be an int32"):
         ring_attention(packed, packed, packed, cu_seqlens=torch.tensor([0, 8]))
+    with pytest.raises(ValueError, match="attention_chunk 3 with the ring's pieces of 2 tokens"):
+        ring_attention(q[:, :4], q[:, :4], q[:, :4], attention_chunk=3)
     with pytest.raises(ValueError, match="q must be a 3-dim"):
         ring_attention(q, q, q, cu_seqlens=torch.tensor([0, 4], dtype=torch.int32))
 
@@ -176,6 +180,10 @@ TWO_RANKS = [
          with_alibi=True, with_sinks=True, seed=15),
     dict(method="ring", layout="contiguous", dtype=torch.float32, kernels=False, lengths=(64, 8, 120), causal=False,
          softcap=5.0, seed=17),
+    # Llama 4's chunks: pieces of 10 tokens holding two chunks each; pieces of 24 inside chunks of 48
+    dict(method="ring", layout="zigzag", dtype=torch.float32, kernels=True, chunk=5, window=(6, 0), seed=19),
+    dict(method="ring", layout="zigzag", dtype=torch.float32, kernels=False, length=96, chunk=48, seed=20),
+    dict(method="all-to-all", layout="zigzag", dtype=torch.float32, kernels=False, length=96, chunk=20, seed=21),
 ]
 FOUR_RANKS = [
     dict(method="ring", layout="zigzag", dtype=torch.float32, kernels=True, length=24, window=(7, 0), seed=8),

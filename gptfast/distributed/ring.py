@@ -14,6 +14,8 @@ that share a side are merged into one call); one whose keys are all hidden (the 
 is skipped; the rest run with the causal bound and window placed by attention_spec.Features.shift, the distance
 between the two pieces' first positions, so the kernels skip the hidden tiles as on one GPU. Packed sequences
 (cu_seqlens) are each split over the ranks on their own, and each sequence's pairs are blocks of their own.
+Chunks (Llama 4's) hide the pairs of pieces in different chunks, or give a piece that holds whole chunks its own
+keys only, under the kernels' chunk bound (pair).
 
 Forward and backward are custom ops with the messages inside, so torch.compile takes a call whole.
 """
@@ -25,8 +27,8 @@ import torch
 import torch.distributed as dist
 
 from gptfast import backend
-from gptfast.attention_core import (CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, check_flash_options, check_sinks, kernel_gap,
-                                    softmax_scale_for, torch_attention, work_dtype)
+from gptfast.attention_core import (CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, check_flash_options, check_sinks, chunk_size,
+                                    kernel_gap, softmax_scale_for, torch_attention, work_dtype)
 from gptfast.custom_ops import custom_op
 from gptfast.distributed.shapes import check_shards
 from gptfast.distributed.zigzag import check_layout, chunks
@@ -36,13 +38,14 @@ from gptfast.varlen import check_packed, sequence_slopes
 class Options(NamedTuple):
     """A ring_attention call's flags, checked: flash_attn_func's meanings, over the whole sequence (alibi_slopes
     None or float32, broadcastable to (B, Hq), or (num_seqs, Hq) with lengths); lengths: None, or each packed
-    sequence's token count on this rank."""
+    sequence's token count on this rank; chunk: flash-attn 3's attention_chunk (check_chunk has checked it)."""
     scale: float
     causal: bool
     window: tuple
     softcap: float
     alibi_slopes: torch.Tensor | None = None
     lengths: tuple | None = None
+    chunk: int = 0
 
     def steps(self, layout, ring, source, local_length):
         """The calls of a step, each as (query rows, key rows, Features): plan's, or for packed sequences each
@@ -58,10 +61,11 @@ class Options(NamedTuple):
     def _calls(self, layout, ring, source, length, start, slopes):
         if length == 0:
             return []
-        calls = plan(layout, ring.rank, source, ring.world, length, self.causal, self.window, slopes is None)
+        calls = plan(layout, ring.rank, source, ring.world, length, self.causal, self.window, slopes is None,
+                     self.chunk)
         at = lambda rows: slice(rows.start + start, rows.stop + start)  # noqa: E731
-        return [(at(rows), at(key_rows), block_features(self, shift, masked, slopes))
-                for rows, key_rows, shift, masked in calls]
+        return [(at(rows), at(key_rows), block_features(self, shift, kind, slopes))
+                for rows, key_rows, shift, kind in calls]
 
 
 class Ring:
@@ -85,9 +89,16 @@ class Ring:
         return received, lambda: [request.wait() for request in requests]
 
 
-def pair(q_start, k_start, length, causal, window):
+def pair(q_start, k_start, length, causal, window, chunk=0):
     """How the queries at positions [q_start, + length) see the keys at [k_start, + length): "none", "all" or
-    "some", under the causal bound and flash-attn's window (left, right), -1 unbounded."""
+    "some", under the causal bound and flash-attn's window (left, right), -1 unbounded; with chunks of chunk
+    positions (one of chunk and length a multiple of the other, check_chunk), pieces in different chunks see
+    nothing, and a piece that holds several chunks sees its own keys "chunked" (the kernels' chunk bound then
+    applies as on one GPU: the piece starts on a chunk's first position)."""
+    if chunk and length % chunk == 0 and chunk < length:
+        return "chunked" if q_start == k_start else "none"
+    if chunk and q_start // chunk != k_start // chunk:  # each piece lies inside one chunk
+        return "none"
     left, right = window
     if causal:
         right = 0
@@ -101,35 +112,36 @@ def pair(q_start, k_start, length, causal, window):
 
 
 @functools.cache
-def plan(layout, rank, source, world, local_length, causal, window, merge):
-    """The calls of the step where this rank's queries meet source's keys: [(query rows, key rows, shift, masked)]:
+def plan(layout, rank, source, world, local_length, causal, window, merge, chunk=0):
+    """The calls of the step where this rank's queries meet source's keys: [(query rows, key rows, shift, kind)]:
     slices of the two shards; shift, the distance between the two pieces' first positions (attention_spec.Features
-    .shift), None for a merged call; masked, whether the causal bound or the window hide some keys. With merge
+    .shift), None for a merged call; kind, pair's: "all", "some" (the causal bound or the window hide some keys)
+    or "chunked" (so do chunks). With merge
     (not with ALiBi, whose distances need each pair's own shift), pairs that see everything are merged along a
     side they share (a shard holds at most two adjacent pieces of equal length)."""
     calls, seen_whole = [], {}
     for q_start, q_row, length in chunks(layout, rank, world, local_length):
         for k_start, k_row, _ in chunks(layout, source, world, local_length):
-            kind = pair(q_start, k_start, length, causal, window)
-            if kind == "some" or kind == "all" and not merge:
-                calls.append((slice(q_row, q_row + length), slice(k_row, k_row + length), q_start - k_start,
-                              kind == "some"))
+            kind = pair(q_start, k_start, length, causal, window, chunk)
+            if kind != "none" and (kind != "all" or not merge):
+                calls.append((slice(q_row, q_row + length), slice(k_row, k_row + length), q_start - k_start, kind))
             elif kind == "all":
                 seen_whole.setdefault(q_row, []).append(k_row)
     by_keys = {}
     for q_row, k_rows in seen_whole.items():
         by_keys.setdefault((k_rows[0], k_rows[-1] + length), []).append(q_row)
     for (k_first, k_end), q_rows in by_keys.items():
-        calls.append((slice(q_rows[0], q_rows[-1] + length), slice(k_first, k_end), None, False))
+        calls.append((slice(q_rows[0], q_rows[-1] + length), slice(k_first, k_end), None, "all"))
     return calls
 
 
-def block_features(options, shift, masked, alibi_slopes):
-    """The attention_spec.Features of one call of the plan."""
+def block_features(options, shift, kind, alibi_slopes):
+    """The attention_spec.Features of one call of the plan, of pair's kind."""
     from gptfast.kernels.attention_spec import Features
+    masked = kind != "all"
     causal = CAUSAL_BOTTOM_RIGHT if options.causal and masked else CAUSAL_NONE
     return Features(causal, options.window if masked else (-1, -1), alibi_slopes=alibi_slopes,
-                    softcap=options.softcap, shift=shift or 0)
+                    softcap=options.softcap, chunk=options.chunk if kind == "chunked" else 0, shift=shift or 0)
 
 
 def block_forward(q, k, v, features, scale, kernels):
@@ -169,7 +181,7 @@ def block_backward(grad_out, grad_lse, q, k, v, out, lse, features, scale, kerne
 def _torch_block(q, k, v, features, scale):
     """(out, lse) of a call on PyTorch's path, with the kernels' meaning of features."""
     return torch_attention(q, k, v, features.causal, features.window, None, features.softcap, features.alibi_slopes,
-                           0.0, scale, shift=features.shift)[:2]
+                           0.0, scale, chunk=features.chunk, shift=features.shift)[:2]
 
 
 def merge(out, lse, rows, block_out, block_lse):
@@ -249,12 +261,13 @@ def ring_backward(grad_out, grad_lse, q, k, v, out, lse, ring, layout, options, 
 @custom_op("gptfast::ring_attention")
 def ring_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor | None,
                       alibi_slopes: torch.Tensor | None, group_name: str, layout: str, scale: float, causal: bool,
-                      window_left: int, window_right: int, softcap: float, lengths: list[int] | None,
+                      window_left: int, window_right: int, softcap: float, chunk: int, lengths: list[int] | None,
                       kernels: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """ring_attention's forward as a custom op (torch.compile takes it whole; the messages are inside): (out (B, T,
     Hq, Dv) in q's dtype, contiguous; lse (B, Hq, T) float32 (float64 for float64 inputs), the sinks' included,
     +inf for rows that saw nothing, as the backward kernels take it). group_name names the process group."""
-    ring, options = _ring_options(group_name, scale, causal, window_left, window_right, softcap, alibi_slopes, lengths)
+    ring, options = _ring_options(group_name, scale, causal, window_left, window_right, softcap, chunk, alibi_slopes,
+                                  lengths)
     out, lse = ring_forward(q.contiguous(), k.contiguous(), v.contiguous(), ring, layout, options, kernels)
     if sinks is not None:  # a logit per head in every row's denominator, taking no value
         with_sinks = torch.logaddexp(lse, sinks.to(lse.dtype)[None, :, None])
@@ -264,8 +277,8 @@ def ring_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: 
 
 
 @ring_attention_op.register_fake
-def _(q, k, v, sinks, alibi_slopes, group_name, layout, scale, causal, window_left, window_right, softcap, lengths,
-      kernels):
+def _(q, k, v, sinks, alibi_slopes, group_name, layout, scale, causal, window_left, window_right, softcap, chunk,
+      lengths, kernels):
     batch, length, heads = q.shape[:3]
     return (q.new_empty((batch, length, heads, v.shape[3])),
             q.new_empty((batch, heads, length), dtype=work_dtype(q.dtype)))
@@ -273,15 +286,15 @@ def _(q, k, v, sinks, alibi_slopes, group_name, layout, scale, causal, window_le
 
 @custom_op("gptfast::ring_attention_backward")
 def ring_attention_backward_op(grad_out: torch.Tensor, grad_lse: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                               v: torch.Tensor,
-                               sinks: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor,
+                               v: torch.Tensor, sinks: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor,
                                alibi_slopes: torch.Tensor | None, group_name: str, layout: str, scale: float,
-                               causal: bool, window_left: int, window_right: int, softcap: float,
+                               causal: bool, window_left: int, window_right: int, softcap: float, chunk: int,
                                lengths: list[int] | None, kernels: bool
                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dsinks) for ring_attention_op's (out, lse) and their gradients: dsinks (Hq,) this rank's rows'
     share in sinks' dtype, empty without sinks."""
-    ring, options = _ring_options(group_name, scale, causal, window_left, window_right, softcap, alibi_slopes, lengths)
+    ring, options = _ring_options(group_name, scale, causal, window_left, window_right, softcap, chunk, alibi_slopes,
+                                  lengths)
     q, k, v, grad_out = (t.contiguous() for t in (q, k, v, grad_out.to(q.dtype)))
     grad_lse = grad_lse.to(lse.dtype).contiguous()
     grads = ring_backward(grad_out, grad_lse, q, k, v, out, lse, ring, layout, options, kernels)
@@ -296,16 +309,16 @@ def ring_attention_backward_op(grad_out: torch.Tensor, grad_lse: torch.Tensor, q
 
 @ring_attention_backward_op.register_fake
 def _(grad_out, grad_lse, q, k, v, sinks, out, lse, alibi_slopes, group_name, layout, scale, causal, window_left,
-      window_right, softcap, lengths, kernels):
+      window_right, softcap, chunk, lengths, kernels):
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
             q.new_empty(0) if sinks is None else torch.empty_like(sinks))
 
 
-def _ring_options(group_name, scale, causal, window_left, window_right, softcap, alibi_slopes, lengths):
+def _ring_options(group_name, scale, causal, window_left, window_right, softcap, chunk, alibi_slopes, lengths):
     """The Ring of the named group and the call's Options."""
     group = dist.distributed_c10d._resolve_process_group(group_name)  # as torch's functional collectives name groups
     return Ring(group), Options(scale, causal, (window_left, window_right), softcap, alibi_slopes,
-                                None if lengths is None else tuple(lengths))
+                                None if lengths is None else tuple(lengths), chunk)
 
 
 def _setup_context(ctx, inputs, output):
@@ -327,7 +340,8 @@ ring_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def ring_attention(q, k, v, group=None, causal=True, softmax_scale=None, window_size=(-1, -1), softcap=0.0,
-                   alibi_slopes=None, sinks=None, layout="zigzag", cu_seqlens=None, return_lse=False):
+                   alibi_slopes=None, sinks=None, layout="zigzag", cu_seqlens=None, return_lse=False,
+                   attention_chunk=0):
     """Attention over a sequence sharded across the ranks of group, by passing keys and values around the ring.
 
     Args:
@@ -346,6 +360,10 @@ def ring_attention(q, k, v, group=None, causal=True, softmax_scale=None, window_
             (the whole sequences' // N; each sequence splits as layout says; the same on every rank). Its values
             are read: on the CPU that costs no synchronisation.
         return_lse: also return the lse.
+        attention_chunk: 0, or flash-attn 3's chunk size C (Llama 4's chunked attention: query i sees only keys in
+            its chunk of C positions, on top of causal and window_size). A piece of the sequence (T / 2N tokens
+            for zigzag, T / N contiguous; each packed sequence's own) and C must be multiples one of the other:
+            a piece then lies inside one chunk, or starts on a chunk's first position.
     Returns:
         out (B, T / N, Hq, Dv) (with cu_seqlens (total / N, Hq, Dv)) in q's dtype: this rank's rows of the whole
         sequence's attention; with return_lse (out, lse): lse (B, Hq, T / N) (with cu_seqlens (Hq, total / N))
@@ -354,7 +372,7 @@ def ring_attention(q, k, v, group=None, causal=True, softmax_scale=None, window_
     The kernels run each block (Features.shift places the causal bound and window; each packed sequence is a
     block of its own); where they cannot run, PyTorch does (warned once under ``auto``). Forward and backward are
     custom ops, so torch.compile takes a call whole (cu_seqlens' values are read before: a graph break). Not yet:
-    chunks, dropout.
+    dropout.
     """
     group = group or dist.group.WORLD
     packed = cu_seqlens is not None
@@ -367,13 +385,27 @@ def ring_attention(q, k, v, group=None, causal=True, softmax_scale=None, window_
     batch = len(lengths) if packed else q.shape[0]
     window = check_flash_options(batch, q.shape[2], q.device, 0.0, window_size, softcap, alibi_slopes)
     check_sinks(sinks, q.shape[2], q.device)
+    chunk = check_chunk(attention_chunk, layout, dist.get_world_size(group), lengths if packed else [q.shape[1]])
     scale = softmax_scale_for(q.shape[-1], softmax_scale)
-    kernels = backend.use_triton("ring_attention", q.device, kernel_gap(q.transpose(1, 2), v.transpose(1, 2), scale))
+    kernels = backend.use_triton("ring_attention", q.device,
+                                 kernel_gap(q.transpose(1, 2), v.transpose(1, 2), scale, chunk))
     out, lse = ring_attention_op(q, k, v, sinks, alibi_slopes, group.group_name, layout, scale, bool(causal),
-                                 window[0], window[1], float(softcap), lengths if packed else None, kernels)
+                                 window[0], window[1], float(softcap), chunk, lengths if packed else None, kernels)
     if packed:
         out, lse = out[0], lse[0]
     return (out, lse) if return_lse else out
+
+
+def check_chunk(attention_chunk, layout, world, local_lengths):
+    """attention_chunk as an int, checked against the pieces of each sequence (local_lengths: its tokens on this
+    rank) that the ring pairs: one of a piece's length and the chunk size must be a multiple of the other."""
+    chunk = chunk_size(attention_chunk)
+    for length in local_lengths:
+        piece = chunks(layout, 0, world, length)[0][2]
+        if chunk and piece and piece % chunk and chunk % piece:
+            raise ValueError(f"attention_chunk {chunk} with the ring's pieces of {piece} tokens ({layout} over "
+                             f"{world} ranks): one must be a multiple of the other")
+    return chunk
 
 
 def local_lengths(cu_seqlens, total, world, layout):
