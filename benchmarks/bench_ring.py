@@ -8,7 +8,8 @@ compute; "serial" on the compute stream, after it. Their gap is the transfer tim
 one GPU is faster than NVLink, so this measures the overlap of the mechanism, not a multi-GPU speed. Beside them
 the whole sequence on one GPU: gptfast's flash_attn_func and torch's SDPA. Tokens/s: the whole sequence's tokens
 over the time of one rank (its N ranks run at once); TFLOP/s per GPU: the ring rank's share of the causal FLOPs,
-the whole's / N (the zigzag layout balances them).
+the whole's / N (the zigzag layout balances them); peak memory per GPU, which bounds the longest sequence each
+can hold.
 
 N GPUs: `torchrun --nproc-per-node N benchmarks/bench_ring.py OUT.jsonl` times ring_attention forward and
 backward over NCCL (gloo on CPUs) against one GPU's flash_attn_func on the whole sequence, and appends a JSON
@@ -104,6 +105,7 @@ def test_ring_attention(benchmark, mode, world, impl):
     measure(benchmark, step, cpu_twin="torch-sdpa", group=f"ring attention {mode} T={TOKENS} N={world}", impl=impl,
             flops=causal_flops(TOKENS, backward) / (world if ranked else 1), op="ring", mode=mode, tokens=TOKENS,
             world=world)
+    benchmark.extra_info["peak_memory_gb"] = peak_memory(step)  # per GPU: how long a sequence each can hold
 
 
 def timed(step, repeats):

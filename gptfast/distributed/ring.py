@@ -116,9 +116,9 @@ def plan(layout, rank, source, world, local_length, causal, window, merge, chunk
     """The calls of the step where this rank's queries meet source's keys: [(query rows, key rows, shift, kind)]:
     slices of the two shards; shift, the distance between the two pieces' first positions (attention_spec.Features
     .shift), None for a merged call; kind, pair's: "all", "some" (the causal bound or the window hide some keys)
-    or "chunked" (so do chunks). With merge
-    (not with ALiBi, whose distances need each pair's own shift), pairs that see everything are merged along a
-    side they share (a shard holds at most two adjacent pieces of equal length)."""
+    or "chunked" (so do chunks). With merge (not with ALiBi, whose distances need each pair's own shift), pairs
+    that see everything are merged along a side they share (a shard holds at most two adjacent pieces of equal
+    length)."""
     calls, seen_whole = [], {}
     for q_start, q_row, length in chunks(layout, rank, world, local_length):
         for k_start, k_row, _ in chunks(layout, source, world, local_length):
