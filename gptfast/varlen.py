@@ -34,9 +34,7 @@ def check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, total_q, total_k, max_seqlen_q,
     and shapes are checked."""
     for name, cu, total, longest in (("cu_seqlens_q", cu_seqlens_q, total_q, max_seqlen_q),
                                      ("cu_seqlens_k", cu_seqlens_k, total_k, max_seqlen_k)):
-        if not isinstance(cu, torch.Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
-            raise ValueError(f"{name} must be an int32 tensor of shape (num_seqs + 1,), got "
-                             f"{(cu.dtype, tuple(cu.shape)) if isinstance(cu, torch.Tensor) else type(cu).__name__}")
+        check_cu_tensor(name, cu)
         if cu.device != device:
             raise ValueError(f"{name} is on {cu.device} but q is on {device}")
         if not isinstance(longest, int) or longest < 0:
@@ -55,14 +53,28 @@ def check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, total_q, total_k, max_seqlen_q,
                              f"got {used}")
     for name, cu, total, longest in (("cu_seqlens_q", values[0], total_q, max_seqlen_q),
                                      ("cu_seqlens_k", values[1], total_k, max_seqlen_k)):
-        lengths = [b - a for a, b in zip(cu, cu[1:])]
-        if cu[0] != 0 or min(lengths) < 0:
-            raise ValueError(f"{name} must start at 0 and never decrease, got {cu}")
-        if total is not None and cu[-1] != total:
-            raise ValueError(f"{name} must end at the number of packed tokens ({total}), got {cu[-1]}")
+        lengths = check_boundaries(name, cu, total)
         if max(lengths) > longest:
             raise ValueError(f"max_seqlen_{name[-1]} ({longest}) is below the longest sequence of {name} "
                              f"({max(lengths)})")
+
+
+def check_cu_tensor(name, cu):
+    """cu (named name) is an int32 (num_seqs + 1,) tensor."""
+    if not isinstance(cu, torch.Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
+        raise ValueError(f"{name} must be an int32 tensor of shape (num_seqs + 1,), got "
+                         f"{(cu.dtype, tuple(cu.shape)) if isinstance(cu, torch.Tensor) else type(cu).__name__}")
+
+
+def check_boundaries(name, bounds, total):
+    """The sequence lengths of cumulative lengths bounds (a list, named name), checked to start at 0, never
+    decrease and end at total (None: anywhere)."""
+    lengths = [b - a for a, b in zip(bounds, bounds[1:])]
+    if bounds[0] != 0 or min(lengths) < 0:
+        raise ValueError(f"{name} must start at 0 and never decrease, got {bounds}")
+    if total is not None and bounds[-1] != total:
+        raise ValueError(f"{name} must end at the number of packed tokens ({total}), got {bounds[-1]}")
+    return lengths
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,

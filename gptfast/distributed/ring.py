@@ -32,7 +32,7 @@ from gptfast.attention_core import (CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, check_flas
 from gptfast.custom_ops import custom_op
 from gptfast.distributed.shapes import check_shards
 from gptfast.distributed.zigzag import check_layout, chunks
-from gptfast.varlen import check_packed, sequence_slopes
+from gptfast.varlen import check_boundaries, check_cu_tensor, check_packed, sequence_slopes
 
 
 class Options(NamedTuple):
@@ -167,11 +167,8 @@ def block_backward(grad_out, grad_lse, q, k, v, out, lse, features, scale, kerne
     # sum_b w_b out_b and lse = log sum_b e^lse_b with w_b = e^(lse_b - lse), so the block's out_b receives
     # w_b dO and its lse_b receives w_b (dO . out_b - dO . out + dlse).
     work = work_dtype(q.dtype)
-
-    def block(q, k, v):
-        block_out, block_lse = _torch_block(q, k, v, features, scale)
-        return block_out, block_lse.masked_fill(block_lse == math.inf, -math.inf)
-    (block_out, block_lse), vjp = torch.func.vjp(block, *(t.to(work) for t in (q, k, v)))
+    (block_out, block_lse), vjp = torch.func.vjp(lambda *qkv: block_forward(*qkv, features, scale, False),
+                                                 *(t.to(work) for t in (q, k, v)))
     weight = torch.exp(block_lse - lse)
     grad_out = grad_out.to(work)
     delta = (grad_out * out.to(work)).sum(-1) - grad_lse
@@ -411,15 +408,8 @@ def check_chunk(attention_chunk, layout, world, local_lengths):
 def local_lengths(cu_seqlens, total, world, layout):
     """Each packed sequence's token count on this rank, from cu_seqlens (read), checked: int32 (num_seqs + 1,)
     from 0 to total, never decreasing, each length one that layout splits (2 pieces for zigzag)."""
-    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or (
-            cu_seqlens.numel() < 2):
-        got = (cu_seqlens.dtype, tuple(cu_seqlens.shape)) if isinstance(cu_seqlens, torch.Tensor) else cu_seqlens
-        raise ValueError(f"cu_seqlens must be an int32 tensor of shape (num_seqs + 1,), got {got!r}")
-    bounds = cu_seqlens.tolist()
-    lengths = [end - start for start, end in zip(bounds, bounds[1:])]
-    if bounds[0] != 0 or min(lengths) < 0 or bounds[-1] != total:
-        raise ValueError(f"cu_seqlens must run from 0 to the {total} packed tokens of q without decreasing, got "
-                         f"{bounds}")
+    check_cu_tensor("cu_seqlens", cu_seqlens)
+    lengths = check_boundaries("cu_seqlens", cu_seqlens.tolist(), total)
     for b, length in enumerate(lengths):
         check_layout(layout, length * world, world, f"sequence {b} ({length} tokens per rank)")
     return lengths
