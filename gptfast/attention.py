@@ -23,6 +23,7 @@ from gptfast import backend
 from gptfast.attention_core import (CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, CAUSAL_TOP_LEFT, attend, check_flash_options,
                                     check_inputs, check_mask, check_sinks, chunk_size, kernel_gap, run_kernel,
                                     softmax_scale_for, torch_attention, window_pair)
+from gptfast.attention_plan import make_plan, plan_key, planned
 from gptfast.checked import checked_once
 from gptfast.fp8 import check_fp8, fp8_attention, fp8_descales, is_fp8_call, quantize_fp8
 from gptfast.kvcache import flash_attn_with_kvcache
@@ -122,6 +123,11 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         out (B, Tq, Hq, Dv) in q's dtype (out_dtype for FP8 inputs); with return_attn_probs (out, lse, S_dmask), with
         return_lse (out, lse): lse (B, Hq, Tq) float32, natural log, +inf for a row that sees no key.
     """
+    key = plan_key(q, k, v, window_size, (dropout_p, softmax_scale, causal, softcap, alibi_slopes, deterministic,
+                                          return_attn_probs, return_lse, sinks, attention_chunk, q_descale,
+                                          k_descale, v_descale, out_dtype))
+    if key is not None and (result := planned(key, q, k, v)) is not None:
+        return result
     if isinstance(window_size, torch.Tensor):  # its values are the window: read before the checks' signature
         window_size = window_pair(window_size)
     window_size, chunk = checked_once(_check_flash_call, q, k, v, dropout_p, window_size, softcap, alibi_slopes,
@@ -144,6 +150,8 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     out, lse, kept = attend(q, k, v, **options, dropout_p=dropout_p, softmax_scale=softmax_scale,
                             need_lse=return_lse or return_attn_probs, need_keep=return_attn_probs,
                             deterministic=deterministic)
+    if key is not None and dropout_p == 0 and alibi_slopes is None and sinks is None and not return_attn_probs:
+        make_plan(key, q, k, v, softmax_scale, causal, window_size, softcap, chunk, deterministic, return_lse)
     out = out.transpose(1, 2)
     if return_attn_probs:
         with torch.no_grad():

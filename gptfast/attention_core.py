@@ -111,17 +111,27 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, mask, alibi_slopes, sinks, seed_offset, cu_seqlens_q, cu_seqlens_k, seqused_k, out, lse = (
         ctx.saved_tensors)
-    # lse is an output users may differentiate (flash_attn_func(return_lse=True)); d lse / d scores = p.
-    grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.float().contiguous()
-    if grad_out is None:
-        grad_out = torch.zeros_like(out)
     mask_grad = ctx.needs_input_grad[3]
-    dq, dk, dv, dmask, dsinks = flash_attention_backward_op(grad_out, grad_lse, q, k, v, out, lse, mask,
-                                                            alibi_slopes, sinks, seed_offset, cu_seqlens_q,
-                                                            cu_seqlens_k, seqused_k, *ctx.flags, mask_grad)
+    dq, dk, dv, dmask, dsinks = flash_attention_backward_op(
+        *output_grads(grad_out, grad_lse, out, lse), q, k, v, out, lse, mask, alibi_slopes, sinks, seed_offset,
+        cu_seqlens_q, cu_seqlens_k, seqused_k, *ctx.flags, mask_grad)
     dmask = dmask.sum_to_size(mask.shape).to(mask.dtype) if mask_grad else None  # over the broadcast dims
     dsinks = dsinks.to(sinks.dtype) if ctx.needs_input_grad[5] else None
     return dq, dk, dv, dmask, None, dsinks, *([None] * (_SAVED_INPUTS - 6 + len(ctx.flags)))
+
+
+def output_grads(grad_out, grad_lse, out, lse):
+    """The gradients of an attention's out and lse as the backward kernels take them (zeros where none reached
+    it; grad_lse float32, contiguous)."""
+    # lse is an output users may differentiate (flash_attn_func(return_lse=True)); d lse / d scores = p.
+    grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.float().contiguous()
+    return torch.zeros_like(out) if grad_out is None else grad_out, grad_lse
+
+
+def op_flags(causal, window, chunk, softcap, dropout_p, softmax_scale, deterministic):
+    """The custom op's flags after its optional tensors, for a call of dense (not packed) sequences."""
+    return 0, 0, causal, window[0], window[1], chunk, float(softcap), float(dropout_p), softmax_scale, bool(
+        deterministic)
 
 
 flash_attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -325,9 +335,8 @@ def run_kernel(q, k, v, mask, alibi_slopes, causal, window, softcap, dropout_p, 
     seed_offset = draw_dropout_seed(q.device) if dropout_p > 0 else None
     four_dims = q.dim() == 4  # a reshape costs microseconds of host time even when it changes nothing
     out, lse = flash_attention_op(*((q, k, v) if four_dims else map(as_bhtd, (q, k, v))), mask, alibi_slopes,
-                                  kernel_sinks(sinks), seed_offset, None, None, None, 0, 0, causal, window[0],
-                                  window[1], chunk, float(softcap), float(dropout_p), softmax_scale,
-                                  bool(deterministic))
+                                  kernel_sinks(sinks), seed_offset, None, None, None,
+                                  *op_flags(causal, window, chunk, softcap, dropout_p, softmax_scale, deterministic))
     if not four_dims:
         out, lse = out.reshape(*q.shape[:-1], v.shape[-1]), lse.reshape(q.shape[:-1])
     return out, lse, seed_offset

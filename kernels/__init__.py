@@ -27,6 +27,11 @@ def device_arch(device):
     return "interpreter" if device.type != "cuda" else arch_of(cuda_capability(device))
 
 
+# Memos of host work that hold a variant choice (gptfast.attention_plan's plans): forced variants
+# (attention_tuning.forced_variants) empty them when they change.
+CHOICE_MEMOS = []
+
+
 def remember(memo, key, value, limit=4096):
     """memo[key] = value; returns value. A memo of host work per signature (shapes and flags) empties itself when
     it holds limit entries rather than grow without bound (generation meets a new key length each step; packed

@@ -37,6 +37,7 @@ mask the block loops walk the key (or, for dk/dv, query) blocks its lists name i
 stages (`blocks`, attention_spec.block_lists): full blocks without the mask mod, partial ones with it. The idea of
 block lists with full and partial blocks is FlexAttention's (PyTorch, torch.nn.attention.flex_attention).
 """
+import functools
 from typing import NamedTuple
 
 import torch
@@ -46,7 +47,7 @@ import triton.language as tl
 from gptfast.kernels import cdiv, device_arch, multiprocessors
 from gptfast.kernels.attention_blocks import (MASK_NONE, chunk_start, head_columns, mask_mods, online_softmax,
                                               softmax_start, tile_scores, visible_pairs)
-from gptfast.kernels.attention_spec import Call, Features, Flex, block_lists, describe
+from gptfast.kernels.attention_spec import Features, block_lists, describe
 from gptfast.kernels.attention_tuning import (MAX_REGISTERS, autotuned, backward_choices, backward_loads,
                                                delta_block, fastest, forward_variants, length_bucket)
 from gptfast.kernels.math import LOG2E
@@ -844,13 +845,6 @@ def dropout_keep_kernel(SEED, KEEP, num_heads, seqlen_q, seqlen_k, dropout_p,
 # Launchers. They trust their caller (gptfast.attention checks every argument once, at the edge) and launch by
 # keyword: the tensors of the kernel and their strides, then the Call's arguments (attention_spec.describe).
 
-def empty_bthd(b, h, t, d, like, dtype=None):
-    """A (B, H, T, D) tensor of dtype (default like's) on like's device, stored as (B, T, H, D) memory: the layout
-    flash-attn returns, so that merging heads afterwards (transpose(1, 2).reshape) is free. Made by empty_strided:
-    an empty tensor transposed costs twice the host time."""
-    return torch.empty_strided((b, h, t, d), (t * h * d, d, h * d, 1), dtype=dtype or like.dtype, device=like.device)
-
-
 def _tma_ready(t):
     """Whether the TMA forward may read each (batch, head) of a (B, H, T, D) tensor: 16-bit (float32 tiles spill
     with it), its last dim contiguous, its address and other strides multiples of 16 bytes (what TMA requires)."""
@@ -864,97 +858,167 @@ def _allow_descriptors(device):
     triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=device))
 
 
-def attention_forward(q, k, v, softmax_scale, features=Features(), out_dtype=None):
-    """Returns (out, lse): out (B, Hq, Tq, Dv) in out_dtype (default q's), lse (B, Hq, Tq) float32. See the module
-    docstring."""
-    batch_q, heads, seqlen_q = q.shape[:3]
-    out = empty_bthd(batch_q, heads, seqlen_q, v.shape[3], q, out_dtype)
-    lse = torch.empty((batch_q, heads, seqlen_q), dtype=torch.float32, device=q.device)
+def _strides(t, bthd):
+    """t's strides in the kernels' (B, H, T, D) order: t is a (B, T, H, D) tensor with bthd, else (B, H, T, D)."""
+    strides = t.stride()
+    return (strides[0], strides[2], strides[1], strides[3]) if bthd else strides
+
+
+def _bhtd_shape(t, bthd):
+    shape = t.shape
+    return (shape[0], shape[2], shape[1], shape[3]) if bthd else shape
+
+
+def _empty_rows(b, h, t, d, device, dtype, bthd, zeros=False):
+    """A (B, H, T, D) tensor of (B, T, H, D) memory, the layout flash-attn returns (merging heads afterwards,
+    transpose(1, 2).reshape, is free): the (B, T, H, D) tensor itself with bthd, else its (B, H, T, D) view made
+    directly (an empty tensor transposed costs twice the host time). zeros: filled with 0."""
+    if bthd:
+        return (torch.zeros if zeros else torch.empty)((b, t, h, d), dtype=dtype, device=device)
+    made = torch.empty_strided((b, h, t, d), (t * h * d, d, h * d, 1), dtype=dtype, device=device)
+    return made.zero_() if zeros else made
+
+
+def empty_bthd(b, h, t, d, like, dtype=None):
+    """A (B, H, T, D) view of new (B, T, H, D) memory (_empty_rows) in dtype (default like's) on like's device."""
+    return _empty_rows(b, h, t, d, like.device, dtype or like.dtype, False)
+
+
+class ForwardLaunch(NamedTuple):
+    """One forward's launch but its tensors (forward_launch): the autotuned kernel, its grid, the Call's keyword
+    arguments (with its optional tensors) and the output's dtype. Everything in it depends only on the call's
+    signature (shapes, strides, dtypes, device, flags) and whether K and V may be read through TMA."""
+    kernel: object
+    grid: object
+    kwargs: dict
+    out_dtype: torch.dtype
+
+    def run(self, q, k, v, bthd=False):
+        """(out, lse) of q, k, v: (B, H, T, D) tensors, or with bthd (B, T, H, D) ones (flash-attn's layout, no
+        transposes), out then (B, Tq, Hq, Dv) too; lse (B, Hq, Tq) float32."""
+        batch, heads, seqlen_q = _bhtd_shape(q, bthd)[:3]
+        out = _empty_rows(batch, heads, seqlen_q, v.shape[3], q.device, self.out_dtype, bthd)
+        lse = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
+        # kernel.run(grid=...), what kernel[grid](...) calls, without the keyword arguments' second repacking
+        self.kernel.run(grid=self.grid, warmup=False, Q=q, K=k, V=v, O=out, LSE=lse, q_strides=_strides(q, bthd),
+                        k_strides=_strides(k, bthd), v_strides=_strides(v, bthd), o_strides=_strides(out, bthd),
+                        **self.kwargs)
+        return out, lse
+
+
+def forward_launch(q, k, v, softmax_scale, features=Features(), out_dtype=None):
+    """The ForwardLaunch of attention_forward's arguments."""
     call = describe(q, k, v, features, softmax_scale)
     batch, rows, keys = call.shape
+    heads = q.shape[1]
     arch = device_arch(q.device)
     variants = forward_variants(arch, call.spec.has_features, _tma_ready(k) and _tma_ready(v))
     if variants != ("pointers",):
         _allow_descriptors(q.device)
     kernel = autotuned(attention_forward_kernel, "forward", arch, q.dtype, rows, keys, call.spec, variants)
+    device = q.device
 
     def grid(meta):
         query_blocks = cdiv(rows, meta["BLOCK_M"])
         if meta["PERSISTENT"]:
-            return (min(query_blocks * batch * heads, multiprocessors(q.device)),)
+            return (min(query_blocks * batch * heads, multiprocessors(device)),)
         return (query_blocks, batch * heads)
-    kernel[grid](Q=q, K=k, V=v, O=out, LSE=lse, q_strides=q.stride(), k_strides=k.stride(), v_strides=v.stride(),
-                 o_strides=out.stride(), **call.kwargs)
-    return out, lse
+    return ForwardLaunch(kernel, grid, call.kwargs, out_dtype or q.dtype)
 
 
-class _Backward(NamedTuple):
-    """One backward call's tensors, Call and the kernels' load variants (attention_tuning.backward_loads), shared
-    by its variants."""
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
-    grad_out: torch.Tensor
-    lse: torch.Tensor
-    delta: torch.Tensor
-    call: Call
-    loads: tuple
-    flex: Flex | None
-
-    def tensors(self, **overrides):
-        """The keyword arguments both backward kernels take for the inputs, with overrides of the Call's (but
-        SINKS: the forward's lse holds the sinks; and DESCALE: FP8 runs the forward only)."""
-        kwargs = {name: value for name, value in self.call.kwargs.items() if name not in ("SINKS", "DESCALE")}
-        return dict(Q=self.q, K=self.k, V=self.v, DO=self.grad_out, LSE=self.lse, DELTA=self.delta,
-                    q_strides=self.q.stride(), k_strides=self.k.stride(), v_strides=self.v.stride(),
-                    do_strides=self.grad_out.stride(), **{**kwargs, **overrides})
+def attention_forward(q, k, v, softmax_scale, features=Features(), out_dtype=None):
+    """Returns (out, lse): out (B, Hq, Tq, Dv) in out_dtype (default q's), lse (B, Hq, Tq) float32. See the module
+    docstring."""
+    return forward_launch(q, k, v, softmax_scale, features, out_dtype).run(q, k, v)
 
 
-def _dkdv(backward, dq_acc=None):
-    """(dk, dv) from the dk/dv kernel; with dq_acc (float32, (B, Hq, Tq, D), zeros) it also adds dq there: the
-    single pass."""
-    k = backward.k
-    dk = empty_bthd(*k.shape, k)
-    dv = empty_bthd(*backward.v.shape, backward.v)
-    if backward.call.spec.SEQUSED_K:  # keys past a sequence's seqused_k belong to none: never written, zero
-        dk.zero_()
-        dv.zero_()
-    name = "backward_dkdv" if dq_acc is None else "backward_single_pass"
-    batch, rows, keys = backward.call.shape
-    kernel = autotuned(attention_backward_dkdv_kernel, name, device_arch(k.device), k.dtype, rows, keys,
-                       backward.call.spec, backward.loads)
-    grid = lambda meta: (cdiv(keys, meta["BLOCK_N"]), batch * k.shape[1])
-    kernel[grid](DK=dk, DV=dv, DQ_ACC=dq_acc, dk_strides=dk.stride(), dv_strides=dv.stride(),
-                 dq_acc_strides=dq_acc.stride() if dq_acc is not None else (0, 0, 0, 0),
-                 **backward.tensors(blocks=block_lists(backward.flex.q_blocks) if backward.flex else None),
-                 ATOMIC_DQ=dq_acc is not None)
-    return dk, dv
+class BackwardLaunch(NamedTuple):
+    """One backward's launches but their tensors (backward_launch): the delta kernel's grid, heads, rows and
+    constexprs, the
+    variant (single_pass, else two_kernel), its kernels as (autotuned kernel, grid) pairs (the dk/dv kernel's,
+    then the dq kernel's for two_kernel), and the keyword arguments both take from the Call (not SINKS, which
+    the forward's lse holds, nor DESCALE: FP8 runs the forward only). Like ForwardLaunch, it depends only on the
+    call's signature, the load variants (TMA or not) and the variant chosen."""
+    delta: tuple
+    single_pass: bool
+    kernels: tuple
+    kwargs: dict
+
+    def run(self, grad_out, grad_lse, q, k, v, out, lse, mask_grad=False, flex=None, bthd=False):
+        """(dq, dk, dv, dmask, delta): dq, dk, dv like q, k, v (with bthd all of them (B, T, H, D), else
+        (B, H, T, D)), dmask as attention_backward's, delta (B, Hq, Tq) float32 (the delta kernel's)."""
+        delta = torch.empty_like(lse)
+        grid, heads, seqlen_q, constexprs = self.delta
+        attention_backward_delta_kernel[grid](out, grad_out, grad_lse, delta, *_strides(out, bthd),
+                                              *_strides(grad_out, bthd), heads, seqlen_q, **constexprs)
+        inputs = dict(Q=q, K=k, V=v, DO=grad_out, LSE=lse, DELTA=delta, q_strides=_strides(q, bthd),
+                      k_strides=_strides(k, bthd), v_strides=_strides(v, bthd),
+                      do_strides=_strides(grad_out, bthd), **self.kwargs)
+        q_shape = _bhtd_shape(q, bthd)
+        dq_acc = _empty_rows(*q_shape, q.device, torch.float32, bthd, zeros=True) if self.single_pass else None
+        dk, dv = self._dkdv(inputs, k, v, dq_acc, flex, bthd)
+        if self.single_pass:
+            return dq_acc.to(q.dtype), dk, dv, None, delta
+        dq = _empty_rows(*q_shape, q.device, q.dtype, bthd)
+        dmask = (torch.zeros((*q_shape[:3], _bhtd_shape(k, bthd)[2]), dtype=torch.float32, device=q.device)
+                 if mask_grad else None)
+        kernel, grid = self.kernels[1]
+        kernel.run(grid=grid, warmup=False, DQ=dq, DBIAS=dmask, dq_strides=_strides(dq, bthd),
+                   dbias_strides=dmask.stride() if mask_grad else (0, 0, 0, 0), **inputs, BIAS_GRAD=mask_grad)
+        return dq, dk, dv, dmask, delta
+
+    def _dkdv(self, inputs, k, v, dq_acc, flex, bthd):
+        """(dk, dv) from the dk/dv kernel; with dq_acc (float32 zeros like q) it also adds dq there: the single
+        pass."""
+        dk = _empty_rows(*_bhtd_shape(k, bthd), k.device, k.dtype, bthd)
+        dv = _empty_rows(*_bhtd_shape(v, bthd), v.device, v.dtype, bthd)
+        if self.kwargs["SPEC"].SEQUSED_K:  # keys past a sequence's seqused_k belong to none: never written, zero
+            dk.zero_()
+            dv.zero_()
+        if flex:  # the dk/dv kernel walks the query blocks of each key block
+            inputs = {**inputs, "blocks": block_lists(flex.q_blocks)}
+        kernel, grid = self.kernels[0]
+        kernel.run(grid=grid, warmup=False, DK=dk, DV=dv, DQ_ACC=dq_acc, dk_strides=_strides(dk, bthd),
+                   dv_strides=_strides(dv, bthd),
+                   dq_acc_strides=_strides(dq_acc, bthd) if dq_acc is not None else (0, 0, 0, 0), **inputs,
+                   ATOMIC_DQ=dq_acc is not None)
+        return dk, dv
 
 
-def _two_kernel_backward(backward, mask_grad):
-    """(dq, dk, dv, dmask): the dk/dv kernel, then the dq kernel (which also writes dmask with mask_grad)."""
-    q = backward.q
-    dk, dv = _dkdv(backward)
-    dq = empty_bthd(*q.shape, q)
-    dmask = (torch.zeros((*q.shape[:3], backward.k.shape[2]), dtype=torch.float32, device=q.device)
-             if mask_grad else None)
-    batch, rows, keys = backward.call.shape
-    kernel = autotuned(attention_backward_dq_kernel, "backward_dq", device_arch(q.device), q.dtype, rows, keys,
-                       backward.call.spec, backward.loads)
-    grid = lambda meta: (cdiv(rows, meta["BLOCK_M"]), batch * q.shape[1])
-    kernel[grid](DQ=dq, DBIAS=dmask, dq_strides=dq.stride(),
-                 dbias_strides=dmask.stride() if mask_grad else (0, 0, 0, 0), **backward.tensors(),
-                 BIAS_GRAD=mask_grad)
-    return dq, dk, dv, dmask
+def _backward_variant(variant, call, arch, q, kv_heads, loads):
+    """The BackwardLaunch of one variant for a described call on q (B, Hq, Tq, D) (its kernels' autotuners and
+    grids)."""
+    batch, rows, keys = call.shape
+    dtype, heads, seqlen_q = q.dtype, q.shape[1], q.shape[2]
+    block = delta_block(call.spec.BLOCK_DV)  # the delta kernel runs over q's rows (packed ones too)
+    delta = ((cdiv(seqlen_q, block), q.shape[0] * heads), heads, seqlen_q,
+             dict(HEAD_DIM=call.spec.HEAD_DIM_V, BLOCK_D=call.spec.BLOCK_DV, BLOCK_M=block, maxnreg=MAX_REGISTERS))
+    single_pass = variant == "single_pass"
+    dkdv = autotuned(attention_backward_dkdv_kernel, "backward_single_pass" if single_pass else "backward_dkdv",
+                     arch, dtype, rows, keys, call.spec, loads)
+    kernels = [(dkdv, lambda meta: (cdiv(keys, meta["BLOCK_N"]), batch * kv_heads))]
+    if not single_pass:
+        dq = autotuned(attention_backward_dq_kernel, "backward_dq", arch, dtype, rows, keys, call.spec, loads)
+        kernels.append((dq, lambda meta: (cdiv(rows, meta["BLOCK_M"]), batch * heads)))
+    kwargs = {name: value for name, value in call.kwargs.items() if name not in ("SINKS", "DESCALE")}
+    return BackwardLaunch(delta, single_pass, tuple(kernels), kwargs)
 
 
-def _single_pass_backward(backward):
-    """(dq, dk, dv, None): dq summed in float32 by the dk/dv kernel's atomics, then cast to q's dtype."""
-    batch, num_heads, seqlen_q, head_dim = backward.q.shape
-    dq_acc = torch.zeros((batch, seqlen_q, num_heads, head_dim), dtype=torch.float32,
-                         device=backward.q.device).transpose(1, 2)
-    dk, dv = _dkdv(backward, dq_acc)
-    return dq_acc.to(backward.q.dtype), dk, dv, None
+def backward_launch(grad_out, grad_lse, q, k, v, out, lse, softmax_scale, features=Features(), mask_grad=False):
+    """The BackwardLaunch of attention_backward's arguments: the two-kernel or the single-pass variant, whichever
+    ran faster for this kind of call (timed on these tensors the first time; attention_tuning's docstring)."""
+    call = describe(q, k, v, features, softmax_scale)
+    arch = device_arch(q.device)
+    loads = backward_loads(arch, call.spec.has_features, all(_tma_ready(t) for t in (q, k, v, grad_out)))
+    if loads != ("pointers",):
+        _allow_descriptors(q.device)
+    choices = backward_choices(arch, call.spec.tile_dim, features.deterministic, mask_grad)
+    launches = {name: _backward_variant(name, call, arch, q, k.shape[1], loads) for name in choices}
+    runs = {name: functools.partial(launch.run, grad_out, grad_lse, q, k, v, out, lse, mask_grad, features.flex)
+            for name, launch in launches.items()}
+    key = (arch, q.dtype, q.shape[1] // k.shape[1], call.spec, loads, length_bucket(call.shape[1]),
+           length_bucket(call.shape[2]))
+    return launches[fastest(key, runs, kernels=(attention_backward_dkdv_kernel, attention_backward_dq_kernel))]
 
 
 def attention_backward(grad_out, grad_lse, q, k, v, out, lse, softmax_scale, features=Features(),
@@ -962,29 +1026,10 @@ def attention_backward(grad_out, grad_lse, q, k, v, out, lse, softmax_scale, fea
     """Returns (dq, dk, dv, dmask, dsinks): dq, dk, dv shaped and typed like their inputs; dmask, with mask_grad
     (an additive mask that requires grad), the gradient reaching each (b, h, i, j) logit as float32
     (B, Hq, Tq, Tk), to be summed over the mask's broadcast dims, else None; dsinks (Hq,) float32 with sinks,
-    else None. From the forward's out and lse and the gradients
-    of both (grad_lse: float32 (B, Hq, Tq), contiguous). The two-kernel or the single-pass variant, whichever
-    ran faster for this kind of call (attention_tuning's docstring)."""
-    batch, num_heads, seqlen_q = q.shape[:3]
-    call = describe(q, k, v, features, softmax_scale)
-    delta = torch.empty_like(lse)
-    rows = delta_block(call.spec.BLOCK_DV)
-    attention_backward_delta_kernel[(cdiv(seqlen_q, rows), batch * num_heads)](
-        out, grad_out, grad_lse, delta, *out.stride(), *grad_out.stride(), num_heads, seqlen_q,
-        HEAD_DIM=call.spec.HEAD_DIM_V, BLOCK_D=call.spec.BLOCK_DV, BLOCK_M=rows, maxnreg=MAX_REGISTERS)
-    arch = device_arch(q.device)
-    loads = backward_loads(arch, call.spec.has_features, all(_tma_ready(t) for t in (q, k, v, grad_out)))
-    if loads != ("pointers",):
-        _allow_descriptors(q.device)
-    backward = _Backward(q, k, v, grad_out, lse, delta, call, loads, features.flex)
-    runs = {"two_kernel": lambda: _two_kernel_backward(backward, mask_grad),
-            "single_pass": lambda: _single_pass_backward(backward)}
-    choices = backward_choices(arch, call.spec.tile_dim, features.deterministic, mask_grad)
-    key = (arch, q.dtype, num_heads // k.shape[1], call.spec, loads, length_bucket(call.shape[1]),
-           length_bucket(call.shape[2]))
-    choice = fastest(key, {name: runs[name] for name in choices},
-                     kernels=(attention_backward_dkdv_kernel, attention_backward_dq_kernel))
-    dq, dk, dv, dmask = runs[choice]()
+    else None. From the forward's out and lse and the gradients of both (grad_lse: float32 (B, Hq, Tq),
+    contiguous); backward_launch's variant."""
+    launch = backward_launch(grad_out, grad_lse, q, k, v, out, lse, softmax_scale, features, mask_grad)
+    dq, dk, dv, dmask, delta = launch.run(grad_out, grad_lse, q, k, v, out, lse, mask_grad, features.flex)
     return dq, dk, dv, dmask, _sinks_grad(features.sinks, lse, delta)
 
 

@@ -31,7 +31,7 @@ from typing import NamedTuple
 import torch
 import triton
 
-from gptfast.kernels import AUTOTUNE, FP8_MIN_K, next_power_of_2
+from gptfast.kernels import AUTOTUNE, CHOICE_MEMOS, FP8_MIN_K, next_power_of_2
 from gptfast.kernels.autotune import autotune, stored_choice
 
 
@@ -230,10 +230,18 @@ def forced_variants(forward=None, backward=None):
             raise ValueError(f"{name} variant must be one of {', '.join(choices)} or None, got {value!r}")
     previous = dict(_forced)
     _forced.update(forward=forward, backward=backward)
+    forget_choices()
     try:
         yield
     finally:
         _forced.update(previous)
+        forget_choices()
+
+
+def forget_choices():
+    """Empties the memos that hold a variant choice (kernels.CHOICE_MEMOS)."""
+    for memo in CHOICE_MEMOS:
+        memo.clear()
 
 
 def forward_variants(arch, features, tma_ready):

@@ -84,6 +84,7 @@ def count_as_on(monkeypatch):
 
     def start(arch):
         current.update(arch=arch, counts=Compilations())
+        attention_tuning.forget_choices()  # flash_attn_func's plans, made for the previous arch
         return current["counts"]
     with backend.use_backend("auto"):
         yield start
