@@ -3,8 +3,9 @@
 Launchers take tensors already checked by the public API in ``gptfast`` and trust them; each module documents
 the layouts it expects.
 
-GPTFAST_AUTOTUNE=0 makes every launcher use the first config of its tuning list instead of timing them all: for
-correctness runs on a GPU, where compiling every config of every test shape would take longer than the tests."""
+GPTFAST_AUTOTUNE=0 makes every launcher use the first config of its tuning list instead of timing them: for
+correctness runs on a GPU, where compiling every config of every test shape would take longer than the tests.
+GPTFAST_AUTOTUNE=all times every config, where the default tunes in stages (gptfast.kernels.autotune)."""
 import functools
 import os
 import warnings
@@ -12,6 +13,7 @@ import warnings
 import torch
 
 AUTOTUNE = os.environ.get("GPTFAST_AUTOTUNE", "1") != "0"
+EXHAUSTIVE = os.environ.get("GPTFAST_AUTOTUNE") == "all"
 
 
 # The architectures with a tuning table of their own, by compute capability: Turing (T4; float16 only), Ampere

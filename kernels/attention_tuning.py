@@ -11,7 +11,8 @@ no attention table: Triton 3.6 compiles tl.dot there to FMA instructions (a 64 x
 HMMA), its head-dim-128 backward tiles spill hundreds of bytes even at 16 x 16, and torch's SDPA runs the chip's
 tensor cores, so gptfast.attention hands such GPUs to PyTorch.
 
-Variants, chosen per shape by timing on the device (each can be forced, for tests and benchmarks):
+Variants, chosen per shape by timing on the device (each can be forced, for tests and benchmarks; an
+autotuner over several times their lead tiles first, then the fastest one's tiles: kernels/autotune.py):
 - forward: "pointers" (loads through pointer tiles, every architecture), "tma" (K and V through tensor
   descriptors, sm_90 and newer, plain 16-bit attention whose K and V rows are 16-byte aligned; float32 tiles
   spill with it) or "tma_persistent" (the same on a persistent grid, longest causal tiles first). Warp

@@ -67,6 +67,36 @@ def test_timings_are_read_back_from_disk_in_their_own_scope(disk, monkeypatch):
     assert timed
 
 
+STAGED = [triton.Config({"BLOCK": 16, "TMA": False}), triton.Config({"BLOCK": 32, "TMA": False}),
+          triton.Config({"BLOCK": 16, "TMA": True}), triton.Config({"BLOCK": 32, "TMA": True}),
+          triton.Config({"BLOCK": 64, "TMA": True})]
+
+
+def staged_prune(timings):
+    """A new process's staged tuner over STAGED pruning for a launch: (the configs it keeps, those it timed)."""
+    tuner = autotune.autotune(_copy_kernel, STAGED, key=["n"], scope=(1024,))
+    timed = []
+    tuner._bench = lambda *args, config, **kwargs: timed.append(config) or [timings[config.kwargs["TMA"]]] * 3
+    tuner.nargs = {}
+    return tuner.prune_configs({"X": torch.zeros(4), "n": 100}), timed
+
+
+def test_staged_tuning_times_each_variants_lead_then_one_variants_tiles(disk, monkeypatch):
+    """Two variants (TMA off and on): their leads are timed, then only the faster variant's tiles are kept for
+    Triton's own timing; a new process reads the variant's choice from disk; GPTFAST_AUTOTUNE=all keeps every
+    config. The count the compilations test takes: each lead and the largest variant's other tiles."""
+    kept, timed = staged_prune({False: 2.0, True: 1.0})
+    assert timed == [STAGED[0], STAGED[2]] and kept == STAGED[2:]
+    kept, timed = staged_prune({False: 1.0, True: 2.0})
+    assert timed == [] and kept == STAGED[2:]
+    monkeypatch.setattr(autotune, "gpu_name", lambda: "another GPU")
+    kept, timed = staged_prune({False: 1.0, True: 2.0})
+    assert timed == [STAGED[0], STAGED[2]] and kept == STAGED[:2]
+    assert autotune.autotune(_copy_kernel, STAGED, key=["n"]).compilations() == 2 + 3 - 1
+    monkeypatch.setattr(autotune, "EXHAUSTIVE", True)
+    assert staged_prune({}) == (STAGED, []) and autotune.autotune(_copy_kernel, STAGED, key=["n"]).compilations() == 5
+
+
 def test_every_autotuner_keeps_its_timings_on_a_gpu(monkeypatch):
     """Each launcher's autotuner is scoped and caches on disk (which Triton turns off in the interpreter)."""
     monkeypatch.setattr(triton.knobs.runtime, "interpret", False)
