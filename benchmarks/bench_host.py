@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from gptfast import backend
-from gptfast.attention import flash_attn_func
+from gptfast.attention import flash_attn_func, scaled_dot_product_attention
 from gptfast.decoder import decode_step, prefill
 from gptfast.kvcache import flash_attn_with_kvcache
 from gptfast.layernorm import layer_norm
@@ -99,7 +99,7 @@ def measure_host(benchmark, call, case, impl):
     """Times call (gptfast's with no_launch, torch's as it is), after counting one call's syncs and allocations."""
     benchmark.group = f"host {case}"
     benchmark.extra_info.update(impl=impl, op="host", case=case)
-    with no_launch() if impl == "gptfast" else contextlib.nullcontext():
+    with no_launch() if impl.startswith("gptfast") else contextlib.nullcontext():
         call()  # caches and autotuners filled, as in any call after the first
         with HostCounts() as counts:
             call()
@@ -119,19 +119,21 @@ ATTENTION_CASES = {"causal": dict(causal=True),
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
 @pytest.mark.parametrize("options", list(ATTENTION_CASES))
-@pytest.mark.parametrize("impl", ["gptfast", "torch"])
+@pytest.mark.parametrize("impl", ["gptfast", "gptfast_sdpa", "torch"])
 def test_attention_host(benchmark, impl, options, mode):
-    """flash_attn_func beside torch's SDPA (no window or softcap there) on (B, T, H, D) inputs."""
-    if impl == "torch" and options != "causal":
-        pytest.skip("torch's SDPA has no window or softcap")
+    """flash_attn_func, and gptfast's scaled_dot_product_attention, beside torch's SDPA (no window or softcap
+    there) on (B, T, H, D) inputs (the SDPAs on their (B, H, T, D) transposes)."""
+    if impl != "gptfast" and options != "causal":
+        pytest.skip("SDPA has no window or softcap")
     backward = mode == "fwd_bwd"
     q, k, v = (randn(BATCH, SEQLEN, h, HEAD_DIM, requires_grad=backward) for h in (HEADS, KV_HEADS, KV_HEADS))
     grad_out = randn(BATCH, SEQLEN, HEADS, HEAD_DIM)
     if impl == "gptfast":
         attend = lambda: flash_attn_func(q, k, v, **ATTENTION_CASES[options])  # noqa: E731
     else:
-        attend = lambda: F.scaled_dot_product_attention(  # noqa: E731
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True).transpose(1, 2)
+        sdpa = F.scaled_dot_product_attention if impl == "torch" else scaled_dot_product_attention
+        attend = lambda: sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # noqa: E731
+                              is_causal=True).transpose(1, 2)
 
     def call():
         out = attend()

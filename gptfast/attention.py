@@ -63,6 +63,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         (..., Hq, Tq, Dv) in query's dtype. A query row that sees no key (a mask hiding its whole row, or a
         bottom-right mask with Tq > Tk) is 0, as torch's SDPA gives it.
     """
+    signature = plan_key(query, key, value, (-1, -1), ("scaled_dot_product_attention", attn_mask, dropout_p,
+                                                       is_causal, scale, enable_gqa))
+    if signature is not None and (out := planned(signature, query, key, value)) is not None:
+        return out
     check_inputs(query, key, value, enable_gqa)
     if is_causal and attn_mask is not None:
         raise ValueError("pass either is_causal=True or attn_mask, not both")
@@ -80,8 +84,11 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                               kernel_gap(query, value, softmax_scale, dropout_p=dropout_p)):
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                               is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
-    return run_kernel(query, key, value, dense, None, causal or CAUSAL_NONE, (-1, -1), 0.0, dropout_p,
-                      softmax_scale)[0]
+    out = run_kernel(query, key, value, dense, None, causal or CAUSAL_NONE, (-1, -1), 0.0, dropout_p,
+                     softmax_scale)[0]
+    if signature is not None and attn_mask is None and dropout_p == 0:
+        make_plan(signature, "scaled_dot_product_attention", query, key, value, softmax_scale, causal)
+    return out
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
@@ -123,9 +130,9 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         out (B, Tq, Hq, Dv) in q's dtype (out_dtype for FP8 inputs); with return_attn_probs (out, lse, S_dmask), with
         return_lse (out, lse): lse (B, Hq, Tq) float32, natural log, +inf for a row that sees no key.
     """
-    key = plan_key(q, k, v, window_size, (dropout_p, softmax_scale, causal, softcap, alibi_slopes, deterministic,
-                                          return_attn_probs, return_lse, sinks, attention_chunk, q_descale,
-                                          k_descale, v_descale, out_dtype))
+    key = plan_key(q, k, v, window_size, ("flash_attn_func", dropout_p, softmax_scale, causal, softcap, alibi_slopes,
+                                          deterministic, return_attn_probs, return_lse, sinks, attention_chunk,
+                                          q_descale, k_descale, v_descale, out_dtype))
     if key is not None and (result := planned(key, q, k, v)) is not None:
         return result
     if isinstance(window_size, torch.Tensor):  # its values are the window: read before the checks' signature
@@ -151,7 +158,8 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
                             need_lse=return_lse or return_attn_probs, need_keep=return_attn_probs,
                             deterministic=deterministic)
     if key is not None and dropout_p == 0 and alibi_slopes is None and sinks is None and not return_attn_probs:
-        make_plan(key, q, k, v, softmax_scale, causal, window_size, softcap, chunk, deterministic, return_lse)
+        make_plan(key, "flash_attn_func", q, k, v, softmax_scale, causal, window_size, softcap, chunk, deterministic,
+                  return_lse, bthd=True)
     out = out.transpose(1, 2)
     if return_attn_probs:
         with torch.no_grad():

@@ -89,6 +89,7 @@ def count_as_on(monkeypatch):
         return current["counts"]
     with backend.use_backend("auto"):
         yield start
+    attention_tuning.forget_choices()  # plans made for the stand-in archs
 
 
 # (training step, prefill, decoding step) per arch; sm_89's and sm_120's tables are sm_86's. The training step

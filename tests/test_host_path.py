@@ -3,12 +3,11 @@ memo of a call's description (every Features field must reach its key), gptfast.
 flash_attn_func's plans (gptfast.attention_plan)."""
 import pytest
 import torch
-from support import BOTTOM_RIGHT, NONE, bthd, check_against_reference, random_qkv, seed_of
+from support import BOTTOM_RIGHT, NONE, TOP_LEFT, bthd, check_against_reference, random_qkv, seed_of
 
 from gptfast import attention_plan, backend, checked
-from gptfast.attention import flash_attn_func
-from gptfast.kernels import attention_spec
-from gptfast.kernels.attention import ForwardLaunch
+from gptfast.attention import flash_attn_func, scaled_dot_product_attention
+from gptfast.kernels import attention, attention_spec
 from gptfast.kernels.attention_spec import CAUSAL_BOTTOM_RIGHT, Features, Flex
 from gptfast.kernels.attention_tuning import forced_variants, forget_choices
 
@@ -125,7 +124,8 @@ def test_a_checked_call_still_rejects_bad_arguments():
         flash_attn_func(q, k, v, dropout_p=1.0)
 
 
-# flash_attn_func's plans (gptfast.attention_plan): a repeated call launches what its first call worked out.
+# The plans of flash_attn_func and scaled_dot_product_attention (gptfast.attention_plan): a repeated call launches
+# what its first call worked out.
 PLANNED = {  # (B, Hq, Hkv, Tq, Tk, D, Dv), flash_attn_func's options
     "causal gqa lse": ((2, 4, 2, 7, 7, 16, 16), dict(causal=True, return_lse=True)),
     "window softcap Tq<Tk": ((1, 2, 2, 5, 19, 24, 24), dict(causal=True, window_size=(6, 0), softcap=5.0)),
@@ -134,66 +134,83 @@ PLANNED = {  # (B, Hq, Hkv, Tq, Tk, D, Dv), flash_attn_func's options
 }
 
 
-def planned_runs(monkeypatch):
-    """A list that gets a None each time a plan runs its forward (a launch on (B, T, H, D) tensors); the plans
-    emptied."""
-    runs, run = [], ForwardLaunch.run
-    monkeypatch.setattr(ForwardLaunch, "run", lambda launch, *args, bthd=False: (
-        runs.extend([None] if bthd else []) or run(launch, *args, bthd=bthd)))
+def full_paths(monkeypatch):
+    """A list that gets a None each time a call works out its forward launch (the full path: a plan does not);
+    the plans emptied."""
+    calls, launch = [], attention.forward_launch
+    monkeypatch.setattr(attention, "forward_launch", lambda *args: calls.append(None) or launch(*args))
     forget_choices()
-    return runs
+    return calls
 
 
-def run_and_differentiate(options, q, k, v, seed):
-    """flash_attn_func on copies of (B, T, H, D) q, k, v: its outputs and the gradients of q, k and v from random
-    gradients of out (and of lse)."""
+def run_and_differentiate(attend, q, k, v, seed):
+    """attend(q, k, v) on copies of q, k, v: its outputs and the gradients of q, k and v from random gradients
+    of each output (out, and lse when it returns one)."""
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    result = flash_attn_func(*leaves, **options)
+    result = attend(*leaves)
     outputs = result if isinstance(result, tuple) else (result,)
     generator = torch.Generator().manual_seed(seed)
     torch.autograd.backward(outputs, [torch.randn(t.shape, generator=generator) for t in outputs])
     return [*outputs, *(t.grad for t in leaves)]
 
 
+def assert_planned_as_run(attend, q, k, v, monkeypatch):
+    """The second call of attend on q, k, v runs its plan and gives exactly what the first (the full path:
+    checks, custom op, launcher) gave, outputs and gradients."""
+    full = full_paths(monkeypatch)
+    first = run_and_differentiate(attend, q, k, v, 0)
+    assert full
+    full.clear()
+    second = run_and_differentiate(attend, q, k, v, 0)
+    assert not full
+    for got, expected in zip(second, first, strict=True):
+        assert torch.equal(got, expected)
+
+
 @pytest.mark.parametrize("case", list(PLANNED))
-def test_a_planned_call_gives_the_full_paths_results(case, monkeypatch, kernels_only):
-    """The second call of a signature runs its plan and gives exactly what the first (the full path: checks,
-    custom op, launcher) gave on the same inputs, outputs and gradients; a third on fresh inputs matches the
-    float64 reference. The inputs are views of a fused projection (B, T, 3, H, D), as GPT models pass them."""
+def test_a_planned_flash_attn_call_gives_the_full_paths_results(case, monkeypatch, kernels_only):
+    """A plan's results are the full path's; on fresh inputs they match the float64 reference. The inputs are
+    views of a fused projection (B, T, 3, H, D), as GPT models pass them."""
     (batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim, head_dim_v), options = PLANNED[case]
-    runs = planned_runs(monkeypatch)
     q, k, v = random_qkv(batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim, torch.float32, seed_of(case),
                          head_dim_v)
-    q, k, v = bthd(q, k, v)
-    full = run_and_differentiate(options, q, k, v, 0)
-    assert runs == []
-    plan = run_and_differentiate(options, q, k, v, 0)
-    assert runs == [None]
-    for got, expected in zip(plan, full, strict=True):
-        assert torch.equal(got, expected)
+    assert_planned_as_run(lambda *qkv: flash_attn_func(*qkv, **options), *bthd(q, k, v), monkeypatch)
     causal = BOTTOM_RIGHT if options.get("causal") else NONE
     spec = dict(scale=options.get("softmax_scale"), window=options.get("window_size", (-1, -1)),
                 softcap=options.get("softcap", 0.0), chunk=options.get("attention_chunk", 0))
-    check_against_reference(*bthd(q, k, v), causal, lambda *qkv: flash_attn_func(
+    check_against_reference(q, k, v, causal, lambda *qkv: flash_attn_func(
         *bthd(*qkv), **{**options, "return_lse": False}).transpose(1, 2), seed=1, **spec)
+
+
+def test_a_planned_sdpa_call_gives_the_full_paths_results(monkeypatch, kernels_only):
+    """gptfast's scaled_dot_product_attention, top-left causal with grouped-query heads on (B, H, T, D) inputs."""
+    q, k, v = random_qkv(1, 4, 2, 6, 11, 16, torch.float32, seed_of("sdpa"))
+    sdpa = lambda *qkv: scaled_dot_product_attention(*qkv, is_causal=True, enable_gqa=True)  # noqa: E731
+    assert_planned_as_run(sdpa, q, k, v, monkeypatch)
+    check_against_reference(q, k, v, TOP_LEFT, sdpa, seed=1)
 
 
 def test_a_plan_serves_only_its_own_signature_and_switches(monkeypatch):
     """After a call is planned: k in another dtype still raises, the torch backend and forced variants do not take
     the plan (forced variants empty them), and a k whose address is not 16-byte aligned (TMA's need) runs the
     full path, with the same result."""
-    runs = planned_runs(monkeypatch)
+    full = full_paths(monkeypatch)
     q, k, v = (torch.randn(1, 5, 2, 16) for _ in range(3))
-    expected = [flash_attn_func(q, k, v, causal=True) for _ in range(2)][0]
-    assert len(runs) == 1
+
+    def full_path(k):
+        """flash_attn_func(q, k, v, causal=True) and whether it took the full path."""
+        full.clear()
+        return flash_attn_func(q, k, v, causal=True), bool(full)
+    expected, _ = full_path(k)
+    out, took_full_path = full_path(k)
+    assert torch.equal(out, expected) and not took_full_path
     with pytest.raises(TypeError, match="dtype"):
         flash_attn_func(q, k.half(), v, causal=True)
     with backend.use_backend("torch"):
         torch.testing.assert_close(flash_attn_func(q, k, v, causal=True), expected)
     with forced_variants(forward="pointers"):
-        assert not attention_plan._plans
-        flash_attn_func(q, k, v, causal=True)
-    assert len(runs) == 1 and not attention_plan._plans
-    flash_attn_func(q, k, v, causal=True)
+        assert not attention_plan._plans and full_path(k)[1]
+    assert not attention_plan._plans and full_path(k)[1] and not full_path(k)[1]
     shifted = torch.empty(k.numel() + 1)[1:].view(k.shape).copy_(k)  # 4 bytes past an aligned address
-    assert torch.equal(flash_attn_func(q, shifted, v, causal=True), expected) and len(runs) == 1
+    out, took_full_path = full_path(shifted)
+    assert torch.equal(out, expected) and took_full_path
