@@ -216,9 +216,10 @@ def window_pair(window_size):
 
 
 def chunk_size(attention_chunk):
-    """flash-attn 3's attention_chunk as a Python int: 0 (no chunks) or the chunk size."""
+    """flash-attn 3's attention_chunk as a Python int: 0 (no chunks) or the chunk size. Not a tensor: the checks
+    that call this are paid once per signature (gptfast.checked), which a tensor's value is not part of."""
     try:
-        chunk = operator.index(attention_chunk)
+        chunk = -1 if isinstance(attention_chunk, torch.Tensor) else operator.index(attention_chunk)
     except TypeError:
         chunk = -1
     if chunk < 0:

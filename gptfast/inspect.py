@@ -40,7 +40,8 @@ FP8_ARCHS = ("sm_89", "sm_90", "sm_100", "sm_120")  # FP8 tensor cores: the FP8 
 TRITON_TYPES = {"fp8": "fp8e4nv"}  # an inspected dtype's pointer type where Triton's name differs
 # The tensors an "fp8" job's kernel takes in float8 e4m3 (its other data tensors are bfloat16): the FP8 forward's
 # inputs (gptfast.fp8), the decoding kernel's caches (gptfast.kvcache's float8 caches).
-FP8_TENSORS = {"attention_forward_kernel": ("Q", "K", "V"), "attention_decode_kernel": ("K", "V")}
+FP8_TENSORS = {"attention_forward_kernel": ("Q", "K", "V"), "attention_decode_kernel": ("K", "V"),
+               "cache_append_kernel": ("K_CACHE", "V_CACHE")}
 KERNEL_MODULES = ("attention", "flex", "decode", "layernorm", "cross_entropy")
 # The attention kernels' tuple arguments (attention_spec.describe) other than strides, which hold 4 ints (the last,
 # a unit head-dim stride, specialised to 1) except the slopes' 2. A split's steps are multiples of 16 at the head
@@ -292,6 +293,20 @@ def decode_jobs(arch, dtypes=INSPECTED_DTYPES):
             constexprs = (("HEAD_DIM", block_d), ("BLOCK_D", block_d), ("BLOCK_S", decode.MAX_SPLITS),
                           ("WITH_SINK", True))
             jobs.append(Job("decode", "attention_combine_kernel", arch, dtype, constexprs, 4, 1))
+        jobs += append_jobs(arch, dtype)
+    return jobs
+
+
+def append_jobs(arch, dtype):
+    """The cache writes' kernel (kernels.decode.cache_append_kernel) at each head dim the decoding kernel takes,
+    DeepSeek's 576-wide keys with 512-wide values among them; in fp8, writing float8 caches."""
+    from gptfast.kernels import next_power_of_2
+    jobs = []
+    for head_dim, head_dim_v in (*((d, d) for d in tuning().UP_TO_512), (576, 512)):
+        constexprs = (("HEAD_DIM", head_dim), ("HEAD_DIM_V", head_dim_v), ("BLOCK_D", next_power_of_2(head_dim)),
+                      ("BLOCK_DV", next_power_of_2(head_dim_v)), ("FP8", dtype == "fp8"),
+                      *(() if dtype == "fp8" else (("DESCALE", None),)))
+        jobs.append(Job("decode", "cache_append_kernel", arch, dtype, constexprs, 4, 1))
     return jobs
 
 

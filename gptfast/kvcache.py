@@ -2,15 +2,16 @@
 keys and values written into a preallocated cache in place, rotary embedding of the new queries and keys, plain
 or paged caches, per-sequence lengths, and attention over the cache, all in one call.
 
-The cache update and the rotary embedding run in PyTorch (a gather and an index_put, each one kernel launch);
-the attention runs the split-KV kernel. Where the kernels cannot run (float64, the CPU without TRITON_INTERPRET)
+The cache update runs one kernel (kernels.decode.cache_append_kernel), the rotary embedding PyTorch, the attention
+the split-KV kernel. Where the kernels cannot run (float64, the CPU without TRITON_INTERPRET)
 each sequence is attended alone in PyTorch.
 """
 import torch
 
 from gptfast import backend
 from gptfast.attention_core import (CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, attend, check_flash_options, check_sinks,
-                                    chunk_size, kernel_gap, kernel_sinks, softmax_scale_for)
+                                    chunk_size, kernel_gap, kernel_sinks, softmax_scale_for, window_pair)
+from gptfast.checked import checked_once
 from gptfast.fp8 import FP8, to_fp8
 
 MIN_PAGE_SIZE = 16
@@ -172,11 +173,17 @@ def apply_rotary(x, cos, sin, positions, interleaved):
     return torch.cat((rotated.to(x.dtype), x[..., 2 * half:]), dim=-1)
 
 
-def _cache_slots(seqlens, block_table, new_tokens, page_size):
-    """(pages, slots) (B, new_tokens) int64 where positions seqlens[b] + i of each sequence live in the (pages,
-    page_size, H, D) pool that block_table (B, pages) addresses: computed once for both k and v."""
-    positions = seqlens[:, None].long() + torch.arange(new_tokens, device=seqlens.device)
-    return torch.gather(block_table.long(), 1, positions // page_size), positions % page_size
+def _append(k, v, k_cache, v_cache, block_table, seqlens, descale):
+    """PyTorch's kernels.decode.append_to_cache: k and v written at positions seqlens[b] + i of each sequence, in
+    the (pages, page_size, H, D) pool that block_table (B, pages) addresses (float8 caches: divided by descale's
+    scales as they are rounded)."""
+    positions = seqlens[:, None].long() + torch.arange(k.shape[1], device=seqlens.device)
+    pages = torch.gather(block_table.long(), 1, positions // k_cache.shape[1])
+    slots = positions % k_cache.shape[1]
+    if descale is not None:
+        k, v = (to_fp8(new, 1 / scale[:, None, :, None]) for new, scale in zip((k, v), descale))
+    k_cache[pages, slots] = k
+    v_cache[pages, slots] = v
 
 
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
@@ -216,16 +223,12 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     Returns:
         out (B, Tq, Hq, Dv) in q's dtype, or (out, lse).
     """
-    _check_tensors(q, k_cache, v_cache, k, v, block_table, cache_batch_idx)
-    _check_rotary(rotary_cos, rotary_sin, q.shape[3], q.device)
+    if isinstance(window_size, torch.Tensor):  # its values are the window: read before the checks' signature
+        window_size = window_pair(window_size)
+    window_size, chunk = checked_once(_check_call, q, k_cache, v_cache, k, v, rotary_cos, rotary_sin,
+                                      cache_batch_idx, cache_leftpad, block_table, window_size, softcap,
+                                      alibi_slopes, num_splits, sinks, attention_chunk)
     batch = q.shape[0]
-    window_size = check_flash_options(batch, q.shape[2], q.device, 0.0, window_size, softcap, alibi_slopes)
-    check_sinks(sinks, q.shape[2], q.device)
-    chunk = chunk_size(attention_chunk)
-    if not isinstance(num_splits, int) or num_splits < 0:
-        raise ValueError(f"num_splits must be an int >= 0 (0 chooses), got {num_splits!r}")
-    if cache_leftpad is not None:
-        check_int32("cache_leftpad", cache_leftpad, (batch,), q.device)
     rows = cache_batch_idx if cache_batch_idx is not None else torch.arange(batch, dtype=torch.int32,
                                                                             device=q.device)
     table = block_table if block_table is not None else rows[:, None]
@@ -247,6 +250,21 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     return (out, lse) if return_softmax_lse else out
 
 
+def _check_call(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_batch_idx, cache_leftpad, block_table,
+                window_size, softcap, alibi_slopes, num_splits, sinks, attention_chunk):
+    """flash_attn_with_kvcache's checks that read no tensor's values (paid once per signature, gptfast.checked);
+    returns (window (left, right), chunk)."""
+    _check_tensors(q, k_cache, v_cache, k, v, block_table, cache_batch_idx)
+    _check_rotary(rotary_cos, rotary_sin, q.shape[3], q.device)
+    window = check_flash_options(q.shape[0], q.shape[2], q.device, 0.0, window_size, softcap, alibi_slopes)
+    check_sinks(sinks, q.shape[2], q.device)
+    if not isinstance(num_splits, int) or num_splits < 0:
+        raise ValueError(f"num_splits must be an int >= 0 (0 chooses), got {num_splits!r}")
+    if cache_leftpad is not None:
+        check_int32("cache_leftpad", cache_leftpad, (q.shape[0],), q.device)
+    return window, chunk_size(attention_chunk)
+
+
 def cached_attention(q, k_cache, v_cache, k, v, seqlens, block_table, leftpad=None, rotary=None,
                      softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                      num_splits=0, sinks=None, chunk=0, descale=None):
@@ -263,15 +281,17 @@ def cached_attention(q, k_cache, v_cache, k, v, seqlens, block_table, leftpad=No
             q = apply_rotary(q, cos, sin, start.expand(-1, q.shape[1]), interleaved)
         if k is not None:
             k = apply_rotary(k, cos, sin, start + torch.arange(k.shape[1], device=q.device), interleaved)
-    if k is not None:
-        pages, slots = _cache_slots(seqlens, block_table, k.shape[1], k_cache.shape[1])
-        if descale is not None:
-            k, v = (to_fp8(new, 1 / scale[:, None, :, None]) for new, scale in zip((k, v), descale))
-        k_cache[pages, slots] = k
-        v_cache[pages, slots] = v
-        seqlens = seqlens + k.shape[1]
     softmax_scale = softmax_scale_for(q.shape[-1], softmax_scale)
-    if backend.use_triton("flash_attn_with_kvcache", q.device, kernel_gap(q, v_cache, softmax_scale, decode=True)):
+    kernels = backend.use_triton("flash_attn_with_kvcache", q.device,
+                                 kernel_gap(q, v_cache, softmax_scale, decode=True))
+    if k is not None:
+        if kernels:
+            from gptfast.kernels.decode import append_to_cache
+            append_to_cache(k, v, k_cache, v_cache, block_table, seqlens, descale)
+        else:
+            _append(k, v, k_cache, v_cache, block_table, seqlens, descale)
+        seqlens = seqlens + k.shape[1]
+    if kernels:
         from gptfast.kernels.decode import decode_attention
         return decode_attention(q, k_cache, v_cache, block_table, seqlens, leftpad, softmax_scale,
                                 0 if causal else window_size[1], window_size[0], float(softcap), alibi_slopes,

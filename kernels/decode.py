@@ -237,6 +237,46 @@ def attention_combine_kernel(O_PART, LSE_PART, O, LSE, SINKS, num_splits, rows, 
     tl.store(LSE + row, tl.where(total == 0.0, float("inf"), top + tl.log(tl.where(total == 0.0, 1.0, total))))
 
 
+@triton.jit
+def _append_row(NEW, CACHE, new_stride, cache_stride, scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                FP8: tl.constexpr):
+    """Copies one row of HEAD_DIM values from NEW to CACHE; with FP8, x / scale rounded to float8 e4m3 (to nearest
+    even, as torch's cast), saturating at +-448."""
+    columns = tl.arange(0, BLOCK_D)
+    row = tl.load(NEW + columns * new_stride, mask=columns < HEAD_DIM)
+    if FP8:
+        row = tl.clamp(row.to(tl.float32) * (1.0 / scale), -448.0, 448.0).to(tl.float8e4nv,
+                                                                              fp_downcast_rounding="rtne")
+    tl.store(CACHE + columns * cache_stride, row.to(CACHE.dtype.element_ty), mask=columns < HEAD_DIM)
+
+
+@triton.jit
+def cache_append_kernel(K, V, K_CACHE, V_CACHE, BLOCK_TABLE, SEQLENS, DESCALE, k_strides, v_strides, kc_strides,
+                        vc_strides, table_stride, new_tokens, page_size, batch, HEAD_DIM: tl.constexpr,
+                        HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, FP8: tl.constexpr):
+    """Writes new keys and values into the cache (the module docstring's layouts): token t of sequence b, k and v
+    (B, T_new, Hkv, D or Dv), goes to key position SEQLENS[b] + t, in page BLOCK_TABLE[b, position // page_size]
+    at slot position % page_size. With FP8 the caches are float8 e4m3, each (sequence, kv head)'s values divided
+    by its scale (DESCALE: float32 (2, B, Hkv), contiguous, keys' then values'; gptfast.fp8.to_fp8's rounding).
+    Grid: (B * T_new, Hkv)."""
+    b = tl.program_id(0) // new_tokens
+    t = tl.program_id(0) % new_tokens
+    head = tl.program_id(1)
+    position = tl.load(SEQLENS + b) + t
+    page = tl.load(BLOCK_TABLE + b * table_stride + position // page_size).to(tl.int64)
+    slot = (position % page_size).to(tl.int64)
+    k_scale, v_scale = 1.0, 1.0
+    if FP8:
+        k_scale = tl.load(DESCALE + b * tl.num_programs(1) + head)
+        v_scale = tl.load(DESCALE + (batch + b) * tl.num_programs(1) + head)
+    _append_row(K + b.to(tl.int64) * k_strides[0] + t * k_strides[1] + head * k_strides[2],
+                K_CACHE + page * kc_strides[0] + slot * kc_strides[1] + head * kc_strides[2], k_strides[3],
+                kc_strides[3], k_scale, HEAD_DIM, BLOCK_D, FP8)
+    _append_row(V + b.to(tl.int64) * v_strides[0] + t * v_strides[1] + head * v_strides[2],
+                V_CACHE + page * vc_strides[0] + slot * vc_strides[1] + head * vc_strides[2], v_strides[3],
+                vc_strides[3], v_scale, HEAD_DIM_V, BLOCK_DV, FP8)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Launchers. They trust their caller (gptfast.kvcache checks every argument).
 
@@ -304,6 +344,20 @@ def decode_spec(q, v_cache, causal_right, window_left, softcap, alibi_slopes, si
                 CAUSAL=causal_right >= 0, WINDOW=window_left >= 0, ALIBI=alibi_slopes is not None, SOFTCAP=softcap > 0,
                 SINKS=sinks is not None, CHUNK=chunk > 0, VARLEN=varlen, BLOCK_D_TAIL=tail,
                 FP8=v_cache.dtype == torch.float8_e4m3fn)
+
+
+def append_to_cache(k, v, k_cache, v_cache, block_table, seqlens, descale=None):
+    """Writes k (B, T_new, Hkv, D) and v (.., Dv) into the caches at key positions seqlens[b], seqlens[b] + 1, ...
+    of each sequence (block_table, seqlens: the module docstring's), in place, in one launch; descale: None, or for
+    float8 caches decode_attention's, each value divided by its scale as it is rounded."""
+    batch, new_tokens, kv_heads = k.shape[:3]
+    if batch * new_tokens == 0:
+        return
+    cache_append_kernel[(batch * new_tokens, kv_heads)](
+        k, v, k_cache, v_cache, block_table, seqlens, descale, k.stride(), v.stride(), k_cache.stride(),
+        v_cache.stride(), block_table.stride(0), new_tokens, k_cache.shape[1], batch, HEAD_DIM=k.shape[3],
+        HEAD_DIM_V=v.shape[3], BLOCK_D=next_power_of_2(k.shape[3]), BLOCK_DV=next_power_of_2(v.shape[3]),
+        FP8=descale is not None)
 
 
 def decode_attention(q, k_cache, v_cache, block_table, seqlens, leftpad, softmax_scale, causal_right=-1,
