@@ -1,5 +1,5 @@
-"""The eager fast path of flash_attn_func and scaled_dot_product_attention: a plan per call signature, so that a
-repeated call does only its launch.
+"""The eager fast path of flash_attn_func, scaled_dot_product_attention and the transformers integration's
+attention: a plan per call signature, so that a repeated call does only its launch.
 
 A call's checks, backend choice, feature description, autotuner and grid depend only on its tensors' dtypes, shapes,
 strides and devices, its flags and a few global switches; its first call works them out through the full path

@@ -15,7 +15,8 @@ import sys
 import torch
 
 from gptfast import backend
-from gptfast.attention_core import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, attend, flag_pattern
+from gptfast.attention_core import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, attend, flag_pattern, softmax_scale_for
+from gptfast.attention_plan import make_plan, plan_key, planned
 from gptfast.layernorm import LayerNorm, rms_norm
 
 # Keywords transformers passes to an attention function that do not change its result: the rotary embedding is
@@ -56,8 +57,15 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         return _eager_attention(module)(module, query, key, value, mask, dropout=dropout,
                                         scaling=scaling, sliding_window=sliding_window, softcap=softcap,
                                         s_aux=s_aux, **kwargs)
-    out = attend(query, key, value, causal=causal, window=window, mask=attention_mask, softcap=softcap or 0.0,
-                 dropout_p=dropout, softmax_scale=scaling, op="hf.attention_forward", sinks=s_aux, chunk=chunk)[0]
+    signature = plan_key(query, key, value, window, ("hf.attention_forward", causal, chunk, attention_mask, dropout,
+                                                      scaling, softcap, s_aux))
+    out = None if signature is None else planned(signature, query, key, value)
+    if out is None:
+        out = attend(query, key, value, causal=causal, window=window, mask=attention_mask, softcap=softcap or 0.0,
+                     dropout_p=dropout, softmax_scale=scaling, op="hf.attention_forward", sinks=s_aux, chunk=chunk)[0]
+        if signature is not None and attention_mask is None and dropout == 0 and s_aux is None:
+            make_plan(signature, "hf.attention_forward", query, key, value,
+                      softmax_scale_for(query.shape[-1], scaling), causal, window, softcap or 0.0, chunk)
     return out.transpose(1, 2), None
 
 

@@ -109,15 +109,15 @@ def build(name, implementation, dtype=torch.float32, patched=False):
 
 @pytest.fixture
 def launches(monkeypatch):
-    """Counts the attention kernel's forward launches."""
+    """Counts the attention kernel's forward launches (a first call's and a planned call's: gptfast.attention_plan)."""
     count = {"forward": 0}
-    launch = kernels.attention_forward
+    launch = kernels.ForwardLaunch.run
 
     def counted(*args, **kwargs):
         count["forward"] += 1
         return launch(*args, **kwargs)
 
-    monkeypatch.setattr(kernels, "attention_forward", counted)
+    monkeypatch.setattr(kernels.ForwardLaunch, "run", counted)
     return count
 
 

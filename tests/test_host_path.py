@@ -1,11 +1,13 @@
 """What makes a repeated call cheap on the host, checked for the answers it could get wrong: attention_spec.describe's
 memo of a call's description (every Features field must reach its key), gptfast.checked's memo of checks and
 flash_attn_func's plans (gptfast.attention_plan)."""
+import types
+
 import pytest
 import torch
 from support import BOTTOM_RIGHT, NONE, TOP_LEFT, bthd, check_against_reference, random_qkv, seed_of
 
-from gptfast import attention_plan, backend, checked
+from gptfast import attention_plan, backend, checked, hf
 from gptfast.attention import flash_attn_func, scaled_dot_product_attention
 from gptfast.kernels import attention, attention_spec
 from gptfast.kernels.attention_spec import CAUSAL_BOTTOM_RIGHT, Features, Flex
@@ -188,6 +190,18 @@ def test_a_planned_sdpa_call_gives_the_full_paths_results(monkeypatch, kernels_o
     sdpa = lambda *qkv: scaled_dot_product_attention(*qkv, is_causal=True, enable_gqa=True)  # noqa: E731
     assert_planned_as_run(sdpa, q, k, v, monkeypatch)
     check_against_reference(q, k, v, TOP_LEFT, sdpa, seed=1)
+
+
+def test_a_planned_transformers_call_gives_the_full_paths_results(monkeypatch, kernels_only):
+    """The transformers integration's attention (gptfast.hf), as a Mistral-like layer calls it: causal, a sliding
+    window, softcapping, grouped-query heads, (B, H, T, D) inputs and a (B, T, H, D) output."""
+    q, k, v = random_qkv(2, 4, 2, 9, 9, 16, torch.float32, seed_of("hf"))
+    layer = types.SimpleNamespace(is_causal=True)
+    attend = lambda *qkv: hf.attention_forward(layer, *qkv, None, scaling=0.3, sliding_window=4,  # noqa: E731
+                                               softcap=20.0)[0]
+    assert_planned_as_run(attend, q, k, v, monkeypatch)
+    check_against_reference(q, k, v, BOTTOM_RIGHT, lambda *qkv: attend(*qkv).transpose(1, 2), seed=1, scale=0.3,
+                            window=(3, -1), softcap=20.0)
 
 
 def test_a_plan_serves_only_its_own_signature_and_switches(monkeypatch):
