@@ -34,6 +34,12 @@ def device_arch(device):
 CHOICE_MEMOS = []
 
 
+def forget_choices():
+    """Empties the memos that hold a variant choice (CHOICE_MEMOS)."""
+    for memo in CHOICE_MEMOS:
+        memo.clear()
+
+
 def remember(memo, key, value, limit=4096):
     """memo[key] = value; returns value. A memo of host work per signature (shapes and flags) empties itself when
     it holds limit entries rather than grow without bound (generation meets a new key length each step; packed

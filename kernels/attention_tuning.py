@@ -32,7 +32,7 @@ from typing import NamedTuple
 import torch
 import triton
 
-from gptfast.kernels import AUTOTUNE, CHOICE_MEMOS, FP8_MIN_K, next_power_of_2
+from gptfast.kernels import AUTOTUNE, FP8_MIN_K, forget_choices, next_power_of_2
 from gptfast.kernels.autotune import autotune, stored_choice
 
 
@@ -238,11 +238,6 @@ def forced_variants(forward=None, backward=None):
         _forced.update(previous)
         forget_choices()
 
-
-def forget_choices():
-    """Empties the memos that hold a variant choice (kernels.CHOICE_MEMOS)."""
-    for memo in CHOICE_MEMOS:
-        memo.clear()
 
 
 def forward_variants(arch, features, tma_ready):

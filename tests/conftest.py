@@ -14,6 +14,14 @@ os.environ.setdefault("GPTFAST_BACKEND", "auto")
 pytest_plugins = ("support",)  # its fixtures (kernels_only) for every test module
 
 
+@pytest.fixture(autouse=True)
+def no_plans_of_earlier_tests():
+    """Each test starts without the attention plans earlier tests left (gptfast.attention_plan), as a new process
+    would: tests change what a plan depends on (stand-in GPU architectures, patched launchers and choices)."""
+    from gptfast.kernels import forget_choices
+    forget_choices()
+
+
 @pytest.fixture
 def home(tmp_path, monkeypatch):
     """GPTFAST_HOME in the test's own folder: runs and the token cache."""

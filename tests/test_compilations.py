@@ -17,7 +17,7 @@ from triton.runtime import autotuner, interpreter, jit
 
 from gptfast import backend
 from gptfast.config import GPTConfig
-from gptfast.kernels import attention, attention_tuning, decode, layernorm
+from gptfast.kernels import attention, attention_tuning, decode, forget_choices, layernorm
 from gptfast.model import GPT
 
 
@@ -85,11 +85,10 @@ def count_as_on(monkeypatch):
 
     def start(arch):
         current.update(arch=arch, counts=Compilations())
-        attention_tuning.forget_choices()  # flash_attn_func's plans, made for the previous arch
+        forget_choices()  # the attention plans made for the previous arch
         return current["counts"]
     with backend.use_backend("auto"):
         yield start
-    attention_tuning.forget_choices()  # plans made for the stand-in archs
 
 
 # (training step, prefill, decoding step) per arch; sm_89's and sm_120's tables are sm_86's. The training step

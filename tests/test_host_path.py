@@ -11,7 +11,7 @@ from gptfast import attention_plan, backend, checked, hf
 from gptfast.attention import flash_attn_func, scaled_dot_product_attention
 from gptfast.kernels import attention, attention_spec
 from gptfast.kernels.attention_spec import CAUSAL_BOTTOM_RIGHT, Features, Flex
-from gptfast.kernels.attention_tuning import forced_variants, forget_choices
+from gptfast.kernels.attention_tuning import forced_variants
 
 
 BATCH, HEADS, SEQLEN_Q, SEQLEN_K, HEAD_DIM = 2, 4, 5, 7, 16
@@ -137,11 +137,9 @@ PLANNED = {  # (B, Hq, Hkv, Tq, Tk, D, Dv), flash_attn_func's options
 
 
 def full_paths(monkeypatch):
-    """A list that gets a None each time a call works out its forward launch (the full path: a plan does not);
-    the plans emptied."""
+    """A list that gets a None each time a call works out its forward launch (the full path: a plan does not)."""
     calls, launch = [], attention.forward_launch
     monkeypatch.setattr(attention, "forward_launch", lambda *args: calls.append(None) or launch(*args))
-    forget_choices()
     return calls
 
 
