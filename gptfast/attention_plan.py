@@ -36,7 +36,7 @@ class Plan(NamedTuple):
     and softmax scale, whether its tensors are (B, T, H, D) (flash-attn's layout) or (B, H, T, D) (torch's),
     whether it returns the lse, the alignment of q's, k's and v's addresses it was worked out
     for (TMA needs 16 bytes: kernels.attention._tma_ready), and its backward launches (BackwardLaunch) by what
-    they depend on beyond the forward's signature (backward_key)."""
+    they depend on beyond the forward's signature (see backward_launch)."""
     launch: object
     features: object
     softmax_scale: float

@@ -3,8 +3,8 @@ keys and values written into a preallocated cache in place, rotary embedding of 
 or paged caches, per-sequence lengths, and attention over the cache, all in one call.
 
 The cache update runs one kernel (kernels.decode.cache_append_kernel), the rotary embedding PyTorch, the attention
-the split-KV kernel. Where the kernels cannot run (float64, the CPU without TRITON_INTERPRET)
-each sequence is attended alone in PyTorch.
+the split-KV kernel. Where the kernels cannot run (float64, the CPU without TRITON_INTERPRET) the update is
+PyTorch's index_put and each sequence is attended alone in PyTorch.
 """
 import torch
 

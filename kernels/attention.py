@@ -879,11 +879,6 @@ def _empty_rows(b, h, t, d, device, dtype, bthd, zeros=False):
     return made.zero_() if zeros else made
 
 
-def empty_bthd(b, h, t, d, like, dtype=None):
-    """A (B, H, T, D) view of new (B, T, H, D) memory (_empty_rows) in dtype (default like's) on like's device."""
-    return _empty_rows(b, h, t, d, like.device, dtype or like.dtype, False)
-
-
 class ForwardLaunch(NamedTuple):
     """One forward's launch but its tensors (forward_launch): the autotuned kernel, its grid, the Call's keyword
     arguments (with its optional tensors) and the output's dtype. Everything in it depends only on the call's
@@ -934,11 +929,10 @@ def attention_forward(q, k, v, softmax_scale, features=Features(), out_dtype=Non
 
 class BackwardLaunch(NamedTuple):
     """One backward's launches but their tensors (backward_launch): the delta kernel's grid, heads, rows and
-    constexprs, the
-    variant (single_pass, else two_kernel), its kernels as (autotuned kernel, grid) pairs (the dk/dv kernel's,
-    then the dq kernel's for two_kernel), and the keyword arguments both take from the Call (not SINKS, which
-    the forward's lse holds, nor DESCALE: FP8 runs the forward only). Like ForwardLaunch, it depends only on the
-    call's signature, the load variants (TMA or not) and the variant chosen."""
+    constexprs, the variant (single_pass, else two_kernel), its kernels as (autotuned kernel, grid) pairs (the
+    dk/dv kernel's, then the dq kernel's for two_kernel), and the keyword arguments both take from the Call (not
+    SINKS, which the forward's lse holds, nor DESCALE: FP8 runs the forward only). Like ForwardLaunch, it depends
+    only on the call's signature, the load variants (TMA or not) and the variant chosen."""
     delta: tuple
     single_pass: bool
     kernels: tuple
