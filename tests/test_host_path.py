@@ -124,6 +124,8 @@ def test_a_checked_call_still_rejects_bad_arguments():
         flash_attn_func(q, k, v, window_size=torch.tensor([2, 0, 1]))
     with pytest.raises(ValueError, match="dropout_p"):
         flash_attn_func(q, k, v, dropout_p=1.0)
+    with pytest.raises(ValueError, match="attention_chunk"):  # a tensor's value is no part of a signature
+        flash_attn_func(q, k, v, attention_chunk=torch.tensor(4))
 
 
 # The plans of flash_attn_func and scaled_dot_product_attention (gptfast.attention_plan): a repeated call launches
